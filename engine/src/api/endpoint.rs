@@ -1,0 +1,69 @@
+//! `Endpoint`: broadcast to a topic from anywhere, like `MyAppWeb.Endpoint.broadcast/3`.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::proto::Payload;
+use crate::shard::{self, Broadcast};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) struct CoreInbox {
+    pub(crate) tx: crossbeam_channel::Sender<Arc<Broadcast>>,
+    pub(crate) wake: UnixStream,
+}
+
+struct Inner {
+    id: u64,
+    cores: Vec<CoreInbox>,
+}
+
+/// A `Clone + Send` handle that broadcasts into a running server from any thread.
+///
+/// On one of the server's cores it publishes directly (the frame is encoded once and
+/// crosses the core mesh); from any other thread it hands the broadcast to every core's
+/// inbox and wakes it.
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<Inner>,
+}
+
+impl Endpoint {
+    pub(crate) fn new(cores: Vec<CoreInbox>) -> Self {
+        for core in &cores {
+            core.wake.set_nonblocking(true).expect("nonblocking wake socket");
+        }
+        Endpoint {
+            inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                cores,
+            }),
+        }
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// Broadcasts `event` with `payload` to every subscriber of `topic` (fastlane, or
+    /// the subscriber's `handle_out` when its channel intercepts the event).
+    ///
+    /// A payload must be a JSON object or bytes, as in Phoenix.
+    pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
+        let broadcast = Broadcast::new(topic, event, payload.into(), None);
+        match shard::current() {
+            Some(shard) if shard.endpoint.id() == self.id() => shard.publish(broadcast),
+            _ => {
+                let broadcast = Arc::new(broadcast);
+                for core in &self.inner.cores {
+                    if core.tx.send(broadcast.clone()).is_ok() {
+                        // A full wake socket means a wake-up is pending already.
+                        let _ = (&core.wake).write(&[1]);
+                    }
+                }
+            }
+        }
+    }
+}

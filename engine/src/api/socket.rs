@@ -1,0 +1,126 @@
+//! `Socket`: what a channel's handlers hold, Phoenix's `socket` argument. It pushes to the
+//! client, broadcasts to the topic, reads the connection's assigns and schedules
+//! messages to the channel itself.
+
+use std::any::Any;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::api::endpoint::Endpoint;
+use crate::proto::serializer::{encode, Outgoing};
+use crate::proto::Payload;
+use crate::shard::conn::{Conn, Mail};
+use crate::shard::{self, Broadcast};
+
+/// One channel's view of its connection.
+pub struct Socket {
+    pub(crate) conn: Rc<Conn>,
+    pub(crate) topic: Rc<str>,
+    pub(crate) join_ref: Rc<str>,
+    /// Pushes made while joining wait here until the join reply has gone out.
+    pub(crate) deferred: Option<Vec<Bytes>>,
+}
+
+impl Socket {
+    pub(crate) fn new(conn: Rc<Conn>, topic: Rc<str>, join_ref: Rc<str>) -> Self {
+        Socket {
+            conn,
+            topic,
+            join_ref,
+            deferred: Some(Vec::new()),
+        }
+    }
+
+    /// The joined topic, e.g. `rooms:lobby`.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The ref of the join that created this channel.
+    pub fn join_ref(&self) -> &str {
+        &self.join_ref
+    }
+
+    /// The connection's assigns, as returned by [`crate::SocketHandler::connect`].
+    ///
+    /// # Panics
+    /// If `T` is not the handler's `Assigns` type.
+    pub fn assigns<T: 'static>(&self) -> &T {
+        self.try_assigns().expect("assigns of another type")
+    }
+
+    /// The connection's assigns, if they are a `T`.
+    pub fn try_assigns<T: 'static>(&self) -> Option<&T> {
+        self.conn.assigns.downcast_ref()
+    }
+
+    /// Pushes `event` to this client on this channel (carries the join_ref).
+    pub fn push(&mut self, event: &str, payload: impl Into<Payload>) {
+        let payload = payload.into();
+        let msg = Outgoing::push(Some(&self.join_ref), &self.topic, event, &payload);
+        match encode(self.conn.vsn, &msg) {
+            Ok(frame) => match self.deferred.as_mut() {
+                Some(deferred) => deferred.push(frame),
+                None => self.conn.enqueue_own(frame),
+            },
+            Err(e) => tracing::debug!(topic = %self.topic, event, "push dropped: {e}"),
+        }
+    }
+
+    /// Broadcasts `event` to every subscriber of this topic, on every core, this one
+    /// included.
+    pub fn broadcast(&self, event: &str, payload: impl Into<Payload>) {
+        shard::publish(Broadcast::new(&self.topic, event, payload.into(), None));
+    }
+
+    /// Broadcasts `event` to every subscriber of this topic but this channel.
+    pub fn broadcast_from(&self, event: &str, payload: impl Into<Payload>) {
+        let from = shard::current().map(|s| (s.index, self.conn.id));
+        shard::publish(Broadcast::new(&self.topic, event, payload.into(), from));
+    }
+
+    /// A handle that sends messages to this channel's `handle_info` later, from any task
+    /// on this core.
+    pub fn channel_ref(&self) -> ChannelRef {
+        ChannelRef {
+            conn: Rc::downgrade(&self.conn),
+            topic: self.topic.clone(),
+            join_ref: self.join_ref.clone(),
+        }
+    }
+
+    /// Sends `msg` to this channel's `handle_info` after `delay`.
+    pub fn send_after(&self, msg: impl Any, delay: Duration) {
+        let target = self.channel_ref();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(delay).await;
+            target.send(msg);
+        })
+        .detach();
+    }
+
+    /// The endpoint of the server this channel runs in.
+    pub fn endpoint(&self) -> Endpoint {
+        shard::current().expect("a socket lives on a shard").endpoint.clone()
+    }
+}
+
+/// Sends messages to one channel's `handle_info` (Phoenix's `send(pid, msg)`). Dropped
+/// silently once the channel or its connection is gone.
+#[derive(Clone)]
+pub struct ChannelRef {
+    conn: Weak<Conn>,
+    topic: Rc<str>,
+    join_ref: Rc<str>,
+}
+
+impl ChannelRef {
+    /// Delivers `msg` to the channel, if it is still joined.
+    pub fn send(&self, msg: impl Any) {
+        if let Some(conn) = self.conn.upgrade() {
+            conn.mail(Mail::Info(self.topic.clone(), self.join_ref.clone(), Box::new(msg)));
+        }
+    }
+}

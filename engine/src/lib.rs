@@ -1,0 +1,53 @@
+//! # ringcast
+//!
+//! A Phoenix Channels server engine: thread-per-core on glommio (io_uring), one pinned
+//! executor per core, a broadcast encoded once into a finished WebSocket frame and fanned
+//! out through per-core topic tables. Any app using the `phoenix` JavaScript client can
+//! point at it unchanged.
+//!
+//! The layers, from the wire up:
+//! - [`proto`]: sans-IO protocol (WebSocket frames, HTTP heads, Phoenix serializers,
+//!   channel routing, tokens);
+//! - `shard`: one per core, connections, topic table and fanout, the ring mesh;
+//! - `transport`: accept loop, upgrade, the per-connection pump;
+//! - the API below: [`Channel`], [`Socket`], [`SocketHandler`], [`Router`],
+//!   [`Endpoint`], [`Server`];
+//! - [`seed`]: the seed app that `ringcast serve` runs;
+//! - [`testing`]: an in-process test kit for channels, like Phoenix's `ChannelTest`.
+//!
+//! ```no_run
+//! use ringcast::{Channel, Config, HandleResult, Payload, Reply, Router, Server, Socket};
+//!
+//! struct Room;
+//!
+//! impl Channel for Room {
+//!     async fn join(_topic: &str, _payload: Payload, _socket: &mut Socket) -> Result<(Self, Payload), Payload> {
+//!         Ok((Room, Payload::empty()))
+//!     }
+//!     async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
+//!         socket.broadcast(event, payload);
+//!         HandleResult::Reply(Reply::ok())
+//!     }
+//! }
+//!
+//! let router = Router::new().channel::<Room>("rooms:*");
+//! let socket = ringcast::seed::UserSocket::new("secret");
+//! Server::bind(Config::default(), socket, router).unwrap().start().unwrap().join();
+//! ```
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod proto;
+pub mod seed;
+pub mod server;
+pub(crate) mod shard;
+pub mod testing;
+pub(crate) mod transport;
+
+pub use api::channel::{Channel, HandleResult, Reply, StopReason};
+pub use api::endpoint::Endpoint;
+pub use api::router::{ConnectInfo, Router, SocketHandler};
+pub use api::socket::{ChannelRef, Socket};
+pub use proto::Payload;
+pub use server::{Config, RunningServer, Server};
+pub use shard::Stats;

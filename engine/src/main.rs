@@ -1,0 +1,125 @@
+//! The `ringcast` binary: `ringcast serve` runs the seed app, `ringcast token` mints a
+//! socket token.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ringcast::proto::token;
+use ringcast::seed::{self, UserSocket};
+use ringcast::{Config, Server};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "ringcast", version, about = "Phoenix Channels broadcast engine, thread-per-core on io_uring")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the seed app server.
+    Serve(ServeArgs),
+    /// Print a socket token for a user.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (WebSocket, long-poll and HTTP share it).
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    listen: SocketAddr,
+    /// Cores to run on, one pinned executor each (default: all).
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Key that signs and verifies socket tokens.
+    #[arg(long, env = "RINGCAST_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Bearer key of the HTTP server API.
+    #[arg(long, env = "RINGCAST_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Origin allowed to connect (repeat for several); none given allows any.
+    #[arg(long = "allowed-origin")]
+    allowed_origins: Vec<String>,
+    /// Close connections that send nothing for this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Largest inbound frame or message.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    max_frame: usize,
+    /// Bytes a connection may have queued before it is cut off (1008).
+    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    max_outbound: usize,
+    /// Redis URL for cluster mode.
+    #[arg(long)]
+    redis: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The user id the token names.
+    #[arg(long)]
+    user: String,
+    /// Signing key (defaults to the development secret, like `serve`).
+    #[arg(long, env = "RINGCAST_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let size: bytesize::ByteSize = s.parse()?;
+    usize::try_from(size.as_u64()).map_err(|e| e.to_string())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token(args) => {
+            let secret = args.secret.unwrap_or_else(|| seed::DEV_SECRET.to_string());
+            println!("{}", token::sign(secret.as_bytes(), &args.user, unix_now()));
+            Ok(())
+        }
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGCAST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let secret = args.secret.unwrap_or_else(|| {
+        tracing::warn!("NO --secret GIVEN: using the fixed development secret; anyone can mint tokens. Never run like this in production.");
+        seed::DEV_SECRET.to_string()
+    });
+    if args.redis.is_some() {
+        anyhow::bail!("--redis: cluster mode is not available in this build yet");
+    }
+    let _ = args.api_key;
+    let defaults = Config::default();
+    let config = Config {
+        listen: args.listen,
+        cores: args.cores.unwrap_or(defaults.cores),
+        idle_timeout: args.idle_timeout,
+        max_frame: args.max_frame,
+        allowed_origins: args.allowed_origins,
+        max_outbound_bytes: args.max_outbound,
+    };
+    let cores = config.cores;
+    let server = Server::bind(config, UserSocket::new(&secret), seed::router())?;
+    let addr = server.local_addr();
+    let running = server.start()?;
+    eprintln!("ringcast listening on {addr} with {cores} core(s)");
+    running.join();
+    Ok(())
+}

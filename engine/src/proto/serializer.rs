@@ -1,0 +1,456 @@
+//! Phoenix serializers V1 (JSON objects) and V2 (JSON arrays + binary frames): decode a
+//! client frame into a [`Message`], encode a server message into a finished WebSocket
+//! frame. Encoding writes straight into the frame buffer: one allocation per message,
+//! whatever the number of subscribers it goes to.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ProtocolError;
+use super::message::{Message, Payload, Vsn};
+use super::ws::{FrameBuilder, FrameKind};
+
+/// What a server message carries in its payload slot.
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    /// A push or broadcast payload.
+    Payload(&'a Payload),
+    /// A `phx_reply`: `{"status": status, "response": response}` (binary: kind 1).
+    Reply(&'a str, &'a Payload),
+}
+
+/// A server → client message, borrowed, ready to encode.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// Channel's join_ref (pushes, replies, close/error), `None` for fastlane broadcasts.
+    pub join_ref: Option<&'a str>,
+    /// Request ref (replies, close/error), `None` for pushes and broadcasts.
+    pub msg_ref: Option<&'a str>,
+    /// Topic.
+    pub topic: &'a str,
+    /// Event (`phx_reply` for replies).
+    pub event: &'a str,
+    /// Payload.
+    pub body: Body<'a>,
+}
+
+impl<'a> Outgoing<'a> {
+    /// A fastlane broadcast: no join_ref, no ref.
+    pub fn broadcast(topic: &'a str, event: &'a str, payload: &'a Payload) -> Self {
+        Outgoing {
+            join_ref: None,
+            msg_ref: None,
+            topic,
+            event,
+            body: Body::Payload(payload),
+        }
+    }
+
+    /// A channel push: the channel's join_ref, no ref.
+    pub fn push(join_ref: Option<&'a str>, topic: &'a str, event: &'a str, payload: &'a Payload) -> Self {
+        Outgoing {
+            join_ref,
+            msg_ref: None,
+            topic,
+            event,
+            body: Body::Payload(payload),
+        }
+    }
+
+    /// A `phx_reply` to the message `msg_ref`.
+    pub fn reply(
+        join_ref: Option<&'a str>,
+        msg_ref: Option<&'a str>,
+        topic: &'a str,
+        status: &'a str,
+        response: &'a Payload,
+    ) -> Self {
+        Outgoing {
+            join_ref,
+            msg_ref,
+            topic,
+            event: "phx_reply",
+            body: Body::Reply(status, response),
+        }
+    }
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// V1 has no representation for bytes.
+    #[error("binary payloads need the V2 serializer")]
+    BinaryOnV1,
+    /// A V2 binary frame field is over 255 bytes.
+    #[error("field too long for a binary frame")]
+    FieldTooLong,
+}
+
+/// Encodes `msg` for `vsn` into a finished WebSocket frame.
+///
+/// ```
+/// use ringcast::proto::serializer::{encode, Outgoing};
+/// use ringcast::proto::Vsn;
+/// use ringcast::Payload;
+/// let payload = Payload::from(serde_json::json!({"body": "hi"}));
+/// let frame = encode(Vsn::V2, &Outgoing::broadcast("rooms:a", "new_msg", &payload)).unwrap();
+/// assert_eq!(&frame[2..], br#"[null,null,"rooms:a","new_msg",{"body":"hi"}]"#);
+/// ```
+pub fn encode(vsn: Vsn, msg: &Outgoing<'_>) -> Result<Bytes, EncodeError> {
+    let binary = match msg.body {
+        Body::Payload(Payload::Binary(b)) | Body::Reply(_, Payload::Binary(b)) => Some(b),
+        _ => None,
+    };
+    match (vsn, binary) {
+        (Vsn::V1, Some(_)) => Err(EncodeError::BinaryOnV1),
+        (Vsn::V2, Some(data)) => encode_binary(msg, data),
+        (Vsn::V1, None) => Ok(encode_v1(msg)),
+        (Vsn::V2, None) => Ok(encode_v2(msg)),
+    }
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+}
+
+fn write_opt(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => write_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+fn write_json_body(out: &mut Vec<u8>, body: Body<'_>) {
+    let json = |out: &mut Vec<u8>, p: &Payload| match p {
+        Payload::Json(v) => serde_json::to_writer(&mut *out, v).expect("writing to a Vec cannot fail"),
+        Payload::Binary(_) => unreachable!("binary bodies take the binary path"),
+    };
+    match body {
+        Body::Payload(p) => json(out, p),
+        Body::Reply(status, response) => {
+            out.extend_from_slice(b"{\"status\":");
+            write_str(out, status);
+            out.extend_from_slice(b",\"response\":");
+            json(out, response);
+            out.push(b'}');
+        }
+    }
+}
+
+fn size_hint(msg: &Outgoing<'_>) -> usize {
+    64 + msg.topic.len() + msg.event.len()
+}
+
+fn encode_v2(msg: &Outgoing<'_>) -> Bytes {
+    let mut frame = FrameBuilder::with_capacity(size_hint(msg));
+    let out = frame.payload();
+    out.push(b'[');
+    write_opt(out, msg.join_ref);
+    out.push(b',');
+    write_opt(out, msg.msg_ref);
+    out.push(b',');
+    write_str(out, msg.topic);
+    out.push(b',');
+    write_str(out, msg.event);
+    out.push(b',');
+    write_json_body(out, msg.body);
+    out.push(b']');
+    frame.finish(FrameKind::Text)
+}
+
+fn encode_v1(msg: &Outgoing<'_>) -> Bytes {
+    let mut frame = FrameBuilder::with_capacity(size_hint(msg));
+    let out = frame.payload();
+    out.extend_from_slice(b"{\"topic\":");
+    write_str(out, msg.topic);
+    out.extend_from_slice(b",\"event\":");
+    write_str(out, msg.event);
+    out.extend_from_slice(b",\"payload\":");
+    write_json_body(out, msg.body);
+    out.extend_from_slice(b",\"ref\":");
+    write_opt(out, msg.msg_ref);
+    out.push(b'}');
+    frame.finish(FrameKind::Text)
+}
+
+fn len_u8(s: &str) -> Result<u8, EncodeError> {
+    u8::try_from(s.len()).map_err(|_| EncodeError::FieldTooLong)
+}
+
+fn encode_binary(msg: &Outgoing<'_>, data: &Bytes) -> Result<Bytes, EncodeError> {
+    let join_ref = msg.join_ref.unwrap_or("");
+    let msg_ref = msg.msg_ref.unwrap_or("");
+    let mut frame = FrameBuilder::with_capacity(8 + data.len() + size_hint(msg));
+    let out = frame.payload();
+    match msg.body {
+        Body::Reply(status, _) => {
+            out.extend_from_slice(&[1, len_u8(join_ref)?, len_u8(msg_ref)?, len_u8(msg.topic)?, len_u8(status)?]);
+            for field in [join_ref, msg_ref, msg.topic, status] {
+                out.extend_from_slice(field.as_bytes());
+            }
+        }
+        Body::Payload(_) if msg.join_ref.is_some() => {
+            out.extend_from_slice(&[0, len_u8(join_ref)?, len_u8(msg.topic)?, len_u8(msg.event)?]);
+            for field in [join_ref, msg.topic, msg.event] {
+                out.extend_from_slice(field.as_bytes());
+            }
+        }
+        Body::Payload(_) => {
+            out.extend_from_slice(&[2, len_u8(msg.topic)?, len_u8(msg.event)?]);
+            for field in [msg.topic, msg.event] {
+                out.extend_from_slice(field.as_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(data);
+    Ok(frame.finish(FrameKind::Binary))
+}
+
+/// Decodes a client text frame. `data` is parsed in place by simd-json.
+///
+/// ```
+/// use ringcast::proto::{serializer::decode_text, Vsn};
+/// let mut frame = br#"["1","2","rooms:a","ping",{"n":1}]"#.to_vec();
+/// let msg = decode_text(Vsn::V2, &mut frame).unwrap();
+/// assert_eq!((msg.join_ref.as_deref(), msg.msg_ref.as_deref()), (Some("1"), Some("2")));
+/// assert_eq!((msg.topic.as_str(), msg.event.as_str()), ("rooms:a", "ping"));
+/// ```
+pub fn decode_text(vsn: Vsn, data: &mut [u8]) -> Result<Message, ProtocolError> {
+    let bad = |e: simd_json::Error| ProtocolError::BadMessage(e.to_string());
+    match vsn {
+        Vsn::V2 => simd_json::serde::from_slice::<V2Frame>(data).map(|f| f.0).map_err(bad),
+        Vsn::V1 => {
+            let f: V1Frame = simd_json::serde::from_slice(data).map_err(bad)?;
+            Ok(Message {
+                join_ref: f.join_ref,
+                msg_ref: f.msg_ref,
+                topic: f.topic,
+                event: f.event,
+                payload: Payload::Json(f.payload),
+            })
+        }
+    }
+}
+
+/// Decodes a client binary frame (V2 kind 0, push). Binary frames on V1 are malformed.
+pub fn decode_binary(vsn: Vsn, data: &[u8]) -> Result<Message, ProtocolError> {
+    let bad = |why: &str| ProtocolError::BadMessage(why.to_string());
+    if vsn == Vsn::V1 {
+        return Err(bad("binary frame on a V1 connection"));
+    }
+    let [kind, lens @ ..] = data.get(..5).ok_or_else(|| bad("binary frame shorter than its header"))? else {
+        unreachable!("slice of five")
+    };
+    if *kind != 0 {
+        return Err(bad("unknown binary frame kind"));
+    }
+    let mut at = 5;
+    let mut fields = [""; 4];
+    for (field, &len) in fields.iter_mut().zip(lens) {
+        let end = at + len as usize;
+        let bytes = data.get(at..end).ok_or_else(|| bad("binary header announces more bytes than the frame holds"))?;
+        *field = std::str::from_utf8(bytes).map_err(|_| bad("binary frame field is not UTF-8"))?;
+        at = end;
+    }
+    let [join_ref, msg_ref, topic, event] = fields;
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    Ok(Message {
+        join_ref: opt(join_ref),
+        msg_ref: opt(msg_ref),
+        topic: topic.to_string(),
+        event: event.to_string(),
+        payload: Payload::Binary(Bytes::copy_from_slice(&data[at..])),
+    })
+}
+
+/// `[join_ref, ref, topic, event, payload, ...ignored]`.
+struct V2Frame(Message);
+
+impl<'de> Deserialize<'de> for V2Frame {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = V2Frame;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("[join_ref, ref, topic, event, payload]")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<V2Frame, A::Error> {
+                let short = || de::Error::custom("fewer than five elements");
+                let join_ref: Option<String> = seq.next_element()?.ok_or_else(short)?;
+                let msg_ref: Option<String> = seq.next_element()?.ok_or_else(short)?;
+                let topic: String = seq.next_element()?.ok_or_else(short)?;
+                let event: String = seq.next_element()?.ok_or_else(short)?;
+                let payload: Value = seq.next_element()?.ok_or_else(short)?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(V2Frame(Message {
+                    join_ref,
+                    msg_ref,
+                    topic,
+                    event,
+                    payload: Payload::Json(payload),
+                }))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+fn required_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
+}
+
+/// `{"topic", "event", "payload", "ref", "join_ref"?}`; `ref` must be present (may be null).
+#[derive(Deserialize)]
+struct V1Frame {
+    topic: String,
+    event: String,
+    payload: Value,
+    #[serde(rename = "ref", deserialize_with = "required_nullable")]
+    msg_ref: Option<String>,
+    #[serde(default)]
+    join_ref: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn frame_body(frame: &Bytes) -> &[u8] {
+        let len = frame[1] & 0x7f;
+        match len {
+            126 => &frame[4..],
+            127 => &frame[10..],
+            _ => &frame[2..],
+        }
+    }
+
+    #[test]
+    fn v2_text_round_trip() {
+        let payload = Payload::from(json!({"body": "héllo \"q\"", "n": [1, 2]}));
+        let out = Outgoing::push(Some("1"), "rooms:a", "new_msg", &payload);
+        let frame = encode(Vsn::V2, &out).unwrap();
+        assert_eq!(frame[0], 0x81);
+        let mut body = frame_body(&frame).to_vec();
+        let msg = decode_text(Vsn::V2, &mut body).unwrap();
+        assert_eq!(msg.join_ref.as_deref(), Some("1"));
+        assert_eq!(msg.msg_ref, None);
+        assert_eq!(msg.topic, "rooms:a");
+        assert_eq!(msg.payload, payload);
+    }
+
+    #[test]
+    fn v2_reply_shape() {
+        let resp = Payload::from(json!({"n": 1}));
+        let frame = encode(Vsn::V2, &Outgoing::reply(Some("1"), Some("4"), "rooms:a", "ok", &resp)).unwrap();
+        assert_eq!(frame_body(&frame), br#"["1","4","rooms:a","phx_reply",{"status":"ok","response":{"n":1}}]"#);
+    }
+
+    #[test]
+    fn v1_never_emits_join_ref() {
+        let p = Payload::empty();
+        let frame = encode(Vsn::V1, &Outgoing::reply(Some("1"), Some("1"), "t", "ok", &p)).unwrap();
+        assert_eq!(
+            frame_body(&frame),
+            br#"{"topic":"t","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"1"}"#
+        );
+        let mut body = frame_body(&frame).to_vec();
+        let msg = decode_text(Vsn::V1, &mut body).unwrap();
+        assert_eq!((msg.join_ref, msg.msg_ref.as_deref()), (None, Some("1")));
+    }
+
+    #[test]
+    fn v1_decode_with_join_ref_and_null_ref() {
+        let mut f = br#"{"topic":"a","event":"e","payload":[1],"ref":null,"join_ref":"3"}"#.to_vec();
+        let m = decode_text(Vsn::V1, &mut f).unwrap();
+        assert_eq!((m.join_ref.as_deref(), m.msg_ref), (Some("3"), None));
+        assert_eq!(m.payload, Payload::from(json!([1])));
+    }
+
+    #[test]
+    fn v2_ignores_extra_elements() {
+        let mut f = br#"[null,"1","phoenix","heartbeat",{},"extra",7]"#.to_vec();
+        let m = decode_text(Vsn::V2, &mut f).unwrap();
+        assert_eq!((m.topic.as_str(), m.event.as_str()), ("phoenix", "heartbeat"));
+    }
+
+    #[test]
+    fn malformed_text_frames() {
+        let v2_bad: &[&[u8]] = &[
+            b"not json",
+            b"{}",
+            b"[]",
+            br#"["1","1","t"]"#,
+            br#"["1","1","t","e"]"#,
+            br#"["1","1",5,"e",{}]"#,
+            br#"["1","1","t",null,{}]"#,
+            br#"[1,"1","t","e",{}]"#,
+            br#"["1","1","t","e",{}"#,
+            b"",
+        ];
+        for bad in v2_bad {
+            let mut f = bad.to_vec();
+            assert!(decode_text(Vsn::V2, &mut f).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let v1_bad: &[&[u8]] = &[
+            br#"["1","1","t","e",{}]"#,
+            br#"{"topic":"t","event":"e","payload":{}}"#,
+            br#"{"topic":"t","event":"e","ref":"1"}"#,
+            br#"{"topic":1,"event":"e","payload":{},"ref":"1"}"#,
+        ];
+        for bad in v1_bad {
+            let mut f = bad.to_vec();
+            assert!(decode_text(Vsn::V1, &mut f).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn binary_worked_example_from_the_protocol() {
+        let client = [0, 1, 1, 7, 4, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'p', b'i', b'n', b'g', 1, 2];
+        let m = decode_binary(Vsn::V2, &client).unwrap();
+        assert_eq!((m.join_ref.as_deref(), m.msg_ref.as_deref()), (Some("1"), Some("5")));
+        assert_eq!((m.topic.as_str(), m.event.as_str()), ("rooms:a", "ping"));
+        let reply = encode(
+            Vsn::V2,
+            &Outgoing::reply(m.join_ref.as_deref(), m.msg_ref.as_deref(), &m.topic, "ok", &m.payload),
+        )
+        .unwrap();
+        assert_eq!(reply[0], 0x82);
+        assert_eq!(
+            frame_body(&reply),
+            &[1, 1, 1, 7, 2, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'o', b'k', 1, 2]
+        );
+    }
+
+    #[test]
+    fn binary_push_and_broadcast_headers() {
+        let data = Payload::Binary(Bytes::from_static(&[9]));
+        let push = encode(Vsn::V2, &Outgoing::push(Some("2"), "t", "e", &data)).unwrap();
+        assert_eq!(frame_body(&push), &[0, 1, 1, 1, b'2', b't', b'e', 9]);
+        let bcast = encode(Vsn::V2, &Outgoing::broadcast("t", "e", &data)).unwrap();
+        assert_eq!(frame_body(&bcast), &[2, 1, 1, b't', b'e', 9]);
+        assert_eq!(encode(Vsn::V1, &Outgoing::broadcast("t", "e", &data)), Err(EncodeError::BinaryOnV1));
+        let long = "x".repeat(256);
+        assert_eq!(encode(Vsn::V2, &Outgoing::broadcast(&long, "e", &data)), Err(EncodeError::FieldTooLong));
+    }
+
+    #[test]
+    fn malformed_binary_frames() {
+        let cases: &[&[u8]] = &[
+            &[],
+            &[0, 1, 1],
+            &[1, 0, 0, 0, 0],
+            &[0, 1, 1, 7, 4, b'1'],
+            &[0, 0, 0, 1, 1, 0xff, b'e'],
+        ];
+        for bad in cases {
+            assert!(decode_binary(Vsn::V2, bad).is_err(), "{bad:?}");
+        }
+        assert!(decode_binary(Vsn::V1, &[0, 0, 0, 1, 1, b't', b'e']).is_err());
+    }
+}

@@ -1,0 +1,469 @@
+//! WebSocket framing, sans-IO: parses client frames out of caller-owned bytes and builds
+//! finished server frames.
+//!
+//! Header parsing is tungstenite's ([`FrameHeader::parse`]); this module adds what a
+//! server needs around it: unmasking in place, fragment reassembly, control-frame rules,
+//! the size limit and UTF-8 checks. It never touches a socket or a clock, and keeps no
+//! buffer of its own between messages unless a message arrives in fragments.
+
+use std::io::Cursor;
+
+use bytes::Bytes;
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+use super::error::ProtocolError;
+
+/// Close codes ringcast sends (RFC 6455 §7.4.1).
+pub mod close_code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// Going away: server shutdown, `disconnect` broadcast, idle timeout.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Malformed frame or message.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// The client does not read; its outbound queue passed its bound.
+    pub const POLICY: u16 = 1008;
+    /// Inbound frame or message larger than `--max-frame`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Internal error.
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// One complete message or control frame read from the client.
+#[derive(Debug)]
+pub enum WsMessage<'b> {
+    /// A text message; UTF-8 already checked.
+    Text(MessageData<'b>),
+    /// A binary message.
+    Binary(MessageData<'b>),
+    /// A ping with its payload (to be echoed in a pong).
+    Ping(&'b [u8]),
+    /// A pong (ignored by the server apart from counting as activity).
+    Pong,
+    /// A close frame with its code, if any.
+    Close(Option<u16>),
+}
+
+/// Message bytes: borrowed from the read buffer when the message came in one frame,
+/// owned when it was reassembled from fragments. Mutable because simd-json parses in
+/// place.
+#[derive(Debug)]
+pub enum MessageData<'b> {
+    /// Unmasked in place inside the caller's buffer.
+    Borrowed(&'b mut [u8]),
+    /// Reassembled from fragments.
+    Owned(Vec<u8>),
+}
+
+impl MessageData<'_> {
+    /// The bytes, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            MessageData::Borrowed(b) => b,
+            MessageData::Owned(v) => v.as_mut_slice(),
+        }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            MessageData::Borrowed(b) => b,
+            MessageData::Owned(v) => v.as_slice(),
+        }
+    }
+}
+
+/// Outcome of one [`FrameReader::read`] call.
+#[derive(Debug)]
+pub enum Parsed<'b> {
+    /// The buffer holds no complete frame yet; nothing was consumed.
+    NeedMore,
+    /// One frame was consumed (`consumed` bytes); it completed `message`, or it was a
+    /// fragment that completes nothing yet (`None`).
+    Frame {
+        /// Bytes of the buffer this frame took.
+        consumed: usize,
+        /// The message the frame completed, if any.
+        message: Option<WsMessage<'b>>,
+    },
+}
+
+/// Per-connection reader state: the size limit and a fragment being reassembled.
+#[derive(Debug)]
+pub struct FrameReader {
+    max_message: usize,
+    fragment: Option<Box<Fragment>>,
+}
+
+#[derive(Debug)]
+struct Fragment {
+    binary: bool,
+    data: Vec<u8>,
+}
+
+impl FrameReader {
+    /// A reader that refuses frames and messages over `max_message` bytes.
+    pub fn new(max_message: usize) -> Self {
+        FrameReader {
+            max_message,
+            fragment: None,
+        }
+    }
+
+    /// Parses at most one frame from the front of `buf`, unmasking it in place.
+    ///
+    /// ```
+    /// use ringcast::proto::ws::{FrameReader, Parsed, WsMessage};
+    /// // "hi" as a masked client text frame, mask 00 00 00 00.
+    /// let mut buf = vec![0x81, 0x82, 0, 0, 0, 0, b'h', b'i'];
+    /// let mut reader = FrameReader::new(1024);
+    /// match reader.read(&mut buf).unwrap() {
+    ///     Parsed::Frame { consumed: 8, message: Some(WsMessage::Text(t)) } => assert_eq!(t.as_slice(), b"hi"),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// ```
+    pub fn read<'b>(&mut self, buf: &'b mut [u8]) -> Result<Parsed<'b>, ProtocolError> {
+        let mut cursor = Cursor::new(&*buf);
+        let (header, length) = match FrameHeader::parse(&mut cursor) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(Parsed::NeedMore),
+            Err(_) => return Err(ProtocolError::BadFrame("unreadable frame header")),
+        };
+        let header_len = cursor.position() as usize;
+        if header.rsv1 || header.rsv2 || header.rsv3 {
+            return Err(ProtocolError::BadFrame("reserved bits set"));
+        }
+        let Some(mask) = header.mask else {
+            return Err(ProtocolError::BadFrame("client frame not masked"));
+        };
+        let buffered = self.fragment.as_ref().map_or(0, |f| f.data.len() as u64);
+        if length.saturating_add(buffered) > self.max_message as u64 {
+            return Err(ProtocolError::TooBig);
+        }
+        let length = length as usize;
+        if buf.len() - header_len < length {
+            return Ok(Parsed::NeedMore);
+        }
+        let consumed = header_len + length;
+        let payload = &mut buf[header_len..consumed];
+        unmask(payload, mask);
+
+        let message = match header.opcode {
+            OpCode::Control(control) => {
+                if !header.is_final || length > 125 {
+                    return Err(ProtocolError::BadFrame("bad control frame"));
+                }
+                match control {
+                    Control::Ping => Some(WsMessage::Ping(payload)),
+                    Control::Pong => Some(WsMessage::Pong),
+                    Control::Close => Some(WsMessage::Close(parse_close(payload)?)),
+                    Control::Reserved(_) => return Err(ProtocolError::BadFrame("reserved opcode")),
+                }
+            }
+            OpCode::Data(Data::Reserved(_)) => {
+                return Err(ProtocolError::BadFrame("reserved opcode"))
+            }
+            OpCode::Data(Data::Continue) => {
+                let Some(fragment) = self.fragment.as_mut() else {
+                    return Err(ProtocolError::BadFrame("continuation without a message"));
+                };
+                fragment.data.extend_from_slice(payload);
+                if header.is_final {
+                    let fragment = self.fragment.take().expect("checked above");
+                    Some(data_message(fragment.binary, MessageData::Owned(fragment.data))?)
+                } else {
+                    None
+                }
+            }
+            OpCode::Data(kind) => {
+                if self.fragment.is_some() {
+                    return Err(ProtocolError::BadFrame("new message inside a fragmented one"));
+                }
+                let binary = kind == Data::Binary;
+                if header.is_final {
+                    Some(data_message(binary, MessageData::Borrowed(payload))?)
+                } else {
+                    self.fragment = Some(Box::new(Fragment {
+                        binary,
+                        data: payload.to_vec(),
+                    }));
+                    None
+                }
+            }
+        };
+        Ok(Parsed::Frame { consumed, message })
+    }
+}
+
+fn data_message(binary: bool, data: MessageData<'_>) -> Result<WsMessage<'_>, ProtocolError> {
+    if binary {
+        Ok(WsMessage::Binary(data))
+    } else if simdutf8_ok(data.as_slice()) {
+        Ok(WsMessage::Text(data))
+    } else {
+        Err(ProtocolError::BadUtf8)
+    }
+}
+
+fn simdutf8_ok(bytes: &[u8]) -> bool {
+    std::str::from_utf8(bytes).is_ok()
+}
+
+fn parse_close(payload: &[u8]) -> Result<Option<u16>, ProtocolError> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(ProtocolError::BadFrame("close frame with a one-byte payload")),
+        _ => {
+            if std::str::from_utf8(&payload[2..]).is_err() {
+                return Err(ProtocolError::BadUtf8);
+            }
+            Ok(Some(u16::from_be_bytes([payload[0], payload[1]])))
+        }
+    }
+}
+
+/// XORs `data` with the 4-byte `mask`, eight bytes at a time.
+pub fn unmask(data: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_ne_bytes(chunk.try_into().expect("chunk of 8")) ^ wide;
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let done = data.len() - data.len() % 8;
+    for (i, byte) in data[done..].iter_mut().enumerate() {
+        *byte ^= mask[i % 4];
+    }
+}
+
+/// Room left in front of a frame under construction for the longest server header.
+pub const HEADER_ROOM: usize = 10;
+
+/// Opcode of a server data frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// Text frame (0x1).
+    Text,
+    /// Binary frame (0x2).
+    Binary,
+}
+
+/// A server frame being built: payload is written after [`HEADER_ROOM`] spare bytes,
+/// then [`FrameBuilder::finish`] writes the header in front, so the payload is never
+/// moved.
+#[derive(Debug)]
+pub struct FrameBuilder {
+    buf: Vec<u8>,
+}
+
+impl FrameBuilder {
+    /// An empty frame with room for `payload_hint` bytes.
+    pub fn with_capacity(payload_hint: usize) -> Self {
+        let mut buf = Vec::with_capacity(HEADER_ROOM + payload_hint);
+        buf.resize(HEADER_ROOM, 0);
+        FrameBuilder { buf }
+    }
+
+    /// The payload buffer; write the frame's payload here.
+    pub fn payload(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Writes the header and returns the finished frame, ready for the wire.
+    pub fn finish(self, kind: FrameKind) -> Bytes {
+        let opcode = match kind {
+            FrameKind::Text => 0x81,
+            FrameKind::Binary => 0x82,
+        };
+        finish_frame(self.buf, opcode)
+    }
+}
+
+fn finish_frame(mut buf: Vec<u8>, first_byte: u8) -> Bytes {
+    let len = buf.len() - HEADER_ROOM;
+    let start = if len < 126 {
+        buf[HEADER_ROOM - 1] = len as u8;
+        HEADER_ROOM - 2
+    } else if len <= u16::MAX as usize {
+        buf[HEADER_ROOM - 3] = 126;
+        buf[HEADER_ROOM - 2..HEADER_ROOM].copy_from_slice(&(len as u16).to_be_bytes());
+        HEADER_ROOM - 4
+    } else {
+        buf[1] = 127;
+        buf[2..HEADER_ROOM].copy_from_slice(&(len as u64).to_be_bytes());
+        0
+    };
+    buf[start] = first_byte;
+    Bytes::from(buf).slice(start..)
+}
+
+/// A finished close frame with `code` and a short `reason`.
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut buf = vec![0; HEADER_ROOM];
+    buf.extend_from_slice(&code.to_be_bytes());
+    buf.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+    finish_frame(buf, 0x88)
+}
+
+/// A finished pong frame echoing `payload` (at most 125 bytes, as pings are).
+pub fn pong_frame(payload: &[u8]) -> Bytes {
+    let mut buf = vec![0; HEADER_ROOM];
+    buf.extend_from_slice(&payload[..payload.len().min(125)]);
+    finish_frame(buf, 0x8A)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a masked client frame.
+    fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![first];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len <= 65535 {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        let mut body = payload.to_vec();
+        unmask(&mut body, mask);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn read_one(reader: &mut FrameReader, buf: &mut [u8]) -> Result<(usize, Option<String>), ProtocolError> {
+        match reader.read(buf)? {
+            Parsed::NeedMore => Ok((0, None)),
+            Parsed::Frame { consumed, message } => Ok((
+                consumed,
+                message.map(|m| match m {
+                    WsMessage::Text(t) => format!("text:{}", String::from_utf8_lossy(t.as_slice())),
+                    WsMessage::Binary(b) => format!("binary:{:?}", b.as_slice()),
+                    WsMessage::Ping(p) => format!("ping:{p:?}"),
+                    WsMessage::Pong => "pong".into(),
+                    WsMessage::Close(c) => format!("close:{c:?}"),
+                }),
+            )),
+        }
+    }
+
+    #[test]
+    fn text_frame_round_trip_with_every_length_format() {
+        for len in [0usize, 5, 125, 126, 1000, 65535, 65536, 70000] {
+            let text = "x".repeat(len);
+            let mut frame = client_frame(0x81, text.as_bytes(), [1, 2, 3, 4]);
+            let mut reader = FrameReader::new(1 << 20);
+            let (consumed, msg) = read_one(&mut reader, &mut frame).unwrap();
+            assert_eq!(consumed, frame.len());
+            assert_eq!(msg.unwrap(), format!("text:{text}"));
+        }
+    }
+
+    #[test]
+    fn partial_frame_needs_more_and_consumes_nothing() {
+        let frame = client_frame(0x81, b"hello world", [9, 8, 7, 6]);
+        let mut reader = FrameReader::new(1024);
+        for cut in 0..frame.len() {
+            let mut part = frame[..cut].to_vec();
+            assert!(matches!(reader.read(&mut part).unwrap(), Parsed::NeedMore), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn fragments_are_reassembled_and_controls_may_interleave() {
+        let mut bytes = client_frame(0x01, b"hel", [1, 1, 1, 1]);
+        bytes.extend(client_frame(0x89, b"p", [2, 2, 2, 2]));
+        bytes.extend(client_frame(0x80, b"lo", [3, 3, 3, 3]));
+        let mut reader = FrameReader::new(1024);
+        let mut seen = vec![];
+        let mut at = 0;
+        while at < bytes.len() {
+            let (consumed, msg) = read_one(&mut reader, &mut bytes[at..]).unwrap();
+            at += consumed;
+            seen.extend(msg);
+        }
+        assert_eq!(seen, vec!["ping:[112]".to_string(), "text:hello".to_string()]);
+    }
+
+    #[test]
+    fn malformed_frames_are_refused() {
+        let cases: Vec<(Vec<u8>, ProtocolError)> = vec![
+            // Unmasked client frame.
+            (vec![0x81, 0x02, b'h', b'i'], ProtocolError::BadFrame("client frame not masked")),
+            // RSV1 set.
+            (client_frame(0xC1, b"hi", [0; 4]), ProtocolError::BadFrame("reserved bits set")),
+            // Reserved data opcode.
+            (client_frame(0x83, b"hi", [0; 4]), ProtocolError::BadFrame("reserved opcode")),
+            // Reserved control opcode.
+            (client_frame(0x8B, b"", [0; 4]), ProtocolError::BadFrame("reserved opcode")),
+            // Control frame over 125 bytes.
+            (client_frame(0x89, &[0; 126], [0; 4]), ProtocolError::BadFrame("bad control frame")),
+            // Fragmented control frame.
+            (client_frame(0x09, b"", [0; 4]), ProtocolError::BadFrame("bad control frame")),
+            // Continuation with nothing to continue.
+            (client_frame(0x80, b"x", [0; 4]), ProtocolError::BadFrame("continuation without a message")),
+            // Invalid UTF-8 in a text frame.
+            (client_frame(0x81, &[0xff, 0xfe], [0; 4]), ProtocolError::BadUtf8),
+            // Close frame with a one-byte payload.
+            (client_frame(0x88, &[3], [0; 4]), ProtocolError::BadFrame("close frame with a one-byte payload")),
+        ];
+        for (mut frame, want) in cases {
+            let mut reader = FrameReader::new(1024);
+            assert_eq!(reader.read(&mut frame).unwrap_err(), want);
+        }
+    }
+
+    #[test]
+    fn new_message_inside_fragmented_one_is_refused() {
+        let mut reader = FrameReader::new(1024);
+        let mut first = client_frame(0x01, b"a", [0; 4]);
+        read_one(&mut reader, &mut first).unwrap();
+        let mut second = client_frame(0x81, b"b", [0; 4]);
+        assert_eq!(
+            reader.read(&mut second).unwrap_err(),
+            ProtocolError::BadFrame("new message inside a fragmented one")
+        );
+    }
+
+    #[test]
+    fn size_limit_applies_to_headers_and_reassembled_messages() {
+        let mut reader = FrameReader::new(100);
+        // A header announcing a huge length is refused before the payload arrives.
+        let mut huge = vec![0x82, 0x80 | 127];
+        huge.extend_from_slice(&u64::MAX.to_be_bytes()[..]);
+        huge.extend_from_slice(&[0; 4]);
+        assert!(matches!(reader.read(&mut huge), Err(ProtocolError::TooBig | ProtocolError::BadFrame(_))));
+        let mut big = client_frame(0x82, &[0; 101], [0; 4]);
+        assert_eq!(reader.read(&mut big).unwrap_err(), ProtocolError::TooBig);
+        let mut reader = FrameReader::new(100);
+        let mut a = client_frame(0x02, &[0; 60], [0; 4]);
+        read_one(&mut reader, &mut a).unwrap();
+        let mut b = client_frame(0x80, &[0; 60], [0; 4]);
+        assert_eq!(reader.read(&mut b).unwrap_err(), ProtocolError::TooBig);
+    }
+
+    #[test]
+    fn server_frames_have_minimal_headers() {
+        for (len, header) in [(5usize, 2usize), (125, 2), (126, 4), (65535, 4), (65536, 10)] {
+            let mut fb = FrameBuilder::with_capacity(len);
+            fb.payload().extend(std::iter::repeat_n(b'a', len));
+            let frame = fb.finish(FrameKind::Text);
+            assert_eq!(frame.len(), len + header);
+            assert_eq!(frame[0], 0x81);
+            let mut cursor = Cursor::new(&frame[..]);
+            let (h, l) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+            assert_eq!(l as usize, len);
+            assert!(h.mask.is_none() && h.is_final);
+        }
+        assert_eq!(&close_frame(1007, "bad")[..], &[0x88, 5, 0x03, 0xEF, b'b', b'a', b'd']);
+        assert_eq!(&pong_frame(b"x")[..], &[0x8A, 1, b'x']);
+    }
+}

@@ -1,0 +1,169 @@
+//! The seed app that `ringcast serve` runs (shared/seed-app.md): the chat and
+//! notifications application of the Phoenix guides, written against ringcast's API. It
+//! is also the target of the loadgen, the benchmarks and the end-to-end tests.
+
+use serde_json::json;
+
+use crate::proto::token;
+use crate::{Channel, ConnectInfo, HandleResult, Payload, Reply, Router, Socket, SocketHandler};
+
+/// Socket secret used when none is configured (the server says so loudly).
+pub const DEV_SECRET: &str = "ringcast-dev-secret-do-not-use-in-production";
+
+/// What a seed-app connection carries: the user id from its token.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// The `user_id` claim of the socket token.
+    pub id: String,
+}
+
+/// Authenticates with the `token` connect param; id `user_socket:<user_id>`.
+pub struct UserSocket {
+    secret: Vec<u8>,
+}
+
+impl UserSocket {
+    /// A socket handler verifying tokens with `secret`.
+    pub fn new(secret: &str) -> Self {
+        UserSocket {
+            secret: secret.as_bytes().to_vec(),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl SocketHandler for UserSocket {
+    type Assigns = User;
+
+    fn connect(&self, info: &ConnectInfo) -> Option<User> {
+        let id = token::verify(&self.secret, info.param("token")?, unix_now()).ok()?;
+        Some(User { id })
+    }
+
+    fn id(&self, user: &User) -> Option<String> {
+        Some(format!("user_socket:{}", user.id))
+    }
+}
+
+/// The seed app's routes.
+pub fn router() -> Router {
+    Router::new()
+        .channel::<RoomChannel>("rooms:*")
+        .channel::<NotificationsChannel>("notifications:*")
+        .channel::<BenchChannel>("bench:*")
+}
+
+fn body(payload: &Payload) -> Option<&str> {
+    payload.str_field("body")
+}
+
+fn invalid() -> HandleResult {
+    HandleResult::Reply(Reply::error("invalid"))
+}
+
+fn unknown_event() -> HandleResult {
+    HandleResult::Reply(Reply::error("unknown event"))
+}
+
+/// `rooms:*`: chat with welcome, shout, whisper, ping and friends.
+pub struct RoomChannel {
+    user: String,
+}
+
+impl Channel for RoomChannel {
+    const INTERCEPTS: &'static [&'static str] = &["whisper"];
+
+    async fn join(topic: &str, _payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
+        if topic == "rooms:locked" {
+            return Err(json!({"reason": "unauthorized"}).into());
+        }
+        let room = topic.strip_prefix("rooms:").unwrap_or(topic);
+        socket.push("welcome", json!({"msg": format!("Welcome to room {room}!")}));
+        let user = socket.assigns::<User>().id.clone();
+        Ok((RoomChannel { user }, Payload::empty()))
+    }
+
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
+        match event {
+            "new_msg" => match body(&payload) {
+                Some(body) => {
+                    socket.broadcast("new_msg", json!({"body": body, "user": self.user}));
+                    HandleResult::NoReply
+                }
+                None => invalid(),
+            },
+            "shout" => match body(&payload) {
+                Some(body) => {
+                    socket.broadcast_from("shout", json!({"body": body, "user": self.user}));
+                    HandleResult::Reply(Reply::ok())
+                }
+                None => invalid(),
+            },
+            "whisper" => match (payload.str_field("to"), body(&payload)) {
+                (Some(to), Some(body)) => {
+                    socket.broadcast("whisper", json!({"to": to, "body": body, "from": self.user}));
+                    HandleResult::Reply(Reply::ok())
+                }
+                _ => invalid(),
+            },
+            "ping" => HandleResult::Reply(Reply::Ok(payload)),
+            "bad_request" => invalid(),
+            "leave" => HandleResult::Stop(None),
+            "crash" => panic!("crash requested by the client"),
+            _ => unknown_event(),
+        }
+    }
+
+    fn handle_out(&mut self, event: &str, payload: &Payload, socket: &mut Socket) {
+        // Only `whisper` is intercepted: it goes to its addressee's sockets alone.
+        if payload.str_field("to") == Some(self.user.as_str()) {
+            socket.push(event, payload.clone());
+        }
+    }
+}
+
+/// `notifications:<user_id>`: server-to-user messages; only the user may join.
+pub struct NotificationsChannel;
+
+impl Channel for NotificationsChannel {
+    async fn join(topic: &str, _payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
+        let owner = topic.strip_prefix("notifications:");
+        if owner == Some(socket.assigns::<User>().id.as_str()) {
+            Ok((NotificationsChannel, Payload::empty()))
+        } else {
+            Err(json!({"reason": "unauthorized"}).into())
+        }
+    }
+
+    async fn handle_in(&mut self, _event: &str, _payload: Payload, _socket: &mut Socket) -> HandleResult {
+        unknown_event()
+    }
+}
+
+/// `bench:*`: raw fanout, no pushes and no presence.
+pub struct BenchChannel {
+    user: String,
+}
+
+impl Channel for BenchChannel {
+    async fn join(_topic: &str, _payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
+        let user = socket.assigns::<User>().id.clone();
+        Ok((BenchChannel { user }, Payload::empty()))
+    }
+
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
+        match (event, body(&payload)) {
+            ("new_msg", Some(body)) => {
+                socket.broadcast("new_msg", json!({"body": body, "user": self.user}));
+                HandleResult::NoReply
+            }
+            ("new_msg", None) => invalid(),
+            _ => unknown_event(),
+        }
+    }
+}

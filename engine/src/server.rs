@@ -1,0 +1,243 @@
+//! Starting a server: bind one listening socket per core (SO_REUSEPORT, so the kernel
+//! spreads connections), start one pinned glommio executor per core, join them in the
+//! ring mesh, and run each core's shard.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use futures_lite::AsyncReadExt;
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket as RawSocket, Type};
+
+use crate::api::endpoint::{CoreInbox, Endpoint};
+use crate::api::router::{DynSocketHandler, Router, SocketHandler};
+use crate::shard::mesh::{Mesh, MeshMsg};
+use crate::shard::{Broadcast, Shard};
+use crate::transport;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on (one port serves everything).
+    pub listen: SocketAddr,
+    /// Number of cores (executors), each pinned to one CPU.
+    pub cores: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest inbound frame or message, in bytes.
+    pub max_frame: usize,
+    /// Origins allowed to upgrade; empty allows every origin.
+    pub allowed_origins: Vec<String>,
+    /// Bytes a connection may have queued before it is cut off (1008).
+    pub max_outbound_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:4000".parse().expect("valid address"),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            idle_timeout: Duration::from_secs(60),
+            max_frame: 1 << 20,
+            allowed_origins: Vec::new(),
+            max_outbound_bytes: 4 << 20,
+        }
+    }
+}
+
+pub(crate) struct App {
+    pub(crate) config: Config,
+    pub(crate) router: Router,
+    pub(crate) socket: Box<dyn DynSocketHandler>,
+}
+
+/// A bound, not yet running server.
+///
+/// ```no_run
+/// # use ringcast::{Config, Router, Server};
+/// # struct UserSocket;
+/// # impl ringcast::SocketHandler for UserSocket {
+/// #     type Assigns = (); fn connect(&self, _: &ringcast::ConnectInfo) -> Option<()> { Some(()) }
+/// # }
+/// let server = Server::bind(Config::default(), UserSocket, Router::new()).unwrap();
+/// let endpoint = server.endpoint();
+/// let running = server.start().unwrap();
+/// endpoint.broadcast("rooms:lobby", "new_msg", serde_json::json!({"body": "hi"}));
+/// running.join();
+/// ```
+pub struct Server {
+    app: Arc<App>,
+    endpoint: Endpoint,
+    inboxes: Vec<(crossbeam_channel::Receiver<Arc<Broadcast>>, UnixStream)>,
+    listeners: Vec<RawSocket>,
+    local_addr: SocketAddr,
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<RawSocket> {
+    let socket = RawSocket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket)
+}
+
+impl Server {
+    /// Binds `config.listen` once per core. Port 0 picks a free port for all cores.
+    pub fn bind<H: SocketHandler>(config: Config, socket: H, router: Router) -> std::io::Result<Server> {
+        let cores = config.cores.clamp(1, 64);
+        let first = bind_listener(config.listen)?;
+        let local_addr = first.local_addr()?.as_socket().expect("an IP socket");
+        let mut listeners = vec![first];
+        for _ in 1..cores {
+            listeners.push(bind_listener(local_addr)?);
+        }
+        let mut inboxes = Vec::new();
+        let mut core_inboxes = Vec::new();
+        for _ in 0..cores {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let (wake_tx, wake_rx) = UnixStream::pair()?;
+            core_inboxes.push(CoreInbox { tx, wake: wake_tx });
+            inboxes.push((rx, wake_rx));
+        }
+        let config = Config { cores, ..config };
+        Ok(Server {
+            app: Arc::new(App {
+                config,
+                router,
+                socket: Box::new(socket),
+            }),
+            endpoint: Endpoint::new(core_inboxes),
+            inboxes,
+            listeners,
+            local_addr,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that broadcasts into this server from anywhere.
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint.clone()
+    }
+
+    /// Starts one pinned executor per core; returns once every core accepts.
+    pub fn start(self) -> std::io::Result<RunningServer> {
+        let cores = self.app.config.cores;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mesh = MeshBuilder::<MeshMsg, _>::full(cores, 4096);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut handles = Vec::new();
+        for (i, (listener, (inbox, wake))) in self.listeners.into_iter().zip(self.inboxes).enumerate() {
+            let app = self.app.clone();
+            let endpoint = self.endpoint.clone();
+            let mesh = mesh.clone();
+            let ready = ready_tx.clone();
+            let listener_fd = listener.into_raw_fd();
+            let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cpus))
+                .name(&format!("ringcast-{i}"))
+                .spawn(move || async move {
+                    let (mesh, receivers) = if cores > 1 {
+                        let (senders, receivers) = mesh.join().await.expect("core mesh");
+                        (Some(Mesh::new(senders)), Some(receivers))
+                    } else {
+                        (None, None)
+                    };
+                    let index = mesh.as_ref().map_or(0, Mesh::index);
+                    let shard = Shard::install(index, app, endpoint, mesh);
+                    if let Some(mut receivers) = receivers {
+                        for (_, rx) in receivers.streams() {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                while let Some(msg) = rx.recv().await {
+                                    shard.on_mesh(msg);
+                                }
+                            })
+                            .detach();
+                        }
+                    }
+                    glommio::spawn_local(run_inbox(shard.clone(), inbox, wake)).detach();
+                    glommio::spawn_local(run_sweeper(shard.clone())).detach();
+                    // SAFETY: the fd is a listening TCP socket whose ownership was released
+                    // by `into_raw_fd` above and is taken over here exactly once.
+                    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
+                    let _ = ready.send(());
+                    transport::accept_loop(shard, listener).await;
+                })
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+        for _ in 0..cores {
+            ready_rx
+                .recv()
+                .map_err(|_| std::io::Error::other("a core failed to start"))?;
+        }
+        Ok(RunningServer {
+            handles,
+            local_addr: self.local_addr,
+            endpoint: self.endpoint,
+        })
+    }
+}
+
+/// Broadcasts handed in by [`Endpoint`] from threads outside the server.
+async fn run_inbox(
+    shard: std::rc::Rc<Shard>,
+    inbox: crossbeam_channel::Receiver<Arc<Broadcast>>,
+    wake: UnixStream,
+) {
+    // SAFETY: `wake` is a connected Unix stream socket owned by this task from here on.
+    let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(wake.into_raw_fd()) };
+    let mut buf = [0u8; 64];
+    loop {
+        while let Ok(b) = inbox.try_recv() {
+            shard.deliver_local(&b);
+        }
+        match wake.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn run_sweeper(shard: std::rc::Rc<Shard>) {
+    loop {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+        shard.sweep_idle();
+    }
+}
+
+/// A running server.
+pub struct RunningServer {
+    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+    local_addr: SocketAddr,
+    endpoint: Endpoint,
+}
+
+impl RunningServer {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that broadcasts into this server from anywhere.
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint.clone()
+    }
+
+    /// Blocks until every core has stopped.
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}

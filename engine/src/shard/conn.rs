@@ -1,0 +1,238 @@
+//! One connection's shared state on its core: the outbound frame queue, the mailbox of
+//! intercepted broadcasts and channel messages, the joined channels, and the waker of the
+//! task that drives it. Everything here is `Rc`/`Cell`: a connection never leaves its core.
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+
+use bytes::Bytes;
+
+use crate::api::channel::DynChannel;
+use crate::api::socket::Socket;
+use crate::proto::socket::ChannelTable;
+use crate::proto::ws::close_code;
+use crate::proto::Vsn;
+use crate::shard::Broadcast;
+
+/// A connection's key in its shard: slab slot plus a generation, so a stale id never
+/// reaches a newer connection that reused the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub(crate) key: u32,
+    pub(crate) gen: u32,
+}
+
+/// A finished frame waiting to be written.
+#[derive(Debug, Clone)]
+pub(crate) enum OutFrame {
+    /// A broadcast frame shared by every local subscriber (non-atomic refcount).
+    Shared(Rc<Bytes>),
+    /// A frame for this connection alone.
+    Own(Bytes),
+}
+
+impl OutFrame {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            OutFrame::Shared(b) => b,
+            OutFrame::Own(b) => b,
+        }
+    }
+}
+
+/// The outbound queue: frames in order, the bytes they hold, and how much of the first
+/// frame is already written.
+#[derive(Debug, Default)]
+pub(crate) struct OutQueue {
+    pub(crate) frames: VecDeque<OutFrame>,
+    pub(crate) bytes: usize,
+    pub(crate) head_written: usize,
+}
+
+impl OutQueue {
+    /// Drops `n` written bytes from the front.
+    pub(crate) fn consume(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let head = self.frames.front().expect("consumed more than queued").bytes().len();
+            let left = head - self.head_written;
+            if n >= left {
+                n -= left;
+                self.head_written = 0;
+                self.frames.pop_front();
+            } else {
+                self.head_written += n;
+                n = 0;
+            }
+        }
+        if self.frames.is_empty() && self.frames.capacity() > 16 {
+            // An idle connection keeps no large queue around.
+            self.frames = VecDeque::new();
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.frames = VecDeque::new();
+        self.bytes = 0;
+        self.head_written = 0;
+    }
+}
+
+/// Work for the channel layer of a connection, run by its driver task.
+pub(crate) enum Mail {
+    /// An intercepted broadcast for the channel on its topic.
+    Out(Arc<Broadcast>),
+    /// A message for `handle_info` of the channel `(topic, join_ref)`.
+    Info(Rc<str>, Rc<str>, Box<dyn Any>),
+}
+
+/// A joined channel's runtime slot. The channel and its socket are moved out while one
+/// of its handlers runs.
+pub(crate) struct Slot {
+    pub(crate) running: Option<(Box<dyn DynChannel>, Socket)>,
+    pub(crate) intercepts: &'static [&'static str],
+}
+
+/// Per-connection limits taken from the server config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnLimits {
+    pub(crate) max_outbound_bytes: usize,
+}
+
+pub(crate) struct Conn {
+    pub(crate) id: ConnId,
+    pub(crate) vsn: Vsn,
+    pub(crate) assigns: Rc<dyn Any>,
+    pub(crate) socket_id: Option<Box<str>>,
+    pub(crate) limits: ConnLimits,
+    pub(crate) out: RefCell<OutQueue>,
+    pub(crate) mailbox: RefCell<VecDeque<Mail>>,
+    pub(crate) channels: RefCell<ChannelTable<Slot>>,
+    /// Close requested with this code (first request wins).
+    pub(crate) close: Cell<Option<u16>>,
+    /// Seconds since the shard's epoch when the client last sent anything.
+    pub(crate) last_in: Cell<u32>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        id: ConnId,
+        vsn: Vsn,
+        assigns: Rc<dyn Any>,
+        socket_id: Option<Box<str>>,
+        limits: ConnLimits,
+        now: u32,
+    ) -> Self {
+        Conn {
+            id,
+            vsn,
+            assigns,
+            socket_id,
+            limits,
+            out: RefCell::default(),
+            mailbox: RefCell::default(),
+            channels: RefCell::default(),
+            close: Cell::new(None),
+            last_in: Cell::new(now),
+            waker: RefCell::new(None),
+        }
+    }
+
+    /// Queues a frame and wakes the driver. A queue over its bound closes the
+    /// connection with 1008 instead.
+    pub(crate) fn enqueue(&self, frame: OutFrame) {
+        if self.close.get().is_some() {
+            return;
+        }
+        let over = {
+            let mut out = self.out.borrow_mut();
+            out.bytes += frame.bytes().len();
+            out.frames.push_back(frame);
+            out.bytes > self.limits.max_outbound_bytes
+        };
+        if over {
+            self.out.borrow_mut().clear();
+            self.request_close(close_code::POLICY);
+        }
+        self.wake();
+    }
+
+    pub(crate) fn enqueue_own(&self, frame: Bytes) {
+        self.enqueue(OutFrame::Own(frame));
+    }
+
+    pub(crate) fn mail(&self, mail: Mail) {
+        if self.close.get().is_none() {
+            self.mailbox.borrow_mut().push_back(mail);
+            self.wake();
+        }
+    }
+
+    pub(crate) fn request_close(&self, code: u16) {
+        if self.close.get().is_none() {
+            self.close.set(Some(code));
+            self.wake();
+        }
+    }
+
+    pub(crate) fn set_waker(&self, waker: &Waker) {
+        let mut slot = self.waker.borrow_mut();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    pub(crate) fn wake(&self) {
+        if let Some(w) = self.waker.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.out.borrow().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consume_walks_partial_frames() {
+        let mut q = OutQueue::default();
+        for s in ["abc", "de", "fghi"] {
+            q.bytes += s.len();
+            q.frames.push_back(OutFrame::Own(Bytes::from_static(s.as_bytes())));
+        }
+        q.consume(2);
+        assert_eq!((q.frames.len(), q.head_written, q.bytes), (3, 2, 7));
+        q.consume(3);
+        assert_eq!((q.frames.len(), q.head_written, q.bytes), (1, 0, 4));
+        q.consume(4);
+        assert!(q.frames.is_empty() && q.bytes == 0);
+    }
+
+    #[test]
+    fn overflow_closes_with_policy_code() {
+        let conn = Conn::new(
+            ConnId { key: 0, gen: 0 },
+            Vsn::V2,
+            Rc::new(()),
+            None,
+            ConnLimits { max_outbound_bytes: 5 },
+            0,
+        );
+        conn.enqueue_own(Bytes::from_static(b"1234"));
+        assert_eq!(conn.close.get(), None);
+        conn.enqueue_own(Bytes::from_static(b"56"));
+        assert_eq!(conn.close.get(), Some(close_code::POLICY));
+        assert_eq!(conn.queued_bytes(), 0);
+        conn.enqueue_own(Bytes::from_static(b"7"));
+        assert_eq!(conn.queued_bytes(), 0, "nothing is queued once closing");
+    }
+}

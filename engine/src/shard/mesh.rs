@@ -1,0 +1,117 @@
+//! The SPSC ring mesh between cores (glommio's `channel_mesh`): forwards broadcasts to
+//! the cores that have subscribers for their topic, and keeps that interest table.
+//!
+//! A ring that is full never blocks a publisher: messages wait, in order, in a per-peer
+//! backlog drained by a pump task.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use glommio::channels::channel_mesh::Senders;
+use glommio::{GlommioError, ResourceType};
+
+use super::Broadcast;
+
+/// What crosses from one core to another.
+pub(crate) enum MeshMsg {
+    /// Deliver to your local subscribers.
+    Broadcast(Arc<Broadcast>),
+    /// Core `core` now has (`on`) or no longer has subscribers for `topic`.
+    Interest { topic: Arc<str>, core: usize, on: bool },
+}
+
+struct Inner {
+    index: usize,
+    senders: Senders<MeshMsg>,
+    backlog: Vec<RefCell<VecDeque<MeshMsg>>>,
+    pumping: Vec<Cell<bool>>,
+    /// Topic -> bit set of the other cores with subscribers.
+    interest: RefCell<HashMap<Box<str>, u64>>,
+}
+
+pub(crate) struct Mesh(Rc<Inner>);
+
+impl Mesh {
+    pub(crate) fn new(senders: Senders<MeshMsg>) -> Self {
+        let peers = senders.nr_consumers();
+        assert!(peers <= 64, "at most 64 cores");
+        Mesh(Rc::new(Inner {
+            index: senders.peer_id(),
+            senders,
+            backlog: (0..peers).map(|_| RefCell::default()).collect(),
+            pumping: (0..peers).map(|_| Cell::new(false)).collect(),
+            interest: RefCell::default(),
+        }))
+    }
+
+    pub(crate) fn index(&self) -> usize {
+        self.0.index
+    }
+
+    pub(crate) fn forward(&self, b: &Arc<Broadcast>) {
+        let mask = self.0.interest.borrow().get(&*b.topic).copied().unwrap_or(0);
+        for peer in 0..self.0.backlog.len() {
+            if mask & (1 << peer) != 0 {
+                send(&self.0, peer, MeshMsg::Broadcast(b.clone()));
+            }
+        }
+    }
+
+    pub(crate) fn announce(&self, topic: &str, on: bool) {
+        let topic: Arc<str> = topic.into();
+        for peer in (0..self.0.backlog.len()).filter(|p| *p != self.0.index) {
+            let msg = MeshMsg::Interest {
+                topic: topic.clone(),
+                core: self.0.index,
+                on,
+            };
+            send(&self.0, peer, msg);
+        }
+    }
+
+    pub(crate) fn set_interest(&self, topic: &str, core: usize, on: bool) {
+        let mut interest = self.0.interest.borrow_mut();
+        if on {
+            *interest.entry(topic.into()).or_default() |= 1 << core;
+        } else if let Some(mask) = interest.get_mut(topic) {
+            *mask &= !(1 << core);
+            if *mask == 0 {
+                interest.remove(topic);
+            }
+        }
+    }
+}
+
+fn send(inner: &Rc<Inner>, peer: usize, msg: MeshMsg) {
+    let mut backlog = inner.backlog[peer].borrow_mut();
+    let msg = if backlog.is_empty() {
+        match inner.senders.try_send_to(peer, msg) {
+            Ok(()) => return,
+            Err(GlommioError::WouldBlock(ResourceType::Channel(msg))) => msg,
+            Err(e) => {
+                tracing::error!("mesh send to core {peer} failed: {e}");
+                return;
+            }
+        }
+    } else {
+        msg
+    };
+    backlog.push_back(msg);
+    drop(backlog);
+    if !inner.pumping[peer].replace(true) {
+        let inner = inner.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let next = inner.backlog[peer].borrow_mut().pop_front();
+                let Some(msg) = next else { break };
+                if inner.senders.send_to(peer, msg).await.is_err() {
+                    break;
+                }
+            }
+            inner.pumping[peer].set(false);
+        })
+        .detach();
+    }
+}

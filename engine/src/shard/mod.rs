@@ -1,0 +1,314 @@
+//! One shard per core: its connections, its topic table (topic -> local subscribers),
+//! which other cores have subscribers for a topic, and the fanout of broadcasts.
+//!
+//! A broadcast is encoded once into a finished WebSocket frame ([`Broadcast`]), shared
+//! with other cores as an `Arc` over the SPSC mesh, and wrapped once per core in an `Rc`
+//! whose (non-atomic) clones go to every local subscriber's queue. Nothing here is
+//! shared between threads except that `Arc` and the per-core inboxes.
+
+pub mod conn;
+pub(crate) mod mesh;
+pub(crate) mod session;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use slab::Slab;
+
+use crate::api::endpoint::Endpoint;
+use crate::proto::serializer::{encode, EncodeError, Outgoing};
+use crate::proto::ws::close_code;
+use crate::proto::{Payload, Vsn};
+use crate::server::App;
+use conn::{Conn, ConnId, ConnLimits, Mail, OutFrame};
+use mesh::{Mesh, MeshMsg};
+
+/// A broadcast, encoded once: the V2 frame eagerly, the V1 frame the first time a V1
+/// subscriber needs it.
+pub struct Broadcast {
+    pub(crate) topic: Box<str>,
+    pub(crate) event: Box<str>,
+    pub(crate) payload: Payload,
+    v2: Result<Bytes, EncodeError>,
+    v1: OnceLock<Result<Bytes, EncodeError>>,
+    /// `broadcast_from`: the (shard, connection) that must not receive it.
+    pub(crate) from: Option<(usize, ConnId)>,
+}
+
+impl Broadcast {
+    pub(crate) fn new(topic: &str, event: &str, payload: Payload, from: Option<(usize, ConnId)>) -> Self {
+        let v2 = encode(Vsn::V2, &Outgoing::broadcast(topic, event, &payload));
+        Broadcast {
+            topic: topic.into(),
+            event: event.into(),
+            payload,
+            v2,
+            v1: OnceLock::new(),
+            from,
+        }
+    }
+
+    fn frame(&self, vsn: Vsn) -> Option<&Bytes> {
+        let frame = match vsn {
+            Vsn::V2 => &self.v2,
+            Vsn::V1 => self
+                .v1
+                .get_or_init(|| encode(Vsn::V1, &Outgoing::broadcast(&self.topic, &self.event, &self.payload))),
+        };
+        frame.as_ref().ok()
+    }
+}
+
+/// How a subscriber takes broadcasts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SubKind {
+    /// A channel: the fastlane frame, or `handle_out` for the events it intercepts.
+    Channel(&'static [&'static str]),
+    /// The connection's socket id: only `disconnect` matters.
+    SocketId,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sub {
+    pub(crate) conn: ConnId,
+    pub(crate) vsn: Vsn,
+    pub(crate) kind: SubKind,
+}
+
+/// Per-core counters (plain cells: only this core writes them).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Open connections.
+    pub connections: Cell<u64>,
+    /// Joined channels.
+    pub channels: Cell<u64>,
+    /// Client messages handled.
+    pub messages_in: Cell<u64>,
+    /// Broadcasts published from this core.
+    pub broadcasts: Cell<u64>,
+    /// Frames handed to local subscribers by fanout.
+    pub deliveries: Cell<u64>,
+    /// Connections cut off for not reading.
+    pub slow_closed: Cell<u64>,
+}
+
+pub(crate) struct Shard {
+    pub(crate) index: usize,
+    pub(crate) app: Arc<App>,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) stats: Stats,
+    epoch: Instant,
+    next_gen: Cell<u32>,
+    conns: RefCell<Slab<Rc<Conn>>>,
+    topics: RefCell<HashMap<Box<str>, Vec<Sub>>>,
+    mesh: Option<Mesh>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+}
+
+/// The shard of the current thread, if it runs one.
+pub(crate) fn current() -> Option<Rc<Shard>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Publishes on the current shard. Outside any shard there is nobody to deliver to.
+pub(crate) fn publish(broadcast: Broadcast) {
+    match current() {
+        Some(shard) => shard.publish(broadcast),
+        None => tracing::warn!("broadcast outside a ringcast core dropped"),
+    }
+}
+
+impl Shard {
+    pub(crate) fn install(index: usize, app: Arc<App>, endpoint: Endpoint, mesh: Option<Mesh>) -> Rc<Shard> {
+        let shard = Rc::new(Shard {
+            index,
+            app,
+            endpoint,
+            stats: Stats::default(),
+            epoch: Instant::now(),
+            next_gen: Cell::new(0),
+            conns: RefCell::default(),
+            topics: RefCell::default(),
+            mesh,
+        });
+        CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
+        shard
+    }
+
+    /// Seconds since this shard started (coarse clock for idle timeouts).
+    pub(crate) fn now_secs(&self) -> u32 {
+        self.epoch.elapsed().as_secs() as u32
+    }
+
+    /// Registers a connection that passed its handshake.
+    pub(crate) fn add_conn(
+        &self,
+        vsn: Vsn,
+        assigns: Rc<dyn std::any::Any>,
+        socket_id: Option<String>,
+    ) -> Rc<Conn> {
+        let gen = self.next_gen.get().wrapping_add(1);
+        self.next_gen.set(gen);
+        let limits = ConnLimits {
+            max_outbound_bytes: self.app.config.max_outbound_bytes,
+        };
+        let mut conns = self.conns.borrow_mut();
+        let entry = conns.vacant_entry();
+        let id = ConnId {
+            key: entry.key() as u32,
+            gen,
+        };
+        let socket_id = socket_id.map(String::into_boxed_str);
+        let conn = Rc::new(Conn::new(id, vsn, assigns, socket_id, limits, self.now_secs()));
+        entry.insert(conn.clone());
+        drop(conns);
+        if let Some(topic) = &conn.socket_id {
+            self.subscribe(topic, Sub { conn: id, vsn, kind: SubKind::SocketId });
+        }
+        self.stats.connections.set(self.stats.connections.get() + 1);
+        conn
+    }
+
+    pub(crate) fn remove_conn(&self, conn: &Conn) {
+        if let Some(topic) = &conn.socket_id {
+            self.unsubscribe(topic, conn.id);
+        }
+        let mut conns = self.conns.borrow_mut();
+        if conns.get(conn.id.key as usize).is_some_and(|c| c.id == conn.id) {
+            conns.remove(conn.id.key as usize);
+            self.stats.connections.set(self.stats.connections.get() - 1);
+        }
+    }
+
+    fn conn(&self, id: ConnId) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(id.key as usize).filter(|c| c.id == id).cloned()
+    }
+
+    pub(crate) fn subscribe(&self, topic: &str, sub: Sub) {
+        let first = {
+            let mut topics = self.topics.borrow_mut();
+            match topics.get_mut(topic) {
+                Some(subs) => {
+                    subs.push(sub);
+                    false
+                }
+                None => {
+                    topics.insert(topic.into(), vec![sub]);
+                    true
+                }
+            }
+        };
+        if first {
+            if let Some(mesh) = &self.mesh {
+                mesh.announce(topic, true);
+            }
+        }
+    }
+
+    pub(crate) fn unsubscribe(&self, topic: &str, conn: ConnId) {
+        let last = {
+            let mut topics = self.topics.borrow_mut();
+            let Some(subs) = topics.get_mut(topic) else { return };
+            if let Some(i) = subs.iter().position(|s| s.conn == conn) {
+                subs.swap_remove(i);
+            }
+            let last = subs.is_empty();
+            if last {
+                topics.remove(topic);
+            }
+            last
+        };
+        if last {
+            if let Some(mesh) = &self.mesh {
+                mesh.announce(topic, false);
+            }
+        }
+    }
+
+    /// Number of topics with local subscribers.
+    pub(crate) fn topic_count(&self) -> usize {
+        self.topics.borrow().len()
+    }
+
+    /// Delivers on this core and forwards to every other core that has subscribers.
+    pub(crate) fn publish(&self, broadcast: Broadcast) {
+        self.stats.broadcasts.set(self.stats.broadcasts.get() + 1);
+        let broadcast = Arc::new(broadcast);
+        if let Some(mesh) = &self.mesh {
+            mesh.forward(&broadcast);
+        }
+        self.deliver_local(&broadcast);
+    }
+
+    /// Fanout to this core's subscribers of the topic.
+    pub(crate) fn deliver_local(&self, b: &Arc<Broadcast>) {
+        let topics = self.topics.borrow();
+        let Some(subs) = topics.get(&*b.topic) else { return };
+        let conns = self.conns.borrow();
+        let skip = b.from.filter(|(core, _)| *core == self.index).map(|(_, id)| id);
+        let mut shared: [Option<Rc<Bytes>>; 2] = [None, None];
+        let mut delivered = 0u64;
+        for sub in subs {
+            if Some(sub.conn) == skip {
+                continue;
+            }
+            let Some(conn) = conns.get(sub.conn.key as usize).filter(|c| c.id == sub.conn) else {
+                continue;
+            };
+            match sub.kind {
+                SubKind::SocketId => {
+                    if &*b.event == "disconnect" {
+                        conn.request_close(close_code::GOING_AWAY);
+                    }
+                }
+                SubKind::Channel(intercepts) if intercepts.contains(&&*b.event) => {
+                    conn.mail(Mail::Out(b.clone()));
+                }
+                SubKind::Channel(_) => {
+                    let slot = &mut shared[sub.vsn as usize];
+                    if slot.is_none() {
+                        *slot = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
+                    }
+                    if let Some(frame) = slot {
+                        conn.enqueue(OutFrame::Shared(frame.clone()));
+                        delivered += 1;
+                    }
+                }
+            }
+        }
+        self.stats.deliveries.set(self.stats.deliveries.get() + delivered);
+    }
+
+    pub(crate) fn on_mesh(&self, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Broadcast(b) => self.deliver_local(&b),
+            MeshMsg::Interest { topic, core, on } => {
+                if let Some(mesh) = &self.mesh {
+                    mesh.set_interest(&topic, core, on);
+                }
+            }
+        }
+    }
+
+    /// Asks connections silent for longer than the idle timeout to close.
+    pub(crate) fn sweep_idle(&self) {
+        let limit = self.app.config.idle_timeout.as_secs() as u32;
+        let now = self.now_secs();
+        for (_, conn) in self.conns.borrow().iter() {
+            if now.saturating_sub(conn.last_in.get()) >= limit.max(1) {
+                conn.request_close(close_code::GOING_AWAY);
+            }
+        }
+    }
+
+    pub(crate) fn lookup(&self, id: ConnId) -> Option<Rc<Conn>> {
+        self.conn(id)
+    }
+}

@@ -1,0 +1,373 @@
+//! The channel layer of one connection: routes each client message (PROTOCOL.md §7),
+//! runs joins and handlers, sends replies, `phx_close` and `phx_error`, and cleans up
+//! when the connection ends. Transport-agnostic: the WebSocket driver and the in-memory
+//! test kit both run a `Session`.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use crate::api::channel::{Handled, HandleResult, Joined, LocalFuture, Reply, StopReason};
+use crate::api::socket::Socket;
+use crate::proto::serializer::{encode, Body, Outgoing};
+use crate::proto::socket::Route;
+use crate::proto::{Message, Payload};
+use crate::shard::conn::{Conn, Mail, Slot};
+use crate::shard::{Shard, Sub, SubKind};
+
+/// Most channels one connection may join (Phoenix's default).
+pub(crate) const MAX_CHANNELS: usize = 100;
+
+enum Pending {
+    Join {
+        fut: LocalFuture<Joined>,
+        msg_ref: Option<String>,
+        replaced: Option<Rc<str>>,
+        intercepts: &'static [&'static str],
+        topic: Rc<str>,
+        join_ref: Rc<str>,
+    },
+    Run {
+        fut: LocalFuture<Handled>,
+        msg_ref: Option<String>,
+        topic: Rc<str>,
+        join_ref: Rc<str>,
+    },
+}
+
+pub(crate) struct Session {
+    pub(crate) conn: Rc<Conn>,
+    shard: Rc<Shard>,
+    pending: Option<Pending>,
+}
+
+fn bump(cell: &std::cell::Cell<u64>, up: bool) {
+    cell.set(if up { cell.get() + 1 } else { cell.get().saturating_sub(1) });
+}
+
+impl Session {
+    pub(crate) fn new(shard: Rc<Shard>, conn: Rc<Conn>) -> Self {
+        Session {
+            conn,
+            shard,
+            pending: None,
+        }
+    }
+
+    /// A handler is running; the connection should not read more messages.
+    pub(crate) fn busy(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    fn send(&self, msg: Outgoing<'_>) {
+        match encode(self.conn.vsn, &msg) {
+            Ok(frame) => self.conn.enqueue_own(frame),
+            Err(e) => tracing::debug!(topic = msg.topic, event = msg.event, "message dropped: {e}"),
+        }
+    }
+
+    fn reply(&self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, reply: &Reply) {
+        let (status, response) = reply.parts();
+        self.send(Outgoing::reply(join_ref, msg_ref, topic, status, response));
+    }
+
+    fn control(&self, join_ref: &str, topic: &str, event: &str, payload: &Payload) {
+        self.send(Outgoing {
+            join_ref: Some(join_ref),
+            msg_ref: Some(join_ref),
+            topic,
+            event,
+            body: Body::Payload(payload),
+        });
+    }
+
+    /// Handles one decoded client message; a handler that does not finish at once stays
+    /// pending (see [`Session::busy`]).
+    pub(crate) fn handle_message(&mut self, msg: Message, cx: &mut Context<'_>) {
+        debug_assert!(!self.busy());
+        bump(&self.shard.stats.messages_in, true);
+        let route = self.conn.channels.borrow().route(msg.join_ref.as_deref(), &msg.topic, &msg.event);
+        match route {
+            Route::Heartbeat => self.reply(None, msg.msg_ref.as_deref(), "phoenix", &Reply::ok()),
+            Route::LeaveUnjoined => self.reply(msg.join_ref.as_deref(), msg.msg_ref.as_deref(), &msg.topic, &Reply::ok()),
+            Route::Unmatched => {
+                self.reply(None, msg.msg_ref.as_deref(), &msg.topic, &Reply::error("unmatched topic"))
+            }
+            Route::Stale => {}
+            Route::Join => self.start_join(msg, None, cx),
+            Route::Rejoin(index) => {
+                let (_, old_join_ref) = self.end_channel(index, StopReason::Rejoined);
+                self.start_join(msg, Some(old_join_ref), cx);
+            }
+            Route::Deliver(index) if msg.event == "phx_leave" => {
+                let join_ref: Rc<str> = self.conn.channels.borrow().get(index).join_ref.as_str().into();
+                self.reply(Some(&join_ref), msg.msg_ref.as_deref(), &msg.topic, &Reply::ok());
+                let (topic, join_ref) = self.end_channel(index, StopReason::Leave);
+                self.control(&join_ref, &topic, "phx_close", &Payload::empty());
+            }
+            Route::Deliver(index) => {
+                let running = self.conn.channels.borrow_mut().get_mut(index).state.running.take();
+                let Some((channel, socket)) = running else { return };
+                let (topic, join_ref) = (socket.topic.clone(), socket.join_ref.clone());
+                let fut = channel.handle_in(msg.event, msg.payload, socket);
+                self.pending = Some(Pending::Run {
+                    fut,
+                    msg_ref: msg.msg_ref,
+                    topic,
+                    join_ref,
+                });
+                self.poll_pending(cx);
+            }
+        }
+    }
+
+    fn start_join(&mut self, msg: Message, replaced: Option<Rc<str>>, cx: &mut Context<'_>) {
+        let join_ref: Rc<str> = msg.join_ref.or_else(|| msg.msg_ref.clone()).unwrap_or_default().into();
+        let refuse = |this: &Self, reason: &str| {
+            this.reply(None, msg.msg_ref.as_deref(), &msg.topic, &Reply::error(reason));
+            if let Some(old) = &replaced {
+                this.control(old, &msg.topic, "phx_close", &Payload::empty());
+            }
+        };
+        let app = self.shard.app.clone();
+        let Some(route) = app.router.find(&msg.topic) else {
+            return refuse(self, "unmatched topic");
+        };
+        if self.conn.channels.borrow().len() >= MAX_CHANNELS {
+            return refuse(self, "too many channels joined");
+        }
+        let topic: Rc<str> = msg.topic.as_str().into();
+        let socket = Socket::new(self.conn.clone(), topic.clone(), join_ref.clone());
+        let fut = (route.join)(msg.topic, msg.payload, socket);
+        self.pending = Some(Pending::Join {
+            fut,
+            msg_ref: msg.msg_ref,
+            replaced,
+            intercepts: route.intercepts,
+            topic,
+            join_ref,
+        });
+        self.poll_pending(cx);
+    }
+
+    /// Drives a pending join or handler; returns whether one is still pending.
+    pub(crate) fn poll_pending(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(pending) = self.pending.as_mut() else { return false };
+        match pending {
+            Pending::Join { fut, .. } => {
+                let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
+                let outcome = match polled {
+                    Ok(Poll::Pending) => return true,
+                    Ok(Poll::Ready(joined)) => Some(joined),
+                    Err(_) => None,
+                };
+                let Some(Pending::Join {
+                    msg_ref,
+                    replaced,
+                    intercepts,
+                    topic,
+                    join_ref,
+                    ..
+                }) = self.pending.take()
+                else {
+                    unreachable!("matched above")
+                };
+                match outcome {
+                    Some(joined) => self.finish_join(joined, msg_ref, replaced, intercepts),
+                    None => {
+                        tracing::warn!(%topic, "join handler crashed");
+                        self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &Reply::error("join crashed"));
+                        if let Some(old) = &replaced {
+                            self.control(old, &topic, "phx_close", &Payload::empty());
+                        }
+                    }
+                }
+            }
+            Pending::Run { fut, .. } => {
+                let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
+                let outcome = match polled {
+                    Ok(Poll::Pending) => return true,
+                    Ok(Poll::Ready(handled)) => Some(handled),
+                    Err(_) => None,
+                };
+                let Some(Pending::Run {
+                    msg_ref,
+                    topic,
+                    join_ref,
+                    ..
+                }) = self.pending.take()
+                else {
+                    unreachable!("matched above")
+                };
+                match outcome {
+                    Some((channel, socket, result)) => self.finish_run(channel, socket, result, msg_ref),
+                    None => self.crash(&topic, &join_ref),
+                }
+            }
+        }
+        false
+    }
+
+    fn finish_join(
+        &mut self,
+        (mut socket, result): Joined,
+        msg_ref: Option<String>,
+        replaced: Option<Rc<str>>,
+        intercepts: &'static [&'static str],
+    ) {
+        let topic = socket.topic.clone();
+        let join_ref = socket.join_ref.clone();
+        match result {
+            Ok((channel, response)) => {
+                let deferred = socket.deferred.take().unwrap_or_default();
+                self.shard.subscribe(
+                    &topic,
+                    Sub {
+                        conn: self.conn.id,
+                        vsn: self.conn.vsn,
+                        kind: SubKind::Channel(intercepts),
+                    },
+                );
+                self.conn.channels.borrow_mut().insert(
+                    topic.to_string(),
+                    join_ref.to_string(),
+                    Slot {
+                        running: Some((channel, socket)),
+                        intercepts,
+                    },
+                );
+                bump(&self.shard.stats.channels, true);
+                self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &Reply::Ok(response));
+                if let Some(old) = &replaced {
+                    self.control(old, &topic, "phx_close", &Payload::empty());
+                }
+                for frame in deferred {
+                    self.conn.enqueue_own(frame);
+                }
+            }
+            Err(response) => {
+                self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &Reply::Error(response));
+                if let Some(old) = &replaced {
+                    self.control(old, &topic, "phx_close", &Payload::empty());
+                }
+            }
+        }
+    }
+
+    fn finish_run(&mut self, channel: Box<dyn crate::api::channel::DynChannel>, socket: Socket, result: HandleResult, msg_ref: Option<String>) {
+        let topic = socket.topic.clone();
+        let join_ref = socket.join_ref.clone();
+        let index = {
+            let mut channels = self.conn.channels.borrow_mut();
+            let index = channels.position(&topic).filter(|i| *channels.get(*i).join_ref == *join_ref);
+            if let Some(i) = index {
+                channels.get_mut(i).state.running = Some((channel, socket));
+            }
+            index
+        };
+        let Some(index) = index else { return };
+        match result {
+            HandleResult::Reply(reply) => {
+                if msg_ref.is_some() {
+                    self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &reply);
+                }
+            }
+            HandleResult::NoReply => {}
+            HandleResult::Stop(reply) => {
+                if let (Some(reply), Some(_)) = (&reply, &msg_ref) {
+                    self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, reply);
+                }
+                self.end_channel(index, StopReason::Normal);
+                self.control(&join_ref, &topic, "phx_close", &Payload::empty());
+            }
+        }
+    }
+
+    /// Removes the channel at `index`, calls its `terminate`, unsubscribes it.
+    fn end_channel(&mut self, index: usize, reason: StopReason) -> (Rc<str>, Rc<str>) {
+        let joined = self.conn.channels.borrow_mut().remove(index);
+        let topic: Rc<str> = joined.topic.into();
+        let join_ref: Rc<str> = joined.join_ref.into();
+        if let Some((mut channel, mut socket)) = joined.state.running {
+            if catch_unwind(AssertUnwindSafe(|| channel.terminate(reason, &mut socket))).is_err() {
+                tracing::warn!(%topic, "terminate crashed");
+            }
+        }
+        self.shard.unsubscribe(&topic, self.conn.id);
+        bump(&self.shard.stats.channels, false);
+        (topic, join_ref)
+    }
+
+    /// A handler panicked: drop the channel and tell the client with `phx_error`.
+    fn crash(&mut self, topic: &str, join_ref: &str) {
+        tracing::warn!(topic, "channel crashed");
+        let index = {
+            let channels = self.conn.channels.borrow();
+            channels.position(topic).filter(|i| channels.get(*i).join_ref == join_ref)
+        };
+        if let Some(index) = index {
+            let joined = self.conn.channels.borrow_mut().remove(index);
+            drop(joined);
+            self.shard.unsubscribe(topic, self.conn.id);
+            bump(&self.shard.stats.channels, false);
+        }
+        let payload = Payload::Json(serde_json::json!({"reason": "channel_crash"}));
+        self.control(join_ref, topic, "phx_error", &payload);
+    }
+
+    /// Runs queued intercepted broadcasts and `handle_info` messages while no handler
+    /// is pending.
+    pub(crate) fn run_mailbox(&mut self, cx: &mut Context<'_>) {
+        while !self.busy() {
+            let Some(mail) = self.conn.mailbox.borrow_mut().pop_front() else { return };
+            match mail {
+                Mail::Out(b) => {
+                    let index = self.conn.channels.borrow().position(&b.topic);
+                    let Some(index) = index else { continue };
+                    let running = self.conn.channels.borrow_mut().get_mut(index).state.running.take();
+                    let Some((mut channel, mut socket)) = running else { continue };
+                    socket.deferred = None;
+                    let ok = catch_unwind(AssertUnwindSafe(|| channel.handle_out(&b.event, &b.payload, &mut socket)));
+                    let (topic, join_ref) = (socket.topic.clone(), socket.join_ref.clone());
+                    self.conn.channels.borrow_mut().get_mut(index).state.running = Some((channel, socket));
+                    if ok.is_err() {
+                        self.crash(&topic, &join_ref);
+                    }
+                }
+                Mail::Info(topic, join_ref, msg) => {
+                    let running = {
+                        let mut channels = self.conn.channels.borrow_mut();
+                        match channels.position(&topic) {
+                            Some(i) if *channels.get(i).join_ref == *join_ref => channels.get_mut(i).state.running.take(),
+                            _ => None,
+                        }
+                    };
+                    let Some((channel, socket)) = running else { continue };
+                    let fut = channel.handle_info(msg, socket);
+                    self.pending = Some(Pending::Run {
+                        fut,
+                        msg_ref: None,
+                        topic,
+                        join_ref,
+                    });
+                    self.poll_pending(cx);
+                }
+            }
+        }
+    }
+
+    /// The connection ended: every channel terminates, subscriptions go.
+    pub(crate) fn finish(&mut self) {
+        self.pending = None;
+        self.conn.mailbox.borrow_mut().clear();
+        let joined: Vec<_> = self.conn.channels.borrow_mut().drain().collect();
+        for j in joined {
+            if let Some((mut channel, mut socket)) = j.state.running {
+                let _ = catch_unwind(AssertUnwindSafe(|| channel.terminate(StopReason::Closed, &mut socket)));
+            }
+            self.shard.unsubscribe(&j.topic, self.conn.id);
+            bump(&self.shard.stats.channels, false);
+        }
+        self.shard.remove_conn(&self.conn);
+    }
+}

@@ -1,0 +1,320 @@
+//! The WebSocket pump of one connection: a hand-written future that reads into the
+//! core's shared read buffer, feeds frames to the connection's [`Session`], and writes
+//! every queued frame in as few sends as it can (all queued frames coalesced into one
+//! buffer per send).
+//!
+//! An idle connection holds no buffer here: bytes of an incomplete frame are the only
+//! thing kept between reads.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use glommio::timer::Timer;
+
+use crate::proto::serializer::{decode_binary, decode_text};
+use crate::proto::ws::{close_code, close_frame, pong_frame, FrameReader, Parsed, WsMessage};
+use crate::proto::ProtocolError;
+use crate::shard::conn::OutFrame;
+use crate::shard::session::Session;
+use crate::shard::Shard;
+
+/// Size of the per-core read buffer and of one coalesced write.
+const IO_CHUNK: usize = 64 * 1024;
+/// Reads handled in one poll before the pump yields to other connections.
+const READS_PER_POLL: usize = 16;
+/// How long a closing connection waits for the client's close before dropping TCP.
+const LINGER: Duration = Duration::from_secs(2);
+
+thread_local! {
+    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; IO_CHUNK]);
+    static WRITE_BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(IO_CHUNK));
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// Close frame queued; flushing.
+    Closing,
+    /// Close frame sent and write side shut; discarding input until EOF or the linger
+    /// deadline.
+    Lingering,
+}
+
+pub(crate) struct Pump<'s> {
+    stream: &'s mut TcpStream,
+    shard: Rc<Shard>,
+    session: Session,
+    reader: FrameReader,
+    partial: Vec<u8>,
+    phase: Phase,
+    linger: Option<Timer>,
+}
+
+impl<'s> Pump<'s> {
+    pub(crate) fn new(stream: &'s mut TcpStream, shard: Rc<Shard>, session: Session, leftover: Vec<u8>) -> Self {
+        let max_frame = shard.app.config.max_frame;
+        Pump {
+            stream,
+            shard,
+            session,
+            reader: FrameReader::new(max_frame),
+            partial: leftover,
+            phase: Phase::Open,
+            linger: None,
+        }
+    }
+
+    /// Parses and handles complete frames at the front of `data`; returns the bytes
+    /// consumed. Stops early when a handler is pending or a close was requested.
+    fn process(&mut self, data: &mut [u8], cx: &mut Context<'_>) -> usize {
+        let mut at = 0;
+        while at < data.len() && !self.session.busy() && self.session.conn.close.get().is_none() {
+            let parsed = self.reader.read(&mut data[at..]);
+            let (consumed, message) = match parsed {
+                Ok(Parsed::NeedMore) => break,
+                Ok(Parsed::Frame { consumed, message }) => (consumed, message),
+                Err(e) => {
+                    self.refuse(e);
+                    return data.len();
+                }
+            };
+            at += consumed;
+            let conn = &self.session.conn;
+            let decoded = match message {
+                None | Some(WsMessage::Pong) => continue,
+                Some(WsMessage::Ping(payload)) => {
+                    conn.enqueue_own(pong_frame(payload));
+                    continue;
+                }
+                Some(WsMessage::Close(_)) => {
+                    conn.request_close(close_code::NORMAL);
+                    break;
+                }
+                Some(WsMessage::Text(mut text)) => decode_text(conn.vsn, text.as_mut_slice()),
+                Some(WsMessage::Binary(bin)) => decode_binary(conn.vsn, bin.as_slice()),
+            };
+            match decoded {
+                Ok(msg) => self.session.handle_message(msg, cx),
+                Err(e) => {
+                    self.refuse(e);
+                    return data.len();
+                }
+            }
+        }
+        at
+    }
+
+    fn refuse(&self, e: ProtocolError) {
+        tracing::debug!(conn = ?self.session.conn.id, "closing: {e}");
+        self.session.conn.request_close(e.close_code());
+    }
+
+    /// One read; `Ready(Ok(false))` at end of stream.
+    fn read_once(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.partial.is_empty() {
+            READ_BUF.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                let n = match Pin::new(&mut *self.stream).poll_read(cx, &mut buf[..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                };
+                self.touch();
+                let used = self.process(&mut buf[..n], cx);
+                if used < n {
+                    self.partial.extend_from_slice(&buf[used..n]);
+                }
+                Poll::Ready(Ok(true))
+            })
+        } else {
+            let mut partial = std::mem::take(&mut self.partial);
+            let old = partial.len();
+            // Waiting on a handler with bytes left over: process those first.
+            let n = if self.reader_has_frame(&mut partial) {
+                0
+            } else {
+                partial.resize(old + IO_CHUNK, 0);
+                match Pin::new(&mut *self.stream).poll_read(cx, &mut partial[old..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        partial.truncate(old);
+                        self.partial = partial;
+                        return Poll::Pending;
+                    }
+                }
+            };
+            partial.truncate(old + n);
+            if n > 0 {
+                self.touch();
+            }
+            let used = self.process(&mut partial, cx);
+            partial.drain(..used);
+            if partial.capacity() > IO_CHUNK && partial.len() < IO_CHUNK / 4 {
+                partial.shrink_to_fit();
+            }
+            self.partial = partial;
+            Poll::Ready(Ok(true))
+        }
+    }
+
+    /// Whether `buf` starts with a complete frame (so no read is needed first).
+    fn reader_has_frame(&self, buf: &mut [u8]) -> bool {
+        let mut cursor = io::Cursor::new(&*buf);
+        match tungstenite::protocol::frame::FrameHeader::parse(&mut cursor) {
+            Ok(Some((_, len))) => (buf.len() as u64 - cursor.position()) >= len,
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
+    fn touch(&self) {
+        self.session.conn.last_in.set(self.shard.now_secs());
+    }
+
+    /// Writes queued frames until the queue is empty or the socket is full.
+    fn flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let conn = self.session.conn.clone();
+        loop {
+            let mut out = conn.out.borrow_mut();
+            let Some(head) = out.frames.front() else { return Poll::Ready(Ok(())) };
+            let head_rest = &head.bytes()[out.head_written..];
+            let written = if out.frames.len() == 1 || head_rest.len() >= IO_CHUNK / 2 {
+                Pin::new(&mut *self.stream).poll_write(cx, head_rest)
+            } else {
+                WRITE_BUF.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    buf.clear();
+                    buf.extend_from_slice(head_rest);
+                    for frame in out.frames.iter().skip(1) {
+                        if buf.len() + frame.bytes().len() > IO_CHUNK {
+                            break;
+                        }
+                        buf.extend_from_slice(frame.bytes());
+                    }
+                    Pin::new(&mut *self.stream).poll_write(cx, &buf)
+                })
+            };
+            match written {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => out.consume(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn begin_close(&mut self, code: u16) {
+        let conn = &self.session.conn;
+        let mut out = conn.out.borrow_mut();
+        if code == close_code::POLICY {
+            self.shard.stats.slow_closed.set(self.shard.stats.slow_closed.get() + 1);
+            out.clear();
+        }
+        let reason = match code {
+            close_code::GOING_AWAY => "going away",
+            close_code::INVALID_PAYLOAD => "malformed frame or message",
+            close_code::POLICY => "outbound queue over its bound",
+            close_code::TOO_BIG => "frame too large",
+            _ => "",
+        };
+        let frame = close_frame(code, reason);
+        out.bytes += frame.len();
+        out.frames.push_back(OutFrame::Own(frame));
+        self.phase = Phase::Closing;
+    }
+
+    /// Reads and discards input while lingering; `Ready` once the peer is gone.
+    fn drain_input(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            loop {
+                match Pin::new(&mut *self.stream).poll_read(cx, &mut buf[..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+    }
+}
+
+impl Future for Pump<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        this.session.conn.set_waker(cx.waker());
+        let mut reads = 0;
+        loop {
+            let mut progress = false;
+            if this.session.busy() {
+                this.session.poll_pending(cx);
+            }
+            if !this.session.busy() && this.phase == Phase::Open {
+                this.session.run_mailbox(cx);
+            }
+            if this.phase == Phase::Open {
+                if let Some(code) = this.session.conn.close.get() {
+                    this.begin_close(code);
+                }
+            }
+            if this.phase == Phase::Open && !this.session.busy() {
+                if reads == READS_PER_POLL {
+                    // Let other connections on this core run.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                match this.read_once(cx) {
+                    Poll::Ready(Ok(true)) => {
+                        reads += 1;
+                        progress = true;
+                    }
+                    Poll::Ready(Ok(false)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => {}
+                }
+            }
+            if this.phase == Phase::Lingering {
+                if this.drain_input(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                if let Some(timer) = this.linger.as_mut() {
+                    if Pin::new(timer).poll(cx).is_ready() {
+                        return Poll::Ready(());
+                    }
+                }
+                return Poll::Pending;
+            }
+            match this.flush(cx) {
+                Poll::Ready(Ok(())) => {
+                    if this.phase == Phase::Closing {
+                        let _ = Pin::new(&mut *this.stream).poll_close(cx);
+                        this.phase = Phase::Lingering;
+                        this.linger = Some(Timer::new(LINGER));
+                        progress = true;
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => {}
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+impl Drop for Pump<'_> {
+    fn drop(&mut self) {
+        self.session.finish();
+    }
+}
