@@ -98,6 +98,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A channel handler that panics is a channel crash, not a server fault: one log line.
+    std::panic::set_hook(Box::new(|info| tracing::warn!("handler panicked: {info}")));
     let secret = args.secret.unwrap_or_else(|| {
         tracing::warn!("NO --secret GIVEN: using the fixed development secret; anyone can mint tokens. Never run like this in production.");
         seed::DEV_SECRET.to_string()

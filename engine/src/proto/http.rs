@@ -40,7 +40,7 @@ impl Request {
     /// use ringcast::proto::http::Request;
     /// let (req, len) = Request::parse(b"GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: x\r\n\r\n")
     ///     .unwrap().unwrap();
-    /// assert_eq!((req.path.as_str(), req.query.as_str(), len), ("/socket/websocket", "vsn=2.0.0", 56));
+    /// assert_eq!((req.path.as_str(), req.query.as_str(), len), ("/socket/websocket", "vsn=2.0.0", 53));
     /// assert_eq!(req.header("host"), Some("x"));
     /// ```
     pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {

@@ -94,7 +94,6 @@ pub(crate) enum Mail {
 /// of its handlers runs.
 pub(crate) struct Slot {
     pub(crate) running: Option<(Box<dyn DynChannel>, Socket)>,
-    pub(crate) intercepts: &'static [&'static str],
 }
 
 /// Per-connection limits taken from the server config.
@@ -193,6 +192,7 @@ impl Conn {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn queued_bytes(&self) -> usize {
         self.out.borrow().bytes
     }

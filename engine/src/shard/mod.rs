@@ -187,10 +187,6 @@ impl Shard {
         }
     }
 
-    fn conn(&self, id: ConnId) -> Option<Rc<Conn>> {
-        self.conns.borrow().get(id.key as usize).filter(|c| c.id == id).cloned()
-    }
-
     pub(crate) fn subscribe(&self, topic: &str, sub: Sub) {
         let first = {
             let mut topics = self.topics.borrow_mut();
@@ -230,11 +226,6 @@ impl Shard {
                 mesh.announce(topic, false);
             }
         }
-    }
-
-    /// Number of topics with local subscribers.
-    pub(crate) fn topic_count(&self) -> usize {
-        self.topics.borrow().len()
     }
 
     /// Delivers on this core and forwards to every other core that has subscribers.
@@ -306,9 +297,5 @@ impl Shard {
                 conn.request_close(close_code::GOING_AWAY);
             }
         }
-    }
-
-    pub(crate) fn lookup(&self, id: ConnId) -> Option<Rc<Conn>> {
-        self.conn(id)
     }
 }

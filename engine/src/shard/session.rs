@@ -233,7 +233,6 @@ impl Session {
                     join_ref.to_string(),
                     Slot {
                         running: Some((channel, socket)),
-                        intercepts,
                     },
                 );
                 bump(&self.shard.stats.channels, true);

@@ -1,0 +1,209 @@
+//! The seed app's channels, driven in-process through the test kit (no sockets).
+
+use std::time::Duration;
+
+use ringcast::proto::token;
+use ringcast::testing::{self, unix_now, Kit};
+use ringcast::{seed, Payload, Reply};
+use serde_json::json;
+
+const SECRET: &str = "kit-secret";
+
+fn run<F, Fut>(test: F)
+where
+    F: FnOnce(Kit) -> Fut,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    testing::run(seed::UserSocket::new(SECRET), seed::router(), test)
+}
+
+fn client(kit: &Kit, user: &str) -> testing::Client {
+    let t = token::sign(SECRET.as_bytes(), user, unix_now());
+    kit.socket(&[("token", &t), ("vsn", "2.0.0")]).expect("token accepted")
+}
+
+#[test]
+fn refused_tokens_do_not_connect() {
+    run(|kit| async move {
+        assert!(kit.socket(&[]).is_none());
+        let forged = token::sign(b"other", "1", unix_now());
+        assert!(kit.socket(&[("token", &forged)]).is_none());
+        let expired = token::sign(SECRET.as_bytes(), "1", unix_now() - 86_401);
+        assert!(kit.socket(&[("token", &expired)]).is_none());
+    });
+}
+
+#[test]
+fn room_join_welcome_and_locked_room() {
+    run(|kit| async move {
+        let mut c = client(&kit, "42");
+        assert_eq!(c.subscribe_and_join("rooms:lobby", json!({"name": "ada"})).await, Reply::ok());
+        c.assert_push("rooms:lobby", "welcome", json!({"msg": "Welcome to room lobby!"})).await;
+        assert_eq!(
+            c.subscribe_and_join("rooms:locked", json!({})).await,
+            Reply::Error(json!({"reason": "unauthorized"}).into())
+        );
+        assert_eq!(
+            c.subscribe_and_join("nowhere:1", json!({})).await,
+            Reply::Error(json!({"reason": "unmatched topic"}).into())
+        );
+    });
+}
+
+#[test]
+fn welcome_follows_the_join_reply() {
+    run(|kit| async move {
+        let mut c = client(&kit, "1");
+        c.subscribe_and_join("rooms:a", json!({})).await;
+        // subscribe_and_join consumed the reply; the welcome came after it.
+        let frames = c.frames();
+        assert_eq!(frames[0].event, "welcome");
+    });
+}
+
+#[test]
+fn new_msg_shout_and_whisper_reach_the_right_members() {
+    run(|kit| async move {
+        let mut a = client(&kit, "1");
+        let mut a2 = client(&kit, "1");
+        let mut b = client(&kit, "2");
+        for c in [&mut a, &mut a2, &mut b] {
+            c.subscribe_and_join("rooms:r", json!({})).await;
+        }
+        a.push("rooms:r", "new_msg", json!({"body": "hi"}));
+        for c in [&mut a, &mut a2, &mut b] {
+            c.assert_broadcast("rooms:r", "new_msg", json!({"body": "hi", "user": "1"})).await;
+        }
+        let r = a.push("rooms:r", "shout", json!({"body": "HEY"}));
+        a.assert_reply(&r, Reply::ok()).await;
+        for c in [&mut a2, &mut b] {
+            c.assert_broadcast("rooms:r", "shout", json!({"body": "HEY", "user": "1"})).await;
+        }
+        a.refute(Duration::from_millis(50), |f| f.event == "shout").await;
+
+        let r = b.push("rooms:r", "whisper", json!({"to": "1", "body": "psst"}));
+        b.assert_reply(&r, Reply::ok()).await;
+        let whisper = json!({"to": "1", "body": "psst", "from": "2"});
+        a.assert_push("rooms:r", "whisper", whisper.clone()).await;
+        a2.assert_push("rooms:r", "whisper", whisper).await;
+        b.refute(Duration::from_millis(50), |f| f.event == "whisper").await;
+    });
+}
+
+#[test]
+fn ping_bad_request_unknown_and_invalid() {
+    run(|kit| async move {
+        let mut c = client(&kit, "7");
+        c.subscribe_and_join("rooms:p", json!({})).await;
+        let r = c.push("rooms:p", "ping", json!({"n": [1, 2]}));
+        c.assert_reply(&r, Reply::Ok(json!({"n": [1, 2]}).into())).await;
+        let bytes = Payload::Binary(bytes::Bytes::from_static(&[1, 2, 3]));
+        let r = c.push("rooms:p", "ping", bytes.clone());
+        c.assert_reply(&r, Reply::Ok(bytes)).await;
+        let r = c.push("rooms:p", "bad_request", json!({}));
+        c.assert_reply(&r, Reply::error("invalid")).await;
+        let r = c.push("rooms:p", "what", json!({}));
+        c.assert_reply(&r, Reply::error("unknown event")).await;
+        for (event, payload) in [("new_msg", json!({})), ("shout", json!({"body": 5})), ("whisper", json!({"body": "x"}))] {
+            let r = c.push("rooms:p", event, payload);
+            c.assert_reply(&r, Reply::error("invalid")).await;
+        }
+        let r = c.push("rooms:p", "ping", json!({}));
+        c.assert_reply(&r, Reply::ok()).await;
+    });
+}
+
+#[test]
+fn leave_event_closes_the_channel() {
+    run(|kit| async move {
+        let mut c = client(&kit, "7");
+        c.subscribe_and_join("rooms:l", json!({})).await;
+        c.push("rooms:l", "leave", json!({}));
+        let close = c.expect("phx_close", |f| f.event == "phx_close").await;
+        assert_eq!(close.join_ref, close.msg_ref);
+        let r = c.push("rooms:l", "ping", json!({}));
+        c.assert_reply(&r, Reply::error("unmatched topic")).await;
+    });
+}
+
+#[test]
+fn crash_sends_phx_error_and_other_channels_go_on() {
+    run(|kit| async move {
+        let mut c = client(&kit, "7");
+        c.subscribe_and_join("rooms:x", json!({})).await;
+        c.subscribe_and_join("rooms:y", json!({})).await;
+        c.push("rooms:x", "crash", json!({}));
+        let err = c.expect("phx_error", |f| f.event == "phx_error").await;
+        assert_eq!(err.topic, "rooms:x");
+        assert_eq!(err.payload, Payload::Json(json!({"reason": "channel_crash"})));
+        let r = c.push("rooms:y", "ping", json!({}));
+        c.assert_reply(&r, Reply::ok()).await;
+        // The crashed channel can be joined again.
+        assert_eq!(c.subscribe_and_join("rooms:x", json!({})).await, Reply::ok());
+    });
+}
+
+#[test]
+fn notifications_only_for_their_user_and_endpoint_reaches_them() {
+    run(|kit| async move {
+        let mut c = client(&kit, "5");
+        assert_eq!(c.subscribe_and_join("notifications:5", json!({})).await, Reply::ok());
+        assert_eq!(
+            c.subscribe_and_join("notifications:6", json!({})).await,
+            Reply::Error(json!({"reason": "unauthorized"}).into())
+        );
+        kit.broadcast("notifications:5", "alert", json!({"text": "hello"}));
+        c.assert_broadcast("notifications:5", "alert", json!({"text": "hello"})).await;
+    });
+}
+
+#[test]
+fn bench_fanout_without_pushes() {
+    run(|kit| async move {
+        let mut a = client(&kit, "1");
+        let mut b = client(&kit, "2");
+        a.subscribe_and_join("bench:z", json!({})).await;
+        b.subscribe_and_join("bench:z", json!({})).await;
+        a.push("bench:z", "new_msg", json!({"body": "0"}));
+        for c in [&mut a, &mut b] {
+            c.assert_broadcast("bench:z", "new_msg", json!({"body": "0", "user": "1"})).await;
+            assert!(c.frames().is_empty(), "no pushes on bench topics");
+        }
+    });
+}
+
+#[test]
+fn disconnect_broadcast_closes_every_socket_of_the_user() {
+    run(|kit| async move {
+        let a = client(&kit, "9");
+        let a2 = client(&kit, "9");
+        let b = client(&kit, "10");
+        kit.broadcast("user_socket:9", "disconnect", json!({}));
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        assert_eq!(a.close_code(), Some(1001));
+        assert_eq!(a2.close_code(), Some(1001));
+        assert_eq!(b.close_code(), None);
+        // Other events on the socket id are ignored.
+        kit.broadcast("user_socket:10", "other", json!({}));
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        assert_eq!(b.close_code(), None);
+    });
+}
+
+#[test]
+fn duplicate_join_replaces_the_channel() {
+    run(|kit| async move {
+        let mut c = client(&kit, "3");
+        c.subscribe_and_join("rooms:d", json!({})).await;
+        c.frames();
+        assert_eq!(c.subscribe_and_join("rooms:d", json!({})).await, Reply::ok());
+        let frames = c.frames();
+        assert_eq!(frames[0].event, "phx_close");
+        assert_eq!(frames[0].join_ref.as_deref(), Some("1"));
+        assert_eq!(frames[1].event, "welcome");
+        // Only one subscription remains: one broadcast, one delivery.
+        c.push("rooms:d", "new_msg", json!({"body": "once"}));
+        c.assert_broadcast("rooms:d", "new_msg", json!({"body": "once", "user": "3"})).await;
+        c.refute(Duration::from_millis(30), |f| f.event == "new_msg").await;
+    });
+}
