@@ -113,7 +113,7 @@ pub(crate) struct Conn {
     pub(crate) channels: RefCell<ChannelTable<Slot>>,
     /// Close requested with this code (first request wins).
     pub(crate) close: Cell<Option<u16>>,
-    /// Seconds since the shard's epoch when the client last sent anything.
+    /// Milliseconds (wrapping) since the shard's epoch when the client last sent anything.
     pub(crate) last_in: Cell<u32>,
     waker: RefCell<Option<Waker>>,
 }

@@ -142,9 +142,10 @@ impl Shard {
         shard
     }
 
-    /// Seconds since this shard started (coarse clock for idle timeouts).
-    pub(crate) fn now_secs(&self) -> u32 {
-        self.epoch.elapsed().as_secs() as u32
+    /// Milliseconds since this shard started, wrapping (clock for idle timeouts;
+    /// compare with `wrapping_sub`).
+    pub(crate) fn now_ms(&self) -> u32 {
+        self.epoch.elapsed().as_millis() as u32
     }
 
     /// Registers a connection that passed its handshake.
@@ -166,7 +167,7 @@ impl Shard {
             gen,
         };
         let socket_id = socket_id.map(String::into_boxed_str);
-        let conn = Rc::new(Conn::new(id, vsn, assigns, socket_id, limits, self.now_secs()));
+        let conn = Rc::new(Conn::new(id, vsn, assigns, socket_id, limits, self.now_ms()));
         entry.insert(conn.clone());
         drop(conns);
         if let Some(topic) = &conn.socket_id {
@@ -290,10 +291,10 @@ impl Shard {
 
     /// Asks connections silent for longer than the idle timeout to close.
     pub(crate) fn sweep_idle(&self) {
-        let limit = self.app.config.idle_timeout.as_secs() as u32;
-        let now = self.now_secs();
+        let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
+        let now = self.now_ms();
         for (_, conn) in self.conns.borrow().iter() {
-            if now.saturating_sub(conn.last_in.get()) >= limit.max(1) {
+            if now.wrapping_sub(conn.last_in.get()) >= limit {
                 conn.request_close(close_code::GOING_AWAY);
             }
         }

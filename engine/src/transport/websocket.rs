@@ -178,7 +178,7 @@ impl<'s> Pump<'s> {
     }
 
     fn touch(&self) {
-        self.session.conn.last_in.set(self.shard.now_secs());
+        self.session.conn.last_in.set(self.shard.now_ms());
     }
 
     /// Writes queued frames until the queue is empty or the socket is full.
