@@ -89,7 +89,11 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<RawSocket> {
 
 impl Server {
     /// Binds `config.listen` once per core. Port 0 picks a free port for all cores.
-    pub fn bind<H: SocketHandler>(config: Config, socket: H, router: Router) -> std::io::Result<Server> {
+    pub fn bind<H: SocketHandler>(
+        config: Config,
+        socket: H,
+        router: Router,
+    ) -> std::io::Result<Server> {
         let cores = config.cores.clamp(1, 64);
         let first = bind_listener(config.listen)?;
         let local_addr = first.local_addr()?.as_socket().expect("an IP socket");
@@ -136,7 +140,9 @@ impl Server {
         let mesh = MeshBuilder::<MeshMsg, _>::full(cores, 4096);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::new();
-        for (i, (listener, (inbox, wake))) in self.listeners.into_iter().zip(self.inboxes).enumerate() {
+        for (i, (listener, (inbox, wake))) in
+            self.listeners.into_iter().zip(self.inboxes).enumerate()
+        {
             let app = self.app.clone();
             let endpoint = self.endpoint.clone();
             let mesh = mesh.clone();
@@ -211,7 +217,8 @@ async fn run_inbox(
 
 async fn run_sweeper(shard: std::rc::Rc<Shard>) {
     // A quarter of the timeout keeps the overshoot small without scanning too often.
-    let period = (shard.app.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let period = (shard.app.config.idle_timeout / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         glommio::timer::sleep(period).await;
         shard.sweep_idle();

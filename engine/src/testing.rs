@@ -85,7 +85,10 @@ impl Kit {
     /// refuses it.
     pub fn socket(&self, params: &[(&str, &str)]) -> Option<Client> {
         let info = ConnectInfo {
-            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..ConnectInfo::default()
         };
         let (assigns, socket_id) = self.shard.app.socket.connect(&info)?;
@@ -172,7 +175,12 @@ fn decode_frame(frame: &[u8]) -> Frame {
         _ => &frame[2..],
     };
     if frame[0] & 0x0f == 0x2 {
-        let lens = |n: usize| body[1..1 + n].iter().map(|&l| l as usize).collect::<Vec<_>>();
+        let lens = |n: usize| {
+            body[1..1 + n]
+                .iter()
+                .map(|&l| l as usize)
+                .collect::<Vec<_>>()
+        };
         let fields = |header: usize, lens: &[usize]| {
             let mut at = header;
             let mut out = Vec::new();
@@ -185,15 +193,33 @@ fn decode_frame(frame: &[u8]) -> Frame {
         return match body[0] {
             0 => {
                 let (f, data) = fields(4, &lens(3));
-                Frame { join_ref: Some(f[0].clone()), msg_ref: None, topic: f[1].clone(), event: f[2].clone(), payload: Payload::Binary(data) }
+                Frame {
+                    join_ref: Some(f[0].clone()),
+                    msg_ref: None,
+                    topic: f[1].clone(),
+                    event: f[2].clone(),
+                    payload: Payload::Binary(data),
+                }
             }
             1 => {
                 let (f, data) = fields(5, &lens(4));
-                Frame { join_ref: Some(f[0].clone()), msg_ref: Some(f[1].clone()), topic: f[2].clone(), event: "phx_reply".into(), payload: Payload::Binary(data) }
+                Frame {
+                    join_ref: Some(f[0].clone()),
+                    msg_ref: Some(f[1].clone()),
+                    topic: f[2].clone(),
+                    event: "phx_reply".into(),
+                    payload: Payload::Binary(data),
+                }
             }
             _ => {
                 let (f, data) = fields(3, &lens(2));
-                Frame { join_ref: None, msg_ref: None, topic: f[0].clone(), event: f[1].clone(), payload: Payload::Binary(data) }
+                Frame {
+                    join_ref: None,
+                    msg_ref: None,
+                    topic: f[0].clone(),
+                    event: f[1].clone(),
+                    payload: Payload::Binary(data),
+                }
             }
         };
     }
@@ -247,7 +273,10 @@ impl Client {
                 return self.seen.remove(i).expect("index found");
             }
             if Instant::now() > deadline {
-                panic!("expected {what} within {ASSERT_TIMEOUT:?}; got {:#?}", self.seen);
+                panic!(
+                    "expected {what} within {ASSERT_TIMEOUT:?}; got {:#?}",
+                    self.seen
+                );
             }
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
@@ -265,14 +294,22 @@ impl Client {
             event: "phx_join".into(),
             payload: payload.into(),
         });
-        let frame = self.expect("join reply", |f| f.event == "phx_reply" && f.msg_ref.as_deref() == Some(&r)).await;
+        let frame = self
+            .expect("join reply", |f| {
+                f.event == "phx_reply" && f.msg_ref.as_deref() == Some(&r)
+            })
+            .await;
         to_reply(&frame)
     }
 
     /// Pushes `event` on a joined `topic`; returns the ref to match the reply with.
     pub fn push(&mut self, topic: &str, event: &str, payload: impl Into<Payload>) -> String {
         let r = self.next_ref();
-        let join_ref = self.join_refs.iter().find(|(t, _)| t == topic).map(|(_, j)| j.clone());
+        let join_ref = self
+            .join_refs
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map(|(_, j)| j.clone());
         self.send(Message {
             join_ref,
             msg_ref: Some(r.clone()),
@@ -287,14 +324,20 @@ impl Client {
     pub async fn leave(&mut self, topic: &str) -> Reply {
         let r = self.push(topic, "phx_leave", Payload::empty());
         self.join_refs.retain(|(t, _)| t != topic);
-        let frame = self.expect("leave reply", |f| f.event == "phx_reply" && f.msg_ref.as_deref() == Some(&r)).await;
+        let frame = self
+            .expect("leave reply", |f| {
+                f.event == "phx_reply" && f.msg_ref.as_deref() == Some(&r)
+            })
+            .await;
         to_reply(&frame)
     }
 
     /// Asserts the reply to `msg_ref` arrives and equals `reply`.
     pub async fn assert_reply(&mut self, msg_ref: &str, reply: Reply) {
         let frame = self
-            .expect(&format!("reply to {msg_ref}"), |f| f.event == "phx_reply" && f.msg_ref.as_deref() == Some(msg_ref))
+            .expect(&format!("reply to {msg_ref}"), |f| {
+                f.event == "phx_reply" && f.msg_ref.as_deref() == Some(msg_ref)
+            })
             .await;
         assert_eq!(to_reply(&frame), reply, "reply to {msg_ref}");
     }
@@ -303,16 +346,29 @@ impl Client {
     pub async fn assert_push(&mut self, topic: &str, event: &str, payload: impl Into<Payload>) {
         let payload = payload.into();
         self.expect(&format!("push {event} {payload:?} on {topic}"), |f| {
-            f.topic == topic && f.event == event && f.join_ref.is_some() && f.msg_ref.is_none() && f.payload == payload
+            f.topic == topic
+                && f.event == event
+                && f.join_ref.is_some()
+                && f.msg_ref.is_none()
+                && f.payload == payload
         })
         .await;
     }
 
     /// Asserts a fastlane broadcast of `event` with `payload` on `topic` reached this client.
-    pub async fn assert_broadcast(&mut self, topic: &str, event: &str, payload: impl Into<Payload>) {
+    pub async fn assert_broadcast(
+        &mut self,
+        topic: &str,
+        event: &str,
+        payload: impl Into<Payload>,
+    ) {
         let payload = payload.into();
         self.expect(&format!("broadcast {event} {payload:?} on {topic}"), |f| {
-            f.topic == topic && f.event == event && f.join_ref.is_none() && f.msg_ref.is_none() && f.payload == payload
+            f.topic == topic
+                && f.event == event
+                && f.join_ref.is_none()
+                && f.msg_ref.is_none()
+                && f.payload == payload
         })
         .await;
     }

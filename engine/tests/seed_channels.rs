@@ -19,7 +19,8 @@ where
 
 fn client(kit: &Kit, user: &str) -> testing::Client {
     let t = token::sign(SECRET.as_bytes(), user, unix_now());
-    kit.socket(&[("token", &t), ("vsn", "2.0.0")]).expect("token accepted")
+    kit.socket(&[("token", &t), ("vsn", "2.0.0")])
+        .expect("token accepted")
 }
 
 #[test]
@@ -37,8 +38,17 @@ fn refused_tokens_do_not_connect() {
 fn room_join_welcome_and_locked_room() {
     run(|kit| async move {
         let mut c = client(&kit, "42");
-        assert_eq!(c.subscribe_and_join("rooms:lobby", json!({"name": "ada"})).await, Reply::ok());
-        c.assert_push("rooms:lobby", "welcome", json!({"msg": "Welcome to room lobby!"})).await;
+        assert_eq!(
+            c.subscribe_and_join("rooms:lobby", json!({"name": "ada"}))
+                .await,
+            Reply::ok()
+        );
+        c.assert_push(
+            "rooms:lobby",
+            "welcome",
+            json!({"msg": "Welcome to room lobby!"}),
+        )
+        .await;
         assert_eq!(
             c.subscribe_and_join("rooms:locked", json!({})).await,
             Reply::Error(json!({"reason": "unauthorized"}).into())
@@ -72,21 +82,25 @@ fn new_msg_shout_and_whisper_reach_the_right_members() {
         }
         a.push("rooms:r", "new_msg", json!({"body": "hi"}));
         for c in [&mut a, &mut a2, &mut b] {
-            c.assert_broadcast("rooms:r", "new_msg", json!({"body": "hi", "user": "1"})).await;
+            c.assert_broadcast("rooms:r", "new_msg", json!({"body": "hi", "user": "1"}))
+                .await;
         }
         let r = a.push("rooms:r", "shout", json!({"body": "HEY"}));
         a.assert_reply(&r, Reply::ok()).await;
         for c in [&mut a2, &mut b] {
-            c.assert_broadcast("rooms:r", "shout", json!({"body": "HEY", "user": "1"})).await;
+            c.assert_broadcast("rooms:r", "shout", json!({"body": "HEY", "user": "1"}))
+                .await;
         }
-        a.refute(Duration::from_millis(50), |f| f.event == "shout").await;
+        a.refute(Duration::from_millis(50), |f| f.event == "shout")
+            .await;
 
         let r = b.push("rooms:r", "whisper", json!({"to": "1", "body": "psst"}));
         b.assert_reply(&r, Reply::ok()).await;
         let whisper = json!({"to": "1", "body": "psst", "from": "2"});
         a.assert_push("rooms:r", "whisper", whisper.clone()).await;
         a2.assert_push("rooms:r", "whisper", whisper).await;
-        b.refute(Duration::from_millis(50), |f| f.event == "whisper").await;
+        b.refute(Duration::from_millis(50), |f| f.event == "whisper")
+            .await;
     });
 }
 
@@ -96,7 +110,8 @@ fn ping_bad_request_unknown_and_invalid() {
         let mut c = client(&kit, "7");
         c.subscribe_and_join("rooms:p", json!({})).await;
         let r = c.push("rooms:p", "ping", json!({"n": [1, 2]}));
-        c.assert_reply(&r, Reply::Ok(json!({"n": [1, 2]}).into())).await;
+        c.assert_reply(&r, Reply::Ok(json!({"n": [1, 2]}).into()))
+            .await;
         let bytes = Payload::Binary(bytes::Bytes::from_static(&[1, 2, 3]));
         let r = c.push("rooms:p", "ping", bytes.clone());
         c.assert_reply(&r, Reply::Ok(bytes)).await;
@@ -104,7 +119,11 @@ fn ping_bad_request_unknown_and_invalid() {
         c.assert_reply(&r, Reply::error("invalid")).await;
         let r = c.push("rooms:p", "what", json!({}));
         c.assert_reply(&r, Reply::error("unknown event")).await;
-        for (event, payload) in [("new_msg", json!({})), ("shout", json!({"body": 5})), ("whisper", json!({"body": "x"}))] {
+        for (event, payload) in [
+            ("new_msg", json!({})),
+            ("shout", json!({"body": 5})),
+            ("whisper", json!({"body": "x"})),
+        ] {
             let r = c.push("rooms:p", event, payload);
             c.assert_reply(&r, Reply::error("invalid")).await;
         }
@@ -135,11 +154,17 @@ fn crash_sends_phx_error_and_other_channels_go_on() {
         c.push("rooms:x", "crash", json!({}));
         let err = c.expect("phx_error", |f| f.event == "phx_error").await;
         assert_eq!(err.topic, "rooms:x");
-        assert_eq!(err.payload, Payload::Json(json!({"reason": "channel_crash"})));
+        assert_eq!(
+            err.payload,
+            Payload::Json(json!({"reason": "channel_crash"}))
+        );
         let r = c.push("rooms:y", "ping", json!({}));
         c.assert_reply(&r, Reply::ok()).await;
         // The crashed channel can be joined again.
-        assert_eq!(c.subscribe_and_join("rooms:x", json!({})).await, Reply::ok());
+        assert_eq!(
+            c.subscribe_and_join("rooms:x", json!({})).await,
+            Reply::ok()
+        );
     });
 }
 
@@ -147,13 +172,17 @@ fn crash_sends_phx_error_and_other_channels_go_on() {
 fn notifications_only_for_their_user_and_endpoint_reaches_them() {
     run(|kit| async move {
         let mut c = client(&kit, "5");
-        assert_eq!(c.subscribe_and_join("notifications:5", json!({})).await, Reply::ok());
+        assert_eq!(
+            c.subscribe_and_join("notifications:5", json!({})).await,
+            Reply::ok()
+        );
         assert_eq!(
             c.subscribe_and_join("notifications:6", json!({})).await,
             Reply::Error(json!({"reason": "unauthorized"}).into())
         );
         kit.broadcast("notifications:5", "alert", json!({"text": "hello"}));
-        c.assert_broadcast("notifications:5", "alert", json!({"text": "hello"})).await;
+        c.assert_broadcast("notifications:5", "alert", json!({"text": "hello"}))
+            .await;
     });
 }
 
@@ -166,7 +195,8 @@ fn bench_fanout_without_pushes() {
         b.subscribe_and_join("bench:z", json!({})).await;
         a.push("bench:z", "new_msg", json!({"body": "0"}));
         for c in [&mut a, &mut b] {
-            c.assert_broadcast("bench:z", "new_msg", json!({"body": "0", "user": "1"})).await;
+            c.assert_broadcast("bench:z", "new_msg", json!({"body": "0", "user": "1"}))
+                .await;
             assert!(c.frames().is_empty(), "no pushes on bench topics");
         }
     });
@@ -196,14 +226,19 @@ fn duplicate_join_replaces_the_channel() {
         let mut c = client(&kit, "3");
         c.subscribe_and_join("rooms:d", json!({})).await;
         c.frames();
-        assert_eq!(c.subscribe_and_join("rooms:d", json!({})).await, Reply::ok());
+        assert_eq!(
+            c.subscribe_and_join("rooms:d", json!({})).await,
+            Reply::ok()
+        );
         let frames = c.frames();
         assert_eq!(frames[0].event, "phx_close");
         assert_eq!(frames[0].join_ref.as_deref(), Some("1"));
         assert_eq!(frames[1].event, "welcome");
         // Only one subscription remains: one broadcast, one delivery.
         c.push("rooms:d", "new_msg", json!({"body": "once"}));
-        c.assert_broadcast("rooms:d", "new_msg", json!({"body": "once", "user": "3"})).await;
-        c.refute(Duration::from_millis(30), |f| f.event == "new_msg").await;
+        c.assert_broadcast("rooms:d", "new_msg", json!({"body": "once", "user": "3"}))
+            .await;
+        c.refute(Duration::from_millis(30), |f| f.event == "new_msg")
+            .await;
     });
 }

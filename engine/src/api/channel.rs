@@ -97,10 +97,19 @@ pub trait Channel: Sized + 'static {
 
     /// Joins `topic`: `Ok((state, response))` accepts with an ok reply, `Err(response)`
     /// refuses with an error reply. Pushes made here reach the client after the reply.
-    async fn join(topic: &str, payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload>;
+    async fn join(
+        topic: &str,
+        payload: Payload,
+        socket: &mut Socket,
+    ) -> Result<(Self, Payload), Payload>;
 
     /// A client message on the joined topic.
-    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult;
+    async fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        socket: &mut Socket,
+    ) -> HandleResult;
 
     /// An intercepted broadcast. The default pushes it unchanged.
     fn handle_out(&mut self, event: &str, payload: &Payload, socket: &mut Socket) {
@@ -128,7 +137,12 @@ pub(crate) type Handled = (Box<dyn DynChannel>, Socket, HandleResult);
 
 /// Object-safe face of [`Channel`] used by the runtime.
 pub(crate) trait DynChannel {
-    fn handle_in(self: Box<Self>, event: String, payload: Payload, socket: Socket) -> LocalFuture<Handled>;
+    fn handle_in(
+        self: Box<Self>,
+        event: String,
+        payload: Payload,
+        socket: Socket,
+    ) -> LocalFuture<Handled>;
     fn handle_info(self: Box<Self>, msg: Box<dyn Any>, socket: Socket) -> LocalFuture<Handled>;
     fn handle_out(&mut self, event: &str, payload: &Payload, socket: &mut Socket);
     fn terminate(&mut self, reason: StopReason, socket: &mut Socket);
@@ -137,7 +151,12 @@ pub(crate) trait DynChannel {
 pub(crate) struct Erased<C>(pub(crate) C);
 
 impl<C: Channel> DynChannel for Erased<C> {
-    fn handle_in(self: Box<Self>, event: String, payload: Payload, mut socket: Socket) -> LocalFuture<Handled> {
+    fn handle_in(
+        self: Box<Self>,
+        event: String,
+        payload: Payload,
+        mut socket: Socket,
+    ) -> LocalFuture<Handled> {
         Box::pin(async move {
             let mut this = self;
             let result = this.0.handle_in(&event, payload, &mut socket).await;
@@ -165,7 +184,11 @@ impl<C: Channel> DynChannel for Erased<C> {
 /// Result of a join future: the socket back, and the channel with its reply or a refusal.
 pub(crate) type Joined = (Socket, Result<(Box<dyn DynChannel>, Payload), Payload>);
 
-pub(crate) fn join_erased<C: Channel>(topic: String, payload: Payload, mut socket: Socket) -> LocalFuture<Joined> {
+pub(crate) fn join_erased<C: Channel>(
+    topic: String,
+    payload: Payload,
+    mut socket: Socket,
+) -> LocalFuture<Joined> {
     Box::pin(async move {
         let result = C::join(&topic, payload, &mut socket).await;
         let result = result.map(|(c, reply)| (Box::new(Erased(c)) as Box<dyn DynChannel>, reply));

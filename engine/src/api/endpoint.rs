@@ -33,7 +33,9 @@ pub struct Endpoint {
 impl Endpoint {
     pub(crate) fn new(cores: Vec<CoreInbox>) -> Self {
         for core in &cores {
-            core.wake.set_nonblocking(true).expect("nonblocking wake socket");
+            core.wake
+                .set_nonblocking(true)
+                .expect("nonblocking wake socket");
         }
         Endpoint {
             inner: Arc::new(Inner {

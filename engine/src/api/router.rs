@@ -30,7 +30,10 @@ impl ConnectInfo {
     /// assert_eq!(info.param("token"), Some("abc"));
     /// ```
     pub fn param(&self, key: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -124,6 +127,8 @@ impl Router {
     }
 
     pub(crate) fn find(&self, topic: &str) -> Option<&RouteEntry> {
-        self.routes.iter().find(|r| pattern_matches(&r.pattern, topic))
+        self.routes
+            .iter()
+            .find(|r| pattern_matches(&r.pattern, topic))
     }
 }

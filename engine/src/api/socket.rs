@@ -103,7 +103,10 @@ impl Socket {
 
     /// The endpoint of the server this channel runs in.
     pub fn endpoint(&self) -> Endpoint {
-        shard::current().expect("a socket lives on a shard").endpoint.clone()
+        shard::current()
+            .expect("a socket lives on a shard")
+            .endpoint
+            .clone()
     }
 }
 
@@ -120,7 +123,11 @@ impl ChannelRef {
     /// Delivers `msg` to the channel, if it is still joined.
     pub fn send(&self, msg: impl Any) {
         if let Some(conn) = self.conn.upgrade() {
-            conn.mail(Mail::Info(self.topic.clone(), self.join_ref.clone(), Box::new(msg)));
+            conn.mail(Mail::Info(
+                self.topic.clone(),
+                self.join_ref.clone(),
+                Box::new(msg),
+            ));
         }
     }
 }

@@ -54,7 +54,8 @@ impl Request {
                     .headers
                     .iter()
                     .map(|h| {
-                        let value = std::str::from_utf8(h.value).map_err(|_| HttpError::Malformed)?;
+                        let value =
+                            std::str::from_utf8(h.value).map_err(|_| HttpError::Malformed)?;
                         Ok((h.name.to_ascii_lowercase(), value.trim().to_string()))
                     })
                     .collect::<Result<_, HttpError>>()?;
@@ -77,7 +78,10 @@ impl Request {
 
     /// The first value of header `name` (lower-case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Whether a comma-separated header contains `token`, case-insensitively.
@@ -91,7 +95,9 @@ impl Request {
 
     /// Decoded query parameters, in order (repeated keys kept).
     pub fn query_params(&self) -> Vec<(String, String)> {
-        form_urlencoded::parse(self.query.as_bytes()).into_owned().collect()
+        form_urlencoded::parse(self.query.as_bytes())
+            .into_owned()
+            .collect()
     }
 
     /// The `Sec-WebSocket-Key` when this is a valid WebSocket upgrade request.
@@ -158,9 +164,16 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
         assert_eq!(req.websocket_key(), Some("dGhlIHNhbXBsZSBub25jZQ=="));
         assert_eq!(
             req.query_params(),
-            vec![("token".into(), "a.b".into()), ("vsn".into(), "2.0.0".into())]
+            vec![
+                ("token".into(), "a.b".into()),
+                ("vsn".into(), "2.0.0".into())
+            ]
         );
-        let resp = String::from_utf8(upgrade_response("dGhlIHNhbXBsZSBub25jZQ==", &[("x-a", "1")])).unwrap();
+        let resp = String::from_utf8(upgrade_response(
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            &[("x-a", "1")],
+        ))
+        .unwrap();
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(resp.ends_with("x-a: 1\r\n\r\n"));
     }
@@ -168,7 +181,10 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
     #[test]
     fn partial_garbage_and_oversized_heads() {
         assert_eq!(Request::parse(&UPGRADE[..20]), Ok(None));
-        assert_eq!(Request::parse(b"\x16\x03\x01garbage\r\n\r\n"), Err(HttpError::Malformed));
+        assert_eq!(
+            Request::parse(b"\x16\x03\x01garbage\r\n\r\n"),
+            Err(HttpError::Malformed)
+        );
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.resize(MAX_HEAD + 10, b'a');
         assert_eq!(Request::parse(&big), Err(HttpError::TooLarge));
@@ -176,7 +192,9 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
     #[test]
     fn non_upgrade_has_no_key() {
-        let (req, _) = Request::parse(b"GET /socket/websocket HTTP/1.1\r\nHost: h\r\n\r\n").unwrap().unwrap();
+        let (req, _) = Request::parse(b"GET /socket/websocket HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(req.websocket_key(), None);
     }
 }

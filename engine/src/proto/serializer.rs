@@ -51,7 +51,12 @@ impl<'a> Outgoing<'a> {
     }
 
     /// A channel push: the channel's join_ref, no ref.
-    pub fn push(join_ref: Option<&'a str>, topic: &'a str, event: &'a str, payload: &'a Payload) -> Self {
+    pub fn push(
+        join_ref: Option<&'a str>,
+        topic: &'a str,
+        event: &'a str,
+        payload: &'a Payload,
+    ) -> Self {
         Outgoing {
             join_ref,
             msg_ref: None,
@@ -127,7 +132,9 @@ fn write_opt(out: &mut Vec<u8>, s: Option<&str>) {
 
 fn write_json_body(out: &mut Vec<u8>, body: Body<'_>) {
     let json = |out: &mut Vec<u8>, p: &Payload| match p {
-        Payload::Json(v) => serde_json::to_writer(&mut *out, v).expect("writing to a Vec cannot fail"),
+        Payload::Json(v) => {
+            serde_json::to_writer(&mut *out, v).expect("writing to a Vec cannot fail")
+        }
         Payload::Binary(_) => unreachable!("binary bodies take the binary path"),
     };
     match body {
@@ -189,7 +196,13 @@ fn encode_binary(msg: &Outgoing<'_>, data: &Bytes) -> Result<Bytes, EncodeError>
     let out = frame.payload();
     match msg.body {
         Body::Reply(status, _) => {
-            out.extend_from_slice(&[1, len_u8(join_ref)?, len_u8(msg_ref)?, len_u8(msg.topic)?, len_u8(status)?]);
+            out.extend_from_slice(&[
+                1,
+                len_u8(join_ref)?,
+                len_u8(msg_ref)?,
+                len_u8(msg.topic)?,
+                len_u8(status)?,
+            ]);
             for field in [join_ref, msg_ref, msg.topic, status] {
                 out.extend_from_slice(field.as_bytes());
             }
@@ -223,7 +236,9 @@ fn encode_binary(msg: &Outgoing<'_>, data: &Bytes) -> Result<Bytes, EncodeError>
 pub fn decode_text(vsn: Vsn, data: &mut [u8]) -> Result<Message, ProtocolError> {
     let bad = |e: simd_json::Error| ProtocolError::BadMessage(e.to_string());
     match vsn {
-        Vsn::V2 => simd_json::serde::from_slice::<V2Frame>(data).map(|f| f.0).map_err(bad),
+        Vsn::V2 => simd_json::serde::from_slice::<V2Frame>(data)
+            .map(|f| f.0)
+            .map_err(bad),
         Vsn::V1 => {
             let f: V1Frame = simd_json::serde::from_slice(data).map_err(bad)?;
             Ok(Message {
@@ -243,7 +258,10 @@ pub fn decode_binary(vsn: Vsn, data: &[u8]) -> Result<Message, ProtocolError> {
     if vsn == Vsn::V1 {
         return Err(bad("binary frame on a V1 connection"));
     }
-    let [kind, lens @ ..] = data.get(..5).ok_or_else(|| bad("binary frame shorter than its header"))? else {
+    let [kind, lens @ ..] = data
+        .get(..5)
+        .ok_or_else(|| bad("binary frame shorter than its header"))?
+    else {
         unreachable!("slice of five")
     };
     if *kind != 0 {
@@ -253,7 +271,9 @@ pub fn decode_binary(vsn: Vsn, data: &[u8]) -> Result<Message, ProtocolError> {
     let mut fields = [""; 4];
     for (field, &len) in fields.iter_mut().zip(lens) {
         let end = at + len as usize;
-        let bytes = data.get(at..end).ok_or_else(|| bad("binary header announces more bytes than the frame holds"))?;
+        let bytes = data
+            .get(at..end)
+            .ok_or_else(|| bad("binary header announces more bytes than the frame holds"))?;
         *field = std::str::from_utf8(bytes).map_err(|_| bad("binary frame field is not UTF-8"))?;
         at = end;
     }
@@ -347,14 +367,25 @@ mod tests {
     #[test]
     fn v2_reply_shape() {
         let resp = Payload::from(json!({"n": 1}));
-        let frame = encode(Vsn::V2, &Outgoing::reply(Some("1"), Some("4"), "rooms:a", "ok", &resp)).unwrap();
-        assert_eq!(frame_body(&frame), br#"["1","4","rooms:a","phx_reply",{"status":"ok","response":{"n":1}}]"#);
+        let frame = encode(
+            Vsn::V2,
+            &Outgoing::reply(Some("1"), Some("4"), "rooms:a", "ok", &resp),
+        )
+        .unwrap();
+        assert_eq!(
+            frame_body(&frame),
+            br#"["1","4","rooms:a","phx_reply",{"status":"ok","response":{"n":1}}]"#
+        );
     }
 
     #[test]
     fn v1_never_emits_join_ref() {
         let p = Payload::empty();
-        let frame = encode(Vsn::V1, &Outgoing::reply(Some("1"), Some("1"), "t", "ok", &p)).unwrap();
+        let frame = encode(
+            Vsn::V1,
+            &Outgoing::reply(Some("1"), Some("1"), "t", "ok", &p),
+        )
+        .unwrap();
         assert_eq!(
             frame_body(&frame),
             br#"{"topic":"t","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"1"}"#
@@ -366,7 +397,8 @@ mod tests {
 
     #[test]
     fn v1_decode_with_join_ref_and_null_ref() {
-        let mut f = br#"{"topic":"a","event":"e","payload":[1],"ref":null,"join_ref":"3"}"#.to_vec();
+        let mut f =
+            br#"{"topic":"a","event":"e","payload":[1],"ref":null,"join_ref":"3"}"#.to_vec();
         let m = decode_text(Vsn::V1, &mut f).unwrap();
         assert_eq!((m.join_ref.as_deref(), m.msg_ref), (Some("3"), None));
         assert_eq!(m.payload, Payload::from(json!([1])));
@@ -376,7 +408,10 @@ mod tests {
     fn v2_ignores_extra_elements() {
         let mut f = br#"[null,"1","phoenix","heartbeat",{},"extra",7]"#.to_vec();
         let m = decode_text(Vsn::V2, &mut f).unwrap();
-        assert_eq!((m.topic.as_str(), m.event.as_str()), ("phoenix", "heartbeat"));
+        assert_eq!(
+            (m.topic.as_str(), m.event.as_str()),
+            ("phoenix", "heartbeat")
+        );
     }
 
     #[test]
@@ -395,7 +430,11 @@ mod tests {
         ];
         for bad in v2_bad {
             let mut f = bad.to_vec();
-            assert!(decode_text(Vsn::V2, &mut f).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                decode_text(Vsn::V2, &mut f).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let v1_bad: &[&[u8]] = &[
             br#"["1","1","t","e",{}]"#,
@@ -405,25 +444,44 @@ mod tests {
         ];
         for bad in v1_bad {
             let mut f = bad.to_vec();
-            assert!(decode_text(Vsn::V1, &mut f).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                decode_text(Vsn::V1, &mut f).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
     #[test]
     fn binary_worked_example_from_the_protocol() {
-        let client = [0, 1, 1, 7, 4, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'p', b'i', b'n', b'g', 1, 2];
+        let client = [
+            0, 1, 1, 7, 4, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'p', b'i', b'n',
+            b'g', 1, 2,
+        ];
         let m = decode_binary(Vsn::V2, &client).unwrap();
-        assert_eq!((m.join_ref.as_deref(), m.msg_ref.as_deref()), (Some("1"), Some("5")));
+        assert_eq!(
+            (m.join_ref.as_deref(), m.msg_ref.as_deref()),
+            (Some("1"), Some("5"))
+        );
         assert_eq!((m.topic.as_str(), m.event.as_str()), ("rooms:a", "ping"));
         let reply = encode(
             Vsn::V2,
-            &Outgoing::reply(m.join_ref.as_deref(), m.msg_ref.as_deref(), &m.topic, "ok", &m.payload),
+            &Outgoing::reply(
+                m.join_ref.as_deref(),
+                m.msg_ref.as_deref(),
+                &m.topic,
+                "ok",
+                &m.payload,
+            ),
         )
         .unwrap();
         assert_eq!(reply[0], 0x82);
         assert_eq!(
             frame_body(&reply),
-            &[1, 1, 1, 7, 2, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'o', b'k', 1, 2]
+            &[
+                1, 1, 1, 7, 2, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'o', b'k', 1,
+                2
+            ]
         );
     }
 
@@ -434,9 +492,15 @@ mod tests {
         assert_eq!(frame_body(&push), &[0, 1, 1, 1, b'2', b't', b'e', 9]);
         let bcast = encode(Vsn::V2, &Outgoing::broadcast("t", "e", &data)).unwrap();
         assert_eq!(frame_body(&bcast), &[2, 1, 1, b't', b'e', 9]);
-        assert_eq!(encode(Vsn::V1, &Outgoing::broadcast("t", "e", &data)), Err(EncodeError::BinaryOnV1));
+        assert_eq!(
+            encode(Vsn::V1, &Outgoing::broadcast("t", "e", &data)),
+            Err(EncodeError::BinaryOnV1)
+        );
         let long = "x".repeat(256);
-        assert_eq!(encode(Vsn::V2, &Outgoing::broadcast(&long, "e", &data)), Err(EncodeError::FieldTooLong));
+        assert_eq!(
+            encode(Vsn::V2, &Outgoing::broadcast(&long, "e", &data)),
+            Err(EncodeError::FieldTooLong)
+        );
     }
 
     #[test]

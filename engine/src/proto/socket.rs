@@ -80,7 +80,11 @@ impl<C> ChannelTable<C> {
     /// Records a joined channel; returns its index. The topic must not be joined already.
     pub fn insert(&mut self, topic: String, join_ref: String, state: C) -> usize {
         debug_assert!(self.position(&topic).is_none());
-        self.joined.push(Joined { topic, join_ref, state });
+        self.joined.push(Joined {
+            topic,
+            join_ref,
+            state,
+        });
         self.joined.len() - 1
     }
 

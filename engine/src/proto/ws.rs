@@ -171,14 +171,19 @@ impl FrameReader {
                 fragment.data.extend_from_slice(payload);
                 if header.is_final {
                     let fragment = self.fragment.take().expect("checked above");
-                    Some(data_message(fragment.binary, MessageData::Owned(fragment.data))?)
+                    Some(data_message(
+                        fragment.binary,
+                        MessageData::Owned(fragment.data),
+                    )?)
                 } else {
                     None
                 }
             }
             OpCode::Data(kind) => {
                 if self.fragment.is_some() {
-                    return Err(ProtocolError::BadFrame("new message inside a fragmented one"));
+                    return Err(ProtocolError::BadFrame(
+                        "new message inside a fragmented one",
+                    ));
                 }
                 let binary = kind == Data::Binary;
                 if header.is_final {
@@ -213,7 +218,9 @@ fn simdutf8_ok(bytes: &[u8]) -> bool {
 fn parse_close(payload: &[u8]) -> Result<Option<u16>, ProtocolError> {
     match payload.len() {
         0 => Ok(None),
-        1 => Err(ProtocolError::BadFrame("close frame with a one-byte payload")),
+        1 => Err(ProtocolError::BadFrame(
+            "close frame with a one-byte payload",
+        )),
         _ => {
             if std::str::from_utf8(&payload[2..]).is_err() {
                 return Err(ProtocolError::BadUtf8);
@@ -339,7 +346,10 @@ mod tests {
         out
     }
 
-    fn read_one(reader: &mut FrameReader, buf: &mut [u8]) -> Result<(usize, Option<String>), ProtocolError> {
+    fn read_one(
+        reader: &mut FrameReader,
+        buf: &mut [u8],
+    ) -> Result<(usize, Option<String>), ProtocolError> {
         match reader.read(buf)? {
             Parsed::NeedMore => Ok((0, None)),
             Parsed::Frame { consumed, message } => Ok((
@@ -373,7 +383,10 @@ mod tests {
         let mut reader = FrameReader::new(1024);
         for cut in 0..frame.len() {
             let mut part = frame[..cut].to_vec();
-            assert!(matches!(reader.read(&mut part).unwrap(), Parsed::NeedMore), "cut {cut}");
+            assert!(
+                matches!(reader.read(&mut part).unwrap(), Parsed::NeedMore),
+                "cut {cut}"
+            );
         }
     }
 
@@ -390,30 +403,60 @@ mod tests {
             at += consumed;
             seen.extend(msg);
         }
-        assert_eq!(seen, vec!["ping:[112]".to_string(), "text:hello".to_string()]);
+        assert_eq!(
+            seen,
+            vec!["ping:[112]".to_string(), "text:hello".to_string()]
+        );
     }
 
     #[test]
     fn malformed_frames_are_refused() {
         let cases: Vec<(Vec<u8>, ProtocolError)> = vec![
             // Unmasked client frame.
-            (vec![0x81, 0x02, b'h', b'i'], ProtocolError::BadFrame("client frame not masked")),
+            (
+                vec![0x81, 0x02, b'h', b'i'],
+                ProtocolError::BadFrame("client frame not masked"),
+            ),
             // RSV1 set.
-            (client_frame(0xC1, b"hi", [0; 4]), ProtocolError::BadFrame("reserved bits set")),
+            (
+                client_frame(0xC1, b"hi", [0; 4]),
+                ProtocolError::BadFrame("reserved bits set"),
+            ),
             // Reserved data opcode (tungstenite's header parser refuses it).
-            (client_frame(0x83, b"hi", [0; 4]), ProtocolError::BadFrame("unreadable frame header")),
+            (
+                client_frame(0x83, b"hi", [0; 4]),
+                ProtocolError::BadFrame("unreadable frame header"),
+            ),
             // Reserved control opcode.
-            (client_frame(0x8B, b"", [0; 4]), ProtocolError::BadFrame("unreadable frame header")),
+            (
+                client_frame(0x8B, b"", [0; 4]),
+                ProtocolError::BadFrame("unreadable frame header"),
+            ),
             // Control frame over 125 bytes.
-            (client_frame(0x89, &[0; 126], [0; 4]), ProtocolError::BadFrame("bad control frame")),
+            (
+                client_frame(0x89, &[0; 126], [0; 4]),
+                ProtocolError::BadFrame("bad control frame"),
+            ),
             // Fragmented control frame.
-            (client_frame(0x09, b"", [0; 4]), ProtocolError::BadFrame("bad control frame")),
+            (
+                client_frame(0x09, b"", [0; 4]),
+                ProtocolError::BadFrame("bad control frame"),
+            ),
             // Continuation with nothing to continue.
-            (client_frame(0x80, b"x", [0; 4]), ProtocolError::BadFrame("continuation without a message")),
+            (
+                client_frame(0x80, b"x", [0; 4]),
+                ProtocolError::BadFrame("continuation without a message"),
+            ),
             // Invalid UTF-8 in a text frame.
-            (client_frame(0x81, &[0xff, 0xfe], [0; 4]), ProtocolError::BadUtf8),
+            (
+                client_frame(0x81, &[0xff, 0xfe], [0; 4]),
+                ProtocolError::BadUtf8,
+            ),
             // Close frame with a one-byte payload.
-            (client_frame(0x88, &[3], [0; 4]), ProtocolError::BadFrame("close frame with a one-byte payload")),
+            (
+                client_frame(0x88, &[3], [0; 4]),
+                ProtocolError::BadFrame("close frame with a one-byte payload"),
+            ),
         ];
         for (mut frame, want) in cases {
             let mut reader = FrameReader::new(1024);
@@ -440,7 +483,10 @@ mod tests {
         let mut huge = vec![0x82, 0x80 | 127];
         huge.extend_from_slice(&u64::MAX.to_be_bytes()[..]);
         huge.extend_from_slice(&[0; 4]);
-        assert!(matches!(reader.read(&mut huge), Err(ProtocolError::TooBig | ProtocolError::BadFrame(_))));
+        assert!(matches!(
+            reader.read(&mut huge),
+            Err(ProtocolError::TooBig | ProtocolError::BadFrame(_))
+        ));
         let mut big = client_frame(0x82, &[0; 101], [0; 4]);
         assert_eq!(reader.read(&mut big).unwrap_err(), ProtocolError::TooBig);
         let mut reader = FrameReader::new(100);
@@ -452,7 +498,13 @@ mod tests {
 
     #[test]
     fn server_frames_have_minimal_headers() {
-        for (len, header) in [(5usize, 2usize), (125, 2), (126, 4), (65535, 4), (65536, 10)] {
+        for (len, header) in [
+            (5usize, 2usize),
+            (125, 2),
+            (126, 4),
+            (65535, 4),
+            (65536, 10),
+        ] {
             let mut fb = FrameBuilder::with_capacity(len);
             fb.payload().extend(std::iter::repeat_n(b'a', len));
             let frame = fb.finish(FrameKind::Text);
@@ -463,7 +515,10 @@ mod tests {
             assert_eq!(l as usize, len);
             assert!(h.mask.is_none() && h.is_final);
         }
-        assert_eq!(&close_frame(1007, "bad")[..], &[0x88, 5, 0x03, 0xEF, b'b', b'a', b'd']);
+        assert_eq!(
+            &close_frame(1007, "bad")[..],
+            &[0x88, 5, 0x03, 0xEF, b'b', b'a', b'd']
+        );
         assert_eq!(&pong_frame(b"x")[..], &[0x8A, 1, b'x']);
     }
 }

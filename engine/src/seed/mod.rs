@@ -78,17 +78,29 @@ pub struct RoomChannel {
 impl Channel for RoomChannel {
     const INTERCEPTS: &'static [&'static str] = &["whisper"];
 
-    async fn join(topic: &str, _payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
+    async fn join(
+        topic: &str,
+        _payload: Payload,
+        socket: &mut Socket,
+    ) -> Result<(Self, Payload), Payload> {
         if topic == "rooms:locked" {
             return Err(json!({"reason": "unauthorized"}).into());
         }
         let room = topic.strip_prefix("rooms:").unwrap_or(topic);
-        socket.push("welcome", json!({"msg": format!("Welcome to room {room}!")}));
+        socket.push(
+            "welcome",
+            json!({"msg": format!("Welcome to room {room}!")}),
+        );
         let user = socket.assigns::<User>().id.clone();
         Ok((RoomChannel { user }, Payload::empty()))
     }
 
-    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
+    async fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        socket: &mut Socket,
+    ) -> HandleResult {
         match event {
             "new_msg" => match body(&payload) {
                 Some(body) => {
@@ -106,7 +118,10 @@ impl Channel for RoomChannel {
             },
             "whisper" => match (payload.str_field("to"), body(&payload)) {
                 (Some(to), Some(body)) => {
-                    socket.broadcast("whisper", json!({"to": to, "body": body, "from": self.user}));
+                    socket.broadcast(
+                        "whisper",
+                        json!({"to": to, "body": body, "from": self.user}),
+                    );
                     HandleResult::Reply(Reply::ok())
                 }
                 _ => invalid(),
@@ -131,7 +146,11 @@ impl Channel for RoomChannel {
 pub struct NotificationsChannel;
 
 impl Channel for NotificationsChannel {
-    async fn join(topic: &str, _payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
+    async fn join(
+        topic: &str,
+        _payload: Payload,
+        socket: &mut Socket,
+    ) -> Result<(Self, Payload), Payload> {
         let owner = topic.strip_prefix("notifications:");
         if owner == Some(socket.assigns::<User>().id.as_str()) {
             Ok((NotificationsChannel, Payload::empty()))
@@ -140,7 +159,12 @@ impl Channel for NotificationsChannel {
         }
     }
 
-    async fn handle_in(&mut self, _event: &str, _payload: Payload, _socket: &mut Socket) -> HandleResult {
+    async fn handle_in(
+        &mut self,
+        _event: &str,
+        _payload: Payload,
+        _socket: &mut Socket,
+    ) -> HandleResult {
         unknown_event()
     }
 }
@@ -151,12 +175,21 @@ pub struct BenchChannel {
 }
 
 impl Channel for BenchChannel {
-    async fn join(_topic: &str, _payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
+    async fn join(
+        _topic: &str,
+        _payload: Payload,
+        socket: &mut Socket,
+    ) -> Result<(Self, Payload), Payload> {
         let user = socket.assigns::<User>().id.clone();
         Ok((BenchChannel { user }, Payload::empty()))
     }
 
-    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
+    async fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        socket: &mut Socket,
+    ) -> HandleResult {
         match (event, body(&payload)) {
             ("new_msg", Some(body)) => {
                 socket.broadcast("new_msg", json!({"body": body, "user": self.user}));

@@ -58,7 +58,12 @@ impl OutQueue {
     pub(crate) fn consume(&mut self, mut n: usize) {
         self.bytes -= n;
         while n > 0 {
-            let head = self.frames.front().expect("consumed more than queued").bytes().len();
+            let head = self
+                .frames
+                .front()
+                .expect("consumed more than queued")
+                .bytes()
+                .len();
             let left = head - self.head_written;
             if n >= left {
                 n -= left;
@@ -207,7 +212,8 @@ mod tests {
         let mut q = OutQueue::default();
         for s in ["abc", "de", "fghi"] {
             q.bytes += s.len();
-            q.frames.push_back(OutFrame::Own(Bytes::from_static(s.as_bytes())));
+            q.frames
+                .push_back(OutFrame::Own(Bytes::from_static(s.as_bytes())));
         }
         q.consume(2);
         assert_eq!((q.frames.len(), q.head_written, q.bytes), (3, 2, 7));
@@ -224,7 +230,9 @@ mod tests {
             Vsn::V2,
             Rc::new(()),
             None,
-            ConnLimits { max_outbound_bytes: 5 },
+            ConnLimits {
+                max_outbound_bytes: 5,
+            },
             0,
         );
         conn.enqueue_own(Bytes::from_static(b"1234"));

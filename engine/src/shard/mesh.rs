@@ -19,7 +19,11 @@ pub(crate) enum MeshMsg {
     /// Deliver to your local subscribers.
     Broadcast(Arc<Broadcast>),
     /// Core `core` now has (`on`) or no longer has subscribers for `topic`.
-    Interest { topic: Arc<str>, core: usize, on: bool },
+    Interest {
+        topic: Arc<str>,
+        core: usize,
+        on: bool,
+    },
 }
 
 struct Inner {
@@ -51,7 +55,13 @@ impl Mesh {
     }
 
     pub(crate) fn forward(&self, b: &Arc<Broadcast>) {
-        let mask = self.0.interest.borrow().get(&*b.topic).copied().unwrap_or(0);
+        let mask = self
+            .0
+            .interest
+            .borrow()
+            .get(&*b.topic)
+            .copied()
+            .unwrap_or(0);
         for peer in 0..self.0.backlog.len() {
             if mask & (1 << peer) != 0 {
                 send(&self.0, peer, MeshMsg::Broadcast(b.clone()));

@@ -40,7 +40,12 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
-    pub(crate) fn new(topic: &str, event: &str, payload: Payload, from: Option<(usize, ConnId)>) -> Self {
+    pub(crate) fn new(
+        topic: &str,
+        event: &str,
+        payload: Payload,
+        from: Option<(usize, ConnId)>,
+    ) -> Self {
         let v2 = encode(Vsn::V2, &Outgoing::broadcast(topic, event, &payload));
         Broadcast {
             topic: topic.into(),
@@ -55,9 +60,12 @@ impl Broadcast {
     fn frame(&self, vsn: Vsn) -> Option<&Bytes> {
         let frame = match vsn {
             Vsn::V2 => &self.v2,
-            Vsn::V1 => self
-                .v1
-                .get_or_init(|| encode(Vsn::V1, &Outgoing::broadcast(&self.topic, &self.event, &self.payload))),
+            Vsn::V1 => self.v1.get_or_init(|| {
+                encode(
+                    Vsn::V1,
+                    &Outgoing::broadcast(&self.topic, &self.event, &self.payload),
+                )
+            }),
         };
         frame.as_ref().ok()
     }
@@ -126,7 +134,12 @@ pub(crate) fn publish(broadcast: Broadcast) {
 }
 
 impl Shard {
-    pub(crate) fn install(index: usize, app: Arc<App>, endpoint: Endpoint, mesh: Option<Mesh>) -> Rc<Shard> {
+    pub(crate) fn install(
+        index: usize,
+        app: Arc<App>,
+        endpoint: Endpoint,
+        mesh: Option<Mesh>,
+    ) -> Rc<Shard> {
         let shard = Rc::new(Shard {
             index,
             app,
@@ -167,11 +180,25 @@ impl Shard {
             gen,
         };
         let socket_id = socket_id.map(String::into_boxed_str);
-        let conn = Rc::new(Conn::new(id, vsn, assigns, socket_id, limits, self.now_ms()));
+        let conn = Rc::new(Conn::new(
+            id,
+            vsn,
+            assigns,
+            socket_id,
+            limits,
+            self.now_ms(),
+        ));
         entry.insert(conn.clone());
         drop(conns);
         if let Some(topic) = &conn.socket_id {
-            self.subscribe(topic, Sub { conn: id, vsn, kind: SubKind::SocketId });
+            self.subscribe(
+                topic,
+                Sub {
+                    conn: id,
+                    vsn,
+                    kind: SubKind::SocketId,
+                },
+            );
         }
         self.stats.connections.set(self.stats.connections.get() + 1);
         conn
@@ -182,7 +209,10 @@ impl Shard {
             self.unsubscribe(topic, conn.id);
         }
         let mut conns = self.conns.borrow_mut();
-        if conns.get(conn.id.key as usize).is_some_and(|c| c.id == conn.id) {
+        if conns
+            .get(conn.id.key as usize)
+            .is_some_and(|c| c.id == conn.id)
+        {
             conns.remove(conn.id.key as usize);
             self.stats.connections.set(self.stats.connections.get() - 1);
         }
@@ -212,7 +242,9 @@ impl Shard {
     pub(crate) fn unsubscribe(&self, topic: &str, conn: ConnId) {
         let last = {
             let mut topics = self.topics.borrow_mut();
-            let Some(subs) = topics.get_mut(topic) else { return };
+            let Some(subs) = topics.get_mut(topic) else {
+                return;
+            };
             if let Some(i) = subs.iter().position(|s| s.conn == conn) {
                 subs.swap_remove(i);
             }
@@ -242,16 +274,24 @@ impl Shard {
     /// Fanout to this core's subscribers of the topic.
     pub(crate) fn deliver_local(&self, b: &Arc<Broadcast>) {
         let topics = self.topics.borrow();
-        let Some(subs) = topics.get(&*b.topic) else { return };
+        let Some(subs) = topics.get(&*b.topic) else {
+            return;
+        };
         let conns = self.conns.borrow();
-        let skip = b.from.filter(|(core, _)| *core == self.index).map(|(_, id)| id);
+        let skip = b
+            .from
+            .filter(|(core, _)| *core == self.index)
+            .map(|(_, id)| id);
         let mut shared: [Option<Rc<Bytes>>; 2] = [None, None];
         let mut delivered = 0u64;
         for sub in subs {
             if Some(sub.conn) == skip {
                 continue;
             }
-            let Some(conn) = conns.get(sub.conn.key as usize).filter(|c| c.id == sub.conn) else {
+            let Some(conn) = conns
+                .get(sub.conn.key as usize)
+                .filter(|c| c.id == sub.conn)
+            else {
                 continue;
             };
             match sub.kind {
@@ -275,7 +315,9 @@ impl Shard {
                 }
             }
         }
-        self.stats.deliveries.set(self.stats.deliveries.get() + delivered);
+        self.stats
+            .deliveries
+            .set(self.stats.deliveries.get() + delivered);
     }
 
     pub(crate) fn on_mesh(&self, msg: MeshMsg) {
@@ -291,7 +333,12 @@ impl Shard {
 
     /// Asks connections silent for longer than the idle timeout to close.
     pub(crate) fn sweep_idle(&self) {
-        let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
+        let limit = self
+            .app
+            .config
+            .idle_timeout
+            .as_millis()
+            .min(u32::MAX as u128 / 2) as u32;
         let now = self.now_ms();
         for (_, conn) in self.conns.borrow().iter() {
             if now.wrapping_sub(conn.last_in.get()) >= limit {

@@ -7,7 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
-use crate::api::channel::{Handled, HandleResult, Joined, LocalFuture, Reply, StopReason};
+use crate::api::channel::{HandleResult, Handled, Joined, LocalFuture, Reply, StopReason};
 use crate::api::socket::Socket;
 use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::socket::Route;
@@ -42,7 +42,11 @@ pub(crate) struct Session {
 }
 
 fn bump(cell: &std::cell::Cell<u64>, up: bool) {
-    cell.set(if up { cell.get() + 1 } else { cell.get().saturating_sub(1) });
+    cell.set(if up {
+        cell.get() + 1
+    } else {
+        cell.get().saturating_sub(1)
+    });
 }
 
 impl Session {
@@ -86,13 +90,25 @@ impl Session {
     pub(crate) fn handle_message(&mut self, msg: Message, cx: &mut Context<'_>) {
         debug_assert!(!self.busy());
         bump(&self.shard.stats.messages_in, true);
-        let route = self.conn.channels.borrow().route(msg.join_ref.as_deref(), &msg.topic, &msg.event);
+        let route =
+            self.conn
+                .channels
+                .borrow()
+                .route(msg.join_ref.as_deref(), &msg.topic, &msg.event);
         match route {
             Route::Heartbeat => self.reply(None, msg.msg_ref.as_deref(), "phoenix", &Reply::ok()),
-            Route::LeaveUnjoined => self.reply(msg.join_ref.as_deref(), msg.msg_ref.as_deref(), &msg.topic, &Reply::ok()),
-            Route::Unmatched => {
-                self.reply(None, msg.msg_ref.as_deref(), &msg.topic, &Reply::error("unmatched topic"))
-            }
+            Route::LeaveUnjoined => self.reply(
+                msg.join_ref.as_deref(),
+                msg.msg_ref.as_deref(),
+                &msg.topic,
+                &Reply::ok(),
+            ),
+            Route::Unmatched => self.reply(
+                None,
+                msg.msg_ref.as_deref(),
+                &msg.topic,
+                &Reply::error("unmatched topic"),
+            ),
             Route::Stale => {}
             Route::Join => self.start_join(msg, None, cx),
             Route::Rejoin(index) => {
@@ -100,14 +116,35 @@ impl Session {
                 self.start_join(msg, Some(old_join_ref), cx);
             }
             Route::Deliver(index) if msg.event == "phx_leave" => {
-                let join_ref: Rc<str> = self.conn.channels.borrow().get(index).join_ref.as_str().into();
-                self.reply(Some(&join_ref), msg.msg_ref.as_deref(), &msg.topic, &Reply::ok());
+                let join_ref: Rc<str> = self
+                    .conn
+                    .channels
+                    .borrow()
+                    .get(index)
+                    .join_ref
+                    .as_str()
+                    .into();
+                self.reply(
+                    Some(&join_ref),
+                    msg.msg_ref.as_deref(),
+                    &msg.topic,
+                    &Reply::ok(),
+                );
                 let (topic, join_ref) = self.end_channel(index, StopReason::Leave);
                 self.control(&join_ref, &topic, "phx_close", &Payload::empty());
             }
             Route::Deliver(index) => {
-                let running = self.conn.channels.borrow_mut().get_mut(index).state.running.take();
-                let Some((channel, socket)) = running else { return };
+                let running = self
+                    .conn
+                    .channels
+                    .borrow_mut()
+                    .get_mut(index)
+                    .state
+                    .running
+                    .take();
+                let Some((channel, socket)) = running else {
+                    return;
+                };
                 let (topic, join_ref) = (socket.topic.clone(), socket.join_ref.clone());
                 let fut = channel.handle_in(msg.event, msg.payload, socket);
                 self.pending = Some(Pending::Run {
@@ -122,9 +159,18 @@ impl Session {
     }
 
     fn start_join(&mut self, msg: Message, replaced: Option<Rc<str>>, cx: &mut Context<'_>) {
-        let join_ref: Rc<str> = msg.join_ref.or_else(|| msg.msg_ref.clone()).unwrap_or_default().into();
+        let join_ref: Rc<str> = msg
+            .join_ref
+            .or_else(|| msg.msg_ref.clone())
+            .unwrap_or_default()
+            .into();
         let refuse = |this: &Self, reason: &str| {
-            this.reply(None, msg.msg_ref.as_deref(), &msg.topic, &Reply::error(reason));
+            this.reply(
+                None,
+                msg.msg_ref.as_deref(),
+                &msg.topic,
+                &Reply::error(reason),
+            );
             if let Some(old) = &replaced {
                 this.control(old, &msg.topic, "phx_close", &Payload::empty());
             }
@@ -152,7 +198,9 @@ impl Session {
 
     /// Drives a pending join or handler; returns whether one is still pending.
     pub(crate) fn poll_pending(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(pending) = self.pending.as_mut() else { return false };
+        let Some(pending) = self.pending.as_mut() else {
+            return false;
+        };
         match pending {
             Pending::Join { fut, .. } => {
                 let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
@@ -176,7 +224,12 @@ impl Session {
                     Some(joined) => self.finish_join(joined, msg_ref, replaced, intercepts),
                     None => {
                         tracing::warn!(%topic, "join handler crashed");
-                        self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &Reply::error("join crashed"));
+                        self.reply(
+                            Some(&join_ref),
+                            msg_ref.as_deref(),
+                            &topic,
+                            &Reply::error("join crashed"),
+                        );
                         if let Some(old) = &replaced {
                             self.control(old, &topic, "phx_close", &Payload::empty());
                         }
@@ -200,7 +253,9 @@ impl Session {
                     unreachable!("matched above")
                 };
                 match outcome {
-                    Some((channel, socket, result)) => self.finish_run(channel, socket, result, msg_ref),
+                    Some((channel, socket, result)) => {
+                        self.finish_run(channel, socket, result, msg_ref)
+                    }
                     None => self.crash(&topic, &join_ref),
                 }
             }
@@ -236,7 +291,12 @@ impl Session {
                     },
                 );
                 bump(&self.shard.stats.channels, true);
-                self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &Reply::Ok(response));
+                self.reply(
+                    Some(&join_ref),
+                    msg_ref.as_deref(),
+                    &topic,
+                    &Reply::Ok(response),
+                );
                 if let Some(old) = &replaced {
                     self.control(old, &topic, "phx_close", &Payload::empty());
                 }
@@ -245,7 +305,12 @@ impl Session {
                 }
             }
             Err(response) => {
-                self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &Reply::Error(response));
+                self.reply(
+                    Some(&join_ref),
+                    msg_ref.as_deref(),
+                    &topic,
+                    &Reply::Error(response),
+                );
                 if let Some(old) = &replaced {
                     self.control(old, &topic, "phx_close", &Payload::empty());
                 }
@@ -253,12 +318,20 @@ impl Session {
         }
     }
 
-    fn finish_run(&mut self, channel: Box<dyn crate::api::channel::DynChannel>, socket: Socket, result: HandleResult, msg_ref: Option<String>) {
+    fn finish_run(
+        &mut self,
+        channel: Box<dyn crate::api::channel::DynChannel>,
+        socket: Socket,
+        result: HandleResult,
+        msg_ref: Option<String>,
+    ) {
         let topic = socket.topic.clone();
         let join_ref = socket.join_ref.clone();
         let index = {
             let mut channels = self.conn.channels.borrow_mut();
-            let index = channels.position(&topic).filter(|i| *channels.get(*i).join_ref == *join_ref);
+            let index = channels
+                .position(&topic)
+                .filter(|i| *channels.get(*i).join_ref == *join_ref);
             if let Some(i) = index {
                 channels.get_mut(i).state.running = Some((channel, socket));
             }
@@ -302,7 +375,9 @@ impl Session {
         tracing::warn!(topic, "channel crashed");
         let index = {
             let channels = self.conn.channels.borrow();
-            channels.position(topic).filter(|i| channels.get(*i).join_ref == join_ref)
+            channels
+                .position(topic)
+                .filter(|i| channels.get(*i).join_ref == join_ref)
         };
         if let Some(index) = index {
             let joined = self.conn.channels.borrow_mut().remove(index);
@@ -318,17 +393,31 @@ impl Session {
     /// is pending.
     pub(crate) fn run_mailbox(&mut self, cx: &mut Context<'_>) {
         while !self.busy() {
-            let Some(mail) = self.conn.mailbox.borrow_mut().pop_front() else { return };
+            let Some(mail) = self.conn.mailbox.borrow_mut().pop_front() else {
+                return;
+            };
             match mail {
                 Mail::Out(b) => {
                     let index = self.conn.channels.borrow().position(&b.topic);
                     let Some(index) = index else { continue };
-                    let running = self.conn.channels.borrow_mut().get_mut(index).state.running.take();
-                    let Some((mut channel, mut socket)) = running else { continue };
+                    let running = self
+                        .conn
+                        .channels
+                        .borrow_mut()
+                        .get_mut(index)
+                        .state
+                        .running
+                        .take();
+                    let Some((mut channel, mut socket)) = running else {
+                        continue;
+                    };
                     socket.deferred = None;
-                    let ok = catch_unwind(AssertUnwindSafe(|| channel.handle_out(&b.event, &b.payload, &mut socket)));
+                    let ok = catch_unwind(AssertUnwindSafe(|| {
+                        channel.handle_out(&b.event, &b.payload, &mut socket)
+                    }));
                     let (topic, join_ref) = (socket.topic.clone(), socket.join_ref.clone());
-                    self.conn.channels.borrow_mut().get_mut(index).state.running = Some((channel, socket));
+                    self.conn.channels.borrow_mut().get_mut(index).state.running =
+                        Some((channel, socket));
                     if ok.is_err() {
                         self.crash(&topic, &join_ref);
                     }
@@ -337,11 +426,15 @@ impl Session {
                     let running = {
                         let mut channels = self.conn.channels.borrow_mut();
                         match channels.position(&topic) {
-                            Some(i) if *channels.get(i).join_ref == *join_ref => channels.get_mut(i).state.running.take(),
+                            Some(i) if *channels.get(i).join_ref == *join_ref => {
+                                channels.get_mut(i).state.running.take()
+                            }
                             _ => None,
                         }
                     };
-                    let Some((channel, socket)) = running else { continue };
+                    let Some((channel, socket)) = running else {
+                        continue;
+                    };
                     let fut = channel.handle_info(msg, socket);
                     self.pending = Some(Pending::Run {
                         fut,
@@ -362,7 +455,9 @@ impl Session {
         let joined: Vec<_> = self.conn.channels.borrow_mut().drain().collect();
         for j in joined {
             if let Some((mut channel, mut socket)) = j.state.running {
-                let _ = catch_unwind(AssertUnwindSafe(|| channel.terminate(StopReason::Closed, &mut socket)));
+                let _ = catch_unwind(AssertUnwindSafe(|| {
+                    channel.terminate(StopReason::Closed, &mut socket)
+                }));
             }
             self.shard.unsubscribe(&j.topic, self.conn.id);
             bump(&self.shard.stats.channels, false);

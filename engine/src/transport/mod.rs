@@ -48,12 +48,26 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), Option<
             Ok(Some((req, len))) => return Ok((req, buf.split_off(len))),
             Ok(None) => {}
             Err(http::HttpError::TooLarge) => {
-                return Err(Some(http::response(431, "text/plain", b"request head too large\n")))
+                return Err(Some(http::response(
+                    431,
+                    "text/plain",
+                    b"request head too large\n",
+                )))
             }
-            Err(_) => return Err(Some(http::response(400, "text/plain", b"malformed HTTP request\n"))),
+            Err(_) => {
+                return Err(Some(http::response(
+                    400,
+                    "text/plain",
+                    b"malformed HTTP request\n",
+                )))
+            }
         }
         if buf.len() > MAX_HEAD {
-            return Err(Some(http::response(431, "text/plain", b"request head too large\n")));
+            return Err(Some(http::response(
+                431,
+                "text/plain",
+                b"request head too large\n",
+            )));
         }
     }
 }
@@ -74,10 +88,14 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     match (req.method.as_str(), req.path.as_str()) {
         (_, "/socket/websocket") => upgrade(shard, stream, req, leftover).await,
         ("GET", "/healthz") => {
-            let _ = stream.write_all(&http::response(200, "text/plain", b"ok\n")).await;
+            let _ = stream
+                .write_all(&http::response(200, "text/plain", b"ok\n"))
+                .await;
         }
         _ => {
-            let _ = stream.write_all(&http::response(404, "text/plain", b"not found\n")).await;
+            let _ = stream
+                .write_all(&http::response(404, "text/plain", b"not found\n"))
+                .await;
         }
     }
 }
@@ -90,19 +108,30 @@ fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     match origin {
         None => true,
         Some(_) if allowed.is_empty() => true,
-        Some(origin) => allowed.iter().any(|a| a.trim_end_matches('/') == origin.trim_end_matches('/')),
+        Some(origin) => allowed
+            .iter()
+            .any(|a| a.trim_end_matches('/') == origin.trim_end_matches('/')),
     }
 }
 
 async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover: Vec<u8>) {
     let Some(key) = req.websocket_key().map(str::to_string) else {
         let _ = stream
-            .write_all(&http::response(400, "text/plain", b"WebSocket upgrade expected\n"))
+            .write_all(&http::response(
+                400,
+                "text/plain",
+                b"WebSocket upgrade expected\n",
+            ))
             .await;
         return;
     };
     let params = req.query_params();
-    let vsn = Vsn::from_param(params.iter().find(|(k, _)| k == "vsn").map(|(_, v)| v.as_str()));
+    let vsn = Vsn::from_param(
+        params
+            .iter()
+            .find(|(k, _)| k == "vsn")
+            .map(|(_, v)| v.as_str()),
+    );
     let origin = req.header("origin").map(str::to_string);
     let app = shard.app.clone();
     let info = ConnectInfo {
@@ -111,9 +140,10 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
         origin,
     };
     let accepted = match vsn {
-        Some(vsn) if origin_allowed(&app.config.allowed_origins, info.origin.as_deref()) => {
-            app.socket.connect(&info).map(|(assigns, id)| (vsn, assigns, id))
-        }
+        Some(vsn) if origin_allowed(&app.config.allowed_origins, info.origin.as_deref()) => app
+            .socket
+            .connect(&info)
+            .map(|(assigns, id)| (vsn, assigns, id)),
         _ => None,
     };
     let Some((vsn, assigns, socket_id)) = accepted else {

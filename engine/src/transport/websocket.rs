@@ -58,7 +58,12 @@ pub(crate) struct Pump<'s> {
 }
 
 impl<'s> Pump<'s> {
-    pub(crate) fn new(stream: &'s mut TcpStream, shard: Rc<Shard>, session: Session, leftover: Vec<u8>) -> Self {
+    pub(crate) fn new(
+        stream: &'s mut TcpStream,
+        shard: Rc<Shard>,
+        session: Session,
+        leftover: Vec<u8>,
+    ) -> Self {
         let max_frame = shard.app.config.max_frame;
         Pump {
             stream,
@@ -186,7 +191,9 @@ impl<'s> Pump<'s> {
         let conn = self.session.conn.clone();
         loop {
             let mut out = conn.out.borrow_mut();
-            let Some(head) = out.frames.front() else { return Poll::Ready(Ok(())) };
+            let Some(head) = out.frames.front() else {
+                return Poll::Ready(Ok(()));
+            };
             let head_rest = &head.bytes()[out.head_written..];
             let written = if out.frames.len() == 1 || head_rest.len() >= IO_CHUNK / 2 {
                 Pin::new(&mut *self.stream).poll_write(cx, head_rest)
@@ -217,7 +224,10 @@ impl<'s> Pump<'s> {
         let conn = &self.session.conn;
         let mut out = conn.out.borrow_mut();
         if code == close_code::POLICY {
-            self.shard.stats.slow_closed.set(self.shard.stats.slow_closed.get() + 1);
+            self.shard
+                .stats
+                .slow_closed
+                .set(self.shard.stats.slow_closed.get() + 1);
             out.clear();
         }
         let reason = match code {
