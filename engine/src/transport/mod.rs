@@ -36,14 +36,15 @@ pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 
 /// Reads the request head; `Err` carries the response to send before closing.
 async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), Option<Vec<u8>>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
+    let mut buf = Vec::with_capacity(2048);
     loop {
-        let n = match stream.read(&mut chunk).await {
+        let filled = buf.len();
+        buf.resize(filled + 2048, 0);
+        let n = match stream.read(&mut buf[filled..]).await {
             Ok(0) | Err(_) => return Err(None),
             Ok(n) => n,
         };
-        buf.extend_from_slice(&chunk[..n]);
+        buf.truncate(filled + n);
         match Request::parse(&buf) {
             Ok(Some((req, len))) => return Ok((req, buf.split_off(len))),
             Ok(None) => {}
@@ -75,7 +76,9 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), Option<
 async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let (req, leftover) = match read_head(&mut stream).await {
+    // Boxed: the head is read once, and its buffers must not stay in the connection's
+    // task for the connection's whole life.
+    let (req, leftover) = match Box::pin(read_head(&mut stream)).await {
         Ok(head) => head,
         Err(response) => {
             if let Some(response) = response {
@@ -86,7 +89,12 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     };
     let _ = stream.set_read_timeout(None);
     match (req.method.as_str(), req.path.as_str()) {
-        (_, "/socket/websocket") => upgrade(shard, stream, req, leftover).await,
+        (_, "/socket/websocket") => {
+            let upgraded = Box::pin(upgrade(&shard, &mut stream, req)).await;
+            if let Some(session) = upgraded {
+                websocket::Pump::new(&mut stream, shard, session, leftover).await;
+            }
+        }
         ("GET", "/healthz") => {
             let _ = stream
                 .write_all(&http::response(200, "text/plain", b"ok\n"))
@@ -114,16 +122,13 @@ fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     }
 }
 
-async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover: Vec<u8>) {
+/// Answers the upgrade request; on success the connection is registered and its
+/// session returned.
+async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Option<Session> {
     let Some(key) = req.websocket_key().map(str::to_string) else {
-        let _ = stream
-            .write_all(&http::response(
-                400,
-                "text/plain",
-                b"WebSocket upgrade expected\n",
-            ))
-            .await;
-        return;
+        let response = http::response(400, "text/plain", b"WebSocket upgrade expected\n");
+        let _ = stream.write_all(&response).await;
+        return None;
     };
     let params = req.query_params();
     let vsn = Vsn::from_param(
@@ -148,16 +153,13 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
     };
     let Some((vsn, assigns, socket_id)) = accepted else {
         let _ = stream.write_all(&forbidden()).await;
-        return;
+        return None;
     };
     let core = shard.index.to_string();
     let response = http::upgrade_response(&key, &[("x-ringcast-core", &core)]);
-    if stream.write_all(&response).await.is_err() {
-        return;
-    }
+    stream.write_all(&response).await.ok()?;
     let conn = shard.add_conn(vsn, assigns, socket_id);
-    let session = Session::new(shard.clone(), conn);
-    websocket::Pump::new(&mut stream, shard, session, leftover).await;
+    Some(Session::new(shard.clone(), conn))
 }
 
 #[cfg(test)]
