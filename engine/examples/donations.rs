@@ -29,35 +29,18 @@ struct Campaign {
 }
 
 impl Channel for Campaign {
-    async fn join(
-        topic: &str,
-        payload: Payload,
-        socket: &mut Socket,
-    ) -> Result<(Self, Payload), Payload> {
+    async fn join(topic: &str, payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
         let id = topic.trim_start_matches("campaign:").to_string();
         if id.is_empty() {
             return Err(json!({"reason": "no campaign"}).into());
         }
-        let raised = totals()
-            .lock()
-            .expect("totals")
-            .get(&id)
-            .copied()
-            .unwrap_or(0);
+        let raised = totals().lock().expect("totals").get(&id).copied().unwrap_or(0);
         let viewer = payload.str_field("name").unwrap_or("anonymous").to_string();
         socket.push("status", json!({"campaign": id, "raised_cents": raised}));
-        Ok((
-            Campaign { id, viewer },
-            json!({"raised_cents": raised}).into(),
-        ))
+        Ok((Campaign { id, viewer }, json!({"raised_cents": raised}).into()))
     }
 
-    async fn handle_in(
-        &mut self,
-        event: &str,
-        payload: Payload,
-        socket: &mut Socket,
-    ) -> HandleResult {
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
         match event {
             "donate" => {
                 let Some(cents) = payload
@@ -92,9 +75,7 @@ impl Channel for Campaign {
 }
 
 fn main() -> std::io::Result<()> {
-    let listen = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:4100".into());
+    let listen = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:4100".into());
     let config = Config {
         listen: listen.parse().expect("an address like 127.0.0.1:4100"),
         ..Config::default()

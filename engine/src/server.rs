@@ -49,10 +49,15 @@ impl Default for Config {
     }
 }
 
+/// Enriches presence payloads before they are sent (Phoenix's `fetch/2`): called with
+/// the topic and a map `{key: {"metas": [...]}}` to change in place.
+pub type PresenceFetch = Box<dyn Fn(&str, &mut serde_json::Value) + Send + Sync>;
+
 pub(crate) struct App {
     pub(crate) config: Config,
     pub(crate) router: Router,
     pub(crate) socket: Box<dyn DynSocketHandler>,
+    pub(crate) presence_fetch: Option<PresenceFetch>,
 }
 
 /// A bound, not yet running server.
@@ -89,11 +94,7 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<RawSocket> {
 
 impl Server {
     /// Binds `config.listen` once per core. Port 0 picks a free port for all cores.
-    pub fn bind<H: SocketHandler>(
-        config: Config,
-        socket: H,
-        router: Router,
-    ) -> std::io::Result<Server> {
+    pub fn bind<H: SocketHandler>(config: Config, socket: H, router: Router) -> std::io::Result<Server> {
         let cores = config.cores.clamp(1, 64);
         let first = bind_listener(config.listen)?;
         let local_addr = first.local_addr()?.as_socket().expect("an IP socket");
@@ -115,6 +116,7 @@ impl Server {
                 config,
                 router,
                 socket: Box::new(socket),
+                presence_fetch: None,
             }),
             endpoint: Endpoint::new(core_inboxes),
             inboxes,
@@ -133,6 +135,18 @@ impl Server {
         self.endpoint.clone()
     }
 
+    /// Sets the presence fetch hook, which enriches every `presence_state` and
+    /// `presence_diff` before it is sent.
+    pub fn presence_fetch(
+        mut self,
+        fetch: impl Fn(&str, &mut serde_json::Value) + Send + Sync + 'static,
+    ) -> Self {
+        Arc::get_mut(&mut self.app)
+            .expect("not started yet")
+            .presence_fetch = Some(Box::new(fetch));
+        self
+    }
+
     /// Starts one pinned executor per core; returns once every core accepts.
     pub fn start(self) -> std::io::Result<RunningServer> {
         let cores = self.app.config.cores;
@@ -140,9 +154,7 @@ impl Server {
         let mesh = MeshBuilder::<MeshMsg, _>::full(cores, 4096);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::new();
-        for (i, (listener, (inbox, wake))) in
-            self.listeners.into_iter().zip(self.inboxes).enumerate()
-        {
+        for (i, (listener, (inbox, wake))) in self.listeners.into_iter().zip(self.inboxes).enumerate() {
             let app = self.app.clone();
             let endpoint = self.endpoint.clone();
             let mesh = mesh.clone();
@@ -217,8 +229,7 @@ async fn run_inbox(
 
 async fn run_sweeper(shard: std::rc::Rc<Shard>) {
     // A quarter of the timeout keeps the overshoot small without scanning too often.
-    let period = (shard.app.config.idle_timeout / 4)
-        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let period = (shard.app.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         glommio::timer::sleep(period).await;
         shard.sweep_idle();

@@ -65,6 +65,7 @@ where
         },
         router,
         socket: Box::new(socket),
+        presence_fetch: None,
     });
     let executor = glommio::LocalExecutorBuilder::default()
         .make()
@@ -175,12 +176,7 @@ fn decode_frame(frame: &[u8]) -> Frame {
         _ => &frame[2..],
     };
     if frame[0] & 0x0f == 0x2 {
-        let lens = |n: usize| {
-            body[1..1 + n]
-                .iter()
-                .map(|&l| l as usize)
-                .collect::<Vec<_>>()
-        };
+        let lens = |n: usize| body[1..1 + n].iter().map(|&l| l as usize).collect::<Vec<_>>();
         let fields = |header: usize, lens: &[usize]| {
             let mut at = header;
             let mut out = Vec::new();
@@ -273,10 +269,7 @@ impl Client {
                 return self.seen.remove(i).expect("index found");
             }
             if Instant::now() > deadline {
-                panic!(
-                    "expected {what} within {ASSERT_TIMEOUT:?}; got {:#?}",
-                    self.seen
-                );
+                panic!("expected {what} within {ASSERT_TIMEOUT:?}; got {:#?}", self.seen);
             }
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
@@ -356,12 +349,7 @@ impl Client {
     }
 
     /// Asserts a fastlane broadcast of `event` with `payload` on `topic` reached this client.
-    pub async fn assert_broadcast(
-        &mut self,
-        topic: &str,
-        event: &str,
-        payload: impl Into<Payload>,
-    ) {
+    pub async fn assert_broadcast(&mut self, topic: &str, event: &str, payload: impl Into<Payload>) {
         let payload = payload.into();
         self.expect(&format!("broadcast {event} {payload:?} on {topic}"), |f| {
             f.topic == topic

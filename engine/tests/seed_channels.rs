@@ -39,16 +39,11 @@ fn room_join_welcome_and_locked_room() {
     run(|kit| async move {
         let mut c = client(&kit, "42");
         assert_eq!(
-            c.subscribe_and_join("rooms:lobby", json!({"name": "ada"}))
-                .await,
+            c.subscribe_and_join("rooms:lobby", json!({"name": "ada"})).await,
             Reply::ok()
         );
-        c.assert_push(
-            "rooms:lobby",
-            "welcome",
-            json!({"msg": "Welcome to room lobby!"}),
-        )
-        .await;
+        c.assert_push("rooms:lobby", "welcome", json!({"msg": "Welcome to room lobby!"}))
+            .await;
         assert_eq!(
             c.subscribe_and_join("rooms:locked", json!({})).await,
             Reply::Error(json!({"reason": "unauthorized"}).into())
@@ -91,8 +86,7 @@ fn new_msg_shout_and_whisper_reach_the_right_members() {
             c.assert_broadcast("rooms:r", "shout", json!({"body": "HEY", "user": "1"}))
                 .await;
         }
-        a.refute(Duration::from_millis(50), |f| f.event == "shout")
-            .await;
+        a.refute(Duration::from_millis(50), |f| f.event == "shout").await;
 
         let r = b.push("rooms:r", "whisper", json!({"to": "1", "body": "psst"}));
         b.assert_reply(&r, Reply::ok()).await;
@@ -110,8 +104,7 @@ fn ping_bad_request_unknown_and_invalid() {
         let mut c = client(&kit, "7");
         c.subscribe_and_join("rooms:p", json!({})).await;
         let r = c.push("rooms:p", "ping", json!({"n": [1, 2]}));
-        c.assert_reply(&r, Reply::Ok(json!({"n": [1, 2]}).into()))
-            .await;
+        c.assert_reply(&r, Reply::Ok(json!({"n": [1, 2]}).into())).await;
         let bytes = Payload::Binary(bytes::Bytes::from_static(&[1, 2, 3]));
         let r = c.push("rooms:p", "ping", bytes.clone());
         c.assert_reply(&r, Reply::Ok(bytes)).await;
@@ -154,17 +147,11 @@ fn crash_sends_phx_error_and_other_channels_go_on() {
         c.push("rooms:x", "crash", json!({}));
         let err = c.expect("phx_error", |f| f.event == "phx_error").await;
         assert_eq!(err.topic, "rooms:x");
-        assert_eq!(
-            err.payload,
-            Payload::Json(json!({"reason": "channel_crash"}))
-        );
+        assert_eq!(err.payload, Payload::Json(json!({"reason": "channel_crash"})));
         let r = c.push("rooms:y", "ping", json!({}));
         c.assert_reply(&r, Reply::ok()).await;
         // The crashed channel can be joined again.
-        assert_eq!(
-            c.subscribe_and_join("rooms:x", json!({})).await,
-            Reply::ok()
-        );
+        assert_eq!(c.subscribe_and_join("rooms:x", json!({})).await, Reply::ok());
     });
 }
 
@@ -226,10 +213,7 @@ fn duplicate_join_replaces_the_channel() {
         let mut c = client(&kit, "3");
         c.subscribe_and_join("rooms:d", json!({})).await;
         c.frames();
-        assert_eq!(
-            c.subscribe_and_join("rooms:d", json!({})).await,
-            Reply::ok()
-        );
+        assert_eq!(c.subscribe_and_join("rooms:d", json!({})).await, Reply::ok());
         let frames = c.frames();
         assert_eq!(frames[0].event, "phx_close");
         assert_eq!(frames[0].join_ref.as_deref(), Some("1"));

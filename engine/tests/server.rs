@@ -35,9 +35,7 @@ struct Client {
 fn connect(addr: std::net::SocketAddr, user: &str) -> Client {
     let t = token::sign(SECRET.as_bytes(), user, unix_now());
     let stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let url = format!("ws://{addr}/socket/websocket?token={t}&vsn=2.0.0");
     let (ws, response) = tungstenite::client(url.as_str(), stream).unwrap();
     let core = response.headers()["x-ringcast-core"]
@@ -82,11 +80,7 @@ fn endpoint_broadcast_from_a_plain_thread_reaches_every_core() {
         }
     }
     let cores: std::collections::HashSet<_> = clients.iter().map(|c| c.core.clone()).collect();
-    assert_eq!(
-        cores.len(),
-        2,
-        "the kernel spread connections over both cores"
-    );
+    assert_eq!(cores.len(), 2, "the kernel spread connections over both cores");
     for c in &mut clients {
         c.join("bench:endpoint");
     }
@@ -95,10 +89,7 @@ fn endpoint_broadcast_from_a_plain_thread_reaches_every_core() {
     }
     for c in &mut clients {
         for i in 0..3 {
-            assert_eq!(
-                c.next(),
-                json!([null, null, "bench:endpoint", "tick", {"i": i}])
-            );
+            assert_eq!(c.next(), json!([null, null, "bench:endpoint", "tick", {"i": i}]));
         }
     }
 }

@@ -113,3 +113,40 @@ describe('--allowed-origin', () => {
     assert.equal(await upgradeStatus(server.port, { token: mintToken('1', { secret: 'x' }), origin: 'http://good.example' }), 403);
   });
 });
+
+describe('secret from RINGCAST_SECRET', () => {
+  let server;
+  before(async () => { server = await startServer({ secret: null, env: { RINGCAST_SECRET: 'env-secret' } }); });
+  after(async () => { await server.stop(); });
+
+  e2e('a token signed with RINGCAST_SECRET is accepted', async () => {
+    assert.equal(await upgradeStatus(server.port, { token: mintToken('5', { secret: 'env-secret' }) }), 101);
+  });
+
+  e2e('a token signed with another secret is refused with 403', async () => {
+    assert.equal(await upgradeStatus(server.port, { token: mintToken('5', { secret: SECRET }) }), 403);
+  });
+
+  e2e('`ringcast token` reads RINGCAST_SECRET too', async () => {
+    const out = await runCli(['token', '--user', '5'], { env: { RINGCAST_SECRET: 'env-secret' } });
+    assert.equal(out.code, 0, out.stderr);
+    assert.equal(await upgradeStatus(server.port, { token: out.stdout.trim() }), 101);
+  });
+});
+
+describe('no secret configured', () => {
+  let server;
+  before(async () => { server = await startServer({ secret: null }); });
+  after(async () => { await server.stop(); });
+
+  e2e('server and `ringcast token` share the development secret', async () => {
+    const out = await runCli(['token', '--user', '6']);
+    assert.equal(out.code, 0, out.stderr);
+    const c = await connect(server.port, '6', { token: out.stdout.trim() });
+    assert.deepEqual(await join(c.channel('notifications:6')), { status: 'ok', response: {} });
+  });
+
+  e2e('a token signed with test-secret is refused with 403', async () => {
+    assert.equal(await upgradeStatus(server.port, { token: mintToken('6') }), 403);
+  });
+});

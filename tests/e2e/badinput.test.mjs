@@ -18,8 +18,10 @@ async function bystanders(server, topic) {
 }
 
 /** The bystanders still get replies and broadcasts. */
-async function assertUnharmed(server, { chan, raw }, topic) {
+async function assertUnharmed(server, { phx, chan, raw }, topic) {
   assertAlive(server);
+  assert.deepEqual(phx.closes, [], 'the bystander phoenix client was never disconnected');
+  assert.equal(raw.closeInfo, null, 'the bystander raw client was never disconnected');
   assert.deepEqual(await push(chan, 'ping', { still: 'fine' }), { status: 'ok', response: { still: 'fine' } });
   const got = nextEvent(chan, 'new_msg');
   chan.push('new_msg', { body: 'after' });

@@ -62,6 +62,13 @@ export function e2e(name, fn, { timeout = 8000 } = {}) {
           timer = setTimeout(() => reject(new Error(`test did not finish within ${timeout} ms`)), timeout);
         }),
       ]);
+      // No test expects the server to drop a phoenix client; the client would reconnect
+      // and rejoin silently, which could hide such a drop from the test's own assertions.
+      for (const c of openClients) {
+        if (c instanceof PhxClient && c.opened && c.closes.length > 0) {
+          throw new Error(`phoenix client of user ${c.userId} was disconnected during the test: ${JSON.stringify(c.closes)}`);
+        }
+      }
     } catch (err) {
       for (const s of liveServers) {
         const tail = s.log().slice(-4000);
@@ -100,15 +107,17 @@ export function freePort() {
 
 /**
  * Starts `ringcast serve` on a free port and resolves once it logged `listening on`.
+ * `secret: null` starts it without `--secret` (it then reads RINGCAST_SECRET or uses its
+ * development secret); RINGCAST_SECRET is removed from its environment unless `env` sets it.
  * Returns `{port, url, httpUrl, proc, log(), stop()}`; `url` is the phoenix endpoint
  * (`ws://127.0.0.1:PORT/socket`).
  */
-export async function startServer({ cores = 1, args = [], env = {} } = {}) {
+export async function startServer({ cores = 1, args = [], env = {}, secret = SECRET } = {}) {
   const port = await freePort();
-  const argv = ['serve', '--listen', `127.0.0.1:${port}`, '--cores', String(cores), '--secret', SECRET, ...args];
+  const argv = ['serve', '--listen', `127.0.0.1:${port}`, '--cores', String(cores), ...(secret === null ? [] : ['--secret', secret]), ...args];
   const proc = spawn(BIN, argv, {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { NO_COLOR: '1', ...process.env, ...env },
+    env: { NO_COLOR: '1', ...withoutSecretEnv(process.env), ...env },
   });
   const chunks = [];
   let logLen = 0;
@@ -166,6 +175,11 @@ export async function startServer({ cores = 1, args = [], env = {} } = {}) {
   return server;
 }
 
+function withoutSecretEnv(env) {
+  const { RINGCAST_SECRET: _secret, RINGCAST_API_KEY: _key, ...rest } = env;
+  return rest;
+}
+
 async function stopServer(server) {
   liveServers.delete(server);
   if (server.exited) return;
@@ -185,9 +199,9 @@ export function assertAlive(server) {
 }
 
 /** Runs the ringcast binary with `args`; resolves `{code, stdout, stderr}`. */
-export function runCli(args, { timeout = 10000 } = {}) {
+export function runCli(args, { timeout = 10000, env = {} } = {}) {
   return new Promise((resolve) => {
-    execFile(BIN, args, { timeout }, (err, stdout, stderr) => {
+    execFile(BIN, args, { timeout, env: { ...withoutSecretEnv(process.env), ...env } }, (err, stdout, stderr) => {
       resolve({ code: err ? (typeof err.code === 'number' ? err.code : -1) : 0, stdout, stderr });
     });
   });
@@ -213,9 +227,9 @@ export function mintToken(userId, { secret = SECRET, iat = nowSecs() } = {}) {
 
 /**
  * Connects a phoenix `Socket` as `userId` and resolves once it is open.
- * Returns a `PhxClient`: `{socket, userId, core, messages, channel(), join(), close()}`.
+ * Returns a `PhxClient`: `{socket, userId, core, messages, closes, channel(), joined(), close()}`.
  * `core` is the `x-ringcast-core` header of the 101 answer; `messages` every decoded
- * message the socket received, in order.
+ * message the socket received, in order; `closes` every close of its transport.
  */
 export async function connect(port, userId, { token, params, timeout = 3000, socketOpts = {} } = {}) {
   const client = new PhxClient(userId);
@@ -235,13 +249,14 @@ export async function connect(port, userId, { token, params, timeout = 3000, soc
   });
   client.socket = socket;
   socket.onMessage((msg) => client.messages.push(msg));
+  socket.onClose((event) => client.closes.push({ code: event.code, reason: event.reason }));
   openClients.add(client);
   await new Promise((resolve, reject) => {
     const timer = setTimeout(() => fail(new Error(`phoenix socket did not open within ${timeout} ms`)), timeout);
     const refs = [];
     const done = () => { clearTimeout(timer); socket.off(refs); };
     const fail = (err) => { done(); socket.disconnect(); reject(err); };
-    refs.push(socket.onOpen(() => { done(); resolve(); }));
+    refs.push(socket.onOpen(() => { done(); client.opened = true; resolve(); }));
     refs.push(socket.onError((e) => fail(new Error(`phoenix socket failed to open: ${e && (e.message || e.type) || e}`))));
     socket.connect();
   });
@@ -256,6 +271,9 @@ export class PhxClient {
     this.socket = null;
     this.channels = [];
     this.pushes = [];
+    /** Close events of the transport ({code, reason}), including ones the client recovered from. */
+    this.closes = [];
+    this.opened = false;
   }
 
   channel(topic, params = {}) {
@@ -302,7 +320,7 @@ export class PhxClient {
   }
 }
 
-function awaitPush(push, timeout) {
+function awaitPush(push) {
   return new Promise((resolve) => {
     push
       .receive('ok', (response) => resolve({ status: 'ok', response }))
@@ -313,12 +331,12 @@ function awaitPush(push, timeout) {
 
 /** Joins a channel; resolves `{status, response}` (status "ok", "error" or "timeout"). */
 export function join(channel, timeout = 2000) {
-  return awaitPush(channel.join(timeout), timeout);
+  return awaitPush(channel.join(timeout));
 }
 
 /** Pushes `event` and resolves with the reply `{status, response}`; status "timeout" if none came. */
 export function push(channel, event, payload = {}, timeout = 2000) {
-  return awaitPush(channel.push(event, payload, timeout), timeout);
+  return awaitPush(channel.push(event, payload, timeout));
 }
 
 /** Resolves with the payload of the next `event` on `channel`; rejects after `timeout` ms. */
@@ -460,16 +478,15 @@ export function encodeBinaryPush(joinRef, ref, topic, event, data) {
  * `query` (the whole query string, overrides the others), `headers`, `origin`.
  */
 export async function rawConnect(port, opts = {}) {
-  const client = new RawClient(new WebSocket(wsUrl(port, opts), { headers: opts.headers, origin: opts.origin }), opts.vsn ?? null);
+  const client = new RawClient(new WebSocket(wsUrl(port, opts), { headers: opts.headers, origin: opts.origin }));
   openClients.add(client);
   await client.opened;
   return client;
 }
 
 export class RawClient {
-  constructor(ws, vsn) {
+  constructor(ws) {
     this.ws = ws;
-    this.v1 = typeof vsn === 'string' && vsn.startsWith('1.');
     this.core = undefined;
     this.queue = [];
     this.all = [];

@@ -97,19 +97,10 @@ pub trait Channel: Sized + 'static {
 
     /// Joins `topic`: `Ok((state, response))` accepts with an ok reply, `Err(response)`
     /// refuses with an error reply. Pushes made here reach the client after the reply.
-    async fn join(
-        topic: &str,
-        payload: Payload,
-        socket: &mut Socket,
-    ) -> Result<(Self, Payload), Payload>;
+    async fn join(topic: &str, payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload>;
 
     /// A client message on the joined topic.
-    async fn handle_in(
-        &mut self,
-        event: &str,
-        payload: Payload,
-        socket: &mut Socket,
-    ) -> HandleResult;
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult;
 
     /// An intercepted broadcast. The default pushes it unchanged.
     fn handle_out(&mut self, event: &str, payload: &Payload, socket: &mut Socket) {
@@ -137,12 +128,7 @@ pub(crate) type Handled = (Box<dyn DynChannel>, Socket, HandleResult);
 
 /// Object-safe face of [`Channel`] used by the runtime.
 pub(crate) trait DynChannel {
-    fn handle_in(
-        self: Box<Self>,
-        event: String,
-        payload: Payload,
-        socket: Socket,
-    ) -> LocalFuture<Handled>;
+    fn handle_in(self: Box<Self>, event: String, payload: Payload, socket: Socket) -> LocalFuture<Handled>;
     fn handle_info(self: Box<Self>, msg: Box<dyn Any>, socket: Socket) -> LocalFuture<Handled>;
     fn handle_out(&mut self, event: &str, payload: &Payload, socket: &mut Socket);
     fn terminate(&mut self, reason: StopReason, socket: &mut Socket);

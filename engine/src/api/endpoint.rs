@@ -33,9 +33,7 @@ pub struct Endpoint {
 impl Endpoint {
     pub(crate) fn new(cores: Vec<CoreInbox>) -> Self {
         for core in &cores {
-            core.wake
-                .set_nonblocking(true)
-                .expect("nonblocking wake socket");
+            core.wake.set_nonblocking(true).expect("nonblocking wake socket");
         }
         Endpoint {
             inner: Arc::new(Inner {

@@ -127,8 +127,6 @@ impl Router {
     }
 
     pub(crate) fn find(&self, topic: &str) -> Option<&RouteEntry> {
-        self.routes
-            .iter()
-            .find(|r| pattern_matches(&r.pattern, topic))
+        self.routes.iter().find(|r| pattern_matches(&r.pattern, topic))
     }
 }

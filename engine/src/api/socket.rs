@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::api::endpoint::Endpoint;
-use crate::proto::serializer::{encode, Outgoing};
+use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::Payload;
 use crate::shard::conn::{Conn, Mail};
 use crate::shard::{self, Broadcast};
@@ -67,6 +67,57 @@ impl Socket {
             },
             Err(e) => tracing::debug!(topic = %self.topic, event, "push dropped: {e}"),
         }
+    }
+
+    fn push_json_text(&mut self, event: &str, json: &str) {
+        let msg = Outgoing {
+            join_ref: Some(&self.join_ref),
+            msg_ref: None,
+            topic: &self.topic,
+            event,
+            body: Body::RawJson(json),
+        };
+        if let Ok(frame) = encode(self.conn.vsn, &msg) {
+            match self.deferred.as_mut() {
+                Some(deferred) => deferred.push(frame),
+                None => self.conn.enqueue_own(frame),
+            }
+        }
+    }
+
+    /// Tracks this connection in the topic's presence under `key` with `meta` (a JSON
+    /// object; `phx_ref` is added). Every member, this one included, gets a
+    /// `presence_diff`. Track after the join, as Phoenix does (from `handle_info` of a
+    /// message the join sent itself), so that this connection sees its own diff.
+    /// Leaving, crashing or disconnecting untracks.
+    pub fn track(&self, key: &str, meta: serde_json::Value) {
+        let shard = shard::current().expect("a socket lives on a shard");
+        shard.presence_track(&self.conn, &self.topic, key, meta);
+    }
+
+    /// Replaces this connection's meta under `key`; `false` if it tracked no such key.
+    pub fn update_presence(&self, key: &str, meta: serde_json::Value) -> bool {
+        let shard = shard::current().expect("a socket lives on a shard");
+        shard.presence_update(&self.conn, &self.topic, key, meta)
+    }
+
+    /// Stops tracking this connection under `key`.
+    pub fn untrack(&self, key: &str) {
+        let shard = shard::current().expect("a socket lives on a shard");
+        shard.presence_untrack(&self.conn, &self.topic, Some(key));
+    }
+
+    /// Every presence on this topic, on every core: `{key: {"metas": [...]}}`.
+    pub fn presence_list(&self) -> serde_json::Value {
+        let shard = shard::current().expect("a socket lives on a shard");
+        serde_json::from_str(&shard.presence_state_json(&self.topic)).unwrap_or_default()
+    }
+
+    /// Pushes `presence_state` (the current list) to this client.
+    pub fn push_presence_state(&mut self) {
+        let shard = shard::current().expect("a socket lives on a shard");
+        let json = shard.presence_state_json(&self.topic);
+        self.push_json_text("presence_state", &json);
     }
 
     /// Broadcasts `event` to every subscriber of this topic, on every core, this one

@@ -54,8 +54,7 @@ impl Request {
                     .headers
                     .iter()
                     .map(|h| {
-                        let value =
-                            std::str::from_utf8(h.value).map_err(|_| HttpError::Malformed)?;
+                        let value = std::str::from_utf8(h.value).map_err(|_| HttpError::Malformed)?;
                         Ok((h.name.to_ascii_lowercase(), value.trim().to_string()))
                     })
                     .collect::<Result<_, HttpError>>()?;
@@ -164,16 +163,9 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
         assert_eq!(req.websocket_key(), Some("dGhlIHNhbXBsZSBub25jZQ=="));
         assert_eq!(
             req.query_params(),
-            vec![
-                ("token".into(), "a.b".into()),
-                ("vsn".into(), "2.0.0".into())
-            ]
+            vec![("token".into(), "a.b".into()), ("vsn".into(), "2.0.0".into())]
         );
-        let resp = String::from_utf8(upgrade_response(
-            "dGhlIHNhbXBsZSBub25jZQ==",
-            &[("x-a", "1")],
-        ))
-        .unwrap();
+        let resp = String::from_utf8(upgrade_response("dGhlIHNhbXBsZSBub25jZQ==", &[("x-a", "1")])).unwrap();
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(resp.ends_with("x-a: 1\r\n\r\n"));
     }

@@ -21,6 +21,8 @@ pub enum Body<'a> {
     Payload(&'a Payload),
     /// A `phx_reply`: `{"status": status, "response": response}` (binary: kind 1).
     Reply(&'a str, &'a Payload),
+    /// A payload that is already JSON text (presence state and diffs).
+    RawJson(&'a str),
 }
 
 /// A server → client message, borrowed, ready to encode.
@@ -51,12 +53,7 @@ impl<'a> Outgoing<'a> {
     }
 
     /// A channel push: the channel's join_ref, no ref.
-    pub fn push(
-        join_ref: Option<&'a str>,
-        topic: &'a str,
-        event: &'a str,
-        payload: &'a Payload,
-    ) -> Self {
+    pub fn push(join_ref: Option<&'a str>, topic: &'a str, event: &'a str, payload: &'a Payload) -> Self {
         Outgoing {
             join_ref,
             msg_ref: None,
@@ -132,13 +129,12 @@ fn write_opt(out: &mut Vec<u8>, s: Option<&str>) {
 
 fn write_json_body(out: &mut Vec<u8>, body: Body<'_>) {
     let json = |out: &mut Vec<u8>, p: &Payload| match p {
-        Payload::Json(v) => {
-            serde_json::to_writer(&mut *out, v).expect("writing to a Vec cannot fail")
-        }
+        Payload::Json(v) => serde_json::to_writer(&mut *out, v).expect("writing to a Vec cannot fail"),
         Payload::Binary(_) => unreachable!("binary bodies take the binary path"),
     };
     match body {
         Body::Payload(p) => json(out, p),
+        Body::RawJson(text) => out.extend_from_slice(text.as_bytes()),
         Body::Reply(status, response) => {
             out.extend_from_slice(b"{\"status\":");
             write_str(out, status);
@@ -207,6 +203,7 @@ fn encode_binary(msg: &Outgoing<'_>, data: &Bytes) -> Result<Bytes, EncodeError>
                 out.extend_from_slice(field.as_bytes());
             }
         }
+        Body::RawJson(_) => unreachable!("JSON text takes the text path"),
         Body::Payload(_) if msg.join_ref.is_some() => {
             out.extend_from_slice(&[0, len_u8(join_ref)?, len_u8(msg.topic)?, len_u8(msg.event)?]);
             for field in [join_ref, msg.topic, msg.event] {
@@ -381,11 +378,7 @@ mod tests {
     #[test]
     fn v1_never_emits_join_ref() {
         let p = Payload::empty();
-        let frame = encode(
-            Vsn::V1,
-            &Outgoing::reply(Some("1"), Some("1"), "t", "ok", &p),
-        )
-        .unwrap();
+        let frame = encode(Vsn::V1, &Outgoing::reply(Some("1"), Some("1"), "t", "ok", &p)).unwrap();
         assert_eq!(
             frame_body(&frame),
             br#"{"topic":"t","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"1"}"#
@@ -397,8 +390,7 @@ mod tests {
 
     #[test]
     fn v1_decode_with_join_ref_and_null_ref() {
-        let mut f =
-            br#"{"topic":"a","event":"e","payload":[1],"ref":null,"join_ref":"3"}"#.to_vec();
+        let mut f = br#"{"topic":"a","event":"e","payload":[1],"ref":null,"join_ref":"3"}"#.to_vec();
         let m = decode_text(Vsn::V1, &mut f).unwrap();
         assert_eq!((m.join_ref.as_deref(), m.msg_ref), (Some("3"), None));
         assert_eq!(m.payload, Payload::from(json!([1])));
@@ -408,10 +400,7 @@ mod tests {
     fn v2_ignores_extra_elements() {
         let mut f = br#"[null,"1","phoenix","heartbeat",{},"extra",7]"#.to_vec();
         let m = decode_text(Vsn::V2, &mut f).unwrap();
-        assert_eq!(
-            (m.topic.as_str(), m.event.as_str()),
-            ("phoenix", "heartbeat")
-        );
+        assert_eq!((m.topic.as_str(), m.event.as_str()), ("phoenix", "heartbeat"));
     }
 
     #[test]
@@ -455,8 +444,7 @@ mod tests {
     #[test]
     fn binary_worked_example_from_the_protocol() {
         let client = [
-            0, 1, 1, 7, 4, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'p', b'i', b'n',
-            b'g', 1, 2,
+            0, 1, 1, 7, 4, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'p', b'i', b'n', b'g', 1, 2,
         ];
         let m = decode_binary(Vsn::V2, &client).unwrap();
         assert_eq!(
@@ -478,10 +466,7 @@ mod tests {
         assert_eq!(reply[0], 0x82);
         assert_eq!(
             frame_body(&reply),
-            &[
-                1, 1, 1, 7, 2, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'o', b'k', 1,
-                2
-            ]
+            &[1, 1, 1, 7, 2, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'o', b'k', 1, 2]
         );
     }
 

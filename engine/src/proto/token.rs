@@ -31,8 +31,7 @@ struct Claims {
 }
 
 fn mac(secret: &[u8], data: &[u8]) -> Hmac<Sha256> {
-    let mut mac =
-        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(data);
     mac
 }
@@ -59,16 +58,12 @@ pub fn sign(secret: &[u8], user_id: &str, iat: u64) -> String {
 /// Verifies `token` at time `now` (unix seconds) and returns its user id.
 pub fn verify(secret: &[u8], token: &str, now: u64) -> Result<String, TokenError> {
     let (body, sig) = token.split_once('.').ok_or(TokenError::Malformed)?;
-    let sig = URL_SAFE_NO_PAD
-        .decode(sig)
-        .map_err(|_| TokenError::Malformed)?;
+    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| TokenError::Malformed)?;
     // Constant-time comparison.
     mac(secret, body.as_bytes())
         .verify_slice(&sig)
         .map_err(|_| TokenError::BadSignature)?;
-    let claims = URL_SAFE_NO_PAD
-        .decode(body)
-        .map_err(|_| TokenError::Malformed)?;
+    let claims = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Malformed)?;
     let claims: Claims = serde_json::from_slice(&claims).map_err(|_| TokenError::Malformed)?;
     // A little clock skew is tolerated for tokens minted on another machine.
     if claims.iat > now + 60 || now.saturating_sub(claims.iat) > MAX_AGE_SECS {
@@ -85,10 +80,7 @@ mod tests {
     fn expiry_bounds() {
         let t = sign(b"k", "7", 1000);
         assert_eq!(verify(b"k", &t, 1000 + MAX_AGE_SECS), Ok("7".into()));
-        assert_eq!(
-            verify(b"k", &t, 1001 + MAX_AGE_SECS),
-            Err(TokenError::Expired)
-        );
+        assert_eq!(verify(b"k", &t, 1001 + MAX_AGE_SECS), Err(TokenError::Expired));
         assert_eq!(verify(b"k", &t, 900), Err(TokenError::Expired));
     }
 

@@ -161,9 +161,7 @@ impl FrameReader {
                     Control::Reserved(_) => return Err(ProtocolError::BadFrame("reserved opcode")),
                 }
             }
-            OpCode::Data(Data::Reserved(_)) => {
-                return Err(ProtocolError::BadFrame("reserved opcode"))
-            }
+            OpCode::Data(Data::Reserved(_)) => return Err(ProtocolError::BadFrame("reserved opcode")),
             OpCode::Data(Data::Continue) => {
                 let Some(fragment) = self.fragment.as_mut() else {
                     return Err(ProtocolError::BadFrame("continuation without a message"));
@@ -171,19 +169,14 @@ impl FrameReader {
                 fragment.data.extend_from_slice(payload);
                 if header.is_final {
                     let fragment = self.fragment.take().expect("checked above");
-                    Some(data_message(
-                        fragment.binary,
-                        MessageData::Owned(fragment.data),
-                    )?)
+                    Some(data_message(fragment.binary, MessageData::Owned(fragment.data))?)
                 } else {
                     None
                 }
             }
             OpCode::Data(kind) => {
                 if self.fragment.is_some() {
-                    return Err(ProtocolError::BadFrame(
-                        "new message inside a fragmented one",
-                    ));
+                    return Err(ProtocolError::BadFrame("new message inside a fragmented one"));
                 }
                 let binary = kind == Data::Binary;
                 if header.is_final {
@@ -218,9 +211,7 @@ fn simdutf8_ok(bytes: &[u8]) -> bool {
 fn parse_close(payload: &[u8]) -> Result<Option<u16>, ProtocolError> {
     match payload.len() {
         0 => Ok(None),
-        1 => Err(ProtocolError::BadFrame(
-            "close frame with a one-byte payload",
-        )),
+        1 => Err(ProtocolError::BadFrame("close frame with a one-byte payload")),
         _ => {
             if std::str::from_utf8(&payload[2..]).is_err() {
                 return Err(ProtocolError::BadUtf8);
@@ -346,10 +337,7 @@ mod tests {
         out
     }
 
-    fn read_one(
-        reader: &mut FrameReader,
-        buf: &mut [u8],
-    ) -> Result<(usize, Option<String>), ProtocolError> {
+    fn read_one(reader: &mut FrameReader, buf: &mut [u8]) -> Result<(usize, Option<String>), ProtocolError> {
         match reader.read(buf)? {
             Parsed::NeedMore => Ok((0, None)),
             Parsed::Frame { consumed, message } => Ok((
@@ -403,10 +391,7 @@ mod tests {
             at += consumed;
             seen.extend(msg);
         }
-        assert_eq!(
-            seen,
-            vec!["ping:[112]".to_string(), "text:hello".to_string()]
-        );
+        assert_eq!(seen, vec!["ping:[112]".to_string(), "text:hello".to_string()]);
     }
 
     #[test]
@@ -448,10 +433,7 @@ mod tests {
                 ProtocolError::BadFrame("continuation without a message"),
             ),
             // Invalid UTF-8 in a text frame.
-            (
-                client_frame(0x81, &[0xff, 0xfe], [0; 4]),
-                ProtocolError::BadUtf8,
-            ),
+            (client_frame(0x81, &[0xff, 0xfe], [0; 4]), ProtocolError::BadUtf8),
             // Close frame with a one-byte payload.
             (
                 client_frame(0x88, &[3], [0; 4]),
@@ -498,13 +480,7 @@ mod tests {
 
     #[test]
     fn server_frames_have_minimal_headers() {
-        for (len, header) in [
-            (5usize, 2usize),
-            (125, 2),
-            (126, 4),
-            (65535, 4),
-            (65536, 10),
-        ] {
+        for (len, header) in [(5usize, 2usize), (125, 2), (126, 4), (65535, 4), (65536, 10)] {
             let mut fb = FrameBuilder::with_capacity(len);
             fb.payload().extend(std::iter::repeat_n(b'a', len));
             let frame = fb.finish(FrameKind::Text);

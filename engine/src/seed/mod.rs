@@ -70,37 +70,40 @@ fn unknown_event() -> HandleResult {
     HandleResult::Reply(Reply::error("unknown event"))
 }
 
-/// `rooms:*`: chat with welcome, shout, whisper, ping and friends.
+/// `rooms:*`: chat with welcome, presence, shout, whisper, ping and friends.
 pub struct RoomChannel {
     user: String,
+    name: String,
 }
+
+/// What a room sends itself right after its join (Phoenix's `:after_join`).
+struct AfterJoin;
 
 impl Channel for RoomChannel {
     const INTERCEPTS: &'static [&'static str] = &["whisper"];
 
-    async fn join(
-        topic: &str,
-        _payload: Payload,
-        socket: &mut Socket,
-    ) -> Result<(Self, Payload), Payload> {
+    async fn join(topic: &str, payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
         if topic == "rooms:locked" {
             return Err(json!({"reason": "unauthorized"}).into());
         }
         let room = topic.strip_prefix("rooms:").unwrap_or(topic);
-        socket.push(
-            "welcome",
-            json!({"msg": format!("Welcome to room {room}!")}),
-        );
+        socket.push("welcome", json!({"msg": format!("Welcome to room {room}!")}));
+        socket.channel_ref().send(AfterJoin);
         let user = socket.assigns::<User>().id.clone();
-        Ok((RoomChannel { user }, Payload::empty()))
+        let name = payload.str_field("name").unwrap_or(&user).to_string();
+        Ok((RoomChannel { user, name }, Payload::empty()))
     }
 
-    async fn handle_in(
-        &mut self,
-        event: &str,
-        payload: Payload,
-        socket: &mut Socket,
-    ) -> HandleResult {
+    async fn handle_info(&mut self, msg: Box<dyn std::any::Any>, socket: &mut Socket) -> HandleResult {
+        if msg.is::<AfterJoin>() {
+            socket.push_presence_state();
+            let online_at = unix_now().to_string();
+            socket.track(&self.user, json!({"name": self.name, "online_at": online_at}));
+        }
+        HandleResult::NoReply
+    }
+
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
         match event {
             "new_msg" => match body(&payload) {
                 Some(body) => {
@@ -118,10 +121,7 @@ impl Channel for RoomChannel {
             },
             "whisper" => match (payload.str_field("to"), body(&payload)) {
                 (Some(to), Some(body)) => {
-                    socket.broadcast(
-                        "whisper",
-                        json!({"to": to, "body": body, "from": self.user}),
-                    );
+                    socket.broadcast("whisper", json!({"to": to, "body": body, "from": self.user}));
                     HandleResult::Reply(Reply::ok())
                 }
                 _ => invalid(),
@@ -146,11 +146,7 @@ impl Channel for RoomChannel {
 pub struct NotificationsChannel;
 
 impl Channel for NotificationsChannel {
-    async fn join(
-        topic: &str,
-        _payload: Payload,
-        socket: &mut Socket,
-    ) -> Result<(Self, Payload), Payload> {
+    async fn join(topic: &str, _payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
         let owner = topic.strip_prefix("notifications:");
         if owner == Some(socket.assigns::<User>().id.as_str()) {
             Ok((NotificationsChannel, Payload::empty()))
@@ -159,12 +155,7 @@ impl Channel for NotificationsChannel {
         }
     }
 
-    async fn handle_in(
-        &mut self,
-        _event: &str,
-        _payload: Payload,
-        _socket: &mut Socket,
-    ) -> HandleResult {
+    async fn handle_in(&mut self, _event: &str, _payload: Payload, _socket: &mut Socket) -> HandleResult {
         unknown_event()
     }
 }
@@ -175,21 +166,12 @@ pub struct BenchChannel {
 }
 
 impl Channel for BenchChannel {
-    async fn join(
-        _topic: &str,
-        _payload: Payload,
-        socket: &mut Socket,
-    ) -> Result<(Self, Payload), Payload> {
+    async fn join(_topic: &str, _payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
         let user = socket.assigns::<User>().id.clone();
         Ok((BenchChannel { user }, Payload::empty()))
     }
 
-    async fn handle_in(
-        &mut self,
-        event: &str,
-        payload: Payload,
-        socket: &mut Socket,
-    ) -> HandleResult {
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
         match (event, body(&payload)) {
             ("new_msg", Some(body)) => {
                 socket.broadcast("new_msg", json!({"body": body, "user": self.user}));

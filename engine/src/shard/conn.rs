@@ -16,6 +16,7 @@ use crate::api::socket::Socket;
 use crate::proto::socket::ChannelTable;
 use crate::proto::ws::close_code;
 use crate::proto::Vsn;
+use crate::shard::presence::Tracked;
 use crate::shard::Broadcast;
 
 /// A connection's key in its shard: slab slot plus a generation, so a stale id never
@@ -116,6 +117,8 @@ pub(crate) struct Conn {
     pub(crate) out: RefCell<OutQueue>,
     pub(crate) mailbox: RefCell<VecDeque<Mail>>,
     pub(crate) channels: RefCell<ChannelTable<Slot>>,
+    /// Presences this connection tracked.
+    pub(crate) tracked: RefCell<Vec<Tracked>>,
     /// Close requested with this code (first request wins).
     pub(crate) close: Cell<Option<u16>>,
     /// Milliseconds (wrapping) since the shard's epoch when the client last sent anything.
@@ -141,6 +144,7 @@ impl Conn {
             out: RefCell::default(),
             mailbox: RefCell::default(),
             channels: RefCell::default(),
+            tracked: RefCell::default(),
             close: Cell::new(None),
             last_in: Cell::new(now),
             waker: RefCell::new(None),

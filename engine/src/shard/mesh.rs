@@ -13,17 +13,16 @@ use glommio::channels::channel_mesh::Senders;
 use glommio::{GlommioError, ResourceType};
 
 use super::Broadcast;
+use crate::proto::presence::Delta;
 
 /// What crosses from one core to another.
 pub(crate) enum MeshMsg {
     /// Deliver to your local subscribers.
     Broadcast(Arc<Broadcast>),
     /// Core `core` now has (`on`) or no longer has subscribers for `topic`.
-    Interest {
-        topic: Arc<str>,
-        core: usize,
-        on: bool,
-    },
+    Interest { topic: Arc<str>, core: usize, on: bool },
+    /// A presence delta issued by the sending core for its own connections.
+    Presence { topic: Arc<str>, delta: Arc<Delta> },
 }
 
 struct Inner {
@@ -55,13 +54,7 @@ impl Mesh {
     }
 
     pub(crate) fn forward(&self, b: &Arc<Broadcast>) {
-        let mask = self
-            .0
-            .interest
-            .borrow()
-            .get(&*b.topic)
-            .copied()
-            .unwrap_or(0);
+        let mask = self.0.interest.borrow().get(&*b.topic).copied().unwrap_or(0);
         for peer in 0..self.0.backlog.len() {
             if mask & (1 << peer) != 0 {
                 send(&self.0, peer, MeshMsg::Broadcast(b.clone()));
@@ -76,6 +69,18 @@ impl Mesh {
                 topic: topic.clone(),
                 core: self.0.index,
                 on,
+            };
+            send(&self.0, peer, msg);
+        }
+    }
+
+    /// Every core keeps a full presence replica, so deltas go to all of them.
+    pub(crate) fn replicate_presence(&self, topic: &str, delta: &Arc<Delta>) {
+        let topic: Arc<str> = topic.into();
+        for peer in (0..self.0.backlog.len()).filter(|p| *p != self.0.index) {
+            let msg = MeshMsg::Presence {
+                topic: topic.clone(),
+                delta: delta.clone(),
             };
             send(&self.0, peer, msg);
         }

@@ -8,6 +8,7 @@
 
 pub mod conn;
 pub(crate) mod mesh;
+pub(crate) mod presence;
 pub(crate) mod session;
 
 use std::cell::{Cell, RefCell};
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use slab::Slab;
 
 use crate::api::endpoint::Endpoint;
-use crate::proto::serializer::{encode, EncodeError, Outgoing};
+use crate::proto::serializer::{encode, Body, EncodeError, Outgoing};
 use crate::proto::ws::close_code;
 use crate::proto::{Payload, Vsn};
 use crate::server::App;
@@ -32,7 +33,9 @@ use mesh::{Mesh, MeshMsg};
 pub struct Broadcast {
     pub(crate) topic: Box<str>,
     pub(crate) event: Box<str>,
-    pub(crate) payload: Payload,
+    payload: OnceLock<Payload>,
+    /// The payload as JSON text, when it was built as text (presence).
+    raw: Option<Box<str>>,
     v2: Result<Bytes, EncodeError>,
     v1: OnceLock<Result<Bytes, EncodeError>>,
     /// `broadcast_from`: the (shard, connection) that must not receive it.
@@ -40,31 +43,61 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
-    pub(crate) fn new(
-        topic: &str,
-        event: &str,
-        payload: Payload,
-        from: Option<(usize, ConnId)>,
-    ) -> Self {
+    pub(crate) fn new(topic: &str, event: &str, payload: Payload, from: Option<(usize, ConnId)>) -> Self {
         let v2 = encode(Vsn::V2, &Outgoing::broadcast(topic, event, &payload));
         Broadcast {
             topic: topic.into(),
             event: event.into(),
-            payload,
+            payload: OnceLock::from(payload),
+            raw: None,
             v2,
             v1: OnceLock::new(),
             from,
         }
     }
 
+    /// A broadcast whose payload is already JSON text.
+    pub(crate) fn raw(topic: &str, event: &str, json: String) -> Self {
+        let raw = json.into_boxed_str();
+        let v2 = encode(Vsn::V2, &Self::raw_outgoing(topic, event, &raw));
+        Broadcast {
+            topic: topic.into(),
+            event: event.into(),
+            payload: OnceLock::new(),
+            raw: Some(raw),
+            v2,
+            v1: OnceLock::new(),
+            from: None,
+        }
+    }
+
+    fn raw_outgoing<'a>(topic: &'a str, event: &'a str, raw: &'a str) -> Outgoing<'a> {
+        Outgoing {
+            join_ref: None,
+            msg_ref: None,
+            topic,
+            event,
+            body: Body::RawJson(raw),
+        }
+    }
+
+    /// The payload (parsed on first use when the broadcast was built as text).
+    pub(crate) fn payload(&self) -> &Payload {
+        self.payload.get_or_init(|| {
+            let raw = self.raw.as_deref().unwrap_or("null");
+            Payload::Json(serde_json::from_str(raw).unwrap_or(serde_json::Value::Null))
+        })
+    }
+
     fn frame(&self, vsn: Vsn) -> Option<&Bytes> {
         let frame = match vsn {
             Vsn::V2 => &self.v2,
-            Vsn::V1 => self.v1.get_or_init(|| {
-                encode(
+            Vsn::V1 => self.v1.get_or_init(|| match &self.raw {
+                Some(raw) => encode(Vsn::V1, &Self::raw_outgoing(&self.topic, &self.event, raw)),
+                None => encode(
                     Vsn::V1,
-                    &Outgoing::broadcast(&self.topic, &self.event, &self.payload),
-                )
+                    &Outgoing::broadcast(&self.topic, &self.event, self.payload()),
+                ),
             }),
         };
         frame.as_ref().ok()
@@ -114,6 +147,7 @@ pub(crate) struct Shard {
     conns: RefCell<Slab<Rc<Conn>>>,
     topics: RefCell<HashMap<Box<str>, Vec<Sub>>>,
     mesh: Option<Mesh>,
+    presence: presence::PresenceHub,
 }
 
 thread_local! {
@@ -134,12 +168,7 @@ pub(crate) fn publish(broadcast: Broadcast) {
 }
 
 impl Shard {
-    pub(crate) fn install(
-        index: usize,
-        app: Arc<App>,
-        endpoint: Endpoint,
-        mesh: Option<Mesh>,
-    ) -> Rc<Shard> {
+    pub(crate) fn install(index: usize, app: Arc<App>, endpoint: Endpoint, mesh: Option<Mesh>) -> Rc<Shard> {
         let shard = Rc::new(Shard {
             index,
             app,
@@ -150,6 +179,7 @@ impl Shard {
             conns: RefCell::default(),
             topics: RefCell::default(),
             mesh,
+            presence: presence::PresenceHub::new(),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
         shard
@@ -180,14 +210,7 @@ impl Shard {
             gen,
         };
         let socket_id = socket_id.map(String::into_boxed_str);
-        let conn = Rc::new(Conn::new(
-            id,
-            vsn,
-            assigns,
-            socket_id,
-            limits,
-            self.now_ms(),
-        ));
+        let conn = Rc::new(Conn::new(id, vsn, assigns, socket_id, limits, self.now_ms()));
         entry.insert(conn.clone());
         drop(conns);
         if let Some(topic) = &conn.socket_id {
@@ -209,10 +232,7 @@ impl Shard {
             self.unsubscribe(topic, conn.id);
         }
         let mut conns = self.conns.borrow_mut();
-        if conns
-            .get(conn.id.key as usize)
-            .is_some_and(|c| c.id == conn.id)
-        {
+        if conns.get(conn.id.key as usize).is_some_and(|c| c.id == conn.id) {
             conns.remove(conn.id.key as usize);
             self.stats.connections.set(self.stats.connections.get() - 1);
         }
@@ -278,20 +298,14 @@ impl Shard {
             return;
         };
         let conns = self.conns.borrow();
-        let skip = b
-            .from
-            .filter(|(core, _)| *core == self.index)
-            .map(|(_, id)| id);
+        let skip = b.from.filter(|(core, _)| *core == self.index).map(|(_, id)| id);
         let mut shared: [Option<Rc<Bytes>>; 2] = [None, None];
         let mut delivered = 0u64;
         for sub in subs {
             if Some(sub.conn) == skip {
                 continue;
             }
-            let Some(conn) = conns
-                .get(sub.conn.key as usize)
-                .filter(|c| c.id == sub.conn)
-            else {
+            let Some(conn) = conns.get(sub.conn.key as usize).filter(|c| c.id == sub.conn) else {
                 continue;
             };
             match sub.kind {
@@ -315,14 +329,13 @@ impl Shard {
                 }
             }
         }
-        self.stats
-            .deliveries
-            .set(self.stats.deliveries.get() + delivered);
+        self.stats.deliveries.set(self.stats.deliveries.get() + delivered);
     }
 
     pub(crate) fn on_mesh(&self, msg: MeshMsg) {
         match msg {
             MeshMsg::Broadcast(b) => self.deliver_local(&b),
+            MeshMsg::Presence { topic, delta } => self.presence_apply(&topic, &delta),
             MeshMsg::Interest { topic, core, on } => {
                 if let Some(mesh) = &self.mesh {
                     mesh.set_interest(&topic, core, on);
@@ -333,12 +346,7 @@ impl Shard {
 
     /// Asks connections silent for longer than the idle timeout to close.
     pub(crate) fn sweep_idle(&self) {
-        let limit = self
-            .app
-            .config
-            .idle_timeout
-            .as_millis()
-            .min(u32::MAX as u128 / 2) as u32;
+        let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
         let now = self.now_ms();
         for (_, conn) in self.conns.borrow().iter() {
             if now.wrapping_sub(conn.last_in.get()) >= limit {

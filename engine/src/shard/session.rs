@@ -90,11 +90,11 @@ impl Session {
     pub(crate) fn handle_message(&mut self, msg: Message, cx: &mut Context<'_>) {
         debug_assert!(!self.busy());
         bump(&self.shard.stats.messages_in, true);
-        let route =
-            self.conn
-                .channels
-                .borrow()
-                .route(msg.join_ref.as_deref(), &msg.topic, &msg.event);
+        let route = self
+            .conn
+            .channels
+            .borrow()
+            .route(msg.join_ref.as_deref(), &msg.topic, &msg.event);
         match route {
             Route::Heartbeat => self.reply(None, msg.msg_ref.as_deref(), "phoenix", &Reply::ok()),
             Route::LeaveUnjoined => self.reply(
@@ -116,20 +116,8 @@ impl Session {
                 self.start_join(msg, Some(old_join_ref), cx);
             }
             Route::Deliver(index) if msg.event == "phx_leave" => {
-                let join_ref: Rc<str> = self
-                    .conn
-                    .channels
-                    .borrow()
-                    .get(index)
-                    .join_ref
-                    .as_str()
-                    .into();
-                self.reply(
-                    Some(&join_ref),
-                    msg.msg_ref.as_deref(),
-                    &msg.topic,
-                    &Reply::ok(),
-                );
+                let join_ref: Rc<str> = self.conn.channels.borrow().get(index).join_ref.as_str().into();
+                self.reply(Some(&join_ref), msg.msg_ref.as_deref(), &msg.topic, &Reply::ok());
                 let (topic, join_ref) = self.end_channel(index, StopReason::Leave);
                 self.control(&join_ref, &topic, "phx_close", &Payload::empty());
             }
@@ -165,12 +153,7 @@ impl Session {
             .unwrap_or_default()
             .into();
         let refuse = |this: &Self, reason: &str| {
-            this.reply(
-                None,
-                msg.msg_ref.as_deref(),
-                &msg.topic,
-                &Reply::error(reason),
-            );
+            this.reply(None, msg.msg_ref.as_deref(), &msg.topic, &Reply::error(reason));
             if let Some(old) = &replaced {
                 this.control(old, &msg.topic, "phx_close", &Payload::empty());
             }
@@ -253,9 +236,7 @@ impl Session {
                     unreachable!("matched above")
                 };
                 match outcome {
-                    Some((channel, socket, result)) => {
-                        self.finish_run(channel, socket, result, msg_ref)
-                    }
+                    Some((channel, socket, result)) => self.finish_run(channel, socket, result, msg_ref),
                     None => self.crash(&topic, &join_ref),
                 }
             }
@@ -291,12 +272,7 @@ impl Session {
                     },
                 );
                 bump(&self.shard.stats.channels, true);
-                self.reply(
-                    Some(&join_ref),
-                    msg_ref.as_deref(),
-                    &topic,
-                    &Reply::Ok(response),
-                );
+                self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &Reply::Ok(response));
                 if let Some(old) = &replaced {
                     self.control(old, &topic, "phx_close", &Payload::empty());
                 }
@@ -365,6 +341,7 @@ impl Session {
                 tracing::warn!(%topic, "terminate crashed");
             }
         }
+        self.shard.presence_untrack(&self.conn, &topic, None);
         self.shard.unsubscribe(&topic, self.conn.id);
         bump(&self.shard.stats.channels, false);
         (topic, join_ref)
@@ -382,6 +359,7 @@ impl Session {
         if let Some(index) = index {
             let joined = self.conn.channels.borrow_mut().remove(index);
             drop(joined);
+            self.shard.presence_untrack(&self.conn, topic, None);
             self.shard.unsubscribe(topic, self.conn.id);
             bump(&self.shard.stats.channels, false);
         }
@@ -413,11 +391,10 @@ impl Session {
                     };
                     socket.deferred = None;
                     let ok = catch_unwind(AssertUnwindSafe(|| {
-                        channel.handle_out(&b.event, &b.payload, &mut socket)
+                        channel.handle_out(&b.event, b.payload(), &mut socket)
                     }));
                     let (topic, join_ref) = (socket.topic.clone(), socket.join_ref.clone());
-                    self.conn.channels.borrow_mut().get_mut(index).state.running =
-                        Some((channel, socket));
+                    self.conn.channels.borrow_mut().get_mut(index).state.running = Some((channel, socket));
                     if ok.is_err() {
                         self.crash(&topic, &join_ref);
                     }
@@ -452,6 +429,7 @@ impl Session {
     pub(crate) fn finish(&mut self) {
         self.pending = None;
         self.conn.mailbox.borrow_mut().clear();
+        self.shard.presence_untrack_all(&self.conn);
         let joined: Vec<_> = self.conn.channels.borrow_mut().drain().collect();
         for j in joined {
             if let Some((mut channel, mut socket)) = j.state.running {

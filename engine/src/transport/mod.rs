@@ -131,12 +131,7 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Opt
         return None;
     };
     let params = req.query_params();
-    let vsn = Vsn::from_param(
-        params
-            .iter()
-            .find(|(k, _)| k == "vsn")
-            .map(|(_, v)| v.as_str()),
-    );
+    let vsn = Vsn::from_param(params.iter().find(|(k, _)| k == "vsn").map(|(_, v)| v.as_str()));
     let origin = req.header("origin").map(str::to_string);
     let app = shard.app.clone();
     let info = ConnectInfo {
@@ -145,10 +140,9 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Opt
         origin,
     };
     let accepted = match vsn {
-        Some(vsn) if origin_allowed(&app.config.allowed_origins, info.origin.as_deref()) => app
-            .socket
-            .connect(&info)
-            .map(|(assigns, id)| (vsn, assigns, id)),
+        Some(vsn) if origin_allowed(&app.config.allowed_origins, info.origin.as_deref()) => {
+            app.socket.connect(&info).map(|(assigns, id)| (vsn, assigns, id))
+        }
         _ => None,
     };
     let Some((vsn, assigns, socket_id)) = accepted else {

@@ -1,0 +1,460 @@
+//! One Phoenix V2 client connection over a hand-rolled WebSocket: connect (bound to a
+//! chosen loopback source address), upgrade, join, then read frames.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::phx;
+use crate::ws::{self, opcode, MaskGen, Parsed};
+
+/// Bytes of read buffer a connection starts with; it grows only for larger frames.
+const INITIAL_BUF: usize = 1024;
+/// Largest server message accepted.
+const MAX_MESSAGE: usize = 16 << 20;
+/// Largest HTTP upgrade response accepted.
+const MAX_RESPONSE_HEAD: usize = 8192;
+
+/// Where to connect and how.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// `Host` header value.
+    pub host: String,
+    /// Path of the WebSocket endpoint, e.g. `/socket/websocket`.
+    pub path: String,
+}
+
+/// Why opening a connection failed. `kind()` is the key of the failure table.
+#[derive(Debug, Clone)]
+pub enum Fail {
+    Refused,
+    Connect(String),
+    Status(u16),
+    Handshake(String),
+    Join(String),
+    Timeout(&'static str),
+}
+
+impl Fail {
+    pub fn kind(&self) -> String {
+        match self {
+            Fail::Refused => "connect refused".into(),
+            Fail::Connect(e) => format!("connect error: {e}"),
+            Fail::Status(s) => format!("handshake status {s}"),
+            Fail::Handshake(e) => format!("handshake error: {e}"),
+            Fail::Join(r) => format!("join error: {r}"),
+            Fail::Timeout(stage) => format!("timeout: {stage}"),
+        }
+    }
+}
+
+/// How an open connection ended (when the server ended it, or on an error).
+#[derive(Debug, Clone)]
+pub enum End {
+    /// The server sent a close frame with this code.
+    Closed(u16),
+    /// TCP end of stream without a close frame.
+    Eof,
+    Io(io::ErrorKind),
+    Protocol(String),
+}
+
+impl End {
+    pub fn kind(&self) -> String {
+        match self {
+            End::Closed(code) => format!("server close {code}"),
+            End::Eof => "eof without close frame".into(),
+            End::Io(k) => format!("io error: {k:?}"),
+            End::Protocol(e) => format!("protocol error: {e}"),
+        }
+    }
+}
+
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Data of a fragmented message being assembled.
+    frag: Vec<u8>,
+    out: Vec<u8>,
+    mask: MaskGen,
+    next_ref: u64,
+}
+
+fn io_fail(e: &io::Error) -> Fail {
+    if e.kind() == io::ErrorKind::ConnectionRefused {
+        Fail::Refused
+    } else {
+        Fail::Connect(format!("{:?}", e.kind()))
+    }
+}
+
+/// A fresh `Sec-WebSocket-Key`: base64 of 16 pseudo-random bytes.
+fn ws_key(mask: &mut MaskGen) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut raw = [0u8; 18]; // 16 bytes + 2 zero pad bytes to make 6 groups of 3
+    for c in raw[..16].chunks_mut(4) {
+        c.copy_from_slice(&mask.next_mask());
+    }
+    let mut s = String::with_capacity(24);
+    for g in raw.chunks(3) {
+        let n = (u32::from(g[0]) << 16) | (u32::from(g[1]) << 8) | u32::from(g[2]);
+        for shift in [18, 12, 6, 0] {
+            s.push(T[((n >> shift) & 63) as usize] as char);
+        }
+    }
+    s.truncate(22);
+    s.push_str("==");
+    s
+}
+
+/// Races `fut` against a timer; on expiry the result is `Fail::Timeout(stage)`.
+async fn bounded<T>(
+    stage: &'static str,
+    dur: Duration,
+    fut: impl std::future::Future<Output = Result<T, Fail>>,
+) -> Result<T, Fail> {
+    futures_lite::future::or(fut, async move {
+        glommio::timer::sleep(dur).await;
+        Err(Fail::Timeout(stage))
+    })
+    .await
+}
+
+/// A non-blocking TCP socket bound to `src` (port chosen at connect time), with
+/// `connect` started. The connection completes in the background; the first write
+/// waits for it.
+fn start_connect(target: SocketAddr, src: Option<Ipv4Addr>) -> Result<Socket, Fail> {
+    let domain = if target.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let sock = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))
+        .map_err(|e| Fail::Connect(format!("socket: {:?}", e.kind())))?;
+    sock.set_nodelay(true).ok();
+    if let Some(ip) = src {
+        // Let connect() pick the port per destination, so one source address serves
+        // a full ephemeral range for each server address.
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a valid fd with a pointer to a local c_int.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        sock.bind(&SocketAddr::V4(SocketAddrV4::new(ip, 0)).into())
+            .map_err(|e| Fail::Connect(format!("bind {ip}: {:?}", e.kind())))?;
+    }
+    match sock.connect(&target.into()) {
+        Ok(()) => Ok(sock),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(sock),
+        Err(e) => Err(io_fail(&e)),
+    }
+}
+
+impl Conn {
+    /// Connects, upgrades with `token` and joins `topic`. Each stage is bounded by
+    /// `stage_timeout`.
+    pub async fn open(
+        target: &Target,
+        src: Option<Ipv4Addr>,
+        token: &str,
+        topic: &str,
+        stage_timeout: Duration,
+        seed: u32,
+    ) -> Result<Conn, Fail> {
+        let mut mask = MaskGen::new(seed);
+        let sock = start_connect(target.addr, src)?;
+        let key = ws_key(&mut mask);
+        let mut conn = Conn {
+            stream: TcpStream::from(sock),
+            buf: vec![0; INITIAL_BUF],
+            start: 0,
+            end: 0,
+            frag: Vec::new(),
+            out: Vec::with_capacity(128),
+            mask,
+            next_ref: 2,
+        };
+        let request = format!(
+            "GET {}?token={token}&vsn=2.0.0 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            target.path, target.host
+        );
+        // The write waits for the TCP handshake (the socket is still connecting).
+        bounded("connect", stage_timeout, async {
+            conn.stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| io_fail(&e))
+        })
+        .await?;
+        bounded("handshake", stage_timeout, conn.read_upgrade()).await?;
+        conn.send_text(phx::join(topic).as_bytes())
+            .await
+            .map_err(|e| Fail::Join(format!("write: {:?}", e.kind())))?;
+        bounded("join", stage_timeout, conn.await_join()).await?;
+        Ok(conn)
+    }
+
+    async fn read_upgrade(&mut self) -> Result<(), Fail> {
+        loop {
+            let n = self
+                .read_more()
+                .await
+                .map_err(|e| Fail::Handshake(format!("{:?}", e.kind())))?;
+            if n == 0 {
+                return Err(Fail::Handshake("connection closed".into()));
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 24];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.buf[self.start..self.end]) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let code = resp.code.unwrap_or(0);
+                    if code != 101 {
+                        return Err(Fail::Status(code));
+                    }
+                    let upgraded = resp.headers.iter().any(|h| {
+                        h.name.eq_ignore_ascii_case("upgrade")
+                            && h.value.eq_ignore_ascii_case(b"websocket")
+                    });
+                    if !upgraded {
+                        return Err(Fail::Handshake("101 without Upgrade: websocket".into()));
+                    }
+                    self.start += len;
+                    return Ok(());
+                }
+                Ok(httparse::Status::Partial) => {
+                    if self.end - self.start >= MAX_RESPONSE_HEAD {
+                        return Err(Fail::Handshake("response head too large".into()));
+                    }
+                }
+                Err(e) => return Err(Fail::Handshake(format!("bad response: {e}"))),
+            }
+        }
+    }
+
+    async fn await_join(&mut self) -> Result<(), Fail> {
+        loop {
+            let mut reply = None;
+            self.drain_frames(&mut |m| {
+                if reply.is_none() {
+                    reply = phx::join_reply(m);
+                }
+            })
+            .map_err(|e| Fail::Join(e.kind()))?;
+            self.flush()
+                .await
+                .map_err(|e| Fail::Join(format!("write: {:?}", e.kind())))?;
+            match reply {
+                Some(phx::JoinReply::Ok) => return Ok(()),
+                Some(phx::JoinReply::Error(reason)) => return Err(Fail::Join(reason)),
+                None => {}
+            }
+            match self.read_more().await {
+                Ok(0) => return Err(Fail::Join("connection closed".into())),
+                Ok(_) => {}
+                Err(e) => return Err(Fail::Join(format!("read: {:?}", e.kind()))),
+            }
+        }
+    }
+
+    /// Reads more bytes into the buffer, making room first. `Ok(0)` is end of stream.
+    async fn read_more(&mut self) -> io::Result<usize> {
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                let grown = (self.buf.len() * 2).min(MAX_MESSAGE + 16);
+                if grown == self.buf.len() {
+                    return Err(io::Error::other("frame larger than the buffer limit"));
+                }
+                self.buf.resize(grown, 0);
+            }
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Handles every complete frame in the buffer: data messages go to `on_msg`, pings
+    /// queue a pong, a close frame ends the connection (`Err(End::Closed)`).
+    fn drain_frames(&mut self, on_msg: &mut impl FnMut(&[u8])) -> Result<(), End> {
+        loop {
+            let avail = &self.buf[self.start..self.end];
+            let frame = match ws::parse_frame(avail, MAX_MESSAGE) {
+                Ok(Parsed::Frame(f)) => f,
+                Ok(Parsed::Incomplete(need)) => {
+                    // Make sure the buffer can hold the whole frame.
+                    if need > self.buf.len() - self.start {
+                        self.buf.copy_within(self.start..self.end, 0);
+                        self.end -= self.start;
+                        self.start = 0;
+                        if need > self.buf.len() {
+                            self.buf.resize(need.next_power_of_two(), 0);
+                        }
+                    } else if self.start == self.end {
+                        self.start = 0;
+                        self.end = 0;
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(End::Protocol(e.to_string())),
+            };
+            let p0 = self.start + frame.header_len;
+            let p1 = self.start + frame.total_len();
+            self.start = p1;
+            match frame.opcode {
+                opcode::TEXT | opcode::BINARY if frame.fin && self.frag.is_empty() => {
+                    on_msg(&self.buf[p0..p1]);
+                }
+                opcode::TEXT | opcode::BINARY => {
+                    if !self.frag.is_empty() {
+                        return Err(End::Protocol("new message inside a fragmented one".into()));
+                    }
+                    // Keep at least one byte so an empty first fragment still counts.
+                    self.frag.push(0);
+                    self.frag.extend_from_slice(&self.buf[p0..p1]);
+                }
+                opcode::CONTINUATION => {
+                    if self.frag.is_empty() {
+                        return Err(End::Protocol("continuation without a message".into()));
+                    }
+                    if self.frag.len() + (p1 - p0) > MAX_MESSAGE {
+                        return Err(End::Protocol("fragmented message too large".into()));
+                    }
+                    self.frag.extend_from_slice(&self.buf[p0..p1]);
+                    if frame.fin {
+                        let msg = std::mem::take(&mut self.frag);
+                        on_msg(&msg[1..]);
+                    }
+                }
+                opcode::PING => {
+                    let payload = self.buf[p0..p1].to_vec();
+                    let m = self.mask.next_mask();
+                    ws::encode_client_frame(&mut self.out, opcode::PONG, &payload, m);
+                }
+                opcode::PONG => {}
+                opcode::CLOSE => {
+                    let code = ws::close_code(&self.buf[p0..p1]);
+                    let m = self.mask.next_mask();
+                    ws::encode_client_frame(&mut self.out, opcode::CLOSE, &code.to_be_bytes(), m);
+                    return Err(End::Closed(code));
+                }
+                _ => unreachable!("parse_frame rejects other opcodes"),
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            let r = self.stream.write_all(&self.out).await;
+            self.out.clear();
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Sends one text frame.
+    pub async fn send_text(&mut self, payload: &[u8]) -> io::Result<()> {
+        let m = self.mask.next_mask();
+        ws::encode_client_frame(&mut self.out, opcode::TEXT, payload, m);
+        self.flush().await
+    }
+
+    /// Queues one text frame without writing it (see [`Conn::flush_queued`]).
+    pub fn queue_text(&mut self, payload: &[u8]) {
+        let m = self.mask.next_mask();
+        ws::encode_client_frame(&mut self.out, opcode::TEXT, payload, m);
+    }
+
+    /// Writes everything queued.
+    pub async fn flush_queued(&mut self) -> io::Result<()> {
+        self.flush().await
+    }
+
+    /// Sends a Phoenix heartbeat.
+    pub async fn heartbeat(&mut self) -> io::Result<()> {
+        let r = self.next_ref;
+        self.next_ref += 1;
+        self.send_text(phx::heartbeat(r).as_bytes()).await
+    }
+
+    /// A fresh message ref.
+    pub fn next_ref(&mut self) -> u64 {
+        let r = self.next_ref;
+        self.next_ref += 1;
+        r
+    }
+
+    /// Waits for data, then hands every complete message to `on_msg`. Returns
+    /// `Err` when the connection ended.
+    pub async fn recv(&mut self, on_msg: &mut impl FnMut(&[u8])) -> Result<(), End> {
+        let n = self.read_more().await.map_err(|e| End::Io(e.kind()))?;
+        if n == 0 {
+            return Err(End::Eof);
+        }
+        let r = self.drain_frames(on_msg);
+        // Pongs and close replies; ignore write errors when already ending.
+        let w = self.flush().await;
+        r?;
+        w.map_err(|e| End::Io(e.kind()))
+    }
+
+    /// Closes politely: close frame 1000, then waits (bounded) for the server's close.
+    pub async fn close(mut self, wait: Duration) {
+        let m = self.mask.next_mask();
+        ws::encode_client_frame(&mut self.out, opcode::CLOSE, &1000u16.to_be_bytes(), m);
+        if self.flush().await.is_err() {
+            return;
+        }
+        let _ = bounded("close", wait, async {
+            loop {
+                match self.recv(&mut |_| {}).await {
+                    Ok(()) => {}
+                    Err(_) => return Ok::<(), Fail>(()),
+                }
+            }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_keys_are_24_chars_base64_of_16_bytes() {
+        let mut g = MaskGen::new(3);
+        let a = ws_key(&mut g);
+        let b = ws_key(&mut g);
+        assert_eq!(a.len(), 24);
+        assert!(a.ends_with("=="));
+        assert_ne!(a, b);
+        assert!(a[..22]
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/'));
+    }
+
+    #[test]
+    fn failure_kinds_read_well() {
+        assert_eq!(Fail::Refused.kind(), "connect refused");
+        assert_eq!(Fail::Status(403).kind(), "handshake status 403");
+        assert_eq!(Fail::Timeout("join").kind(), "timeout: join");
+        assert_eq!(End::Closed(1008).kind(), "server close 1008");
+    }
+}
