@@ -1,0 +1,269 @@
+//! Presence through the in-process test kit: state on join, diffs to every member,
+//! untrack on leave / crash / disconnect, updates, and batching under a join storm.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ringcast::proto::token;
+use ringcast::testing::{self, unix_now, Client, Kit};
+use ringcast::{seed, Channel, HandleResult, Payload, Reply, Router, Socket};
+use serde_json::{json, Value};
+
+const SECRET: &str = "presence-secret";
+
+fn client(kit: &Kit, user: &str) -> Client {
+    let t = token::sign(SECRET.as_bytes(), user, unix_now());
+    kit.socket(&[("token", &t)]).expect("token accepted")
+}
+
+/// Applies presence_state / presence_diff frames the way phoenix.js does, by phx_ref.
+#[derive(Default)]
+struct View(BTreeMap<String, Vec<String>>);
+
+impl View {
+    fn apply_state(&mut self, state: &Value) {
+        self.0.clear();
+        self.apply_side(state, true);
+    }
+
+    fn apply_side(&mut self, side: &Value, join: bool) {
+        for (key, entry) in side.as_object().unwrap() {
+            for meta in entry["metas"].as_array().unwrap() {
+                let r = meta["phx_ref"].as_str().unwrap().to_string();
+                let refs = self.0.entry(key.clone()).or_default();
+                if join {
+                    if !refs.contains(&r) {
+                        refs.push(r);
+                    }
+                } else {
+                    refs.retain(|x| *x != r);
+                }
+            }
+            if self.0.get(key).is_some_and(Vec::is_empty) {
+                self.0.remove(key);
+            }
+        }
+    }
+
+    /// Consumes every presence frame the client has received so far.
+    fn absorb(&mut self, c: &mut Client, topic: &str) -> usize {
+        let mut diffs = 0;
+        for f in c.frames() {
+            if f.topic != topic {
+                continue;
+            }
+            let Payload::Json(v) = &f.payload else { continue };
+            match f.event.as_str() {
+                "presence_state" => self.apply_state(v),
+                "presence_diff" => {
+                    diffs += 1;
+                    self.apply_side(&v["joins"], true);
+                    self.apply_side(&v["leaves"], false);
+                }
+                _ => {}
+            }
+        }
+        diffs
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+async fn settle() {
+    glommio::timer::sleep(Duration::from_millis(120)).await;
+}
+
+#[test]
+fn joiner_gets_state_then_everyone_gets_its_diff() {
+    testing::run(seed::UserSocket::new(SECRET), seed::router(), |kit| async move {
+        let mut a = client(&kit, "1");
+        a.subscribe_and_join("rooms:p", json!({"name": "ada"})).await;
+        a.assert_push("rooms:p", "presence_state", json!({})).await;
+        let diff = a.expect("own diff", |f| f.event == "presence_diff").await;
+        let Payload::Json(diff) = diff.payload else {
+            panic!()
+        };
+        let meta = &diff["joins"]["1"]["metas"][0];
+        assert_eq!(meta["name"], "ada");
+        assert!(meta["online_at"].as_str().unwrap().parse::<u64>().is_ok());
+        assert!(meta["phx_ref"].is_string());
+        assert_eq!(diff["leaves"], json!({}));
+
+        settle().await;
+        let mut b = client(&kit, "2");
+        b.subscribe_and_join("rooms:p", json!({})).await;
+        let state = b.expect("state", |f| f.event == "presence_state").await;
+        let Payload::Json(state) = state.payload else {
+            panic!()
+        };
+        assert_eq!(state["1"]["metas"][0]["name"], "ada");
+        assert!(
+            state.get("2").is_none(),
+            "the state holds the presences before this one"
+        );
+        settle().await;
+        let (mut va, mut vb) = (View::default(), View::default());
+        vb.apply_state(&state);
+        va.0.insert("1".into(), vec![meta["phx_ref"].as_str().unwrap().into()]);
+        va.absorb(&mut a, "rooms:p");
+        vb.absorb(&mut b, "rooms:p");
+        assert_eq!(va.keys(), ["1", "2"]);
+        assert_eq!(vb.keys(), ["1", "2"]);
+        // Bob's meta defaults its name to the user id.
+        assert_eq!(b.frames().len(), 0);
+    });
+}
+
+#[test]
+fn leave_crash_and_disconnect_untrack() {
+    testing::run(seed::UserSocket::new(SECRET), seed::router(), |kit| async move {
+        let mut watcher = client(&kit, "w");
+        watcher.subscribe_and_join("rooms:u", json!({})).await;
+        let mut view = View::default();
+        let mut l = client(&kit, "leaver");
+        let mut c = client(&kit, "crasher");
+        let d = client(&kit, "dropper");
+        let mut d = d;
+        for x in [&mut l, &mut c, &mut d] {
+            x.subscribe_and_join("rooms:u", json!({})).await;
+        }
+        settle().await;
+        view.absorb(&mut watcher, "rooms:u");
+        assert_eq!(view.keys(), ["crasher", "dropper", "leaver", "w"]);
+
+        l.push("rooms:u", "leave", json!({}));
+        settle().await;
+        view.absorb(&mut watcher, "rooms:u");
+        assert_eq!(view.keys(), ["crasher", "dropper", "w"]);
+
+        c.push("rooms:u", "crash", json!({}));
+        settle().await;
+        view.absorb(&mut watcher, "rooms:u");
+        assert_eq!(view.keys(), ["dropper", "w"]);
+
+        d.disconnect();
+        settle().await;
+        view.absorb(&mut watcher, "rooms:u");
+        assert_eq!(view.keys(), ["w"]);
+    });
+}
+
+#[test]
+fn one_user_on_two_connections_is_one_key_with_two_metas() {
+    testing::run(seed::UserSocket::new(SECRET), seed::router(), |kit| async move {
+        let mut a = client(&kit, "7");
+        let mut a2 = client(&kit, "7");
+        a.subscribe_and_join("rooms:m", json!({})).await;
+        a2.subscribe_and_join("rooms:m", json!({})).await;
+        settle().await;
+        let mut view = View::default();
+        view.absorb(&mut a2, "rooms:m");
+        assert_eq!(view.0["7"].len(), 2);
+        a.leave("rooms:m").await;
+        settle().await;
+        view.absorb(&mut a2, "rooms:m");
+        assert_eq!(view.0["7"].len(), 1);
+    });
+}
+
+/// A channel with a presence update, to check the diff shape of Presence.update.
+struct Status;
+
+impl Channel for Status {
+    async fn join(_: &str, _: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
+        socket.channel_ref().send(());
+        Ok((Status, Payload::empty()))
+    }
+
+    async fn handle_info(&mut self, _: Box<dyn std::any::Any>, socket: &mut Socket) -> HandleResult {
+        socket.track("me", json!({"status": "online"}));
+        HandleResult::NoReply
+    }
+
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
+        match event {
+            "set" => {
+                let ok = socket.update_presence("me", payload.json().cloned().unwrap_or_default());
+                HandleResult::Reply(if ok {
+                    Reply::ok()
+                } else {
+                    Reply::error("not tracked")
+                })
+            }
+            "list" => HandleResult::Reply(Reply::Ok(socket.presence_list().into())),
+            "untrack" => {
+                socket.untrack("me");
+                HandleResult::Reply(Reply::ok())
+            }
+            _ => HandleResult::Reply(Reply::error("unknown event")),
+        }
+    }
+}
+
+#[test]
+fn update_sends_leave_and_join_with_phx_ref_prev() {
+    let router = Router::new().channel::<Status>("status:*");
+    testing::run(seed::UserSocket::new(SECRET), router, |kit| async move {
+        let mut c = client(&kit, "1");
+        c.subscribe_and_join("status:x", json!({})).await;
+        let first = c.expect("join diff", |f| f.event == "presence_diff").await;
+        let Payload::Json(first) = first.payload else {
+            panic!()
+        };
+        let old_ref = first["joins"]["me"]["metas"][0]["phx_ref"].clone();
+        settle().await;
+        let r = c.push("status:x", "set", json!({"status": "away"}));
+        c.assert_reply(&r, Reply::ok()).await;
+        let diff = c.expect("update diff", |f| f.event == "presence_diff").await;
+        let Payload::Json(diff) = diff.payload else {
+            panic!()
+        };
+        let joined = &diff["joins"]["me"]["metas"][0];
+        assert_eq!(joined["status"], "away");
+        assert_eq!(joined["phx_ref_prev"], old_ref);
+        assert_eq!(diff["leaves"]["me"]["metas"][0]["phx_ref"], old_ref);
+
+        let r = c.push("status:x", "list", json!({}));
+        let listed = c
+            .expect("list reply", |f| f.msg_ref.as_deref() == Some(r.as_str()))
+            .await;
+        let Payload::Json(listed) = listed.payload else {
+            panic!()
+        };
+        assert_eq!(listed["response"]["me"]["metas"].as_array().unwrap().len(), 1);
+        assert_eq!(listed["response"]["me"]["metas"][0]["status"], "away");
+
+        settle().await;
+        let r = c.push("status:x", "untrack", json!({}));
+        c.assert_reply(&r, Reply::ok()).await;
+        let gone = c.expect("untrack diff", |f| f.event == "presence_diff").await;
+        let Payload::Json(gone) = gone.payload else {
+            panic!()
+        };
+        assert!(gone["leaves"]["me"].is_object());
+    });
+}
+
+#[test]
+fn a_join_storm_is_batched_into_few_diffs() {
+    testing::run(seed::UserSocket::new(SECRET), seed::router(), |kit| async move {
+        let mut watcher = client(&kit, "watcher");
+        watcher.subscribe_and_join("rooms:storm", json!({})).await;
+        settle().await;
+        watcher.frames();
+        let mut others = Vec::new();
+        for i in 0..300 {
+            let mut c = client(&kit, &format!("u{i}"));
+            c.push("rooms:storm", "phx_join", json!({}));
+            others.push(c);
+        }
+        glommio::timer::sleep(Duration::from_millis(300)).await;
+        let mut view = View::default();
+        view.0.insert("watcher".into(), vec!["x".into()]);
+        let diffs = view.absorb(&mut watcher, "rooms:storm");
+        assert_eq!(view.keys().len(), 301, "every join is in some diff");
+        assert!(diffs <= 10, "300 joins came as {diffs} diffs");
+    });
+}
