@@ -50,4 +50,4 @@ pub use api::router::{ConnectInfo, Router, SocketHandler};
 pub use api::socket::{ChannelRef, Socket};
 pub use proto::Payload;
 pub use server::{Config, RunningServer, Server};
-pub use shard::Stats;
+pub use shard::stats::CoreStats;

@@ -104,14 +104,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .init();
     // A channel handler that panics is a channel crash, not a server fault: one log line.
     std::panic::set_hook(Box::new(|info| tracing::warn!("handler panicked: {info}")));
+    let dev = args.secret.is_none();
     let secret = args.secret.unwrap_or_else(|| {
-        tracing::warn!("NO --secret GIVEN: using the fixed development secret; anyone can mint tokens. Never run like this in production.");
+        tracing::warn!("NO --secret GIVEN: using the fixed development secret; anyone can mint tokens (GET /demo/token too). Never run like this in production.");
         seed::DEV_SECRET.to_string()
     });
+    if args.api_key.is_none() {
+        tracing::info!("no --api-key: the HTTP server API answers 401 to everything");
+    }
     if args.redis.is_some() {
         anyhow::bail!("--redis: cluster mode is not available in this build yet");
     }
-    let _ = args.api_key;
     let defaults = Config::default();
     let config = Config {
         listen: args.listen,
@@ -120,6 +123,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_frame: args.max_frame,
         allowed_origins: args.allowed_origins,
         max_outbound_bytes: args.max_outbound,
+        api_key: args.api_key,
+        demo_token_secret: dev.then(|| secret.clone()),
     };
     let cores = config.cores;
     let server = Server::bind(config, UserSocket::new(&secret), seed::router())?;

@@ -16,6 +16,7 @@ use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 use crate::api::endpoint::{CoreInbox, Endpoint};
 use crate::api::router::{DynSocketHandler, Router, SocketHandler};
 use crate::shard::mesh::{Mesh, MeshMsg};
+use crate::shard::stats::CoreStats;
 use crate::shard::{Broadcast, Shard};
 use crate::transport;
 
@@ -34,6 +35,11 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Bytes a connection may have queued before it is cut off (1008).
     pub max_outbound_bytes: usize,
+    /// Bearer key of the HTTP server API; `None` answers 401 to every API request.
+    pub api_key: Option<String>,
+    /// Secret with which `GET /demo/token` mints tokens for the demo page. Only set
+    /// when running on the development secret.
+    pub demo_token_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -45,6 +51,8 @@ impl Default for Config {
             max_frame: 1 << 20,
             allowed_origins: Vec::new(),
             max_outbound_bytes: 4 << 20,
+            api_key: None,
+            demo_token_secret: None,
         }
     }
 }
@@ -58,6 +66,7 @@ pub(crate) struct App {
     pub(crate) router: Router,
     pub(crate) socket: Box<dyn DynSocketHandler>,
     pub(crate) presence_fetch: Option<PresenceFetch>,
+    pub(crate) stats: Vec<Arc<CoreStats>>,
 }
 
 /// A bound, not yet running server.
@@ -117,6 +126,7 @@ impl Server {
                 router,
                 socket: Box::new(socket),
                 presence_fetch: None,
+                stats: (0..cores).map(|_| Arc::default()).collect(),
             }),
             endpoint: Endpoint::new(core_inboxes),
             inboxes,

@@ -66,6 +66,7 @@ where
         router,
         socket: Box::new(socket),
         presence_fetch: None,
+        stats: vec![Default::default()],
     });
     let executor = glommio::LocalExecutorBuilder::default()
         .make()
@@ -93,7 +94,7 @@ impl Kit {
             ..ConnectInfo::default()
         };
         let (assigns, socket_id) = self.shard.app.socket.connect(&info)?;
-        let conn = self.shard.add_conn(Vsn::V2, assigns, socket_id);
+        let conn = self.shard.add_conn(Vsn::V2, assigns, socket_id, false);
         let inbound = Rc::new(RefCell::new(VecDeque::new()));
         let closed = Rc::new(Cell::new(false));
         let pump = TestPump {

@@ -178,7 +178,11 @@ impl Conn {
         let sock = start_connect(target.addr, src)?;
         let key = ws_key(&mut mask);
         let mut conn = Conn {
-            stream: TcpStream::from(sock),
+            // glommio builds on another socket2 major version: hand over the raw fd.
+            // SAFETY: `into_raw_fd` gives up ownership of a valid, open socket.
+            stream: unsafe {
+                <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock))
+            },
             buf: vec![0; INITIAL_BUF],
             start: 0,
             end: 0,
@@ -226,8 +230,7 @@ impl Conn {
                         return Err(Fail::Status(code));
                     }
                     let upgraded = resp.headers.iter().any(|h| {
-                        h.name.eq_ignore_ascii_case("upgrade")
-                            && h.value.eq_ignore_ascii_case(b"websocket")
+                        h.name.eq_ignore_ascii_case("upgrade") && h.value.eq_ignore_ascii_case(b"websocket")
                     });
                     if !upgraded {
                         return Err(Fail::Handshake("101 without Upgrade: websocket".into()));

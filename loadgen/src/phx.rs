@@ -104,8 +104,12 @@ pub enum JoinReply {
 
 /// Recognises the `phx_reply` to our `phx_join` (join_ref and ref both `"1"`).
 pub fn join_reply(msg: &[u8]) -> Option<JoinReply> {
-    let prefix = format!("[\"{JOIN_REF}\",\"{JOIN_REF}\",");
-    if !msg.starts_with(prefix.as_bytes()) || find(msg, b"\"phx_reply\"").is_none() {
+    // Phoenix leaves the join_ref null on an "unmatched topic" reply.
+    let ours = format!("[\"{JOIN_REF}\",\"{JOIN_REF}\",");
+    let unmatched = format!("[null,\"{JOIN_REF}\",");
+    if !(msg.starts_with(ours.as_bytes()) || msg.starts_with(unmatched.as_bytes()))
+        || find(msg, b"\"phx_reply\"").is_none()
+    {
         return None;
     }
     if find(msg, b"\"status\":\"ok\"").is_some() {
@@ -178,12 +182,16 @@ mod tests {
     fn recognises_join_replies() {
         let ok = br#"["1","1","bench:a","phx_reply",{"status":"ok","response":{}}]"#;
         assert_eq!(join_reply(ok), Some(JoinReply::Ok));
-        let err = br#"["1","1","nope","phx_reply",{"status":"error","response":{"reason":"unmatched topic"}}]"#;
+        let err =
+            br#"["1","1","nope","phx_reply",{"status":"error","response":{"reason":"unmatched topic"}}]"#;
+        assert_eq!(join_reply(err), Some(JoinReply::Error("unmatched topic".into())));
+        let unmatched =
+            br#"[null,"1","nope","phx_reply",{"status":"error","response":{"reason":"unmatched topic"}}]"#;
         assert_eq!(
-            join_reply(err),
+            join_reply(unmatched),
             Some(JoinReply::Error("unmatched topic".into()))
         );
-        let other = br#"[null,"1","phoenix","phx_reply",{"status":"ok","response":{}}]"#;
+        let other = br#"[null,"2","phoenix","phx_reply",{"status":"ok","response":{}}]"#;
         assert_eq!(join_reply(other), None);
         let push = br#"["1",null,"rooms:a","welcome",{"msg":"hi"}]"#;
         assert_eq!(join_reply(push), None);

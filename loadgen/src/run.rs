@@ -209,11 +209,7 @@ impl Signal {
     }
 
     fn wait(&self, key: usize, seen: u64) -> SignalWait<'_> {
-        SignalWait {
-            sig: self,
-            key,
-            seen,
-        }
+        SignalWait { sig: self, key, seen }
     }
 }
 
@@ -241,10 +237,27 @@ impl Future for SignalWait<'_> {
 }
 
 /// Watches the process-wide stop flag and the heartbeat clock for one executor.
-async fn controller(shared: Arc<Shared>, sig: Rc<Signal>, heartbeat: Duration) {
+/// Also publishes this executor's delivery counts to the process-wide counters (in
+/// deltas, so that the hot path touches no shared cache line).
+async fn controller(
+    shared: Arc<Shared>,
+    sig: Rc<Signal>,
+    stats: Rc<RefCell<ExecStats>>,
+    heartbeat: Duration,
+) {
     let mut last_hb = Instant::now();
+    let (mut deliveries, mut complete) = (0u64, 0u64);
     loop {
         glommio::timer::sleep(Duration::from_millis(20)).await;
+        {
+            let s = stats.borrow();
+            shared.deliveries.fetch_add(s.deliveries - deliveries, Relaxed);
+            shared
+                .subscribers_complete
+                .fetch_add(s.subscribers_complete - complete, Relaxed);
+            deliveries = s.deliveries;
+            complete = s.subscribers_complete;
+        }
         if shared.stop.load(Relaxed) {
             sig.stopped.set(true);
             sig.fire();
@@ -268,13 +281,10 @@ async fn live(mut conn: Conn, sig: &Signal, on_msg: &mut impl FnMut(&[u8])) -> O
         if sig.stopped.get() {
             break None;
         }
-        let step = futures_lite::future::or(
-            async { Some(conn.recv(on_msg).await) },
-            async {
-                sig.wait(key, seen).await;
-                None
-            },
-        )
+        let step = futures_lite::future::or(async { Some(conn.recv(on_msg).await) }, async {
+            sig.wait(key, seen).await;
+            None
+        })
         .await;
         match step {
             Some(Ok(())) => {}
@@ -447,11 +457,9 @@ async fn conn_task(
                 s.latency.saturating_record(now.saturating_sub(ts).max(1));
                 s.first_recv_nanos = min_nz(s.first_recv_nanos, now);
                 s.last_recv_nanos = s.last_recv_nanos.max(now);
-                shared.deliveries.fetch_add(1, Relaxed);
                 if !was_complete && sub.complete() {
                     was_complete = true;
                     s.subscribers_complete += 1;
-                    shared.subscribers_complete.fetch_add(1, Relaxed);
                 }
             })
             .await;
@@ -467,7 +475,12 @@ async fn conn_task(
 async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -> SliceReport {
     let sig = Rc::new(Signal::new());
     let stats = Rc::new(RefCell::new(ExecStats::new()));
-    let ctl = glommio::spawn_local(controller(shared.clone(), sig.clone(), job.heartbeat));
+    let ctl = glommio::spawn_local(controller(
+        shared.clone(),
+        sig.clone(),
+        stats.clone(),
+        job.heartbeat,
+    ));
     let rate = (job.rate * count as f64 / job.total.max(1) as f64).max(0.001);
     let mut tasks = Vec::with_capacity(count as usize);
     let t0 = Instant::now();
@@ -534,9 +547,7 @@ pub fn run_slice(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -> 
     }
     let mut report = SliceReport::default();
     for h in handles {
-        let r = h
-            .join()
-            .map_err(|e| anyhow::anyhow!("executor failed: {e}"))?;
+        let r = h.join().map_err(|e| anyhow::anyhow!("executor failed: {e}"))?;
         report.merge(&r);
     }
     report.joined = shared.joined.load(Relaxed);
@@ -565,13 +576,15 @@ pub struct PubShared {
     pub first_send_nanos: AtomicU64,
     pub last_send_nanos: AtomicU64,
     pub stop: AtomicBool,
+    pub failed: AtomicBool,
     pub error: Mutex<Option<String>>,
     pub server_before: Mutex<Option<sys::ProcSample>>,
 }
 
 impl PubShared {
-    fn fail(&self, e: String) {
+    pub fn fail(&self, e: String) {
         self.error.lock().unwrap().get_or_insert(e);
+        self.failed.store(true, Relaxed);
         self.done_sending.store(true, Relaxed);
     }
 }
@@ -600,7 +613,13 @@ pub fn run_publisher(
     Ok(h)
 }
 
-async fn publisher_main(job: Arc<Job>, ps: Arc<PubShared>, messages: u64, pace: Pace, server_pid: Option<u32>) {
+async fn publisher_main(
+    job: Arc<Job>,
+    ps: Arc<PubShared>,
+    messages: u64,
+    pace: Pace,
+    server_pid: Option<u32>,
+) {
     let open = |user: &str, idx: u64| {
         let token = ringcast::proto::token::sign(job.secret.as_bytes(), user, unix_nanos() / 1_000_000_000);
         let job = job.clone();
@@ -633,6 +652,7 @@ async fn publisher_main(job: Arc<Job>, ps: Arc<PubShared>, messages: u64, pace: 
         glommio::spawn_local(async move {
             let mut sample = sample;
             let mut got = 0u64;
+            let mut hb = 0u64;
             let key = stop_sig.register();
             loop {
                 let seen = stop_sig.gen.get();
@@ -662,7 +682,15 @@ async fn publisher_main(job: Arc<Job>, ps: Arc<PubShared>, messages: u64, pace: 
                         sample.close(Duration::from_secs(1)).await;
                         break;
                     }
-                    None => {}
+                    None => {
+                        if stop_sig.hb_epoch.get() != hb {
+                            hb = stop_sig.hb_epoch.get();
+                            if let Err(e) = sample.heartbeat().await {
+                                ps.fail(format!("sample subscriber heartbeat: {:?}", e.kind()));
+                                break;
+                            }
+                        }
+                    }
                 }
             }
             stop_sig.unregister(key);
@@ -671,9 +699,16 @@ async fn publisher_main(job: Arc<Job>, ps: Arc<PubShared>, messages: u64, pace: 
     // Stop watcher: mirrors the cross-thread flag into the executor.
     let watcher = {
         let (ps, sig, stop_sig, stop_flag) = (ps.clone(), sig.clone(), stop_sig.clone(), stop_flag.clone());
+        let heartbeat = job.heartbeat;
         glommio::spawn_local(async move {
+            let mut last_hb = Instant::now();
             while !ps.stop.load(Relaxed) {
                 glommio::timer::sleep(Duration::from_millis(10)).await;
+                if last_hb.elapsed() >= heartbeat {
+                    last_hb = Instant::now();
+                    stop_sig.hb_epoch.set(stop_sig.hb_epoch.get() + 1);
+                    stop_sig.fire();
+                }
             }
             stop_flag.set(true);
             stop_sig.fire();
@@ -688,7 +723,7 @@ async fn publisher_main(job: Arc<Job>, ps: Arc<PubShared>, messages: u64, pace: 
     let t0 = Instant::now();
     let mut sent = 0u64;
     let mut failed = None;
-    while sent < messages && !stop_flag.get() && failed.is_none() {
+    while sent < messages && !stop_flag.get() && failed.is_none() && !ps.failed.load(Relaxed) {
         // How many may go now.
         let allowed = match pace {
             Pace::Rate(r) => ((t0.elapsed().as_secs_f64() * r) as u64 + 1).min(messages),

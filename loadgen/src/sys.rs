@@ -100,7 +100,8 @@ mod tests {
 
     #[test]
     fn parses_stat_with_odd_command_name() {
-        let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 1000 50";
+        let stat =
+            "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 1000 50";
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         assert_eq!(parse_stat_cpu(stat), Some(300.0 / hz));
     }

@@ -228,10 +228,7 @@ mod tests {
         assert_eq!(parse_frame(&buf[..100], 1 << 20), Ok(Parsed::Incomplete(304)));
         let big = server_frame(opcode::BINARY, true, &vec![0; 70000]);
         assert_eq!(parse_frame(&big[..5], 1 << 20), Ok(Parsed::Incomplete(10)));
-        assert_eq!(
-            parse_frame(&big[..10], 1 << 20),
-            Ok(Parsed::Incomplete(70010))
-        );
+        assert_eq!(parse_frame(&big[..10], 1 << 20), Ok(Parsed::Incomplete(70010)));
     }
 
     #[test]

@@ -122,9 +122,8 @@ pub fn upgrade_response(key: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// A complete response that closes the connection after it.
-pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
-    let reason = match status {
+fn reason(status: u16) -> &'static str {
+    match status {
         200 => "OK",
         202 => "Accepted",
         204 => "No Content",
@@ -133,19 +132,81 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Error",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(body);
-    out
+    }
+}
+
+/// An HTTP response with a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers besides content-length and connection.
+    pub headers: Vec<(&'static str, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// A response with a content type and body.
+    pub fn new(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
+        Response {
+            status,
+            headers: vec![("content-type", content_type.to_string())],
+            body: body.into(),
+        }
+    }
+
+    /// A JSON response.
+    pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Response::new(status, "application/json", body)
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// The response on the wire; `keep_alive` false adds `connection: close`.
+    ///
+    /// ```
+    /// use ringcast::proto::http::Response;
+    /// let bytes = Response::json(202, r#"{"ok":true}"#).to_bytes(true);
+    /// assert_eq!(bytes, b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}");
+    /// ```
+    pub fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
+        let mut out = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
+        for (name, value) in &self.headers {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+        out.push_str(&format!("content-length: {}\r\n", self.body.len()));
+        if !keep_alive {
+            out.push_str("connection: close\r\n");
+        }
+        out.push_str("\r\n");
+        let mut out = out.into_bytes();
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+/// A complete response that closes the connection after it.
+pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    Response::new(status, content_type, body).to_bytes(false)
+}
+
+/// Whether the client asked to close the connection after this request.
+pub fn wants_close(req: &Request) -> bool {
+    req.header_has_token("connection", "close")
 }
 
 #[cfg(test)]

@@ -55,8 +55,9 @@ pub(crate) struct OutQueue {
 }
 
 impl OutQueue {
-    /// Drops `n` written bytes from the front.
-    pub(crate) fn consume(&mut self, mut n: usize) {
+    /// Drops `n` written bytes from the front; returns how many frames were completed.
+    pub(crate) fn consume(&mut self, mut n: usize) -> u64 {
+        let mut done = 0;
         self.bytes -= n;
         while n > 0 {
             let head = self
@@ -70,6 +71,7 @@ impl OutQueue {
                 n -= left;
                 self.head_written = 0;
                 self.frames.pop_front();
+                done += 1;
             } else {
                 self.head_written += n;
                 n = 0;
@@ -79,6 +81,7 @@ impl OutQueue {
             // An idle connection keeps no large queue around.
             self.frames = VecDeque::new();
         }
+        done
     }
 
     pub(crate) fn clear(&mut self) {
@@ -114,6 +117,8 @@ pub(crate) struct Conn {
     pub(crate) assigns: Rc<dyn Any>,
     pub(crate) socket_id: Option<Box<str>>,
     pub(crate) limits: ConnLimits,
+    /// A long-poll session rather than a WebSocket.
+    pub(crate) long_poll: bool,
     pub(crate) out: RefCell<OutQueue>,
     pub(crate) mailbox: RefCell<VecDeque<Mail>>,
     pub(crate) channels: RefCell<ChannelTable<Slot>>,
@@ -134,6 +139,7 @@ impl Conn {
         socket_id: Option<Box<str>>,
         limits: ConnLimits,
         now: u32,
+        long_poll: bool,
     ) -> Self {
         Conn {
             id,
@@ -141,6 +147,7 @@ impl Conn {
             assigns,
             socket_id,
             limits,
+            long_poll,
             out: RefCell::default(),
             mailbox: RefCell::default(),
             channels: RefCell::default(),
@@ -238,6 +245,7 @@ mod tests {
                 max_outbound_bytes: 5,
             },
             0,
+            false,
         );
         conn.enqueue_own(Bytes::from_static(b"1234"));
         assert_eq!(conn.close.get(), None);

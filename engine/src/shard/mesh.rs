@@ -13,6 +13,7 @@ use glommio::channels::channel_mesh::Senders;
 use glommio::{GlommioError, ResourceType};
 
 use super::Broadcast;
+use crate::proto::http::{Request, Response};
 use crate::proto::presence::Delta;
 
 /// What crosses from one core to another.
@@ -23,6 +24,15 @@ pub(crate) enum MeshMsg {
     Interest { topic: Arc<str>, core: usize, on: bool },
     /// A presence delta issued by the sending core for its own connections.
     Presence { topic: Arc<str>, delta: Arc<Delta> },
+    /// A long-poll request for a session on the receiving core.
+    LongPoll {
+        origin: usize,
+        id: u64,
+        req: Request,
+        body: Vec<u8>,
+    },
+    /// The answer to a forwarded long-poll request.
+    LongPollReply { id: u64, response: Response },
 }
 
 struct Inner {
@@ -51,6 +61,14 @@ impl Mesh {
 
     pub(crate) fn index(&self) -> usize {
         self.0.index
+    }
+
+    pub(crate) fn peers(&self) -> usize {
+        self.0.backlog.len()
+    }
+
+    pub(crate) fn send_to(&self, peer: usize, msg: MeshMsg) {
+        send(&self.0, peer, msg);
     }
 
     pub(crate) fn forward(&self, b: &Arc<Broadcast>) {

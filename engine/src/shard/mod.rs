@@ -10,6 +10,7 @@ pub mod conn;
 pub(crate) mod mesh;
 pub(crate) mod presence;
 pub(crate) mod session;
+pub mod stats;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -21,10 +22,12 @@ use bytes::Bytes;
 use slab::Slab;
 
 use crate::api::endpoint::Endpoint;
+use crate::proto::http::{Request, Response};
 use crate::proto::serializer::{encode, Body, EncodeError, Outgoing};
 use crate::proto::ws::close_code;
 use crate::proto::{Payload, Vsn};
 use crate::server::App;
+use crate::transport::longpoll::{self, LpSession as LongPollSession};
 use conn::{Conn, ConnId, ConnLimits, Mail, OutFrame};
 use mesh::{Mesh, MeshMsg};
 
@@ -120,34 +123,21 @@ pub(crate) struct Sub {
     pub(crate) kind: SubKind,
 }
 
-/// Per-core counters (plain cells: only this core writes them).
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Open connections.
-    pub connections: Cell<u64>,
-    /// Joined channels.
-    pub channels: Cell<u64>,
-    /// Client messages handled.
-    pub messages_in: Cell<u64>,
-    /// Broadcasts published from this core.
-    pub broadcasts: Cell<u64>,
-    /// Frames handed to local subscribers by fanout.
-    pub deliveries: Cell<u64>,
-    /// Connections cut off for not reading.
-    pub slow_closed: Cell<u64>,
-}
-
 pub(crate) struct Shard {
     pub(crate) index: usize,
     pub(crate) app: Arc<App>,
     pub(crate) endpoint: Endpoint,
-    pub(crate) stats: Stats,
+    pub(crate) stats: Arc<stats::CoreStats>,
     epoch: Instant,
     next_gen: Cell<u32>,
     conns: RefCell<Slab<Rc<Conn>>>,
     topics: RefCell<HashMap<Box<str>, Vec<Sub>>>,
     mesh: Option<Mesh>,
     presence: presence::PresenceHub,
+    longpoll: RefCell<HashMap<Box<str>, Rc<LongPollSession>>>,
+    /// Long-poll requests forwarded to another core, waiting for its answer.
+    forwarded: RefCell<HashMap<u64, glommio::channels::local_channel::LocalSender<Response>>>,
+    next_forward: Cell<u64>,
 }
 
 thread_local! {
@@ -171,15 +161,18 @@ impl Shard {
     pub(crate) fn install(index: usize, app: Arc<App>, endpoint: Endpoint, mesh: Option<Mesh>) -> Rc<Shard> {
         let shard = Rc::new(Shard {
             index,
-            app,
+            app: app.clone(),
             endpoint,
-            stats: Stats::default(),
+            stats: app.stats[index % app.stats.len()].clone(),
             epoch: Instant::now(),
             next_gen: Cell::new(0),
             conns: RefCell::default(),
             topics: RefCell::default(),
             mesh,
             presence: presence::PresenceHub::new(),
+            longpoll: RefCell::default(),
+            forwarded: RefCell::default(),
+            next_forward: Cell::new(0),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
         shard
@@ -197,6 +190,7 @@ impl Shard {
         vsn: Vsn,
         assigns: Rc<dyn std::any::Any>,
         socket_id: Option<String>,
+        long_poll: bool,
     ) -> Rc<Conn> {
         let gen = self.next_gen.get().wrapping_add(1);
         self.next_gen.set(gen);
@@ -210,7 +204,15 @@ impl Shard {
             gen,
         };
         let socket_id = socket_id.map(String::into_boxed_str);
-        let conn = Rc::new(Conn::new(id, vsn, assigns, socket_id, limits, self.now_ms()));
+        let conn = Rc::new(Conn::new(
+            id,
+            vsn,
+            assigns,
+            socket_id,
+            limits,
+            self.now_ms(),
+            long_poll,
+        ));
         entry.insert(conn.clone());
         drop(conns);
         if let Some(topic) = &conn.socket_id {
@@ -223,7 +225,7 @@ impl Shard {
                 },
             );
         }
-        self.stats.connections.set(self.stats.connections.get() + 1);
+        self.stats.connections.add(1);
         conn
     }
 
@@ -234,7 +236,7 @@ impl Shard {
         let mut conns = self.conns.borrow_mut();
         if conns.get(conn.id.key as usize).is_some_and(|c| c.id == conn.id) {
             conns.remove(conn.id.key as usize);
-            self.stats.connections.set(self.stats.connections.get() - 1);
+            self.stats.connections.sub(1);
         }
     }
 
@@ -248,6 +250,7 @@ impl Shard {
                 }
                 None => {
                     topics.insert(topic.into(), vec![sub]);
+                    self.stats.topics.add(1);
                     true
                 }
             }
@@ -271,6 +274,7 @@ impl Shard {
             let last = subs.is_empty();
             if last {
                 topics.remove(topic);
+                self.stats.topics.sub(1);
             }
             last
         };
@@ -283,7 +287,7 @@ impl Shard {
 
     /// Delivers on this core and forwards to every other core that has subscribers.
     pub(crate) fn publish(&self, broadcast: Broadcast) {
-        self.stats.broadcasts.set(self.stats.broadcasts.get() + 1);
+        self.stats.broadcasts.add(1);
         let broadcast = Arc::new(broadcast);
         if let Some(mesh) = &self.mesh {
             mesh.forward(&broadcast);
@@ -329,13 +333,33 @@ impl Shard {
                 }
             }
         }
-        self.stats.deliveries.set(self.stats.deliveries.get() + delivered);
+        self.stats.deliveries.add(delivered);
     }
 
     pub(crate) fn on_mesh(&self, msg: MeshMsg) {
         match msg {
             MeshMsg::Broadcast(b) => self.deliver_local(&b),
             MeshMsg::Presence { topic, delta } => self.presence_apply(&topic, &delta),
+            MeshMsg::LongPoll {
+                origin,
+                id,
+                req,
+                body,
+            } => {
+                let shard = current().expect("mesh messages arrive on a shard");
+                glommio::spawn_local(async move {
+                    let response = longpoll::handle(&shard, req, body).await;
+                    if let Some(mesh) = &shard.mesh {
+                        mesh.send_to(origin, MeshMsg::LongPollReply { id, response });
+                    }
+                })
+                .detach();
+            }
+            MeshMsg::LongPollReply { id, response } => {
+                if let Some(tx) = self.forwarded.borrow_mut().remove(&id) {
+                    let _ = tx.try_send(response);
+                }
+            }
             MeshMsg::Interest { topic, core, on } => {
                 if let Some(mesh) = &self.mesh {
                     mesh.set_interest(&topic, core, on);
@@ -344,11 +368,70 @@ impl Shard {
         }
     }
 
+    pub(crate) fn longpoll_get(&self, token: &str) -> Option<Rc<LongPollSession>> {
+        self.longpoll.borrow().get(token).cloned()
+    }
+
+    pub(crate) fn longpoll_insert(&self, token: Box<str>, lp: Rc<LongPollSession>) {
+        self.longpoll.borrow_mut().insert(token, lp);
+        self.stats.longpoll_sessions.add(1);
+    }
+
+    pub(crate) fn longpoll_remove(&self, token: &str) {
+        if self.longpoll.borrow_mut().remove(token).is_some() {
+            self.stats.longpoll_sessions.sub(1);
+        }
+    }
+
+    /// Answers a long-poll request on the core that owns its session: here, or over
+    /// the mesh.
+    pub(crate) async fn longpoll_route(
+        self: &Rc<Self>,
+        core: Option<usize>,
+        req: Request,
+        body: Vec<u8>,
+    ) -> Response {
+        let remote = core.filter(|c| *c != self.index && self.mesh.as_ref().is_some_and(|m| *c < m.peers()));
+        let (Some(core), Some(mesh)) = (remote, &self.mesh) else {
+            return longpoll::handle(self, req, body).await;
+        };
+        let id = self.next_forward.get() + 1;
+        self.next_forward.set(id);
+        let (tx, rx) = glommio::channels::local_channel::new_bounded(1);
+        self.forwarded.borrow_mut().insert(id, tx);
+        mesh.send_to(
+            core,
+            MeshMsg::LongPoll {
+                origin: self.index,
+                id,
+                req,
+                body,
+            },
+        );
+        let answer = futures_lite::future::or(async { rx.recv().await }, async {
+            glommio::timer::sleep(longpoll::POLL_WINDOW * 2).await;
+            None
+        })
+        .await;
+        self.forwarded.borrow_mut().remove(&id);
+        answer.unwrap_or_else(|| Response::json(504, r#"{"error":"the session's core did not answer"}"#))
+    }
+
     /// Asks connections silent for longer than the idle timeout to close.
     pub(crate) fn sweep_idle(&self) {
+        let now = std::time::Instant::now();
+        for lp in self.longpoll.borrow().values() {
+            if lp.expired(now) {
+                lp.expire();
+            }
+        }
         let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
         let now = self.now_ms();
         for (_, conn) in self.conns.borrow().iter() {
+            // Long-poll sessions expire by their own rule (no poll for 15 s).
+            if conn.long_poll {
+                continue;
+            }
             if now.wrapping_sub(conn.last_in.get()) >= limit {
                 conn.request_close(close_code::GOING_AWAY);
             }

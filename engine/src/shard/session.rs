@@ -41,14 +41,6 @@ pub(crate) struct Session {
     pending: Option<Pending>,
 }
 
-fn bump(cell: &std::cell::Cell<u64>, up: bool) {
-    cell.set(if up {
-        cell.get() + 1
-    } else {
-        cell.get().saturating_sub(1)
-    });
-}
-
 impl Session {
     pub(crate) fn new(shard: Rc<Shard>, conn: Rc<Conn>) -> Self {
         Session {
@@ -89,7 +81,7 @@ impl Session {
     /// pending (see [`Session::busy`]).
     pub(crate) fn handle_message(&mut self, msg: Message, cx: &mut Context<'_>) {
         debug_assert!(!self.busy());
-        bump(&self.shard.stats.messages_in, true);
+        self.shard.stats.messages_in.add(1);
         let route = self
             .conn
             .channels
@@ -271,7 +263,7 @@ impl Session {
                         running: Some((channel, socket)),
                     },
                 );
-                bump(&self.shard.stats.channels, true);
+                self.shard.stats.channels.add(1);
                 self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &Reply::Ok(response));
                 if let Some(old) = &replaced {
                     self.control(old, &topic, "phx_close", &Payload::empty());
@@ -343,7 +335,7 @@ impl Session {
         }
         self.shard.presence_untrack(&self.conn, &topic, None);
         self.shard.unsubscribe(&topic, self.conn.id);
-        bump(&self.shard.stats.channels, false);
+        self.shard.stats.channels.sub(1);
         (topic, join_ref)
     }
 
@@ -361,7 +353,7 @@ impl Session {
             drop(joined);
             self.shard.presence_untrack(&self.conn, topic, None);
             self.shard.unsubscribe(topic, self.conn.id);
-            bump(&self.shard.stats.channels, false);
+            self.shard.stats.channels.sub(1);
         }
         let payload = Payload::Json(serde_json::json!({"reason": "channel_crash"}));
         self.control(join_ref, topic, "phx_error", &payload);
@@ -438,7 +430,7 @@ impl Session {
                 }));
             }
             self.shard.unsubscribe(&j.topic, self.conn.id);
-            bump(&self.shard.stats.channels, false);
+            self.shard.stats.channels.sub(1);
         }
         self.shard.remove_conn(&self.conn);
     }

@@ -1,6 +1,8 @@
 //! Transports: the accept loop of a core, the HTTP request head that starts every
 //! connection, and the WebSocket upgrade into a [`websocket::Pump`].
 
+pub(crate) mod api;
+pub(crate) mod longpoll;
 pub(crate) mod websocket;
 
 use std::rc::Rc;
@@ -34,19 +36,20 @@ pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     }
 }
 
-/// Reads the request head; `Err` carries the response to send before closing.
-async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), Option<Vec<u8>>> {
-    let mut buf = Vec::with_capacity(2048);
-    loop {
-        let filled = buf.len();
-        buf.resize(filled + 2048, 0);
-        let n = match stream.read(&mut buf[filled..]).await {
-            Ok(0) | Err(_) => return Err(None),
-            Ok(n) => n,
-        };
-        buf.truncate(filled + n);
-        match Request::parse(&buf) {
-            Ok(Some((req, len))) => return Ok((req, buf.split_off(len))),
+/// Largest request body accepted (API and long-poll).
+const MAX_BODY: usize = 1 << 20;
+/// How long a kept-alive connection may wait before its next request.
+const KEEP_ALIVE: Duration = Duration::from_secs(60);
+
+/// Reads one request (head and body) from `buf` and the stream. `Err` carries the
+/// response to send before closing, if any.
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<(Request, Vec<u8>), Option<Vec<u8>>> {
+    let (req, head_len) = loop {
+        match Request::parse(buf) {
+            Ok(Some(head)) => break head,
             Ok(None) => {}
             Err(http::HttpError::TooLarge) => {
                 return Err(Some(http::response(
@@ -70,41 +73,83 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), Option<
                 b"request head too large\n",
             )));
         }
+        read_more(stream, buf).await.map_err(|_| None)?;
+    };
+    if req.header("transfer-encoding").is_some() {
+        return Err(Some(http::response(
+            411,
+            "text/plain",
+            b"send a content-length body\n",
+        )));
+    }
+    let length = match req.header("content-length").map(str::parse::<usize>) {
+        None => 0,
+        Some(Ok(n)) if n <= MAX_BODY => n,
+        Some(Ok(_)) => {
+            return Err(Some(http::response(
+                413,
+                "text/plain",
+                b"request body too large\n",
+            )))
+        }
+        Some(Err(_)) => return Err(Some(http::response(400, "text/plain", b"bad content-length\n"))),
+    };
+    while buf.len() < head_len + length {
+        read_more(stream, buf).await.map_err(|_| None)?;
+    }
+    let body = buf[head_len..head_len + length].to_vec();
+    buf.drain(..head_len + length);
+    Ok((req, body))
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let filled = buf.len();
+    buf.resize(filled + 4096, 0);
+    let n = stream.read(&mut buf[filled..]).await;
+    buf.truncate(filled + *n.as_ref().unwrap_or(&0));
+    match n {
+        Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
+/// One TCP connection: HTTP requests (kept alive, pipelined in order) until one of
+/// them upgrades to a WebSocket.
 async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    // Boxed: the head is read once, and its buffers must not stay in the connection's
-    // task for the connection's whole life.
-    let (req, leftover) = match Box::pin(read_head(&mut stream)).await {
-        Ok(head) => head,
-        Err(response) => {
-            if let Some(response) = response {
-                let _ = stream.write_all(&response).await;
+    let mut timeout = HANDSHAKE_TIMEOUT;
+    let mut buf = Vec::new();
+    loop {
+        let _ = stream.set_read_timeout(Some(timeout));
+        // Boxed: a request is read once, and its buffers must not stay in the
+        // connection's task for a WebSocket's whole life.
+        let (req, body) = match Box::pin(read_request(&mut stream, &mut buf)).await {
+            Ok(request) => request,
+            Err(response) => {
+                if let Some(response) = response {
+                    let _ = stream.write_all(&response).await;
+                }
+                return;
+            }
+        };
+        let _ = stream.set_read_timeout(None);
+        if req.path == "/socket/websocket" {
+            let upgraded = Box::pin(upgrade(&shard, &mut stream, req)).await;
+            if let Some(session) = upgraded {
+                let leftover = std::mem::take(&mut buf);
+                websocket::Pump::new(&mut stream, shard, session, leftover).await;
             }
             return;
         }
-    };
-    let _ = stream.set_read_timeout(None);
-    match (req.method.as_str(), req.path.as_str()) {
-        (_, "/socket/websocket") => {
-            let upgraded = Box::pin(upgrade(&shard, &mut stream, req)).await;
-            if let Some(session) = upgraded {
-                websocket::Pump::new(&mut stream, shard, session, leftover).await;
-            }
+        shard.stats.bytes_in.add(body.len() as u64);
+        let keep_alive = !http::wants_close(&req);
+        let response = Box::pin(api::route(&shard, req, body)).await;
+        shard.stats.bytes_out.add(response.body.len() as u64);
+        if stream.write_all(&response.to_bytes(keep_alive)).await.is_err() || !keep_alive {
+            return;
         }
-        ("GET", "/healthz") => {
-            let _ = stream
-                .write_all(&http::response(200, "text/plain", b"ok\n"))
-                .await;
-        }
-        _ => {
-            let _ = stream
-                .write_all(&http::response(404, "text/plain", b"not found\n"))
-                .await;
-        }
+        timeout = KEEP_ALIVE;
     }
 }
 
@@ -112,7 +157,7 @@ fn forbidden() -> Vec<u8> {
     http::response(403, "text/plain", b"")
 }
 
-fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+pub(crate) fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     match origin {
         None => true,
         Some(_) if allowed.is_empty() => true,
@@ -152,7 +197,7 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Opt
     let core = shard.index.to_string();
     let response = http::upgrade_response(&key, &[("x-ringcast-core", &core)]);
     stream.write_all(&response).await.ok()?;
-    let conn = shard.add_conn(vsn, assigns, socket_id);
+    let conn = shard.add_conn(vsn, assigns, socket_id, false);
     Some(Session::new(shard.clone(), conn))
 }
 

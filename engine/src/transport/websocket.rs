@@ -132,7 +132,7 @@ impl<'s> Pump<'s> {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
                 };
-                self.touch();
+                self.touch(n);
                 let used = self.process(&mut buf[..n], cx);
                 if used < n {
                     self.partial.extend_from_slice(&buf[used..n]);
@@ -160,7 +160,7 @@ impl<'s> Pump<'s> {
             };
             partial.truncate(old + n);
             if n > 0 {
-                self.touch();
+                self.touch(n);
             }
             let used = self.process(&mut partial, cx);
             partial.drain(..used);
@@ -182,8 +182,9 @@ impl<'s> Pump<'s> {
         }
     }
 
-    fn touch(&self) {
+    fn touch(&self, bytes: usize) {
         self.session.conn.last_in.set(self.shard.now_ms());
+        self.shard.stats.bytes_in.add(bytes as u64);
     }
 
     /// Writes queued frames until the queue is empty or the socket is full.
@@ -213,7 +214,11 @@ impl<'s> Pump<'s> {
             };
             match written {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => out.consume(n),
+                Poll::Ready(Ok(n)) => {
+                    let frames = out.consume(n);
+                    self.shard.stats.bytes_out.add(n as u64);
+                    self.shard.stats.messages_out.add(frames);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -224,10 +229,7 @@ impl<'s> Pump<'s> {
         let conn = &self.session.conn;
         let mut out = conn.out.borrow_mut();
         if code == close_code::POLICY {
-            self.shard
-                .stats
-                .slow_closed
-                .set(self.shard.stats.slow_closed.get() + 1);
+            self.shard.stats.slow_closed.add(1);
             out.clear();
         }
         let reason = match code {

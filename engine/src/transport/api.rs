@@ -1,0 +1,146 @@
+//! Plain HTTP routes on the socket port: the server API (`/api/*`, bearer key), metrics,
+//! health, the demo page, and long-poll dispatch to the session's core.
+
+use std::rc::Rc;
+
+use subtle::ConstantTimeEq;
+
+use crate::proto::http::{Request, Response};
+use crate::proto::{token, Payload};
+use crate::shard::stats;
+use crate::shard::{Broadcast, Shard};
+use crate::transport::longpoll;
+
+const INDEX_HTML: &str = include_str!("../../assets/index.html");
+const PHOENIX_JS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/phoenix.min.js"));
+
+fn error(status: u16, message: &str) -> Response {
+    Response::json(status, serde_json::json!({ "error": message }).to_string())
+}
+
+/// Whether the request carries `Authorization: Bearer <key>`, compared in constant time.
+fn authorized(req: &Request, key: Option<&str>) -> bool {
+    let Some(key) = key else { return false };
+    let Some(given) = req
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.as_bytes().ct_eq(key.as_bytes()).into()
+}
+
+pub(crate) async fn route(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Response {
+    let app = shard.app.clone();
+    match (req.method.as_str(), req.path.as_str()) {
+        (_, "/socket/longpoll") => {
+            let params = req.query_params();
+            let session = req
+                .header("x-phoenix-longpoll-token")
+                .map(str::to_string)
+                .or_else(|| {
+                    params
+                        .iter()
+                        .rev()
+                        .find(|(k, _)| k == "token")
+                        .map(|(_, v)| v.clone())
+                });
+            let core = session.as_deref().and_then(longpoll::token_core);
+            shard.longpoll_route(core, req, body).await
+        }
+        (_, "/api/broadcast") | (_, "/api/stats") if !authorized(&req, app.config.api_key.as_deref()) => {
+            error(401, "missing or wrong bearer key").header("www-authenticate", "Bearer")
+        }
+        ("POST", "/api/broadcast") => broadcast(shard, &body),
+        ("GET", "/api/stats") => Response::json(200, stats::stats_json(app.stats.iter().map(|s| &**s))),
+        ("GET", "/metrics") => Response::new(
+            200,
+            "text/plain; version=0.0.4",
+            stats::prometheus(app.stats.iter().map(|s| &**s)),
+        ),
+        ("GET", "/healthz") => Response::new(200, "text/plain", "ok\n"),
+        ("GET", "/") => Response::new(200, "text/html; charset=utf-8", INDEX_HTML),
+        ("GET", "/assets/phoenix.min.js") => {
+            Response::new(200, "application/javascript", PHOENIX_JS).header("cache-control", "max-age=3600")
+        }
+        ("GET", "/demo/token") => match &app.config.demo_token_secret {
+            Some(secret) => {
+                let params = req.query_params();
+                let user = params
+                    .iter()
+                    .find(|(k, _)| k == "user")
+                    .map_or("demo", |(_, v)| v.as_str());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                Response::new(200, "text/plain", token::sign(secret.as_bytes(), user, now))
+            }
+            None => error(404, "demo tokens exist only with the development secret"),
+        },
+        (_, "/api/broadcast") | (_, "/api/stats") | (_, "/metrics") | (_, "/healthz") | (_, "/") => {
+            error(405, "method not allowed")
+        }
+        _ => error(404, "not found"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct BroadcastBody {
+    topic: String,
+    event: String,
+    payload: serde_json::Value,
+}
+
+fn broadcast(shard: &Rc<Shard>, body: &[u8]) -> Response {
+    let parsed: BroadcastBody = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                400,
+                &format!("body must be {{\"topic\",\"event\",\"payload\"}}: {e}"),
+            )
+        }
+    };
+    if !parsed.payload.is_object() {
+        return error(400, "payload must be a JSON object");
+    }
+    if parsed.topic.is_empty() || parsed.event.is_empty() {
+        return error(400, "topic and event must not be empty");
+    }
+    shard.publish(Broadcast::new(
+        &parsed.topic,
+        &parsed.event,
+        Payload::Json(parsed.payload),
+        None,
+    ));
+    Response::json(202, r#"{"ok":true}"#)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(auth: Option<&str>) -> Request {
+        Request {
+            method: "GET".into(),
+            path: "/api/stats".into(),
+            query: String::new(),
+            headers: auth
+                .map(|a| ("authorization".to_string(), a.to_string()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn bearer_keys() {
+        assert!(authorized(&req(Some("Bearer k1")), Some("k1")));
+        assert!(!authorized(&req(Some("Bearer k2")), Some("k1")));
+        assert!(!authorized(&req(Some("k1")), Some("k1")));
+        assert!(!authorized(&req(None), Some("k1")));
+        assert!(
+            !authorized(&req(Some("Bearer k1")), None),
+            "no key configured: nobody passes"
+        );
+    }
+}

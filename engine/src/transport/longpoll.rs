@@ -1,0 +1,357 @@
+//! The long-poll transport (PROTOCOL.md §12): sessions that live on one core, polled
+//! with GET and fed with ndjson POSTs. A request that lands on another core is passed
+//! over the mesh to the session's core and answered from there.
+//!
+//! A session is a connection like any other: a `Conn` with its channel `Session`, driven
+//! by a small task; its outbound frames are WebSocket text frames, and a poll answers
+//! their payloads as JSON strings.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+use crate::api::router::ConnectInfo;
+use crate::proto::http::{Request, Response};
+use crate::proto::serializer::{decode_binary, decode_text};
+use crate::proto::{Message, Vsn};
+use crate::shard::conn::Conn;
+use crate::shard::session::Session;
+use crate::shard::Shard;
+
+/// How long a poll is held when there is nothing to send.
+pub(crate) const POLL_WINDOW: Duration = Duration::from_secs(10);
+/// A session with no poll for this long is closed like a dropped WebSocket.
+pub(crate) const SESSION_EXPIRY: Duration = Duration::from_secs(15);
+/// Lines of one POST handled; the rest are ignored, as Phoenix does.
+const MAX_LINES: usize = 100;
+
+/// One long-poll session on its core.
+pub(crate) struct LpSession {
+    token: Box<str>,
+    conn: Rc<Conn>,
+    inbound: RefCell<VecDeque<Message>>,
+    poller: RefCell<Option<Waker>>,
+    last_poll: Cell<Instant>,
+    polling: Cell<bool>,
+    gone: Cell<bool>,
+}
+
+impl LpSession {
+    fn wake_poller(&self) {
+        if let Some(w) = self.poller.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Whether the session has gone unpolled past its expiry.
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        !self.polling.get() && now.duration_since(self.last_poll.get()) >= SESSION_EXPIRY
+    }
+
+    pub(crate) fn expire(&self) {
+        self.conn.request_close(crate::proto::ws::close_code::GOING_AWAY);
+    }
+}
+
+/// Runs a session's channel layer: inbound messages, handler futures, the mailbox.
+struct Driver {
+    lp: Rc<LpSession>,
+    session: Session,
+    shard: Rc<Shard>,
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        this.lp.conn.set_waker(cx.waker());
+        loop {
+            if this.lp.conn.close.get().is_some() {
+                this.lp.gone.set(true);
+                this.lp.wake_poller();
+                this.shard.longpoll_remove(&this.lp.token);
+                this.session.finish();
+                return Poll::Ready(());
+            }
+            if this.session.poll_pending(cx) {
+                break;
+            }
+            this.session.run_mailbox(cx);
+            if this.session.busy() {
+                break;
+            }
+            let next = this.lp.inbound.borrow_mut().pop_front();
+            match next {
+                Some(msg) => this.session.handle_message(msg, cx),
+                None => break,
+            }
+        }
+        if !this.lp.conn.out.borrow().frames.is_empty() {
+            this.lp.wake_poller();
+        }
+        Poll::Pending
+    }
+}
+
+fn status(status: u16, token: Option<&str>, messages: Option<&str>) -> Response {
+    let mut body = format!("{{\"status\":{status}");
+    if let Some(token) = token {
+        body.push_str(",\"token\":");
+        body.push_str(&serde_json::Value::from(token).to_string());
+    }
+    if let Some(messages) = messages {
+        body.push_str(",\"messages\":");
+        body.push_str(messages);
+    }
+    body.push('}');
+    Response::json(200, body)
+        .header("cache-control", "no-store")
+        .header("access-control-allow-origin", "*")
+}
+
+/// The session token a request names: the header, else the last `token` param.
+fn session_candidate(req: &Request, params: &[(String, String)]) -> Option<String> {
+    req.header("x-phoenix-longpoll-token")
+        .map(str::to_string)
+        .or_else(|| {
+            params
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.clone())
+        })
+}
+
+/// The core a session token belongs to (`<core>.<random>`).
+pub(crate) fn token_core(token: &str) -> Option<usize> {
+    token.split_once('.')?.0.parse().ok()
+}
+
+/// Answers a long-poll request whose session (if any) is on this core.
+pub(crate) async fn handle(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Response {
+    let params = req.query_params();
+    if req.method == "OPTIONS" {
+        let allow = req
+            .header("access-control-request-headers")
+            .unwrap_or("")
+            .to_string();
+        return Response::new(200, "text/plain", "")
+            .header("access-control-allow-origin", "*")
+            .header("access-control-allow-headers", allow)
+            .header("access-control-allow-methods", "get, post, options")
+            .header("access-control-max-age", "3600");
+    }
+    let live = session_candidate(&req, &params).and_then(|t| shard.longpoll_get(&t));
+    match (req.method.as_str(), live) {
+        ("GET", Some(lp)) => poll(lp).await,
+        ("GET", None) => open(shard, &req, params),
+        ("POST", Some(lp)) => publish(&lp, &req, &body),
+        ("POST", None) => status(410, None, None),
+        _ => Response::json(400, r#"{"error":"long-poll takes GET, POST and OPTIONS"}"#),
+    }
+}
+
+fn open(shard: &Rc<Shard>, req: &Request, params: Vec<(String, String)>) -> Response {
+    let vsn = Vsn::from_param(params.iter().find(|(k, _)| k == "vsn").map(|(_, v)| v.as_str()));
+    let info = ConnectInfo {
+        params,
+        peer_addr: None,
+        origin: req.header("origin").map(str::to_string),
+    };
+    let app = shard.app.clone();
+    let accepted = match vsn {
+        Some(vsn) if super::origin_allowed(&app.config.allowed_origins, info.origin.as_deref()) => {
+            app.socket.connect(&info).map(|(assigns, id)| (vsn, assigns, id))
+        }
+        _ => None,
+    };
+    let Some((vsn, assigns, socket_id)) = accepted else {
+        return status(403, None, None);
+    };
+    let mut random = [0u8; 16];
+    getrandom::fill(&mut random).expect("the OS random source");
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let token: Box<str> = format!("{}.{hex}", shard.index).into();
+    let conn = shard.add_conn(vsn, assigns, socket_id, true);
+    let lp = Rc::new(LpSession {
+        token: token.clone(),
+        conn: conn.clone(),
+        inbound: RefCell::default(),
+        poller: RefCell::new(None),
+        last_poll: Cell::new(Instant::now()),
+        polling: Cell::new(false),
+        gone: Cell::new(false),
+    });
+    shard.longpoll_insert(token.clone(), lp.clone());
+    glommio::spawn_local(Driver {
+        lp,
+        session: Session::new(shard.clone(), conn),
+        shard: shard.clone(),
+    })
+    .detach();
+    status(410, Some(&token), Some("[]"))
+}
+
+/// The JSON text of every queued text frame, as a JSON array of strings.
+fn take_messages(lp: &LpSession) -> (String, u64, u64) {
+    let mut out = lp.conn.out.borrow_mut();
+    let mut json = String::from("[");
+    let (mut frames, mut bytes) = (0, 0);
+    for frame in out.frames.iter() {
+        let data = frame.bytes();
+        let payload = match data[1] & 0x7f {
+            126 => &data[4..],
+            127 => &data[10..],
+            _ => &data[2..],
+        };
+        bytes += data.len() as u64;
+        frames += 1;
+        // Binary frames have no long-poll representation (Phoenix has none either).
+        let Ok(text) = std::str::from_utf8(payload) else {
+            continue;
+        };
+        if data[0] & 0x0f != 1 {
+            continue;
+        }
+        if json.len() > 1 {
+            json.push(',');
+        }
+        json.push_str(&serde_json::Value::from(text).to_string());
+    }
+    json.push(']');
+    out.clear();
+    (json, frames, bytes)
+}
+
+async fn poll(lp: Rc<LpSession>) -> Response {
+    lp.polling.set(true);
+    let ready = std::future::poll_fn(|cx| {
+        if lp.gone.get() || !lp.conn.out.borrow().frames.is_empty() {
+            return Poll::Ready(());
+        }
+        *lp.poller.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    });
+    futures_lite::future::or(ready, glommio::timer::sleep(POLL_WINDOW)).await;
+    lp.polling.set(false);
+    lp.last_poll.set(Instant::now());
+    if lp.gone.get() {
+        return status(410, None, None);
+    }
+    if lp.conn.out.borrow().frames.is_empty() {
+        return status(204, Some(&lp.token), Some("[]"));
+    }
+    let (messages, frames, bytes) = take_messages(&lp);
+    if let Some(shard) = crate::shard::current() {
+        shard.stats.messages_out.add(frames);
+        shard.stats.bytes_out.add(bytes);
+    }
+    status(200, Some(&lp.token), Some(&messages))
+}
+
+/// Decodes a POST body: ndjson of V2 text lines and base64 binary lines, or one message.
+fn decode_body(vsn: Vsn, ndjson: bool, body: &[u8]) -> Result<Vec<Message>, String> {
+    if !ndjson {
+        let mut data = body.to_vec();
+        return decode_text(vsn, &mut data)
+            .map(|m| vec![m])
+            .map_err(|e| e.to_string());
+    }
+    let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())?;
+    let mut messages = Vec::new();
+    for line in text
+        .split('\n')
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.is_empty())
+        .take(MAX_LINES)
+    {
+        let msg = if line.starts_with('[') {
+            let mut data = line.as_bytes().to_vec();
+            decode_text(vsn, &mut data).map_err(|e| e.to_string())?
+        } else {
+            let data = STANDARD
+                .decode(line)
+                .map_err(|_| "line is neither JSON nor base64".to_string())?;
+            decode_binary(vsn, &data).map_err(|e| e.to_string())?
+        };
+        messages.push(msg);
+    }
+    Ok(messages)
+}
+
+fn publish(lp: &LpSession, req: &Request, body: &[u8]) -> Response {
+    if lp.gone.get() {
+        return status(410, None, None);
+    }
+    let ndjson = req
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("application/x-ndjson"));
+    match decode_body(lp.conn.vsn, ndjson, body) {
+        Ok(messages) => {
+            lp.inbound.borrow_mut().extend(messages);
+            lp.conn
+                .last_in
+                .set(crate::shard::current().map_or(0, |s| s.now_ms()));
+            lp.conn.wake();
+            status(200, None, None)
+        }
+        Err(why) => {
+            let body = serde_json::json!({"status": 400, "error": format!("malformed message: {why}")});
+            Response::json(400, body.to_string())
+                .header("cache-control", "no-store")
+                .header("access-control-allow-origin", "*")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ndjson_bodies() {
+        let body =
+            b"[\"1\",\"1\",\"rooms:a\",\"phx_join\",{}]\r\n[null,\"2\",\"phoenix\",\"heartbeat\",{}]\n";
+        let msgs = decode_body(Vsn::V2, true, body).unwrap();
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[1].event, "heartbeat");
+        let binary = STANDARD.encode([0u8, 1, 1, 1, 1, b'1', b'2', b't', b'e', 9]);
+        let msgs = decode_body(Vsn::V2, true, binary.as_bytes()).unwrap();
+        assert_eq!((msgs[0].topic.as_str(), msgs[0].event.as_str()), ("t", "e"));
+        assert!(decode_body(Vsn::V2, true, b"!!not base64!!").is_err());
+        assert!(decode_body(Vsn::V2, true, b"[1,2]").is_err());
+        let many: String = (0..150)
+            .map(|i| format!("[null,\"{i}\",\"phoenix\",\"heartbeat\",{{}}]\n"))
+            .collect();
+        assert_eq!(
+            decode_body(Vsn::V2, true, many.as_bytes()).unwrap().len(),
+            MAX_LINES
+        );
+        let v1 = br#"{"topic":"t","event":"e","payload":{},"ref":"1"}"#;
+        assert_eq!(decode_body(Vsn::V1, false, v1).unwrap()[0].event, "e");
+    }
+
+    #[test]
+    fn token_cores() {
+        assert_eq!(token_core("3.abcdef"), Some(3));
+        assert_eq!(token_core("abcdef"), None);
+        assert_eq!(token_core("x.abcdef"), None);
+    }
+
+    #[test]
+    fn status_bodies() {
+        assert_eq!(
+            status(410, Some("0.ab"), Some("[]")).body,
+            br#"{"status":410,"token":"0.ab","messages":[]}"#
+        );
+        assert_eq!(status(403, None, None).body, br#"{"status":403}"#);
+    }
+}

@@ -1,0 +1,444 @@
+//! Final figures: built from the merged slice reports, printed for people on stdout,
+//! written whole as JSON with `--json`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+
+use serde::Serialize;
+
+use crate::run::{self, HistData, Job, Pace, PubShared, SliceReport};
+use crate::sys::ProcSample;
+use crate::{ConnectArgs, FanoutArgs};
+
+/// Percentiles of a histogram of nanoseconds, in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl Latency {
+    pub fn of(d: &HistData) -> Latency {
+        let mut h = run::new_hist();
+        run::hist_add_data(&mut h, d);
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            mean_us: if h.is_empty() { 0.0 } else { h.mean() / 1000.0 },
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+        }
+    }
+
+    fn line(&self) -> String {
+        if self.count == 0 {
+            return "none recorded".into();
+        }
+        format!(
+            "p50 {} p90 {} p99 {} p99.9 {} max {} (mean {}, n={})",
+            fmt_us(self.p50_us),
+            fmt_us(self.p90_us),
+            fmt_us(self.p99_us),
+            fmt_us(self.p999_us),
+            fmt_us(self.max_us),
+            fmt_us(self.mean_us),
+            self.count
+        )
+    }
+}
+
+fn fmt_us(us: f64) -> String {
+    if us >= 1_000_000.0 {
+        format!("{:.2}s", us / 1_000_000.0)
+    } else if us >= 1000.0 {
+        format!("{:.2}ms", us / 1000.0)
+    } else {
+        format!("{us:.0}µs")
+    }
+}
+
+fn fmt_bytes(b: f64) -> String {
+    if b.abs() >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else if b.abs() >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+/// Samples of the server process.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerFigures {
+    pub pid: u32,
+    pub before: Option<ProcSample>,
+    pub full: Option<ProcSample>,
+    pub after_hold: Option<ProcSample>,
+    pub after_close: Option<ProcSample>,
+    pub before_publish: Option<ProcSample>,
+    pub after_publish: Option<ProcSample>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerConnect {
+    #[serde(flatten)]
+    pub samples: ServerFigures,
+    /// (RSS at full - RSS before) / joined connections.
+    pub rss_per_connection_bytes: Option<f64>,
+    pub cpu_secs_ramp: Option<f64>,
+    pub cpu_secs_hold: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectReport {
+    pub command: &'static str,
+    pub url: String,
+    pub topic: String,
+    pub topics: u64,
+    pub requested: u64,
+    pub target_rate: f64,
+    pub processes: usize,
+    pub cores_per_process: usize,
+    pub attempted: u64,
+    pub joined: u64,
+    pub failed: u64,
+    pub failures: BTreeMap<String, u64>,
+    /// From the first attempt to the last successful join.
+    pub time_to_last_join_secs: f64,
+    /// Time to N when every connection joined.
+    pub time_to_n_secs: Option<f64>,
+    pub achieved_rate: f64,
+    /// Connect + upgrade + join per connection.
+    pub join_latency: Latency,
+    pub hold_secs: f64,
+    pub connected_at_hold_end: u64,
+    pub ended_early: u64,
+    pub ends: BTreeMap<String, u64>,
+    pub server: Option<ServerConnect>,
+    pub problems: Vec<String>,
+}
+
+fn secs(a: u64, b: u64) -> f64 {
+    b.saturating_sub(a) as f64 / 1e9
+}
+
+impl ConnectReport {
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        a: &ConnectArgs,
+        job: &Job,
+        processes: usize,
+        m: &SliceReport,
+        t_start: u64,
+        _t_full: u64,
+        connected_at_hold_end: u64,
+        server: Option<ServerFigures>,
+        problems: Vec<String>,
+    ) -> ConnectReport {
+        let first = if m.first_attempt_nanos > 0 {
+            m.first_attempt_nanos
+        } else {
+            t_start
+        };
+        let ttl = if m.last_join_nanos > 0 {
+            secs(first, m.last_join_nanos)
+        } else {
+            0.0
+        };
+        let server = server.map(|s| {
+            let rss_per = match (s.before, s.full) {
+                (Some(b), Some(f)) if m.joined > 0 => {
+                    Some((f.rss_bytes as f64 - b.rss_bytes as f64) / m.joined as f64)
+                }
+                _ => None,
+            };
+            let d = |x: Option<ProcSample>, y: Option<ProcSample>| match (x, y) {
+                (Some(x), Some(y)) => Some(y.cpu_secs - x.cpu_secs),
+                _ => None,
+            };
+            ServerConnect {
+                rss_per_connection_bytes: rss_per,
+                cpu_secs_ramp: d(s.before, s.full),
+                cpu_secs_hold: d(s.full, s.after_hold),
+                samples: s,
+            }
+        });
+        ConnectReport {
+            command: "connect",
+            url: a.url.clone(),
+            topic: a.topic.clone(),
+            topics: a.topics,
+            requested: a.connections,
+            target_rate: a.rate,
+            processes,
+            cores_per_process: job.cores,
+            attempted: m.attempted,
+            joined: m.joined,
+            failed: m.failed,
+            failures: m.failures.clone(),
+            time_to_last_join_secs: ttl,
+            time_to_n_secs: (m.joined == a.connections).then_some(ttl),
+            achieved_rate: if ttl > 0.0 { m.joined as f64 / ttl } else { 0.0 },
+            join_latency: Latency::of(&m.join_latency),
+            hold_secs: a.hold.as_secs_f64(),
+            connected_at_hold_end,
+            ended_early: m.ended_early,
+            ends: m.ends.clone(),
+            server,
+            problems,
+        }
+    }
+}
+
+fn print_map(title: &str, m: &BTreeMap<String, u64>) {
+    if m.is_empty() {
+        return;
+    }
+    println!("  {title}:");
+    for (k, v) in m {
+        println!("    {v:>9}  {k}");
+    }
+}
+
+pub fn print_connect(r: &ConnectReport) {
+    println!("== connect: {} ({})", r.url, r.topic);
+    println!(
+        "  requested      {} at {}/s ({} process(es) x {} core(s))",
+        r.requested, r.target_rate, r.processes, r.cores_per_process
+    );
+    println!("  joined         {}", r.joined);
+    println!("  failed         {}", r.failed);
+    print_map("failures by kind", &r.failures);
+    match r.time_to_n_secs {
+        Some(t) => println!("  time to N      {t:.3}s"),
+        None => println!(
+            "  time to N      not reached (last join after {:.3}s)",
+            r.time_to_last_join_secs
+        ),
+    }
+    println!("  achieved rate  {:.0} joins/s", r.achieved_rate);
+    println!("  join latency   {}", r.join_latency.line());
+    println!(
+        "  hold {:.1}s: {} still connected at the end, {} ended early",
+        r.hold_secs, r.connected_at_hold_end, r.ended_early
+    );
+    print_map("ended early, by kind", &r.ends);
+    if let Some(s) = &r.server {
+        println!("  server pid {}:", s.samples.pid);
+        let rss = |x: &Option<ProcSample>| x.map_or("?".to_string(), |x| fmt_bytes(x.rss_bytes as f64));
+        println!(
+            "    RSS before {} | at full {} | after hold {} | after close {}",
+            rss(&s.samples.before),
+            rss(&s.samples.full),
+            rss(&s.samples.after_hold),
+            rss(&s.samples.after_close)
+        );
+        if let Some(b) = s.rss_per_connection_bytes {
+            println!("    RSS per connection {}", fmt_bytes(b));
+        }
+        if let (Some(a), Some(b)) = (s.cpu_secs_ramp, s.cpu_secs_hold) {
+            println!("    CPU seconds: ramp {a:.2}, hold {b:.2}");
+        }
+    }
+    print_problems(&r.problems);
+}
+
+fn print_problems(p: &[String]) {
+    for e in p {
+        println!("  PROBLEM: {e}");
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerFanout {
+    #[serde(flatten)]
+    pub samples: ServerFigures,
+    /// From just before the first send to when the last delivery was seen.
+    pub cpu_secs_publish: Option<f64>,
+    pub cpu_us_per_delivery: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutReport {
+    pub command: &'static str,
+    pub url: String,
+    pub topic: String,
+    pub processes: usize,
+    pub cores_per_process: usize,
+    pub subscribers_requested: u64,
+    pub subscribers_joined: u64,
+    pub subscriber_failures: BTreeMap<String, u64>,
+    pub messages: u64,
+    pub pace: String,
+    pub sent: u64,
+    pub sample_subscriber_received: u64,
+    /// subscribers_joined x sent
+    pub expected: u64,
+    /// Delivered `new_msg` frames, duplicates included.
+    pub deliveries: u64,
+    pub duplicates: u64,
+    pub reorders: u64,
+    pub unexpected: u64,
+    pub duplicates_exact: bool,
+    /// expected - (deliveries - duplicates - unexpected)
+    pub loss: i64,
+    pub subscribers_complete: u64,
+    pub ended_early: u64,
+    pub ends: BTreeMap<String, u64>,
+    /// First send to last delivery.
+    pub duration_secs: f64,
+    pub deliveries_per_sec: f64,
+    pub publish_secs: f64,
+    pub latency: Latency,
+    pub stopped_because: String,
+    pub server: Option<ServerFanout>,
+    pub problems: Vec<String>,
+}
+
+impl FanoutReport {
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        a: &FanoutArgs,
+        job: &Job,
+        processes: usize,
+        m: &SliceReport,
+        ps: &PubShared,
+        pace: Pace,
+        why: &str,
+        server: Option<ServerFigures>,
+        problems: Vec<String>,
+    ) -> FanoutReport {
+        let sent = ps.sent.load(Relaxed);
+        let first_send = ps.first_send_nanos.load(Relaxed);
+        let last_send = ps.last_send_nanos.load(Relaxed);
+        let duration = if first_send > 0 && m.last_recv_nanos > first_send {
+            secs(first_send, m.last_recv_nanos)
+        } else {
+            0.0
+        };
+        let expected = m.joined * sent;
+        let received = m.deliveries - m.duplicates - m.unexpected;
+        let server = server.map(|s| {
+            let cpu = match (s.before_publish, s.after_publish) {
+                (Some(b), Some(a)) => Some(a.cpu_secs - b.cpu_secs),
+                _ => None,
+            };
+            ServerFanout {
+                cpu_us_per_delivery: cpu
+                    .filter(|_| m.deliveries > 0)
+                    .map(|c| c * 1e6 / m.deliveries as f64),
+                cpu_secs_publish: cpu,
+                samples: s,
+            }
+        });
+        FanoutReport {
+            command: "fanout",
+            url: a.url.clone(),
+            topic: a.topic.clone(),
+            processes,
+            cores_per_process: job.cores,
+            subscribers_requested: a.subscribers,
+            subscribers_joined: m.joined,
+            subscriber_failures: m.failures.clone(),
+            messages: a.messages,
+            pace: match pace {
+                Pace::Rate(r) => format!("{r} msg/s"),
+                Pace::Window(w) => format!("as fast as possible, window {w}"),
+            },
+            sent,
+            sample_subscriber_received: ps.sample_received.load(Relaxed),
+            expected,
+            deliveries: m.deliveries,
+            duplicates: m.duplicates,
+            reorders: m.reorders,
+            unexpected: m.unexpected,
+            duplicates_exact: job.exact_duplicates,
+            loss: expected as i64 - received as i64,
+            subscribers_complete: m.subscribers_complete,
+            ended_early: m.ended_early,
+            ends: m.ends.clone(),
+            duration_secs: duration,
+            deliveries_per_sec: if duration > 0.0 {
+                m.deliveries as f64 / duration
+            } else {
+                0.0
+            },
+            publish_secs: if last_send > first_send {
+                secs(first_send, last_send)
+            } else {
+                0.0
+            },
+            latency: Latency::of(&m.latency),
+            stopped_because: why.to_string(),
+            server,
+            problems,
+        }
+    }
+}
+
+pub fn print_fanout(r: &FanoutReport) {
+    println!("== fanout: {} ({})", r.url, r.topic);
+    println!(
+        "  subscribers    {} joined of {} ({} process(es) x {} core(s))",
+        r.subscribers_joined, r.subscribers_requested, r.processes, r.cores_per_process
+    );
+    print_map("subscriber failures by kind", &r.subscriber_failures);
+    println!(
+        "  published      {} of {} messages in {:.3}s ({})",
+        r.sent, r.messages, r.publish_secs, r.pace
+    );
+    println!(
+        "  deliveries     {} of {} expected in {:.3}s = {:.0} deliveries/s",
+        r.deliveries, r.expected, r.duration_secs, r.deliveries_per_sec
+    );
+    println!(
+        "  loss {}  duplicates {}{}  reorders {}  unexpected {}",
+        r.loss,
+        r.duplicates,
+        if r.duplicates_exact {
+            ""
+        } else {
+            " (only immediate repeats detected)"
+        },
+        r.reorders,
+        r.unexpected
+    );
+    println!(
+        "  subscribers    {} complete, {} ended early",
+        r.subscribers_complete, r.ended_early
+    );
+    print_map("ended early, by kind", &r.ends);
+    println!("  latency        {}", r.latency.line());
+    println!("  stopped        {}", r.stopped_because);
+    if let Some(s) = &r.server {
+        if let (Some(c), Some(per)) = (s.cpu_secs_publish, s.cpu_us_per_delivery) {
+            println!(
+                "  server pid {}: {c:.3} CPU seconds during publish, {per:.3} CPU-µs per delivery",
+                s.samples.pid
+            );
+        }
+        if let Some(f) = s.samples.full {
+            println!(
+                "  server RSS with subscribers joined: {}",
+                fmt_bytes(f.rss_bytes as f64)
+            );
+        }
+    }
+    print_problems(&r.problems);
+}
+
+pub fn write_json<T: Serialize>(path: &Path, v: &T) -> anyhow::Result<()> {
+    let s = serde_json::to_string_pretty(v)?;
+    std::fs::write(path, s + "\n").map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    eprintln!("figures written to {}", path.display());
+    Ok(())
+}
