@@ -3,16 +3,25 @@
 // connection with and without a tracked presence, and how long one more join takes to
 // reach every member as a presence_diff.
 //
-//   node scripts/measure-presence.mjs [--members N] [--batch B] [--json-only]
+//   node scripts/measure-presence.mjs [--members N (<= 12000, default 10000)] [--batch B (250)] [--quiet-ms MS (1000)]
 //   RINGCAST_BIN=/path/to/ringcast node scripts/measure-presence.mjs
 //
-// For each of `bench:measure` (no presence) and `rooms:measure` (presence) it starts a
-// fresh server, samples its RSS (/proc/PID/status VmRSS), opens N raw `ws` connections
-// (V2 JSON frames, not the phoenix client) that join the topic, ramped in batches of B,
-// waits until the server has gone quiet, samples RSS again, then lets one more connection
-// join and records, per member connection, when a frame containing the new key arrived.
-// Members answer nothing; they send a heartbeat every 20 s. Everything is on 127.0.0.1.
-// The JSON report goes to stdout, progress to stderr. Exits by itself (hard limit 170 s).
+// For `rooms:measure` (presence) and then `bench:measure` (no presence; same member
+// count) it starts a fresh server, samples its RSS (/proc/PID/status VmRSS), opens N raw
+// `ws` connections (V2 JSON frames, not the phoenix client) that join the topic, ramped in
+// batches of B (each batch's joins answered before the next), waits until the server has
+// gone quiet, and samples RSS again. Then one more connection joins:
+// - rooms: per member connection, when the first frame containing the new key arrived
+//   (join_to_first/last_diff_ms, from sending its phx_join);
+// - bench: the newcomer broadcasts a new_msg of about a diff's size, timed the same way
+//   (bench_broadcast_to_last_ms): the cost of reaching N sockets by itself.
+// bytes_per_tracked_presence = ((rss_after - rss_before) rooms - (same) bench) / N.
+// Members answer nothing; each sends a heartbeat every 20 s. Everything is on 127.0.0.1.
+// A presence room of N members moves ~N^2 metas over the ramp (each joiner gets the whole
+// state, every member gets every later join): ~10 GB for N = 10000, which takes ~1.5 min
+// with a debug build. If the rooms ramp passes 110 s it stops there and measures with the
+// members it has. The JSON report goes to stdout, progress to stderr. Exits by itself
+// (hard limit 170 s).
 //
 // Uses `ws` from tests/e2e/node_modules (run `npm ci` there first).
 
@@ -39,7 +48,7 @@ const HARD_LIMIT_MS = 170_000;
 const HEARTBEAT_MS = 20_000;
 
 function parseArgs(argv) {
-  const opts = { members: 10000, batch: 250, quietMs: 1000, settleMaxMs: 60_000, diffWaitMs: 15_000 };
+  const opts = { members: 10000, batch: 250, quietMs: 1000, settleMaxMs: 25_000, diffWaitMs: 10_000 };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const val = () => {
@@ -156,13 +165,18 @@ class Member {
     this.sawAt = null;
     this.ref = 1;
     this.closed = false;
+    this.lastSentAt = Infinity; // no heartbeats before the join
     this.ws = new WebSocket(`ws://127.0.0.1:${port}/socket/websocket?token=${mintToken(userId)}&vsn=2.0.0`, {
       perMessageDeflate: false,
       skipUTF8Validation: true,
     });
     this.ws.on('upgrade', (res) => { this.core = res.headers['x-ringcast-core']; });
     this.ws.on('message', (data) => this.onMessage(data));
-    this.ws.on('close', () => { this.closed = true; stats.closed++; });
+    this.ws.on('close', (code) => {
+      this.closed = true;
+      stats.closed++;
+      stats.closeCodes[code] = (stats.closeCodes[code] || 0) + 1;
+    });
     this.ws.on('error', () => {});
   }
 
@@ -180,12 +194,14 @@ class Member {
       this.joinResolve = resolve;
       this.joinTimer = setTimeout(() => reject(new Error(`join of ${this.userId} not answered in ${timeout} ms`)), timeout);
       this.joinSentAt = performance.now();
+      this.lastSentAt = this.joinSentAt;
       this.ws.send(JSON.stringify(['1', '1', this.topic, 'phx_join', payload]));
     });
   }
 
   heartbeat() {
     if (this.closed || this.ws.readyState !== WebSocket.OPEN) return;
+    this.lastSentAt = performance.now();
     this.ws.send(JSON.stringify([null, String(++this.ref), 'phoenix', 'heartbeat', {}]));
   }
 
@@ -193,7 +209,8 @@ class Member {
     const now = performance.now();
     this.stats.frames++;
     this.stats.bytes += data.length;
-    this.stats.lastAt = now;
+    // heartbeat replies do not count as traffic when waiting for the server to go quiet
+    if (!data.subarray(0, 48).includes('"phoenix","phx_reply"')) this.stats.lastAt = now;
     if (this.joinStatus === null) {
       // Before the join reply only: parse to find it.
       try {
@@ -205,10 +222,11 @@ class Member {
         }
       } catch { /* not ours */ }
     }
+    if (this.isProbe && this.stateAt === undefined && data.subarray(0, 80).includes('"presence_state"')) this.stateAt = now;
     if (this.sawAt === null && this.stats.watchFor && data.includes(this.stats.watchFor)) {
       this.sawAt = now;
       const text = data.toString('utf8');
-      this.sawEvent = text.includes('"presence_diff"') ? 'presence_diff' : text.includes('"presence_state"') ? 'presence_state' : 'other';
+      this.sawEvent = ['presence_diff', 'presence_state', 'new_msg'].find((e) => text.includes(`"${e}"`)) || 'other';
     }
   }
 
@@ -229,11 +247,11 @@ async function quiet(stats, quietMs, maxMs) {
 
 const pct = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 
-async function runPhase({ bin, topic, members: n, batch, quietMs, settleMaxMs, diffWaitMs }) {
+async function runPhase({ bin, topic, members: n, batch, quietMs, settleMaxMs, diffWaitMs, rampDeadline }) {
   log(`${topic}: starting ${bin} --cores 2`);
   const server = await startServer(bin);
   const pid = server.proc.pid;
-  const stats = { frames: 0, bytes: 0, lastAt: performance.now(), closed: 0, watchFor: null };
+  const stats = { frames: 0, bytes: 0, lastAt: performance.now(), closed: 0, closeCodes: {}, watchFor: null };
   const members = [];
   const result = { topic, members: n };
   let hb;
@@ -241,8 +259,20 @@ async function runPhase({ bin, topic, members: n, batch, quietMs, settleMaxMs, d
     await sleep(300);
     result.rss_before_kb = rssKb(pid);
 
+    // a heartbeat from each member 20 s after the last thing it sent (the idle timeout is
+    // 60 s); by the clock, not a tick count, as this busy process runs timers late
+    hb = setInterval(() => {
+      const now = performance.now();
+      for (const m of members) if (now - m.lastSentAt >= HEARTBEAT_MS) m.heartbeat();
+    }, 250);
+
     const rampStart = performance.now();
     for (let i = 0; i < n; i += batch) {
+      if (performance.now() > rampDeadline) {
+        log(`${topic}: ramp deadline reached with ${members.length} of ${n} members; measuring with those`);
+        result.ramp_cut_short = true;
+        break;
+      }
       const group = [];
       for (let j = i; j < Math.min(n, i + batch); j++) group.push(new Member(server.port, `m${j}`, topic, stats));
       members.push(...group);
@@ -250,16 +280,12 @@ async function runPhase({ bin, topic, members: n, batch, quietMs, settleMaxMs, d
       const statuses = await Promise.all(group.map((m) => m.join({})));
       const bad = statuses.filter((s) => s !== 'ok').length;
       if (bad) throw new Error(`${bad} joins of ${topic} not ok`);
-      if (stats.closed) throw new Error(`${stats.closed} member connections were closed by the server`);
+      if (stats.closed) throw new Error(`${stats.closed} member connections were closed by the server (close codes ${JSON.stringify(stats.closeCodes)})`);
       if ((i / batch) % 8 === 7) log(`${topic}: ${members.length} joined, ${(stats.bytes / 1e6).toFixed(0)} MB received, server RSS ${rssKb(pid)} kB`);
     }
     result.ramp_ms = Math.round(performance.now() - rampStart);
-    // heartbeats every 20 s, spread over the interval
-    let hbIdx = 0;
-    const perTick = Math.ceil(members.length / (HEARTBEAT_MS / 100));
-    hb = setInterval(() => {
-      for (let k = 0; k < perTick; k++) members[(hbIdx++) % members.length].heartbeat();
-    }, 100);
+    n = members.length;
+    result.members = n;
 
     log(`${topic}: ${n} joined in ${result.ramp_ms} ms; waiting for ${quietMs} ms of quiet`);
     const settled = await quiet(stats, quietMs, settleMaxMs);
@@ -272,33 +298,44 @@ async function runPhase({ bin, topic, members: n, batch, quietMs, settleMaxMs, d
     result.frames_received = stats.frames;
     result.bytes_received = stats.bytes;
     result.cores = members.reduce((acc, m) => { acc[m.core] = (acc[m.core] || 0) + 1; return acc; }, {});
-    if (stats.closed) throw new Error(`${stats.closed} member connections were closed by the server`);
+    if (stats.closed) throw new Error(`${stats.closed} member connections were closed by the server (close codes ${JSON.stringify(stats.closeCodes)})`);
 
     // One more join.
     const probeId = `probe${crypto.randomBytes(4).toString('hex')}`;
     stats.watchFor = `"${probeId}"`;
     const probe = new Member(server.port, probeId, topic, stats);
+    probe.isProbe = true;
     await probe.open();
     const sent = performance.now();
     const status = await probe.join({});
     result.join_reply_ms = +(performance.now() - sent).toFixed(2);
     if (status !== 'ok') throw new Error(`probe join: ${status}`);
-    if (topic.startsWith('rooms:')) {
+    // bench: no presence, so time a plain broadcast instead (new_msg naming the probe,
+    // as big as a one-member diff): the fanout baseline of server and this client.
+    let from = sent;
+    if (topic.startsWith('bench:')) {
+      await sleep(200);
+      from = performance.now();
+      probe.ws.send(JSON.stringify(['1', '2', topic, 'new_msg', { body: `{"${probeId}":{"metas":[{"name":"${probeId}","online_at":"1795561395","phx_ref":"F18eb1d936d642e03-1-1"}]}}` }]));
+    }
+    {
       const end = performance.now() + diffWaitMs;
       while (members.some((m) => m.sawAt === null) && performance.now() < end) await sleep(20);
-      const times = members.filter((m) => m.sawAt !== null).map((m) => m.sawAt - sent).sort((a, b) => a - b);
-      result.members_with_diff = times.length;
-      result.diff_events = [...new Set(members.filter((m) => m.sawAt !== null).map((m) => m.sawEvent))];
+      const times = members.filter((m) => m.sawAt !== null).map((m) => m.sawAt - from).sort((a, b) => a - b);
+      const pre = topic.startsWith('bench:') ? 'broadcast_to' : 'join_to';
+      result.members_reached = times.length;
+      result.events_seen = [...new Set(members.filter((m) => m.sawAt !== null).map((m) => m.sawEvent))];
       if (times.length) {
-        result.join_to_first_diff_ms = +times[0].toFixed(2);
-        result.join_to_p50_diff_ms = +pct(times, 50).toFixed(2);
-        result.join_to_p99_diff_ms = +pct(times, 99).toFixed(2);
-        result.join_to_last_diff_ms = +times[times.length - 1].toFixed(2);
+        result[`${pre}_first_ms`] = +times[0].toFixed(2);
+        result[`${pre}_p50_ms`] = +pct(times, 50).toFixed(2);
+        result[`${pre}_p99_ms`] = +pct(times, 99).toFixed(2);
+        result[`${pre}_last_ms`] = +times[times.length - 1].toFixed(2);
         const byCore = {};
-        for (const m of members) if (m.sawAt !== null) byCore[m.core] = Math.max(byCore[m.core] || 0, m.sawAt - sent);
-        result.join_to_last_diff_ms_by_core = Object.fromEntries(Object.entries(byCore).map(([k, v]) => [k, +v.toFixed(2)]));
+        for (const m of members) if (m.sawAt !== null) byCore[m.core] = Math.max(byCore[m.core] || 0, m.sawAt - from);
+        result[`${pre}_last_ms_by_core`] = Object.fromEntries(Object.entries(byCore).map(([k, v]) => [k, +v.toFixed(2)]));
       }
-      if (probe.sawAt !== null) result.join_to_own_diff_ms = +(probe.sawAt - sent).toFixed(2);
+      if (probe.stateAt !== undefined) result.join_to_own_presence_state_ms = +(probe.stateAt - sent).toFixed(2);
+      if (probe.sawAt !== null) result[`${pre}_own_ms`] = +(probe.sawAt - from).toFixed(2);
     }
     members.push(probe);
     result.rss_end_kb = rssKb(pid);
@@ -321,20 +358,28 @@ async function main() {
   const opts = parseArgs(process.argv.slice(2));
   const bin = defaultBin();
   if (!fs.existsSync(bin)) throw new Error(`no ringcast binary at ${bin} (set RINGCAST_BIN)`);
-  const bench = await runPhase({ ...opts, bin, topic: 'bench:measure' });
-  const rooms = await runPhase({ ...opts, bin, topic: 'rooms:measure' });
-  const n = opts.members;
+  // rooms first: it is the slow one (every join sends the whole state to the joiner and a
+  // diff to everyone); if its ramp has to stop early, bench uses the same member count.
+  const started = performance.now();
+  const rooms = await runPhase({ ...opts, bin, topic: 'rooms:measure', rampDeadline: started + 110_000 });
+  const bench = await runPhase({ ...opts, members: rooms.members, settleMaxMs: 10_000, bin, topic: 'bench:measure', rampDeadline: Infinity });
+  const n = rooms.members;
   const report = {
     binary: bin,
     members: n,
+    members_requested: opts.members,
     rss_before_kb: rooms.rss_before_kb,
     rss_after_kb: rooms.rss_after_kb,
     bytes_per_member_with_presence: rooms.bytes_per_member,
     bytes_per_member_without_presence: bench.bytes_per_member,
+    // (rss_rooms - rss_bench) / N, each taken as growth over its own idle server
     bytes_per_tracked_presence: Math.round((((rooms.rss_after_kb - rooms.rss_before_kb) - (bench.rss_after_kb - bench.rss_before_kb)) * 1024) / n),
-    join_to_first_diff_ms: rooms.join_to_first_diff_ms,
-    join_to_last_diff_ms: rooms.join_to_last_diff_ms,
-    members_with_diff: rooms.members_with_diff,
+    join_to_first_diff_ms: rooms.join_to_first_ms,
+    join_to_last_diff_ms: rooms.join_to_last_ms,
+    members_with_diff: rooms.members_reached,
+    // the same fanout for a plain broadcast on bench:measure (no presence): what delivery
+    // to N connections costs the server and this client by itself
+    bench_broadcast_to_last_ms: bench.broadcast_to_last_ms,
     rooms,
     bench,
   };

@@ -20,6 +20,15 @@ if [ ! -f "$e2e/node_modules/.package-lock.json" ] || [ "$e2e/package-lock.json"
   (cd "$e2e" && npm ci --no-audit --no-fund)
 fi
 
+# The browser tests (tests/e2e/browser.test.mjs) drive Debian's chromium.
+if ! command -v chromium >/dev/null; then
+  echo "==> apt-get install chromium (for the browser tests)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update
+  $sudo apt-get install -y chromium
+fi
+
 echo "==> end-to-end tests"
 export RINGCAST_BIN="${RINGCAST_BIN:-$PWD/target/debug/ringcast}"
 node --test --test-concurrency=1 "$e2e"/

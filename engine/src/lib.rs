@@ -37,6 +37,9 @@
 #![warn(missing_docs)]
 
 pub mod api;
+#[doc(hidden)]
+pub mod bench_support;
+pub mod cluster;
 pub mod proto;
 pub mod seed;
 pub mod server;
@@ -49,5 +52,5 @@ pub use api::endpoint::Endpoint;
 pub use api::router::{ConnectInfo, Router, SocketHandler};
 pub use api::socket::{ChannelRef, Socket};
 pub use proto::Payload;
-pub use server::{Config, RunningServer, Server};
+pub use server::{Config, RunningServer, Server, ShutdownHandle};
 pub use shard::stats::CoreStats;

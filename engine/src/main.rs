@@ -57,9 +57,12 @@ struct ServeArgs {
     /// Bytes a connection may have queued before it is cut off (1008).
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     max_outbound: usize,
-    /// Redis URL for cluster mode.
-    #[arg(long)]
+    /// Cluster mode: share topics with other nodes through this Redis server.
+    #[arg(long, value_name = "redis://HOST:PORT")]
     redis: Option<String>,
+    /// This node's name in the cluster (default: host name, port and process id).
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -112,9 +115,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.api_key.is_none() {
         tracing::info!("no --api-key: the HTTP server API answers 401 to everything");
     }
-    if args.redis.is_some() {
-        anyhow::bail!("--redis: cluster mode is not available in this build yet");
-    }
+    let cluster = args.redis.map(|redis_url| ringcast::cluster::ClusterConfig {
+        redis_url,
+        node_name: args.node_name.unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}:{}:{}", host.trim(), args.listen.port(), std::process::id())
+        }),
+    });
     let defaults = Config::default();
     let config = Config {
         listen: args.listen,
@@ -125,12 +132,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_outbound_bytes: args.max_outbound,
         api_key: args.api_key,
         demo_token_secret: dev.then(|| secret.clone()),
+        cluster,
     };
     let cores = config.cores;
     let server = Server::bind(config, UserSocket::new(&secret), seed::router())?;
     let addr = server.local_addr();
     let running = server.start()?;
+    let shutdown = running.shutdown_handle();
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            tracing::info!("signal {signal}: closing connections with 1001 and draining");
+            shutdown.shutdown();
+        }
+    });
     eprintln!("ringcast listening on {addr} with {cores} core(s)");
     running.join();
+    tracing::info!("stopped");
     Ok(())
 }

@@ -4,20 +4,20 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use futures_lite::AsyncReadExt;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 
-use crate::api::endpoint::{CoreInbox, Endpoint};
+use crate::api::endpoint::Endpoint;
 use crate::api::router::{DynSocketHandler, Router, SocketHandler};
+use crate::cluster::{self, ClusterConfig};
+use crate::shard::inbox::{self, InboxReceiver};
 use crate::shard::mesh::{Mesh, MeshMsg};
 use crate::shard::stats::CoreStats;
-use crate::shard::{Broadcast, Shard};
+use crate::shard::Shard;
 use crate::transport;
 
 /// Server settings.
@@ -40,6 +40,8 @@ pub struct Config {
     /// Secret with which `GET /demo/token` mints tokens for the demo page. Only set
     /// when running on the development secret.
     pub demo_token_secret: Option<String>,
+    /// Cluster mode: share topics with other nodes through Redis.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -53,6 +55,7 @@ impl Default for Config {
             max_outbound_bytes: 4 << 20,
             api_key: None,
             demo_token_secret: None,
+            cluster: None,
         }
     }
 }
@@ -86,7 +89,7 @@ pub(crate) struct App {
 pub struct Server {
     app: Arc<App>,
     endpoint: Endpoint,
-    inboxes: Vec<(crossbeam_channel::Receiver<Arc<Broadcast>>, UnixStream)>,
+    inboxes: Vec<InboxReceiver>,
     listeners: Vec<RawSocket>,
     local_addr: SocketAddr,
 }
@@ -114,10 +117,19 @@ impl Server {
         let mut inboxes = Vec::new();
         let mut core_inboxes = Vec::new();
         for _ in 0..cores {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            let (wake_tx, wake_rx) = UnixStream::pair()?;
-            core_inboxes.push(CoreInbox { tx, wake: wake_tx });
-            inboxes.push((rx, wake_rx));
+            let (tx, rx) = inbox::inbox()?;
+            core_inboxes.push(tx);
+            inboxes.push(rx);
+        }
+        let (cluster, link) = match &config.cluster {
+            Some(c) => {
+                let (handle, link) = cluster::handle(c).map_err(std::io::Error::other)?;
+                (Some(handle), Some(link))
+            }
+            None => (None, None),
+        };
+        if let Some(link) = link {
+            link.spawn(core_inboxes.clone());
         }
         let config = Config { cores, ..config };
         Ok(Server {
@@ -128,7 +140,7 @@ impl Server {
                 presence_fetch: None,
                 stats: (0..cores).map(|_| Arc::default()).collect(),
             }),
-            endpoint: Endpoint::new(core_inboxes),
+            endpoint: Endpoint::new(core_inboxes, cluster),
             inboxes,
             listeners,
             local_addr,
@@ -164,7 +176,7 @@ impl Server {
         let mesh = MeshBuilder::<MeshMsg, _>::full(cores, 4096);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::new();
-        for (i, (listener, (inbox, wake))) in self.listeners.into_iter().zip(self.inboxes).enumerate() {
+        for (i, (listener, inbox)) in self.listeners.into_iter().zip(self.inboxes).enumerate() {
             let app = self.app.clone();
             let endpoint = self.endpoint.clone();
             let mesh = mesh.clone();
@@ -192,13 +204,13 @@ impl Server {
                             .detach();
                         }
                     }
-                    glommio::spawn_local(run_inbox(shard.clone(), inbox, wake)).detach();
+                    glommio::spawn_local(inbox.run(shard.clone())).detach();
                     glommio::spawn_local(run_sweeper(shard.clone())).detach();
                     // SAFETY: the fd is a listening TCP socket whose ownership was released
                     // by `into_raw_fd` above and is taken over here exactly once.
                     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
                     let _ = ready.send(());
-                    transport::accept_loop(shard, listener).await;
+                    transport::run_core(shard, listener).await;
                 })
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             handles.push(handle);
@@ -217,32 +229,28 @@ impl Server {
     }
 }
 
-/// Broadcasts handed in by [`Endpoint`] from threads outside the server.
-async fn run_inbox(
-    shard: std::rc::Rc<Shard>,
-    inbox: crossbeam_channel::Receiver<Arc<Broadcast>>,
-    wake: UnixStream,
-) {
-    // SAFETY: `wake` is a connected Unix stream socket owned by this task from here on.
-    let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(wake.into_raw_fd()) };
-    let mut buf = [0u8; 64];
-    loop {
-        while let Ok(b) = inbox.try_recv() {
-            shard.deliver_local(&b);
-        }
-        match wake.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
-}
-
 async fn run_sweeper(shard: std::rc::Rc<Shard>) {
     // A quarter of the timeout keeps the overshoot small without scanning too often.
     let period = (shard.app.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         glommio::timer::sleep(period).await;
         shard.sweep_idle();
+    }
+}
+
+/// Starts a graceful shutdown: every core stops accepting, closes its connections
+/// with 1001 and stops once they are gone (at most [`transport::DRAIN_DEADLINE`]).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    cores: Vec<inbox::CoreInbox>,
+}
+
+impl ShutdownHandle {
+    /// Asks every core to shut down.
+    pub fn shutdown(&self) {
+        for core in &self.cores {
+            core.send(inbox::CoreCommand::Shutdown);
+        }
     }
 }
 
@@ -262,6 +270,13 @@ impl RunningServer {
     /// A handle that broadcasts into this server from anywhere.
     pub fn endpoint(&self) -> Endpoint {
         self.endpoint.clone()
+    }
+
+    /// A handle that starts a graceful shutdown from any thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            cores: self.endpoint.cores().to_vec(),
+        }
     }
 
     /// Blocks until every core has stopped.

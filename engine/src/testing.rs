@@ -72,7 +72,7 @@ where
         .make()
         .expect("a glommio executor for the test");
     executor.run(async move {
-        let shard = Shard::install(0, app, Endpoint::new(Vec::new()), None);
+        let shard = Shard::install(0, app, Endpoint::new(Vec::new(), None), None);
         test(Kit { shard }).await
     })
 }

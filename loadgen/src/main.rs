@@ -203,7 +203,7 @@ pub fn sources_for(target: &SocketAddr, n: u32) -> anyhow::Result<Vec<Ipv4Addr>>
 pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
     let job = match &cli.cmd {
         Cmd::Connect(a) => {
-            if !(a.rate > 0.0) {
+            if a.rate.is_nan() || a.rate <= 0.0 {
                 bail!("--rate must be above 0");
             }
             let target = parse_url(&a.url)?;
@@ -223,7 +223,7 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             }
         }
         Cmd::Fanout(a) => {
-            if !(a.connect_rate > 0.0) {
+            if a.connect_rate.is_nan() || a.connect_rate <= 0.0 {
                 bail!("--connect-rate must be above 0");
             }
             if a.messages == 0 || a.subscribers == 0 {
@@ -277,9 +277,14 @@ fn main() {
         Some(range) => orchestrate::worker_main(&cli, range),
         None => orchestrate::parent_main(&cli),
     };
-    if let Err(e) = result {
-        eprintln!("ringcast-loadgen: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(true) => {}
+        // The run finished, but its report lists problems (see PROBLEM lines).
+        Ok(false) => std::process::exit(2),
+        Err(e) => {
+            eprintln!("ringcast-loadgen: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 

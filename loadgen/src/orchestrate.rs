@@ -137,7 +137,7 @@ fn parse_range(s: &str) -> anyhow::Result<(u64, u64)> {
 
 /// A worker process: runs its slice, reports on stdout, stops on `release` or when
 /// its parent goes away (stdin closed).
-pub fn worker_main(cli: &Cli, range: &str) -> anyhow::Result<()> {
+pub fn worker_main(cli: &Cli, range: &str) -> anyhow::Result<bool> {
     let (start, count) = parse_range(range)?;
     let (job, _) = job_of(cli)?;
     sys::raise_nofile();
@@ -174,7 +174,7 @@ pub fn worker_main(cli: &Cli, range: &str) -> anyhow::Result<()> {
             break;
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 enum PeerCtl {
@@ -471,7 +471,8 @@ fn sample(pid: Option<u32>) -> Option<sys::ProcSample> {
     pid.and_then(sys::sample)
 }
 
-pub fn parent_main(cli: &Cli) -> anyhow::Result<()> {
+/// Runs the command; `Ok(false)` when the run finished but reported problems.
+pub fn parent_main(cli: &Cli) -> anyhow::Result<bool> {
     let deadline = hard_deadline(cli);
     watchdog(deadline, "parent");
     let (job, _) = job_of(cli)?;
@@ -503,7 +504,7 @@ fn ramp(cli: &Cli, peers: &mut Peers, total: u64, what: &str, limit: Duration) -
     peers.total()
 }
 
-fn connect(cli: &Cli, job: Job, a: &crate::ConnectArgs) -> anyhow::Result<()> {
+fn connect(cli: &Cli, job: Job, a: &crate::ConnectArgs) -> anyhow::Result<bool> {
     let slices = preflight(cli, &job, 0)?;
     let job = Arc::new(job);
     let before = sample(cli.server_pid);
@@ -516,7 +517,6 @@ fn connect(cli: &Cli, job: Job, a: &crate::ConnectArgs) -> anyhow::Result<()> {
     let ramp_limit =
         Duration::from_secs_f64(a.connections as f64 / a.rate + 3.0 * job.stage_timeout.as_secs_f64() + 10.0);
     let at_full = ramp(cli, &mut peers, a.connections, "ramp", ramp_limit);
-    let t_full = unix_nanos();
     let full = sample(cli.server_pid);
     eprintln!(
         "up: {} joined, {} failed; holding {:.1}s ...",
@@ -563,7 +563,6 @@ fn connect(cli: &Cli, job: Job, a: &crate::ConnectArgs) -> anyhow::Result<()> {
         slices.len(),
         &merged,
         t_start,
-        t_full,
         at_hold_end.joined - at_hold_end.ended_early,
         server,
         peers.fatal.clone(),
@@ -572,10 +571,10 @@ fn connect(cli: &Cli, job: Job, a: &crate::ConnectArgs) -> anyhow::Result<()> {
     if let Some(path) = &cli.json {
         report::write_json(path, &rep)?;
     }
-    Ok(())
+    Ok(rep.problems.is_empty())
 }
 
-fn fanout(cli: &Cli, job: Job, a: &crate::FanoutArgs) -> anyhow::Result<()> {
+fn fanout(cli: &Cli, job: Job, a: &crate::FanoutArgs) -> anyhow::Result<bool> {
     // The parent also holds the publisher and the sample subscriber.
     let slices = preflight(cli, &job, 2)?;
     let job = Arc::new(job);
@@ -694,7 +693,7 @@ fn fanout(cli: &Cli, job: Job, a: &crate::FanoutArgs) -> anyhow::Result<()> {
     if let Some(path) = &cli.json {
         report::write_json(path, &rep)?;
     }
-    Ok(())
+    Ok(rep.problems.is_empty())
 }
 
 #[cfg(test)]

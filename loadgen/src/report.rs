@@ -139,7 +139,6 @@ impl ConnectReport {
         processes: usize,
         m: &SliceReport,
         t_start: u64,
-        _t_full: u64,
         connected_at_hold_end: u64,
         server: Option<ServerFigures>,
         problems: Vec<String>,

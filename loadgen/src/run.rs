@@ -739,7 +739,7 @@ async fn publisher_main(
                 publisher.queue_text(phx::publish(&job.topic, r, sent, now).as_bytes());
                 sent += 1;
                 // Keep frames flowing in small batches.
-                if sent % 16 == 0 {
+                if sent.is_multiple_of(16) {
                     break;
                 }
             }

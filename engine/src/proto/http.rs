@@ -47,6 +47,7 @@ impl Request {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(buf) {
+            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => Err(HttpError::TooLarge),
             Ok(httparse::Status::Complete(len)) => {
                 let target = req.path.ok_or(HttpError::Malformed)?;
                 let (path, query) = target.split_once('?').unwrap_or((target, ""));

@@ -209,6 +209,50 @@ impl PresenceState {
         out
     }
 
+    /// Replaces every entry on `topic` owned by `is_origin` owners with `entries` (an
+    /// origin's full state after a resync); returns what changed.
+    pub fn replace_origin(
+        &mut self,
+        topic: &str,
+        is_origin: impl Fn(Owner) -> bool,
+        entries: &[(Box<str>, Meta)],
+    ) -> Diff {
+        let stale: Vec<(Box<str>, Box<str>)> = self
+            .topics
+            .get(topic)
+            .into_iter()
+            .flat_map(|keys| keys.iter())
+            .flat_map(|(key, metas)| metas.iter().map(move |m| (key, m)))
+            .filter(|(key, m)| {
+                is_origin(m.owner) && !entries.iter().any(|(k, e)| k == *key && e.phx_ref == m.phx_ref)
+            })
+            .map(|(key, m)| (key.clone(), m.phx_ref.clone()))
+            .collect();
+        self.apply(
+            topic,
+            &Delta {
+                joins: entries.to_vec(),
+                leaves: stale,
+            },
+        )
+    }
+
+    /// Every entry on `topic` whose owner satisfies `pred`.
+    pub fn entries(&self, topic: &str, pred: impl Fn(Owner) -> bool) -> Vec<(Box<str>, Meta)> {
+        self.topics
+            .get(topic)
+            .into_iter()
+            .flat_map(|keys| keys.iter())
+            .flat_map(|(key, metas)| metas.iter().map(move |m| (key.clone(), m.clone())))
+            .filter(|(_, m)| pred(m.owner))
+            .collect()
+    }
+
+    /// Topics with at least one entry.
+    pub fn topics(&self) -> impl Iterator<Item = &str> {
+        self.topics.keys().map(|k| &**k)
+    }
+
     /// The `presence_state` payload for `topic`: `{key: {"metas": [...]}, ...}`.
     pub fn list_json(&self, topic: &str) -> String {
         let mut out = String::new();
@@ -363,6 +407,26 @@ mod tests {
             r#"{"1":{"metas":[{"name":"a","phx_ref":"a"}]}}"#
         );
         assert_eq!(s.list_json("u"), "{}");
+    }
+
+    #[test]
+    fn replacing_an_origins_state_reports_the_difference() {
+        let mut s = PresenceState::default();
+        s.apply("t", &join("1", meta("a", 1 << 32)));
+        s.apply("t", &join("2", meta("b", 1 << 32)));
+        s.apply("t", &join("3", meta("c", 2 << 32)));
+        let from_one = |o: Owner| o >> 32 == 1;
+        let diff = s.replace_origin(
+            "t",
+            from_one,
+            &[("2".into(), meta("b", 1 << 32)), ("4".into(), meta("d", 1 << 32))],
+        );
+        assert_eq!(
+            diff.to_json(),
+            r#"{"joins":{"4":{"metas":[{"name":"d","phx_ref":"d"}]}},"leaves":{"1":{"metas":[{"name":"a","phx_ref":"a"}]}}}"#
+        );
+        assert_eq!(s.entries("t", from_one).len(), 2);
+        assert_eq!(s.count("t"), 3);
     }
 
     #[test]

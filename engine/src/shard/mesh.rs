@@ -8,6 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 
 use glommio::channels::channel_mesh::Senders;
 use glommio::{GlommioError, ResourceType};
@@ -21,7 +22,16 @@ pub(crate) enum MeshMsg {
     /// Deliver to your local subscribers.
     Broadcast(Arc<Broadcast>),
     /// Core `core` now has (`on`) or no longer has subscribers for `topic`.
-    Interest { topic: Arc<str>, core: usize, on: bool },
+    /// Core `core` now has (`on`) or no longer has subscribers for `topic`; with
+    /// `ack`, the receiver answers [`MeshMsg::InterestAck`] once it knows.
+    Interest {
+        topic: Arc<str>,
+        core: usize,
+        on: bool,
+        ack: Option<u64>,
+    },
+    /// The receiver of `Interest` with this ack id now forwards the topic's broadcasts.
+    InterestAck { id: u64 },
     /// A presence delta issued by the sending core for its own connections.
     Presence { topic: Arc<str>, delta: Arc<Delta> },
     /// A long-poll request for a session on the receiving core.
@@ -42,6 +52,9 @@ struct Inner {
     pumping: Vec<Cell<bool>>,
     /// Topic -> bit set of the other cores with subscribers.
     interest: RefCell<HashMap<Box<str>, u64>>,
+    /// Interest announcements waiting for acks: id -> (acks missing, waiter).
+    acks: RefCell<HashMap<u64, (usize, Option<Waker>)>>,
+    next_ack: Cell<u64>,
 }
 
 pub(crate) struct Mesh(Rc<Inner>);
@@ -56,6 +69,8 @@ impl Mesh {
             backlog: (0..peers).map(|_| RefCell::default()).collect(),
             pumping: (0..peers).map(|_| Cell::new(false)).collect(),
             interest: RefCell::default(),
+            acks: RefCell::default(),
+            next_ack: Cell::new(0),
         }))
     }
 
@@ -80,15 +95,55 @@ impl Mesh {
         }
     }
 
-    pub(crate) fn announce(&self, topic: &str, on: bool) {
+    /// Tells the other cores whether this core has subscribers for `topic`. A first
+    /// subscription returns an ack id: until every core acked ([`Mesh::poll_acked`]),
+    /// a broadcast published elsewhere might not be forwarded here yet.
+    pub(crate) fn announce(&self, topic: &str, on: bool) -> Option<u64> {
         let topic: Arc<str> = topic.into();
+        let peers = self.0.backlog.len() - 1;
+        let ack = (on && peers > 0).then(|| {
+            let id = self.0.next_ack.get() + 1;
+            self.0.next_ack.set(id);
+            self.0.acks.borrow_mut().insert(id, (peers, None));
+            id
+        });
         for peer in (0..self.0.backlog.len()).filter(|p| *p != self.0.index) {
             let msg = MeshMsg::Interest {
                 topic: topic.clone(),
                 core: self.0.index,
                 on,
+                ack,
             };
             send(&self.0, peer, msg);
+        }
+        ack
+    }
+
+    /// Counts one ack of an interest announcement.
+    pub(crate) fn acked(&self, id: u64) {
+        let mut acks = self.0.acks.borrow_mut();
+        if let Some((missing, waiter)) = acks.get_mut(&id) {
+            *missing -= 1;
+            if *missing == 0 {
+                if let Some(w) = waiter.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Whether every core acked announcement `id`; registers the waker if not.
+    pub(crate) fn poll_acked(&self, id: u64, cx: &mut Context<'_>) -> bool {
+        let mut acks = self.0.acks.borrow_mut();
+        match acks.get_mut(&id) {
+            Some((0, _)) | None => {
+                acks.remove(&id);
+                true
+            }
+            Some((_, waiter)) => {
+                *waiter = Some(cx.waker().clone());
+                false
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 //! shared between threads except that `Arc` and the per-core inboxes.
 
 pub mod conn;
+pub(crate) mod inbox;
 pub(crate) mod mesh;
 pub(crate) mod presence;
 pub(crate) mod session;
@@ -116,9 +117,11 @@ pub(crate) enum SubKind {
     SocketId,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// One subscriber of a topic. It holds its connection directly: fanout touches the
+/// connection and nothing else per subscriber.
+#[derive(Clone)]
 pub(crate) struct Sub {
-    pub(crate) conn: ConnId,
+    pub(crate) conn: Rc<Conn>,
     pub(crate) vsn: Vsn,
     pub(crate) kind: SubKind,
 }
@@ -138,6 +141,9 @@ pub(crate) struct Shard {
     /// Long-poll requests forwarded to another core, waiting for its answer.
     forwarded: RefCell<HashMap<u64, glommio::channels::local_channel::LocalSender<Response>>>,
     next_forward: Cell<u64>,
+    /// Set once shutdown began; wakes the accept loop.
+    stopping: Cell<bool>,
+    stop_waker: RefCell<Option<std::task::Waker>>,
 }
 
 thread_local! {
@@ -173,6 +179,8 @@ impl Shard {
             longpoll: RefCell::default(),
             forwarded: RefCell::default(),
             next_forward: Cell::new(0),
+            stopping: Cell::new(false),
+            stop_waker: RefCell::new(None),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
         shard
@@ -219,7 +227,7 @@ impl Shard {
             self.subscribe(
                 topic,
                 Sub {
-                    conn: id,
+                    conn: conn.clone(),
                     vsn,
                     kind: SubKind::SocketId,
                 },
@@ -240,7 +248,9 @@ impl Shard {
         }
     }
 
-    pub(crate) fn subscribe(&self, topic: &str, sub: Sub) {
+    /// Subscribes; the first local subscription of a topic returns the id of the
+    /// interest announcement the other cores must ack before its join is answered.
+    pub(crate) fn subscribe(&self, topic: &str, sub: Sub) -> Option<u64> {
         let first = {
             let mut topics = self.topics.borrow_mut();
             match topics.get_mut(topic) {
@@ -255,11 +265,18 @@ impl Shard {
                 }
             }
         };
-        if first {
-            if let Some(mesh) = &self.mesh {
-                mesh.announce(topic, true);
-            }
+        if !first {
+            return None;
         }
+        if let Some(cluster) = self.endpoint.cluster() {
+            cluster.interest(self.index, topic, true);
+        }
+        self.mesh.as_ref().and_then(|mesh| mesh.announce(topic, true))
+    }
+
+    /// Whether the interest announcement `id` reached every core.
+    pub(crate) fn poll_interest_acked(&self, id: u64, cx: &mut std::task::Context<'_>) -> bool {
+        self.mesh.as_ref().is_none_or(|mesh| mesh.poll_acked(id, cx))
     }
 
     pub(crate) fn unsubscribe(&self, topic: &str, conn: ConnId) {
@@ -268,7 +285,7 @@ impl Shard {
             let Some(subs) = topics.get_mut(topic) else {
                 return;
             };
-            if let Some(i) = subs.iter().position(|s| s.conn == conn) {
+            if let Some(i) = subs.iter().position(|s| s.conn.id == conn) {
                 subs.swap_remove(i);
             }
             let last = subs.is_empty();
@@ -282,6 +299,9 @@ impl Shard {
             if let Some(mesh) = &self.mesh {
                 mesh.announce(topic, false);
             }
+            if let Some(cluster) = self.endpoint.cluster() {
+                cluster.interest(self.index, topic, false);
+            }
         }
     }
 
@@ -292,6 +312,9 @@ impl Shard {
         if let Some(mesh) = &self.mesh {
             mesh.forward(&broadcast);
         }
+        if let Some(cluster) = self.endpoint.cluster() {
+            cluster.publish(&broadcast);
+        }
         self.deliver_local(&broadcast);
     }
 
@@ -301,17 +324,14 @@ impl Shard {
         let Some(subs) = topics.get(&*b.topic) else {
             return;
         };
-        let conns = self.conns.borrow();
         let skip = b.from.filter(|(core, _)| *core == self.index).map(|(_, id)| id);
         let mut shared: [Option<Rc<Bytes>>; 2] = [None, None];
         let mut delivered = 0u64;
         for sub in subs {
-            if Some(sub.conn) == skip {
+            if Some(sub.conn.id) == skip {
                 continue;
             }
-            let Some(conn) = conns.get(sub.conn.key as usize).filter(|c| c.id == sub.conn) else {
-                continue;
-            };
+            let conn = &sub.conn;
             match sub.kind {
                 SubKind::SocketId => {
                     if &*b.event == "disconnect" {
@@ -334,6 +354,58 @@ impl Shard {
             }
         }
         self.stats.deliveries.add(delivered);
+    }
+
+    /// Graceful shutdown: stop accepting, ask every connection to go (1001, so
+    /// clients reconnect elsewhere); the core stops once they are gone or the drain
+    /// deadline passes.
+    pub(crate) fn shutdown(&self) {
+        if self.stopping.replace(true) {
+            return;
+        }
+        tracing::info!(core = self.index, "shutting down");
+        for (_, conn) in self.conns.borrow().iter() {
+            conn.request_close(close_code::GOING_AWAY);
+        }
+        if let Some(w) = self.stop_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once shutdown begins.
+    pub(crate) async fn stopped(&self) {
+        std::future::poll_fn(|cx| {
+            if self.stopping.get() {
+                return std::task::Poll::Ready(());
+            }
+            *self.stop_waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// Whether shutdown began.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    /// Open connections on this core.
+    pub(crate) fn conn_count(&self) -> usize {
+        self.conns.borrow().len()
+    }
+
+    /// Work handed in from outside the cores.
+    pub(crate) fn run_command(&self, cmd: inbox::CoreCommand) {
+        use inbox::CoreCommand;
+        match cmd {
+            CoreCommand::Deliver(b) => self.deliver_local(&b),
+            CoreCommand::Presence(topic, delta) => self.presence_apply(&topic, &delta),
+            CoreCommand::PresenceState(topic, node, entries) => {
+                self.presence_replace_node(&topic, node, &entries)
+            }
+            CoreCommand::DropNode(node) => self.presence_drop_node(node),
+            CoreCommand::Shutdown => self.shutdown(),
+        }
     }
 
     pub(crate) fn on_mesh(&self, msg: MeshMsg) {
@@ -360,9 +432,17 @@ impl Shard {
                     let _ = tx.try_send(response);
                 }
             }
-            MeshMsg::Interest { topic, core, on } => {
+            MeshMsg::Interest { topic, core, on, ack } => {
                 if let Some(mesh) = &self.mesh {
                     mesh.set_interest(&topic, core, on);
+                    if let Some(id) = ack {
+                        mesh.send_to(core, MeshMsg::InterestAck { id });
+                    }
+                }
+            }
+            MeshMsg::InterestAck { id } => {
+                if let Some(mesh) = &self.mesh {
+                    mesh.acked(id);
                 }
             }
         }

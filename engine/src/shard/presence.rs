@@ -13,6 +13,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cluster::owner_node;
 use crate::proto::presence::{Delta, Diff, Meta, Owner, PresenceState};
 use crate::shard::conn::{Conn, ConnId};
 use crate::shard::{Broadcast, Shard};
@@ -65,15 +66,21 @@ impl PresenceHub {
     }
 }
 
-fn owner(core: usize, id: ConnId) -> Owner {
-    ((core as u64) << 56) | ((id.gen as u64 & 0x00ff_ffff) << 32) | id.key as u64
+/// Node id in the high half (0 outside a cluster), core and connection slot below.
+fn owner(node: u32, core: usize, id: ConnId) -> Owner {
+    ((node as u64) << 32) | ((core as u64 & 0xff) << 24) | (id.key as u64 & 0x00ff_ffff)
 }
 
 impl Shard {
     /// Tracks `conn` under `key` on `topic` with the application's `fields`.
     pub(crate) fn presence_track(&self, conn: &Conn, topic: &Rc<str>, key: &str, fields: serde_json::Value) {
         let phx_ref = self.presence.new_ref(self.index);
-        let meta = Meta::new(fields, phx_ref.clone(), None, owner(self.index, conn.id));
+        let meta = Meta::new(
+            fields,
+            phx_ref.clone(),
+            None,
+            owner(self.node_id(), self.index, conn.id),
+        );
         conn.tracked.borrow_mut().push(Tracked {
             topic: topic.clone(),
             key: key.into(),
@@ -105,7 +112,12 @@ impl Shard {
             };
             std::mem::replace(&mut t.phx_ref, phx_ref.clone())
         };
-        let meta = Meta::new(fields, phx_ref, Some(&prev), owner(self.index, conn.id));
+        let meta = Meta::new(
+            fields,
+            phx_ref,
+            Some(&prev),
+            owner(self.node_id(), self.index, conn.id),
+        );
         self.presence_issue(
             topic,
             Delta {
@@ -154,7 +166,38 @@ impl Shard {
         if let Some(mesh) = &self.mesh {
             mesh.replicate_presence(topic, &delta);
         }
+        if let Some(cluster) = self.endpoint.cluster() {
+            cluster.presence(topic, &delta);
+        }
         self.presence_apply(topic, &delta);
+    }
+
+    fn node_id(&self) -> u32 {
+        self.endpoint.cluster().map_or(0, |c| c.node())
+    }
+
+    /// Another node's full presence on `topic` replaces what this replica held of it.
+    pub(crate) fn presence_replace_node(&self, topic: &str, node: u32, entries: &[(Box<str>, Meta)]) {
+        let diff = self
+            .presence
+            .state
+            .borrow_mut()
+            .replace_origin(topic, |o| owner_node(o) == node, entries);
+        if !diff.is_empty() {
+            self.presence_queue_diff(topic, diff);
+        }
+    }
+
+    /// A node died: its presences leave.
+    pub(crate) fn presence_drop_node(&self, node: u32) {
+        let diffs = self
+            .presence
+            .state
+            .borrow_mut()
+            .drop_owner(|o| owner_node(o) == node);
+        for (topic, diff) in diffs {
+            self.presence_queue_diff(&topic, diff);
+        }
     }
 
     /// Applies a delta (ours or replicated) and schedules the resulting diff.

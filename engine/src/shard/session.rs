@@ -19,6 +19,8 @@ use crate::shard::{Shard, Sub, SubKind};
 pub(crate) const MAX_CHANNELS: usize = 100;
 
 enum Pending {
+    /// A join is done but its answer waits until every core forwards the topic here.
+    Barrier { ack: u64, frames: Vec<bytes::Bytes> },
     Join {
         fut: LocalFuture<Joined>,
         msg_ref: Option<String>,
@@ -177,6 +179,17 @@ impl Session {
             return false;
         };
         match pending {
+            Pending::Barrier { ack, .. } => {
+                if !self.shard.poll_interest_acked(*ack, cx) {
+                    return true;
+                }
+                let Some(Pending::Barrier { frames, .. }) = self.pending.take() else {
+                    unreachable!("matched above")
+                };
+                for frame in frames {
+                    self.conn.enqueue_own(frame);
+                }
+            }
             Pending::Join { fut, .. } => {
                 let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
                 let outcome = match polled {
@@ -248,10 +261,10 @@ impl Session {
         match result {
             Ok((channel, response)) => {
                 let deferred = socket.deferred.take().unwrap_or_default();
-                self.shard.subscribe(
+                let ack = self.shard.subscribe(
                     &topic,
                     Sub {
-                        conn: self.conn.id,
+                        conn: self.conn.clone(),
                         vsn: self.conn.vsn,
                         kind: SubKind::Channel(intercepts),
                     },
@@ -264,12 +277,26 @@ impl Session {
                     },
                 );
                 self.shard.stats.channels.add(1);
-                self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &Reply::Ok(response));
+                let mut frames = Vec::with_capacity(2 + deferred.len());
+                let reply = Reply::Ok(response);
+                let (status, response) = reply.parts();
+                let answer = Outgoing::reply(Some(&join_ref), msg_ref.as_deref(), &topic, status, response);
+                frames.extend(encode(self.conn.vsn, &answer).ok());
                 if let Some(old) = &replaced {
-                    self.control(old, &topic, "phx_close", &Payload::empty());
+                    let close = Payload::empty();
+                    let msg = Outgoing {
+                        join_ref: Some(old),
+                        msg_ref: Some(old),
+                        topic: &topic,
+                        event: "phx_close",
+                        body: Body::Payload(&close),
+                    };
+                    frames.extend(encode(self.conn.vsn, &msg).ok());
                 }
-                for frame in deferred {
-                    self.conn.enqueue_own(frame);
+                frames.extend(deferred);
+                match ack {
+                    Some(ack) => self.pending = Some(Pending::Barrier { ack, frames }),
+                    None => frames.into_iter().for_each(|f| self.conn.enqueue_own(f)),
                 }
             }
             Err(response) => {

@@ -20,8 +20,26 @@ use crate::shard::Shard;
 /// How long a client may take to send its request head.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts connections on this core until the listener fails for good.
-pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+/// How long a shutting-down core waits for its connections to drain.
+pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Accepts connections on this core until shutdown, then drains them.
+pub(crate) async fn run_core(shard: Rc<Shard>, listener: TcpListener) {
+    futures_lite::future::or(accept_loop(shard.clone(), listener), shard.stopped()).await;
+    let deadline = std::time::Instant::now() + DRAIN_DEADLINE;
+    while shard.conn_count() > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    if shard.conn_count() > 0 {
+        tracing::warn!(
+            core = shard.index,
+            left = shard.conn_count(),
+            "drain deadline passed"
+        );
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok(stream) => {
@@ -137,7 +155,9 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         if req.path == "/socket/websocket" {
             let upgraded = Box::pin(upgrade(&shard, &mut stream, req)).await;
             if let Some(session) = upgraded {
-                let leftover = std::mem::take(&mut buf);
+                // Only bytes that followed the head stay with the connection.
+                let mut leftover = std::mem::take(&mut buf);
+                leftover.shrink_to_fit();
                 websocket::Pump::new(&mut stream, shard, session, leftover).await;
             }
             return;
@@ -194,6 +214,12 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Opt
         let _ = stream.write_all(&forbidden()).await;
         return None;
     };
+    if shard.is_stopping() {
+        let _ = stream
+            .write_all(&http::response(503, "text/plain", b"shutting down\n"))
+            .await;
+        return None;
+    }
     let core = shard.index.to_string();
     let response = http::upgrade_response(&key, &[("x-ringcast-core", &core)]);
     stream.write_all(&response).await.ok()?;

@@ -1,0 +1,85 @@
+//! Fixtures for the microbenchmarks in `bench/`: a shard's real topic table and
+//! outbound queues, without sockets or an executor. Not a stable API.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::api::endpoint::Endpoint;
+use crate::proto::{Payload, Vsn};
+use crate::server::{App, Config};
+use crate::shard::conn::Conn;
+use crate::shard::{Broadcast, Shard, Sub, SubKind};
+use crate::Router;
+
+/// `subscribers` connections subscribed to one topic on one shard.
+pub struct FanoutFixture {
+    shard: Rc<Shard>,
+    conns: Vec<Rc<Conn>>,
+    topic: String,
+}
+
+struct Nobody;
+
+impl crate::SocketHandler for Nobody {
+    type Assigns = ();
+    fn connect(&self, _: &crate::ConnectInfo) -> Option<()> {
+        None
+    }
+}
+
+impl FanoutFixture {
+    /// Builds the fixture; `v1_every` makes every n-th subscriber a V1 client (0: none).
+    pub fn new(subscribers: usize, v1_every: usize) -> Self {
+        let app = Arc::new(App {
+            config: Config {
+                cores: 1,
+                max_outbound_bytes: usize::MAX,
+                ..Config::default()
+            },
+            router: Router::new(),
+            socket: Box::new(Nobody),
+            presence_fetch: None,
+            stats: vec![Default::default()],
+        });
+        let shard = Shard::install(0, app, Endpoint::new(Vec::new(), None), None);
+        let topic = "bench:fanout".to_string();
+        let conns = (0..subscribers)
+            .map(|i| {
+                let vsn = if v1_every > 0 && i % v1_every == 0 {
+                    Vsn::V1
+                } else {
+                    Vsn::V2
+                };
+                let conn = shard.add_conn(vsn, Rc::new(()), None, false);
+                shard.subscribe(
+                    &topic,
+                    Sub {
+                        conn: conn.clone(),
+                        vsn,
+                        kind: SubKind::Channel(&[]),
+                    },
+                );
+                conn
+            })
+            .collect();
+        FanoutFixture { shard, conns, topic }
+    }
+
+    /// Publishes one broadcast (encoded once) and queues its frame to every subscriber.
+    pub fn broadcast(&self, payload: &Payload) {
+        self.shard
+            .publish(Broadcast::new(&self.topic, "new_msg", payload.clone(), None));
+    }
+
+    /// Empties every subscriber's queue, as the writers would; returns the bytes.
+    pub fn drain(&self) -> usize {
+        let mut total = 0;
+        for conn in &self.conns {
+            let mut out = conn.out.borrow_mut();
+            let n = out.bytes;
+            out.consume(n);
+            total += n;
+        }
+        total
+    }
+}

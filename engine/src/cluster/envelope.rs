@@ -1,0 +1,244 @@
+//! What ringcast nodes say to each other over Redis pub/sub, as bytes. Pure data: no
+//! Redis, no threads.
+//!
+//! Every message starts with its kind and the sending node's id (so a node ignores its
+//! own messages); the topic travels in the Redis channel name.
+
+use bytes::Bytes;
+
+use crate::proto::presence::{Delta, Meta, Owner};
+use crate::proto::Payload;
+
+/// One message between nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Envelope {
+    /// A broadcast to the topic of the channel it came on.
+    Broadcast {
+        /// Sending node.
+        node: u32,
+        /// Event.
+        event: String,
+        /// Payload.
+        payload: Payload,
+    },
+    /// A presence delta of the sending node's own entries.
+    Presence {
+        /// Sending node.
+        node: u32,
+        /// The change.
+        delta: Delta,
+    },
+    /// The sending node's complete presence on the topic: replaces what others hold.
+    PresenceState {
+        /// Sending node.
+        node: u32,
+        /// All of its entries on the topic.
+        entries: Vec<(Box<str>, Meta)>,
+    },
+    /// Asks every node to send its `PresenceState` for the topic.
+    SyncRequest {
+        /// Sending node.
+        node: u32,
+    },
+    /// "I am alive".
+    Heartbeat {
+        /// Sending node.
+        node: u32,
+        /// Its name.
+        name: String,
+    },
+}
+
+/// FNV-1a of a node name: the node's id in presence owners (`owner >> 32`).
+///
+/// ```
+/// use ringcast::cluster::envelope::node_id;
+/// assert_ne!(node_id("a"), node_id("b"));
+/// assert_ne!(node_id("a"), 0);
+/// ```
+pub fn node_id(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
+type MetaRow = (Box<str>, Box<str>, Owner, Box<str>);
+type LeaveRow = (Box<str>, Box<str>);
+
+fn meta_rows(entries: &[(Box<str>, Meta)]) -> Vec<MetaRow> {
+    entries
+        .iter()
+        .map(|(k, m)| (k.clone(), m.phx_ref.clone(), m.owner, m.json.clone()))
+        .collect()
+}
+
+fn from_rows(rows: Vec<MetaRow>) -> Vec<(Box<str>, Meta)> {
+    rows.into_iter()
+        .map(|(k, phx_ref, owner, json)| (k, Meta { phx_ref, owner, json }))
+        .collect()
+}
+
+impl Envelope {
+    /// The sending node.
+    pub fn node(&self) -> u32 {
+        match self {
+            Envelope::Broadcast { node, .. }
+            | Envelope::Presence { node, .. }
+            | Envelope::PresenceState { node, .. }
+            | Envelope::SyncRequest { node }
+            | Envelope::Heartbeat { node, .. } => *node,
+        }
+    }
+
+    /// The bytes on the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, body): (u8, Vec<u8>) = match self {
+            Envelope::Broadcast { event, payload, .. } => {
+                let mut body = Vec::with_capacity(64);
+                body.extend_from_slice(&(event.len() as u16).to_be_bytes());
+                body.extend_from_slice(event.as_bytes());
+                match payload {
+                    Payload::Json(v) => {
+                        body.push(0);
+                        serde_json::to_writer(&mut body, v).expect("writing to a Vec cannot fail");
+                    }
+                    Payload::Binary(b) => {
+                        body.push(1);
+                        body.extend_from_slice(b);
+                    }
+                }
+                (1, body)
+            }
+            Envelope::Presence { delta, .. } => {
+                let body =
+                    serde_json::to_vec(&(meta_rows(&delta.joins), &delta.leaves)).expect("serializable");
+                (2, body)
+            }
+            Envelope::PresenceState { entries, .. } => {
+                (3, serde_json::to_vec(&meta_rows(entries)).expect("serializable"))
+            }
+            Envelope::SyncRequest { .. } => (4, Vec::new()),
+            Envelope::Heartbeat { name, .. } => (5, name.as_bytes().to_vec()),
+        };
+        let mut out = Vec::with_capacity(5 + body.len());
+        out.push(kind);
+        out.extend_from_slice(&self.node().to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Reads an envelope.
+    pub fn decode(data: &[u8]) -> Result<Envelope, String> {
+        let bad = |why: &str| format!("bad cluster message: {why}");
+        if data.len() < 5 {
+            return Err(bad("too short"));
+        }
+        let node = u32::from_be_bytes(data[1..5].try_into().expect("four bytes"));
+        let body = &data[5..];
+        match data[0] {
+            1 => {
+                let len = u16::from_be_bytes(
+                    body.get(..2)
+                        .ok_or_else(|| bad("no event"))?
+                        .try_into()
+                        .expect("two"),
+                ) as usize;
+                let event = body.get(2..2 + len).ok_or_else(|| bad("short event"))?;
+                let event = std::str::from_utf8(event)
+                    .map_err(|_| bad("event not UTF-8"))?
+                    .to_string();
+                let rest = &body[2 + len..];
+                let payload = match rest.first() {
+                    Some(0) => {
+                        Payload::Json(serde_json::from_slice(&rest[1..]).map_err(|e| bad(&e.to_string()))?)
+                    }
+                    Some(1) => Payload::Binary(Bytes::copy_from_slice(&rest[1..])),
+                    _ => return Err(bad("payload kind")),
+                };
+                Ok(Envelope::Broadcast { node, event, payload })
+            }
+            2 => {
+                let (joins, leaves): (Vec<MetaRow>, Vec<LeaveRow>) =
+                    serde_json::from_slice(body).map_err(|e| bad(&e.to_string()))?;
+                Ok(Envelope::Presence {
+                    node,
+                    delta: Delta {
+                        joins: from_rows(joins),
+                        leaves,
+                    },
+                })
+            }
+            3 => {
+                let rows: Vec<MetaRow> = serde_json::from_slice(body).map_err(|e| bad(&e.to_string()))?;
+                Ok(Envelope::PresenceState {
+                    node,
+                    entries: from_rows(rows),
+                })
+            }
+            4 => Ok(Envelope::SyncRequest { node }),
+            5 => Ok(Envelope::Heartbeat {
+                node,
+                name: String::from_utf8_lossy(body).into_owned(),
+            }),
+            _ => Err(bad("unknown kind")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn round_trips() {
+        let meta = Meta::new(json!({"name": "ada"}), "r1".into(), None, (7u64 << 32) | 3);
+        let cases = vec![
+            Envelope::Broadcast {
+                node: 7,
+                event: "new_msg".into(),
+                payload: Payload::Json(json!({"body": "hi"})),
+            },
+            Envelope::Broadcast {
+                node: 7,
+                event: "bin".into(),
+                payload: Payload::Binary(Bytes::from_static(&[0, 1, 255])),
+            },
+            Envelope::Presence {
+                node: 7,
+                delta: Delta {
+                    joins: vec![("42".into(), meta.clone())],
+                    leaves: vec![("41".into(), "r0".into())],
+                },
+            },
+            Envelope::PresenceState {
+                node: 7,
+                entries: vec![("42".into(), meta)],
+            },
+            Envelope::SyncRequest { node: 9 },
+            Envelope::Heartbeat {
+                node: 9,
+                name: "n1".into(),
+            },
+        ];
+        for e in cases {
+            assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        for bad in [
+            &b""[..],
+            &[1, 0, 0, 0, 1],
+            &[9, 0, 0, 0, 1],
+            &[1, 0, 0, 0, 1, 0, 9, b'x'],
+            &[2, 0, 0, 0, 1, b'{'],
+        ] {
+            assert!(Envelope::decode(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! Cluster mode: ringcast nodes share topics through Redis pub/sub.
+//!
+//! One Redis channel per topic (`ringcast:t:<topic>` for broadcasts, `ringcast:p:<topic>`
+//! for presence), subscribed while the node has subscribers for the topic: a node only
+//! receives traffic for its own topics, at the price of one Redis subscription per topic
+//! in use. Local subscribers are served locally; Redis carries only what other nodes
+//! need. Delivery across nodes is at most once, as with Phoenix's PubSub: while Redis is
+//! away, local delivery goes on and what could not be published is counted
+//! (`ringcast_cluster_lost_total`) and logged.
+//!
+//! The link runs on a thread of its own, beside the shards: cores talk to it through a
+//! channel ([`ClusterHandle`]) and it hands work to cores through their inboxes. Every
+//! node sends a heartbeat each second; a node silent for [`NODE_EXPIRY`] is taken for
+//! dead and its presences leave everyone's view.
+
+pub mod envelope;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::proto::presence::{Delta, Owner, PresenceState};
+use crate::shard::inbox::{CoreCommand, CoreInbox};
+use crate::shard::Broadcast;
+use envelope::Envelope;
+
+/// How often a node says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node not heard from for this long is dead; its presences are dropped.
+pub const NODE_EXPIRY: Duration = Duration::from_secs(5);
+const HEARTBEAT_CHANNEL: &str = "ringcast:hb";
+
+/// Counters of the Redis link, shown in `/metrics` and `/api/stats`.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Whether the link to Redis is up.
+    pub connected: AtomicBool,
+    /// Other nodes heard from recently.
+    pub peers: AtomicU64,
+    /// Messages for other nodes that could not be published.
+    pub lost: AtomicU64,
+    /// Messages published to Redis.
+    pub published: AtomicU64,
+    /// Messages received from other nodes.
+    pub received: AtomicU64,
+}
+
+enum LinkCmd {
+    Interest { core: usize, topic: Arc<str>, on: bool },
+    Publish(Arc<Broadcast>),
+    Presence(Arc<str>, Arc<Delta>),
+}
+
+/// How cores reach the Redis link (`Send + Clone`).
+#[derive(Clone)]
+pub struct ClusterHandle {
+    tx: Sender<LinkCmd>,
+    node: u32,
+    stats: Arc<ClusterStats>,
+}
+
+impl ClusterHandle {
+    pub(crate) fn interest(&self, core: usize, topic: &str, on: bool) {
+        let _ = self.tx.send(LinkCmd::Interest {
+            core,
+            topic: topic.into(),
+            on,
+        });
+    }
+
+    pub(crate) fn publish(&self, broadcast: &Arc<Broadcast>) {
+        let _ = self.tx.send(LinkCmd::Publish(broadcast.clone()));
+    }
+
+    pub(crate) fn presence(&self, topic: &str, delta: &Arc<Delta>) {
+        let _ = self.tx.send(LinkCmd::Presence(topic.into(), delta.clone()));
+    }
+
+    /// This node's id (the high half of its presence owners).
+    pub fn node(&self) -> u32 {
+        self.node
+    }
+
+    /// The link's counters.
+    pub fn stats(&self) -> &ClusterStats {
+        &self.stats
+    }
+}
+
+/// Cluster settings.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `redis://host:port`.
+    pub redis_url: String,
+    /// This node's name, unique in the cluster.
+    pub node_name: String,
+}
+
+/// Creates the handle now; the link thread starts with [`Link::spawn`] once the cores'
+/// inboxes exist.
+pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), redis::RedisError> {
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let node = envelope::node_id(&config.node_name);
+    let stats = Arc::new(ClusterStats::default());
+    let handle = ClusterHandle {
+        tx,
+        node,
+        stats: stats.clone(),
+    };
+    let link = Link {
+        client,
+        rx,
+        node,
+        name: config.node_name.clone(),
+        stats,
+        cores: Vec::new(),
+        interest: HashMap::new(),
+        own: PresenceState::default(),
+        peers: HashMap::new(),
+    };
+    Ok((handle, link))
+}
+
+fn topic_channel(topic: &str) -> String {
+    format!("ringcast:t:{topic}")
+}
+
+fn presence_channel(topic: &str) -> String {
+    format!("ringcast:p:{topic}")
+}
+
+pub(crate) struct Link {
+    client: redis::Client,
+    rx: Receiver<LinkCmd>,
+    node: u32,
+    name: String,
+    stats: Arc<ClusterStats>,
+    cores: Vec<CoreInbox>,
+    /// Topic -> bit set of this node's cores with subscribers.
+    interest: HashMap<Arc<str>, u64>,
+    /// This node's own presence entries, to answer sync requests.
+    own: PresenceState,
+    /// Other nodes -> when last heard.
+    peers: HashMap<u32, Instant>,
+}
+
+/// Why a link session ended.
+enum End {
+    /// Every core is gone: stop the thread.
+    Shutdown,
+    /// Redis failed: reconnect.
+    Redis(redis::RedisError),
+}
+
+impl From<redis::RedisError> for End {
+    fn from(e: redis::RedisError) -> Self {
+        End::Redis(e)
+    }
+}
+
+impl Link {
+    pub(crate) fn spawn(mut self, cores: Vec<CoreInbox>) {
+        self.cores = cores;
+        std::thread::Builder::new()
+            .name("ringcast-redis".into())
+            .spawn(move || self.run())
+            .expect("spawn the Redis link thread");
+    }
+
+    fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.session(&mut backoff) {
+                End::Shutdown => return,
+                End::Redis(e) => {
+                    if self.stats.connected.swap(false, Ordering::Relaxed) {
+                        tracing::error!(node = %self.name, "Redis link lost: {e}; local delivery goes on");
+                    } else {
+                        tracing::debug!("Redis unreachable: {e}");
+                    }
+                }
+            }
+            // While Redis is away: keep the books, count what cannot go out.
+            let until = Instant::now() + backoff;
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match self.rx.recv_timeout(left) {
+                    Ok(cmd) => self.offline(cmd),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => break,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            self.expire_peers();
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn offline(&mut self, cmd: LinkCmd) {
+        match cmd {
+            LinkCmd::Interest { core, topic, on } => {
+                self.set_interest(core, topic, on);
+            }
+            LinkCmd::Publish(_) => {
+                let lost = self.stats.lost.fetch_add(1, Ordering::Relaxed) + 1;
+                if lost.is_power_of_two() {
+                    tracing::warn!("Redis away: {lost} cross-node messages lost so far");
+                }
+            }
+            LinkCmd::Presence(topic, delta) => {
+                // Kept: the full state is republished on reconnect.
+                self.own.apply(&topic, &delta);
+            }
+        }
+    }
+
+    /// Updates the interest table; returns whether the node-level interest flipped.
+    fn set_interest(&mut self, core: usize, topic: Arc<str>, on: bool) -> bool {
+        let mask = self.interest.entry(topic.clone()).or_default();
+        let before = *mask != 0;
+        if on {
+            *mask |= 1 << core;
+        } else {
+            *mask &= !(1 << core);
+        }
+        let after = *mask != 0;
+        if !after {
+            self.interest.remove(&topic);
+        }
+        before != after
+    }
+
+    fn session(&mut self, backoff: &mut Duration) -> End {
+        let connect = || -> redis::RedisResult<(redis::Connection, redis::Connection)> {
+            let timeout = Duration::from_secs(1);
+            let sub = self.client.get_connection_with_timeout(timeout)?;
+            let publish = self.client.get_connection_with_timeout(timeout)?;
+            publish.set_read_timeout(Some(timeout))?;
+            publish.set_write_timeout(Some(timeout))?;
+            Ok((sub, publish))
+        };
+        let (mut sub, mut publish) = match connect() {
+            Ok(c) => c,
+            Err(e) => return End::Redis(e),
+        };
+        let mut pubsub = sub.as_pubsub();
+        if let Err(e) = pubsub.set_read_timeout(Some(Duration::from_millis(5))) {
+            return End::Redis(e);
+        }
+        let resubscribe = |pubsub: &mut redis::PubSub<'_>,
+                           publish: &mut redis::Connection,
+                           link: &mut Link|
+         -> redis::RedisResult<()> {
+            pubsub.subscribe(HEARTBEAT_CHANNEL)?;
+            let topics: Vec<Arc<str>> = link.interest.keys().cloned().collect();
+            for topic in topics {
+                pubsub.subscribe(&[topic_channel(&topic), presence_channel(&topic)])?;
+                link.announce_presence(publish, &topic)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = resubscribe(&mut pubsub, &mut publish, self) {
+            return End::Redis(e);
+        }
+        self.stats.connected.store(true, Ordering::Relaxed);
+        tracing::info!(node = %self.name, "Redis link up");
+        *backoff = Duration::from_millis(100);
+        let mut next_heartbeat = Instant::now();
+        loop {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => {
+                        if let Err(e) = self.command(cmd, &mut pubsub, &mut publish) {
+                            return End::Redis(e);
+                        }
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => return End::Shutdown,
+                }
+            }
+            if Instant::now() >= next_heartbeat {
+                next_heartbeat = Instant::now() + HEARTBEAT;
+                let beat = Envelope::Heartbeat {
+                    node: self.node,
+                    name: self.name.clone(),
+                };
+                if let Err(e) = redis::cmd("PUBLISH")
+                    .arg(HEARTBEAT_CHANNEL)
+                    .arg(beat.encode())
+                    .exec(&mut publish)
+                {
+                    return End::Redis(e);
+                }
+                self.expire_peers();
+            }
+            match pubsub.get_message() {
+                Ok(msg) => {
+                    let channel = msg.get_channel_name().to_string();
+                    if let Err(e) = self.message(&channel, msg.get_payload_bytes(), &mut publish) {
+                        return End::Redis(e);
+                    }
+                }
+                Err(e) if e.is_timeout() => {}
+                Err(e) => return End::Redis(e),
+            }
+        }
+    }
+
+    fn publish(
+        &self,
+        conn: &mut redis::Connection,
+        channel: String,
+        envelope: &Envelope,
+    ) -> redis::RedisResult<()> {
+        match redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(envelope.encode())
+            .exec(conn)
+        {
+            Ok(()) => {
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Publishes this node's full presence on `topic` and asks the others for theirs.
+    fn announce_presence(&self, conn: &mut redis::Connection, topic: &str) -> redis::RedisResult<()> {
+        let node = self.node;
+        let entries = self.own.entries(topic, |o| (o >> 32) as u32 == node);
+        if !entries.is_empty() {
+            self.publish(
+                conn,
+                presence_channel(topic),
+                &Envelope::PresenceState { node, entries },
+            )?;
+        }
+        self.publish(conn, presence_channel(topic), &Envelope::SyncRequest { node })
+    }
+
+    fn command(
+        &mut self,
+        cmd: LinkCmd,
+        pubsub: &mut redis::PubSub<'_>,
+        publish: &mut redis::Connection,
+    ) -> redis::RedisResult<()> {
+        match cmd {
+            LinkCmd::Interest { core, topic, on } => {
+                if self.set_interest(core, topic.clone(), on) {
+                    let channels = [topic_channel(&topic), presence_channel(&topic)];
+                    if on {
+                        pubsub.subscribe(&channels)?;
+                        self.announce_presence(publish, &topic)?;
+                    } else {
+                        pubsub.unsubscribe(&channels)?;
+                    }
+                }
+                Ok(())
+            }
+            LinkCmd::Publish(b) => {
+                let envelope = Envelope::Broadcast {
+                    node: self.node,
+                    event: b.event.to_string(),
+                    payload: b.payload().clone(),
+                };
+                self.publish(publish, topic_channel(&b.topic), &envelope)
+            }
+            LinkCmd::Presence(topic, delta) => {
+                self.own.apply(&topic, &delta);
+                let envelope = Envelope::Presence {
+                    node: self.node,
+                    delta: (*delta).clone(),
+                };
+                self.publish(publish, presence_channel(&topic), &envelope)
+            }
+        }
+    }
+
+    fn message(
+        &mut self,
+        channel: &str,
+        data: &[u8],
+        publish: &mut redis::Connection,
+    ) -> redis::RedisResult<()> {
+        let envelope = match Envelope::decode(data) {
+            Ok(e) => e,
+            Err(why) => {
+                tracing::warn!(channel, "{why}");
+                return Ok(());
+            }
+        };
+        if envelope.node() == self.node {
+            return Ok(());
+        }
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        match envelope {
+            Envelope::Heartbeat { node, .. } => {
+                if self.peers.insert(node, Instant::now()).is_none() {
+                    self.stats.peers.store(self.peers.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Envelope::Broadcast { event, payload, .. } => {
+                let Some(topic) = channel.strip_prefix("ringcast:t:") else {
+                    return Ok(());
+                };
+                let mask = self.interest.get(topic).copied().unwrap_or(0);
+                // Encoded once for this node, shared by its cores.
+                let broadcast = Arc::new(Broadcast::new(topic, &event, payload, None));
+                for (core, inbox) in self.cores.iter().enumerate() {
+                    if mask & (1 << core) != 0 {
+                        inbox.send(CoreCommand::Deliver(broadcast.clone()));
+                    }
+                }
+            }
+            Envelope::Presence { delta, .. } => {
+                let Some(topic) = channel.strip_prefix("ringcast:p:") else {
+                    return Ok(());
+                };
+                let (topic, delta): (Arc<str>, _) = (topic.into(), Arc::new(delta));
+                for inbox in &self.cores {
+                    inbox.send(CoreCommand::Presence(topic.clone(), delta.clone()));
+                }
+            }
+            Envelope::PresenceState { node, entries } => {
+                let Some(topic) = channel.strip_prefix("ringcast:p:") else {
+                    return Ok(());
+                };
+                let (topic, entries): (Arc<str>, _) = (topic.into(), Arc::new(entries));
+                for inbox in &self.cores {
+                    inbox.send(CoreCommand::PresenceState(topic.clone(), node, entries.clone()));
+                }
+            }
+            Envelope::SyncRequest { .. } => {
+                let Some(topic) = channel.strip_prefix("ringcast:p:") else {
+                    return Ok(());
+                };
+                let node = self.node;
+                let entries = self.own.entries(topic, |o| (o >> 32) as u32 == node);
+                self.publish(
+                    publish,
+                    channel.to_string(),
+                    &Envelope::PresenceState { node, entries },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn expire_peers(&mut self) {
+        let now = Instant::now();
+        let dead: Vec<u32> = self
+            .peers
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) > NODE_EXPIRY)
+            .map(|(n, _)| *n)
+            .collect();
+        for node in dead {
+            self.peers.remove(&node);
+            tracing::warn!("node {node:08x} silent for {NODE_EXPIRY:?}: dropping its presences");
+            for inbox in &self.cores {
+                inbox.send(CoreCommand::DropNode(node));
+            }
+        }
+        self.stats.peers.store(self.peers.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The node id of a presence owner.
+pub(crate) fn owner_node(owner: Owner) -> u32 {
+    (owner >> 32) as u32
+}

@@ -1,0 +1,181 @@
+// The demo page (`GET /`, seed-app.md) in a real browser: Debian's chromium driven by
+// playwright-core. Two tabs chat and see each other's presence over WebSocket; a tab whose
+// WebSockets never open falls back to long-poll (`?fallback=300`, PROTOCOL.md §14
+// `longPollFallbackMs`) and still chats with a WebSocket tab. A screenshot of the page
+// goes to /tmp/ringcast-demo.png.
+//
+// Needs /usr/bin/chromium (scripts/test.sh installs it); without it these tests FAIL.
+
+import { before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { chromium } from 'playwright-core';
+import { e2e, startServer, connect, mintToken, collect } from './lib.mjs';
+
+const CHROMIUM = process.env.RINGCAST_CHROMIUM || '/usr/bin/chromium';
+const SCREENSHOT = '/tmp/ringcast-demo.png';
+
+let server;
+let browser;
+
+before(async () => {
+  if (!fs.existsSync(CHROMIUM)) {
+    throw new Error(`${CHROMIUM} is missing: the browser tests need Debian's chromium (apt-get install -y chromium; scripts/test.sh installs it)`);
+  }
+  server = await startServer({ cores: 2 });
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    timeout: 20000,
+  });
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (server) await server.stop();
+});
+
+/** Opens the chat page as `user` in a fresh browser context (its own sessionStorage). */
+async function openTab(user, room, { query = '', blockWebSocket = false } = {}) {
+  const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
+  const page = await context.newPage();
+  page.errors = [];
+  page.on('pageerror', (e) => page.errors.push(String(e)));
+  if (blockWebSocket) {
+    // A WebSocket that never opens (as behind a proxy that swallows upgrades).
+    await page.addInitScript(() => {
+      window.__wsAttempts = 0;
+      class NeverOpens {
+        constructor(url) {
+          window.__wsAttempts += 1;
+          this.url = url;
+          this.readyState = 0;
+          this.bufferedAmount = 0;
+          this.binaryType = 'blob';
+        }
+
+        send() { throw new Error('not open'); }
+
+        close() { this.readyState = 3; }
+      }
+      NeverOpens.CONNECTING = 0;
+      NeverOpens.OPEN = 1;
+      NeverOpens.CLOSING = 2;
+      NeverOpens.CLOSED = 3;
+      window.WebSocket = NeverOpens;
+    });
+  }
+  const qs = new URLSearchParams({ token: mintToken(user), user, room });
+  await page.goto(`${server.httpUrl}/?${qs}${query}`, { timeout: 10000 });
+  await page.waitForSelector('body[data-joined="true"]', { timeout: 8000 });
+  return page;
+}
+
+const presenceUsers = (page) => page.$$eval('#presence li', (lis) => lis.map((li) => li.dataset.user).sort());
+const messages = (page) => page.$$eval('#messages li', (lis) => lis.map((li) => li.textContent));
+
+async function waitPresence(page, users) {
+  const want = [...users].sort();
+  await page.waitForFunction(
+    (w) => JSON.stringify([...document.querySelectorAll('#presence li')].map((li) => li.dataset.user).sort()) === JSON.stringify(w),
+    want, { timeout: 5000 },
+  ).catch(async (e) => {
+    throw new Error(`presence on the page is ${JSON.stringify(await presenceUsers(page))}, want ${JSON.stringify(want)}: ${e.message}`);
+  });
+}
+
+async function waitMessage(page, text) {
+  await page.waitForFunction(
+    (t) => [...document.querySelectorAll('#messages li')].some((li) => li.textContent === t),
+    text, { timeout: 5000 },
+  ).catch(async (e) => {
+    throw new Error(`no message ${JSON.stringify(text)} on the page; it shows ${JSON.stringify(await messages(page))}: ${e.message}`);
+  });
+}
+
+async function send(page, text) {
+  await page.fill('#body', text);
+  await page.press('#body', 'Enter');
+}
+
+/** The transport the page's socket uses: "WebSocket" or "LongPoll". */
+const transportOf = (page) => page.evaluate(() => (socket.transport === Phoenix.LongPoll ? 'LongPoll' : socket.transport === window.WebSocket ? 'WebSocket' : String(socket.transport && socket.transport.name)));
+
+e2e('two tabs in one room see each other in presence and chat over WebSocket', async () => {
+  const alice = await openTab('alice', 'browser1');
+  const bob = await openTab('bob', 'browser1');
+  for (const page of [alice, bob]) {
+    await waitPresence(page, ['alice', 'bob']);
+    await waitMessage(page, 'Welcome to room browser1!');
+    assert.equal(await transportOf(page), 'WebSocket');
+    assert.equal(await page.textContent('#status'), 'connected (WebSocket)');
+  }
+  assert.equal(await alice.textContent('#presence li[data-user="bob"]'), 'user bob (1)');
+
+  await send(alice, 'hello bob');
+  await waitMessage(bob, 'alice: hello bob');
+  await waitMessage(alice, 'alice: hello bob');
+  await send(bob, 'hi alice');
+  await waitMessage(alice, 'bob: hi alice');
+  assert.equal(await alice.inputValue('#body'), '', 'the input is cleared after sending');
+
+  // a phoenix client from Node in the same room sees the browser's messages too
+  const node = await connect(server.port, 'nodeuser');
+  const chan = await node.joined('rooms:browser1', { name: 'node' });
+  const got = collect(chan, 'new_msg');
+  await waitPresence(alice, ['alice', 'bob', 'nodeuser']);
+  chan.push('new_msg', { body: 'from node' });
+  await waitMessage(alice, 'nodeuser: from node');
+  await waitMessage(bob, 'nodeuser: from node');
+  await send(bob, 'to node');
+  await got.waitFor(2, 3000);
+  assert.deepEqual(got.items.at(-1), { body: 'to node', user: 'bob' });
+
+  await alice.screenshot({ path: SCREENSHOT });
+
+  // bob closes his tab: alice's presence drops him
+  await bob.context().close();
+  await waitPresence(alice, ['alice', 'nodeuser']);
+  assert.deepEqual(alice.errors, [], 'no page errors');
+  await alice.context().close();
+}, { timeout: 30000 });
+
+e2e('with WebSockets that never open, ?fallback=300 falls back to long-poll and chats with a WebSocket tab', async () => {
+  const carol = await openTab('carol', 'browser2', { query: '&fallback=300', blockWebSocket: true });
+  const dave = await openTab('dave', 'browser2');
+  assert.ok(await carol.evaluate(() => window.__wsAttempts) >= 1, 'the page tried a WebSocket first');
+  assert.equal(await transportOf(carol), 'LongPoll');
+  assert.equal(await transportOf(dave), 'WebSocket');
+  // the status names the transport (not a minified class name)
+  assert.equal(await carol.textContent('#status'), 'connected (LongPoll)');
+  assert.equal(await dave.textContent('#status'), 'connected (WebSocket)');
+  for (const page of [carol, dave]) await waitPresence(page, ['carol', 'dave']);
+  await waitMessage(carol, 'Welcome to room browser2!');
+
+  await send(carol, 'over long-poll');
+  await waitMessage(dave, 'carol: over long-poll');
+  await waitMessage(carol, 'carol: over long-poll');
+  await send(dave, 'over websocket');
+  await waitMessage(carol, 'dave: over websocket');
+  // the fallback is remembered for this tab
+  assert.equal(await carol.evaluate(() => sessionStorage.getItem('phx:fallback:LongPoll')), 'true');
+  assert.deepEqual(carol.errors, [], 'no page errors');
+  await carol.screenshot({ path: '/tmp/ringcast-demo-longpoll.png' });
+  await carol.context().close();
+  await dave.context().close();
+}, { timeout: 30000 });
+
+e2e('?longpoll uses the LongPoll transport from the start', async () => {
+  const erin = await openTab('erin', 'browser3', { query: '&longpoll' });
+  const frank = await openTab('frank', 'browser3');
+  assert.equal(await transportOf(erin), 'LongPoll');
+  assert.equal(await erin.textContent('#status'), 'connected (LongPoll)');
+  for (const page of [erin, frank]) await waitPresence(page, ['erin', 'frank']);
+  await send(frank, 'ping erin');
+  await waitMessage(erin, 'frank: ping erin');
+  await send(erin, 'pong frank');
+  await waitMessage(frank, 'erin: pong frank');
+  await erin.context().close();
+  await frank.context().close();
+}, { timeout: 30000 });
