@@ -182,7 +182,10 @@ impl Server {
             let mesh = mesh.clone();
             let ready = ready_tx.clone();
             let listener_fd = listener.into_raw_fd();
+            // A deep ring: io_uring looks up a cancelled poll in a hash table sized by the
+            // ring, and every idle connection holds one poll.
             let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cpus))
+                .ring_depth(4096)
                 .name(&format!("ringcast-{i}"))
                 .spawn(move || async move {
                     let (mesh, receivers) = if cores > 1 {

@@ -226,3 +226,34 @@ fn duplicate_join_replaces_the_channel() {
             .await;
     });
 }
+
+#[test]
+fn leaving_in_any_order_keeps_the_subscriber_list_exact() {
+    run(|kit| async move {
+        let mut clients: Vec<_> = (0..40).map(|i| client(&kit, &i.to_string())).collect();
+        for c in clients.iter_mut() {
+            c.subscribe_and_join("bench:order", json!({})).await;
+        }
+        // Leave in an order that moves entries around the list (every third, then the
+        // last few, then the first).
+        let leaving: Vec<usize> = (0..40).step_by(3).chain([39, 38, 1]).collect();
+        for &i in &leaving {
+            assert_eq!(clients[i].leave("bench:order").await, Reply::ok());
+        }
+        let stayer = (0..40).find(|i| !leaving.contains(i)).unwrap();
+        clients[stayer].push("bench:order", "new_msg", json!({"body": "after"}));
+        for (i, c) in clients.iter_mut().enumerate() {
+            if leaving.contains(&i) {
+                c.refute(Duration::from_millis(5), |f| f.event == "new_msg").await;
+            } else {
+                c.assert_broadcast(
+                    "bench:order",
+                    "new_msg",
+                    json!({"body": "after", "user": stayer.to_string()}),
+                )
+                .await;
+                c.refute(Duration::ZERO, |f| f.event == "new_msg").await;
+            }
+        }
+    });
+}

@@ -103,6 +103,8 @@ pub(crate) enum Mail {
 /// of its handlers runs.
 pub(crate) struct Slot {
     pub(crate) running: Option<(Box<dyn DynChannel>, Socket)>,
+    /// Where this channel's subscription sits in its topic's subscriber list.
+    pub(crate) sub_pos: Cell<u32>,
 }
 
 /// Per-connection limits taken from the server config.
@@ -116,6 +118,8 @@ pub(crate) struct Conn {
     pub(crate) vsn: Vsn,
     pub(crate) assigns: Rc<dyn Any>,
     pub(crate) socket_id: Option<Box<str>>,
+    /// Where the socket-id subscription sits in its topic's subscriber list.
+    pub(crate) socket_pos: Cell<u32>,
     pub(crate) limits: ConnLimits,
     /// A long-poll session rather than a WebSocket.
     pub(crate) long_poll: bool,
@@ -146,6 +150,7 @@ impl Conn {
             vsn,
             assigns,
             socket_id,
+            socket_pos: Cell::new(0),
             limits,
             long_poll,
             out: RefCell::default(),

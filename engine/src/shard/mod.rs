@@ -146,6 +146,19 @@ pub(crate) struct Shard {
     stop_waker: RefCell<Option<std::task::Waker>>,
 }
 
+/// Keeps a subscription's position where its owner can find it.
+fn record_position(sub: &Sub, topic: &str, pos: u32) {
+    match sub.kind {
+        SubKind::SocketId => sub.conn.socket_pos.set(pos),
+        SubKind::Channel(_) => {
+            let channels = sub.conn.channels.borrow();
+            if let Some(i) = channels.position(topic) {
+                channels.get(i).state.sub_pos.set(pos);
+            }
+        }
+    }
+}
+
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
 }
@@ -239,7 +252,7 @@ impl Shard {
 
     pub(crate) fn remove_conn(&self, conn: &Conn) {
         if let Some(topic) = &conn.socket_id {
-            self.unsubscribe(topic, conn.id);
+            self.unsubscribe(topic, conn.id, conn.socket_pos.get());
         }
         let mut conns = self.conns.borrow_mut();
         if conns.get(conn.id.key as usize).is_some_and(|c| c.id == conn.id) {
@@ -250,21 +263,24 @@ impl Shard {
 
     /// Subscribes; the first local subscription of a topic returns the id of the
     /// interest announcement the other cores must ack before its join is answered.
+    /// A channel subscription's slot must be in its connection's table already: the
+    /// subscription's position is kept there, so that leaving costs O(1).
     pub(crate) fn subscribe(&self, topic: &str, sub: Sub) -> Option<u64> {
-        let first = {
+        let (first, pos) = {
             let mut topics = self.topics.borrow_mut();
             match topics.get_mut(topic) {
                 Some(subs) => {
-                    subs.push(sub);
-                    false
+                    subs.push(sub.clone());
+                    (false, subs.len() - 1)
                 }
                 None => {
-                    topics.insert(topic.into(), vec![sub]);
+                    topics.insert(topic.into(), vec![sub.clone()]);
                     self.stats.topics.add(1);
-                    true
+                    (true, 0)
                 }
             }
         };
+        record_position(&sub, topic, pos as u32);
         if !first {
             return None;
         }
@@ -274,19 +290,22 @@ impl Shard {
         self.mesh.as_ref().and_then(|mesh| mesh.announce(topic, true))
     }
 
-    /// Whether the interest announcement `id` reached every core.
-    pub(crate) fn poll_interest_acked(&self, id: u64, cx: &mut std::task::Context<'_>) -> bool {
-        self.mesh.as_ref().is_none_or(|mesh| mesh.poll_acked(id, cx))
-    }
-
-    pub(crate) fn unsubscribe(&self, topic: &str, conn: ConnId) {
+    /// Removes `conn`'s subscription at `pos` (found by a scan if `pos` is stale).
+    pub(crate) fn unsubscribe(&self, topic: &str, conn: ConnId, pos: u32) {
         let last = {
             let mut topics = self.topics.borrow_mut();
-            let Some(subs) = topics.get_mut(topic) else {
-                return;
+            let Some(subs) = topics.get_mut(topic) else { return };
+            let pos = pos as usize;
+            let found = if subs.get(pos).is_some_and(|s| s.conn.id == conn) {
+                Some(pos)
+            } else {
+                subs.iter().position(|s| s.conn.id == conn)
             };
-            if let Some(i) = subs.iter().position(|s| s.conn.id == conn) {
+            if let Some(i) = found {
                 subs.swap_remove(i);
+                if let Some(moved) = subs.get(i) {
+                    record_position(moved, topic, i as u32);
+                }
             }
             let last = subs.is_empty();
             if last {
@@ -303,6 +322,11 @@ impl Shard {
                 cluster.interest(self.index, topic, false);
             }
         }
+    }
+
+    /// Whether the interest announcement `id` reached every core.
+    pub(crate) fn poll_interest_acked(&self, id: u64, cx: &mut std::task::Context<'_>) -> bool {
+        self.mesh.as_ref().is_none_or(|mesh| mesh.poll_acked(id, cx))
     }
 
     /// Delivers on this core and forwards to every other core that has subscribers.

@@ -3,6 +3,7 @@
 //! when the connection ends. Transport-agnostic: the WebSocket driver and the in-memory
 //! test kit both run a `Session`.
 
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -261,21 +262,20 @@ impl Session {
         match result {
             Ok((channel, response)) => {
                 let deferred = socket.deferred.take().unwrap_or_default();
-                let ack = self.shard.subscribe(
-                    &topic,
-                    Sub {
-                        conn: self.conn.clone(),
-                        vsn: self.conn.vsn,
-                        kind: SubKind::Channel(intercepts),
-                    },
-                );
                 self.conn.channels.borrow_mut().insert(
                     topic.to_string(),
                     join_ref.to_string(),
                     Slot {
                         running: Some((channel, socket)),
+                        sub_pos: Cell::new(0),
                     },
                 );
+                let sub = Sub {
+                    conn: self.conn.clone(),
+                    vsn: self.conn.vsn,
+                    kind: SubKind::Channel(intercepts),
+                };
+                let ack = self.shard.subscribe(&topic, sub);
                 self.shard.stats.channels.add(1);
                 let mut frames = Vec::with_capacity(2 + deferred.len());
                 let reply = Reply::Ok(response);
@@ -353,6 +353,7 @@ impl Session {
     /// Removes the channel at `index`, calls its `terminate`, unsubscribes it.
     fn end_channel(&mut self, index: usize, reason: StopReason) -> (Rc<str>, Rc<str>) {
         let joined = self.conn.channels.borrow_mut().remove(index);
+        let sub_pos = joined.state.sub_pos.get();
         let topic: Rc<str> = joined.topic.into();
         let join_ref: Rc<str> = joined.join_ref.into();
         if let Some((mut channel, mut socket)) = joined.state.running {
@@ -361,7 +362,7 @@ impl Session {
             }
         }
         self.shard.presence_untrack(&self.conn, &topic, None);
-        self.shard.unsubscribe(&topic, self.conn.id);
+        self.shard.unsubscribe(&topic, self.conn.id, sub_pos);
         self.shard.stats.channels.sub(1);
         (topic, join_ref)
     }
@@ -377,9 +378,10 @@ impl Session {
         };
         if let Some(index) = index {
             let joined = self.conn.channels.borrow_mut().remove(index);
+            let sub_pos = joined.state.sub_pos.get();
             drop(joined);
             self.shard.presence_untrack(&self.conn, topic, None);
-            self.shard.unsubscribe(topic, self.conn.id);
+            self.shard.unsubscribe(topic, self.conn.id, sub_pos);
             self.shard.stats.channels.sub(1);
         }
         let payload = Payload::Json(serde_json::json!({"reason": "channel_crash"}));
@@ -456,7 +458,8 @@ impl Session {
                     channel.terminate(StopReason::Closed, &mut socket)
                 }));
             }
-            self.shard.unsubscribe(&j.topic, self.conn.id);
+            self.shard
+                .unsubscribe(&j.topic, self.conn.id, j.state.sub_pos.get());
             self.shard.stats.channels.sub(1);
         }
         self.shard.remove_conn(&self.conn);
