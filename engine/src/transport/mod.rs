@@ -158,7 +158,9 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 // Only bytes that followed the head stay with the connection.
                 let mut leftover = std::mem::take(&mut buf);
                 leftover.shrink_to_fit();
-                websocket::Pump::new(&mut stream, shard, session, leftover).await;
+                // The connection's life goes on in a task of its own, sized for the
+                // pump alone, not for this HTTP state machine.
+                glommio::spawn_local(websocket::Pump::new(stream, shard, session, leftover)).detach();
             }
             return;
         }
@@ -238,5 +240,35 @@ mod tests {
         assert!(origin_allowed(&allowed, Some("http://good.example")));
         assert!(!origin_allowed(&allowed, Some("http://evil.example")));
         assert!(origin_allowed(&[], Some("http://anything")));
+    }
+}
+
+#[cfg(test)]
+mod memory {
+    /// Pins the per-connection task sizes: a WebSocket connection lives in a task
+    /// holding only its pump, not the HTTP state machine that accepted it.
+    #[test]
+    fn connection_tasks_stay_small() {
+        use std::sync::Arc;
+        let ex = glommio::LocalExecutorBuilder::default().make().unwrap();
+        ex.run(async {
+            let app = Arc::new(crate::server::App {
+                config: crate::Config::default(),
+                router: crate::Router::new(),
+                socket: Box::new(crate::seed::UserSocket::new("x")),
+                presence_fetch: None,
+                stats: vec![Default::default()],
+            });
+            let shard = crate::shard::Shard::install(0, app, crate::Endpoint::new(vec![], None), None);
+            let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let _c = std::net::TcpStream::connect(addr).unwrap();
+            let s = l.accept().await.unwrap();
+            let f = super::serve(shard, s);
+            let pump = std::mem::size_of::<super::websocket::Pump>();
+            assert!(pump <= 320, "the pump grew to {pump} bytes");
+            let serve = std::mem::size_of_val(&f);
+            assert!(serve <= 1024, "the HTTP connection future grew to {serve} bytes");
+        });
     }
 }

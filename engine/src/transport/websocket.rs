@@ -47,8 +47,8 @@ enum Phase {
     Lingering,
 }
 
-pub(crate) struct Pump<'s> {
-    stream: &'s mut TcpStream,
+pub(crate) struct Pump {
+    stream: TcpStream,
     shard: Rc<Shard>,
     session: Session,
     reader: FrameReader,
@@ -57,13 +57,8 @@ pub(crate) struct Pump<'s> {
     linger: Option<Timer>,
 }
 
-impl<'s> Pump<'s> {
-    pub(crate) fn new(
-        stream: &'s mut TcpStream,
-        shard: Rc<Shard>,
-        session: Session,
-        leftover: Vec<u8>,
-    ) -> Self {
+impl Pump {
+    pub(crate) fn new(stream: TcpStream, shard: Rc<Shard>, session: Session, leftover: Vec<u8>) -> Self {
         let max_frame = shard.app.config.max_frame;
         Pump {
             stream,
@@ -126,7 +121,7 @@ impl<'s> Pump<'s> {
         if self.partial.is_empty() {
             READ_BUF.with(|buf| {
                 let mut buf = buf.borrow_mut();
-                let n = match Pin::new(&mut *self.stream).poll_read(cx, &mut buf[..]) {
+                let n = match Pin::new(&mut self.stream).poll_read(cx, &mut buf[..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
                     Poll::Ready(Ok(n)) => n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -147,7 +142,7 @@ impl<'s> Pump<'s> {
                 0
             } else {
                 partial.resize(old + IO_CHUNK, 0);
-                match Pin::new(&mut *self.stream).poll_read(cx, &mut partial[old..]) {
+                match Pin::new(&mut self.stream).poll_read(cx, &mut partial[old..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
                     Poll::Ready(Ok(n)) => n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -197,7 +192,7 @@ impl<'s> Pump<'s> {
             };
             let head_rest = &head.bytes()[out.head_written..];
             let written = if out.frames.len() == 1 || head_rest.len() >= IO_CHUNK / 2 {
-                Pin::new(&mut *self.stream).poll_write(cx, head_rest)
+                Pin::new(&mut self.stream).poll_write(cx, head_rest)
             } else {
                 WRITE_BUF.with(|buf| {
                     let mut buf = buf.borrow_mut();
@@ -209,7 +204,7 @@ impl<'s> Pump<'s> {
                         }
                         buf.extend_from_slice(frame.bytes());
                     }
-                    Pin::new(&mut *self.stream).poll_write(cx, &buf)
+                    Pin::new(&mut self.stream).poll_write(cx, &buf)
                 })
             };
             match written {
@@ -250,7 +245,7 @@ impl<'s> Pump<'s> {
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             loop {
-                match Pin::new(&mut *self.stream).poll_read(cx, &mut buf[..]) {
+                match Pin::new(&mut self.stream).poll_read(cx, &mut buf[..]) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
                     Poll::Ready(Ok(_)) => continue,
                     Poll::Pending => return Poll::Pending,
@@ -260,7 +255,7 @@ impl<'s> Pump<'s> {
     }
 }
 
-impl Future for Pump<'_> {
+impl Future for Pump {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -309,7 +304,7 @@ impl Future for Pump<'_> {
             match this.flush(cx) {
                 Poll::Ready(Ok(())) => {
                     if this.phase == Phase::Closing {
-                        let _ = Pin::new(&mut *this.stream).poll_close(cx);
+                        let _ = Pin::new(&mut this.stream).poll_close(cx);
                         this.phase = Phase::Lingering;
                         this.linger = Some(Timer::new(LINGER));
                         progress = true;
@@ -325,7 +320,7 @@ impl Future for Pump<'_> {
     }
 }
 
-impl Drop for Pump<'_> {
+impl Drop for Pump {
     fn drop(&mut self) {
         self.session.finish();
     }
