@@ -57,6 +57,14 @@ struct ServeArgs {
     /// Bytes a connection may have queued before it is cut off (1008).
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     max_outbound: usize,
+    /// Client messages per second a connection may send on average (burst: twice that);
+    /// past it the connection is closed with 1008.
+    #[arg(long, default_value_t = 5_000)]
+    max_rate: u32,
+    /// Connections the server accepts in all (default: the open-file limit less 256);
+    /// past it upgrades get 503.
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Cluster mode: share topics with other nodes through this Redis server.
     #[arg(long, value_name = "redis://HOST:PORT")]
     redis: Option<String>,
@@ -130,6 +138,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_frame: args.max_frame,
         allowed_origins: args.allowed_origins,
         max_outbound_bytes: args.max_outbound,
+        max_messages_per_sec: args.max_rate,
+        message_burst: args.max_rate.saturating_mul(2),
+        max_connections: args.max_connections.unwrap_or(defaults.max_connections),
         api_key: args.api_key,
         demo_token_secret: dev.then(|| secret.clone()),
         cluster,

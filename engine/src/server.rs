@@ -35,6 +35,14 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Bytes a connection may have queued before it is cut off (1008).
     pub max_outbound_bytes: usize,
+    /// Client messages a connection may send per second on average ...
+    pub max_messages_per_sec: u32,
+    /// ... and in a burst; past that it is closed with 1008.
+    pub message_burst: u32,
+    /// Open connections the whole server accepts (split evenly over the cores); past
+    /// that, upgrades and long-poll opens are answered 503. Keep it under the process's
+    /// open-file limit.
+    pub max_connections: usize,
     /// Bearer key of the HTTP server API; `None` answers 401 to every API request.
     pub api_key: Option<String>,
     /// Secret with which `GET /demo/token` mints tokens for the demo page. Only set
@@ -53,6 +61,9 @@ impl Default for Config {
             max_frame: 1 << 20,
             allowed_origins: Vec::new(),
             max_outbound_bytes: 4 << 20,
+            max_messages_per_sec: 5_000,
+            message_burst: 10_000,
+            max_connections: default_max_connections(),
             api_key: None,
             demo_token_secret: None,
             cluster: None,
@@ -63,6 +74,21 @@ impl Default for Config {
 /// Enriches presence payloads before they are sent (Phoenix's `fetch/2`): called with
 /// the topic and a map `{key: {"metas": [...]}}` to change in place.
 pub type PresenceFetch = Box<dyn Fn(&str, &mut serde_json::Value) + Send + Sync>;
+
+/// The open-file limit less a margin for listeners, rings and the odd file.
+fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    if ok {
+        (limit.rlim_cur as usize).saturating_sub(256).max(64)
+    } else {
+        1024
+    }
+}
 
 pub(crate) struct App {
     pub(crate) config: Config,

@@ -111,6 +111,14 @@ pub(crate) struct Slot {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConnLimits {
     pub(crate) max_outbound_bytes: usize,
+    pub(crate) messages_per_sec: u32,
+    pub(crate) message_burst: u32,
+}
+
+/// Why a connection is being closed, for the close frame's reason.
+pub(crate) mod why {
+    pub(crate) const SLOW: &str = "outbound queue over its bound";
+    pub(crate) const FLOOD: &str = "message rate over its limit";
 }
 
 pub(crate) struct Conn {
@@ -130,6 +138,11 @@ pub(crate) struct Conn {
     pub(crate) tracked: RefCell<Vec<Tracked>>,
     /// Close requested with this code (first request wins).
     pub(crate) close: Cell<Option<u16>>,
+    /// The reason sent with that close, when it is more specific than the code.
+    pub(crate) close_why: Cell<&'static str>,
+    /// Inbound rate limit: tokens left, and when they were last refilled (ms).
+    tokens: Cell<f32>,
+    refilled: Cell<u32>,
     /// Milliseconds (wrapping) since the shard's epoch when the client last sent anything.
     pub(crate) last_in: Cell<u32>,
     waker: RefCell<Option<Waker>>,
@@ -158,6 +171,9 @@ impl Conn {
             channels: RefCell::default(),
             tracked: RefCell::default(),
             close: Cell::new(None),
+            close_why: Cell::new(""),
+            tokens: Cell::new(limits.message_burst as f32),
+            refilled: Cell::new(now),
             last_in: Cell::new(now),
             waker: RefCell::new(None),
         }
@@ -177,6 +193,7 @@ impl Conn {
         };
         if over {
             self.out.borrow_mut().clear();
+            self.close_why.set(why::SLOW);
             self.request_close(close_code::POLICY);
         }
         self.wake();
@@ -191,6 +208,22 @@ impl Conn {
             self.mailbox.borrow_mut().push_back(mail);
             self.wake();
         }
+    }
+
+    /// Takes one message's worth from the inbound token bucket; `false` (and a close
+    /// with 1008) once the client sends faster than its limit allows.
+    pub(crate) fn take_token(&self, now_ms: u32) -> bool {
+        let elapsed = now_ms.wrapping_sub(self.refilled.get()) as f32 / 1000.0;
+        self.refilled.set(now_ms);
+        let burst = self.limits.message_burst as f32;
+        let tokens = (self.tokens.get() + elapsed * self.limits.messages_per_sec as f32).min(burst) - 1.0;
+        self.tokens.set(tokens.max(-1.0));
+        if tokens < 0.0 {
+            self.close_why.set(why::FLOOD);
+            self.request_close(close_code::POLICY);
+            return false;
+        }
+        true
     }
 
     pub(crate) fn request_close(&self, code: u16) {
@@ -248,6 +281,8 @@ mod tests {
             None,
             ConnLimits {
                 max_outbound_bytes: 5,
+                messages_per_sec: 10,
+                message_burst: 3,
             },
             0,
             false,
@@ -259,5 +294,31 @@ mod tests {
         assert_eq!(conn.queued_bytes(), 0);
         conn.enqueue_own(Bytes::from_static(b"7"));
         assert_eq!(conn.queued_bytes(), 0, "nothing is queued once closing");
+        assert_eq!(conn.close_why.get(), why::SLOW);
+    }
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_the_rate() {
+        let limits = ConnLimits {
+            max_outbound_bytes: 1 << 20,
+            messages_per_sec: 10,
+            message_burst: 3,
+        };
+        let conn = Conn::new(
+            ConnId { key: 0, gen: 0 },
+            Vsn::V2,
+            Rc::new(()),
+            None,
+            limits,
+            0,
+            false,
+        );
+        assert!(conn.take_token(0) && conn.take_token(0) && conn.take_token(0));
+        // 100 ms later: one more token at 10/s.
+        assert!(conn.take_token(100));
+        assert_eq!(conn.close.get(), None);
+        assert!(!conn.take_token(100));
+        assert_eq!(conn.close.get(), Some(close_code::POLICY));
+        assert_eq!(conn.close_why.get(), why::FLOOD);
     }
 }

@@ -217,6 +217,8 @@ impl Shard {
         self.next_gen.set(gen);
         let limits = ConnLimits {
             max_outbound_bytes: self.app.config.max_outbound_bytes,
+            messages_per_sec: self.app.config.max_messages_per_sec,
+            message_burst: self.app.config.message_burst.max(1),
         };
         let mut conns = self.conns.borrow_mut();
         let entry = conns.vacant_entry();
@@ -411,6 +413,12 @@ impl Shard {
     /// Whether shutdown began.
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopping.get()
+    }
+
+    /// Whether this core holds as many connections as it may.
+    pub(crate) fn full(&self) -> bool {
+        let cores = self.app.stats.len().max(1);
+        self.conn_count() >= self.app.config.max_connections / cores
     }
 
     /// Open connections on this core.

@@ -85,6 +85,9 @@ impl Session {
     pub(crate) fn handle_message(&mut self, msg: Message, cx: &mut Context<'_>) {
         debug_assert!(!self.busy());
         self.shard.stats.messages_in.add(1);
+        if !self.conn.take_token(self.shard.now_ms()) {
+            return;
+        }
         let route = self
             .conn
             .channels

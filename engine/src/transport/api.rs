@@ -3,7 +3,11 @@
 
 use std::rc::Rc;
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use subtle::ConstantTimeEq;
+
+use crate::cluster::ClusterStats;
 
 use crate::proto::http::{Request, Response};
 use crate::proto::{token, Payload};
@@ -52,12 +56,21 @@ pub(crate) async fn route(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Res
             error(401, "missing or wrong bearer key").header("www-authenticate", "Bearer")
         }
         ("POST", "/api/broadcast") => broadcast(shard, &body),
-        ("GET", "/api/stats") => Response::json(200, stats::stats_json(app.stats.iter().map(|s| &**s))),
-        ("GET", "/metrics") => Response::new(
-            200,
-            "text/plain; version=0.0.4",
-            stats::prometheus(app.stats.iter().map(|s| &**s)),
-        ),
+        ("GET", "/api/stats") => {
+            let mut json: serde_json::Value =
+                serde_json::from_str(&stats::stats_json(app.stats.iter().map(|s| &**s))).unwrap_or_default();
+            if let Some(cluster) = shard.endpoint.cluster() {
+                json["cluster"] = cluster_json(cluster.stats());
+            }
+            Response::json(200, json.to_string())
+        }
+        ("GET", "/metrics") => {
+            let mut text = stats::prometheus(app.stats.iter().map(|s| &**s));
+            if let Some(cluster) = shard.endpoint.cluster() {
+                text.push_str(&cluster_prometheus(cluster.stats()));
+            }
+            Response::new(200, "text/plain; version=0.0.4", text)
+        }
         ("GET", "/healthz") => Response::new(200, "text/plain", "ok\n"),
         ("GET", "/") => Response::new(200, "text/html; charset=utf-8", INDEX_HTML),
         ("GET", "/assets/phoenix.min.js") => {
@@ -82,6 +95,63 @@ pub(crate) async fn route(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Res
         }
         _ => error(404, "not found"),
     }
+}
+
+fn cluster_figures(c: &ClusterStats) -> [(&'static str, &'static str, &'static str, u64); 5] {
+    [
+        (
+            "connected",
+            "gauge",
+            "Whether the Redis link is up (1) or not (0).",
+            c.connected.load(Relaxed) as u64,
+        ),
+        (
+            "peers",
+            "gauge",
+            "Other nodes heard from recently.",
+            c.peers.load(Relaxed),
+        ),
+        (
+            "lost",
+            "counter",
+            "Cross-node messages that could not be published.",
+            c.lost.load(Relaxed),
+        ),
+        (
+            "published",
+            "counter",
+            "Messages published to Redis.",
+            c.published.load(Relaxed),
+        ),
+        (
+            "received",
+            "counter",
+            "Messages received from other nodes.",
+            c.received.load(Relaxed),
+        ),
+    ]
+}
+
+fn cluster_json(c: &ClusterStats) -> serde_json::Value {
+    cluster_figures(c)
+        .iter()
+        .map(|(name, _, _, v)| (name.to_string(), serde_json::Value::from(*v)))
+        .collect()
+}
+
+fn cluster_prometheus(c: &ClusterStats) -> String {
+    let mut out = String::new();
+    for (name, kind, help, value) in cluster_figures(c) {
+        let metric = if kind == "counter" {
+            format!("ringcast_cluster_{name}_total")
+        } else {
+            format!("ringcast_cluster_{name}")
+        };
+        out.push_str(&format!(
+            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}\n"
+        ));
+    }
+    out
 }
 
 #[derive(serde::Deserialize)]

@@ -176,6 +176,12 @@ fn open(shard: &Rc<Shard>, req: &Request, params: Vec<(String, String)>) -> Resp
     let Some((vsn, assigns, socket_id)) = accepted else {
         return status(403, None, None);
     };
+    if shard.is_stopping() || shard.full() {
+        return Response::json(
+            503,
+            r#"{"error":"server at its connection limit or shutting down"}"#,
+        );
+    }
     let mut random = [0u8; 16];
     getrandom::fill(&mut random).expect("the OS random source");
     let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();

@@ -21,7 +21,7 @@ use glommio::timer::Timer;
 use crate::proto::serializer::{decode_binary, decode_text};
 use crate::proto::ws::{close_code, close_frame, pong_frame, FrameReader, Parsed, WsMessage};
 use crate::proto::ProtocolError;
-use crate::shard::conn::OutFrame;
+use crate::shard::conn::{why, OutFrame};
 use crate::shard::session::Session;
 use crate::shard::Shard;
 
@@ -223,14 +223,15 @@ impl Pump {
     fn begin_close(&mut self, code: u16) {
         let conn = &self.session.conn;
         let mut out = conn.out.borrow_mut();
-        if code == close_code::POLICY {
+        let why = conn.close_why.get();
+        if why == why::SLOW {
             self.shard.stats.slow_closed.add(1);
             out.clear();
         }
         let reason = match code {
+            _ if !why.is_empty() => why,
             close_code::GOING_AWAY => "going away",
             close_code::INVALID_PAYLOAD => "malformed frame or message",
-            close_code::POLICY => "outbound queue over its bound",
             close_code::TOO_BIG => "frame too large",
             _ => "",
         };
