@@ -121,31 +121,35 @@ pub(crate) mod why {
     pub(crate) const FLOOD: &str = "message rate over its limit";
 }
 
+/// Field order is deliberate (`repr(C)`): what fanout touches for every subscriber
+/// (the close flag, the outbound queue, its bound, the waker) sits in the first two
+/// cache lines; the rest is for the connection's own task.
+#[repr(C)]
 pub(crate) struct Conn {
-    pub(crate) id: ConnId,
+    /// Close requested with this code (first request wins).
+    pub(crate) close: Cell<Option<u16>>,
     pub(crate) vsn: Vsn,
+    /// A long-poll session rather than a WebSocket.
+    pub(crate) long_poll: bool,
+    pub(crate) id: ConnId,
+    pub(crate) out: RefCell<OutQueue>,
+    pub(crate) limits: ConnLimits,
+    waker: RefCell<Option<Waker>>,
+    pub(crate) mailbox: RefCell<VecDeque<Mail>>,
     pub(crate) assigns: Rc<dyn Any>,
     pub(crate) socket_id: Option<Box<str>>,
     /// Where the socket-id subscription sits in its topic's subscriber list.
     pub(crate) socket_pos: Cell<u32>,
-    pub(crate) limits: ConnLimits,
-    /// A long-poll session rather than a WebSocket.
-    pub(crate) long_poll: bool,
-    pub(crate) out: RefCell<OutQueue>,
-    pub(crate) mailbox: RefCell<VecDeque<Mail>>,
+    /// Milliseconds (wrapping) since the shard's epoch when the client last sent anything.
+    pub(crate) last_in: Cell<u32>,
     pub(crate) channels: RefCell<ChannelTable<Slot>>,
     /// Presences this connection tracked.
     pub(crate) tracked: RefCell<Vec<Tracked>>,
-    /// Close requested with this code (first request wins).
-    pub(crate) close: Cell<Option<u16>>,
     /// The reason sent with that close, when it is more specific than the code.
     pub(crate) close_why: Cell<&'static str>,
     /// Inbound rate limit: tokens left, and when they were last refilled (ms).
     tokens: Cell<f32>,
     refilled: Cell<u32>,
-    /// Milliseconds (wrapping) since the shard's epoch when the client last sent anything.
-    pub(crate) last_in: Cell<u32>,
-    waker: RefCell<Option<Waker>>,
 }
 
 impl Conn {
