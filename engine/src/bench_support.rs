@@ -8,7 +8,7 @@ use crate::api::endpoint::Endpoint;
 use crate::proto::{Payload, Vsn};
 use crate::server::{App, Config};
 use crate::shard::conn::Conn;
-use crate::shard::{Broadcast, Shard, Sub, SubKind};
+use crate::shard::{Broadcast, Shard, Sub};
 use crate::Router;
 
 /// `subscribers` connections subscribed to one topic on one shard.
@@ -56,7 +56,7 @@ impl FanoutFixture {
                     Sub {
                         conn: conn.clone(),
                         vsn,
-                        kind: SubKind::Channel(&[]),
+                        intercepts: &[],
                     },
                 );
                 conn

@@ -32,6 +32,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node not heard from for this long is dead; its presences are dropped.
 pub const NODE_EXPIRY: Duration = Duration::from_secs(5);
 const HEARTBEAT_CHANNEL: &str = "ringcast:hb";
+/// `disconnect` broadcasts concern socket ids, which no node subscribes to: they go to
+/// `ringcast:d:<topic>`, which every node listens to.
+const DISCONNECT_PATTERN: &str = "ringcast:d:*";
 
 /// Counters of the Redis link, shown in `/metrics` and `/api/stats`.
 #[derive(Debug, Default)]
@@ -254,6 +257,7 @@ impl Link {
                            link: &mut Link|
          -> redis::RedisResult<()> {
             pubsub.subscribe(HEARTBEAT_CHANNEL)?;
+            pubsub.psubscribe(DISCONNECT_PATTERN)?;
             let topics: Vec<Arc<str>> = link.interest.keys().cloned().collect();
             for topic in topics {
                 pubsub.subscribe(&[topic_channel(&topic), presence_channel(&topic)])?;
@@ -369,7 +373,12 @@ impl Link {
                     event: b.event.to_string(),
                     payload: b.payload().clone(),
                 };
-                self.publish(publish, topic_channel(&b.topic), &envelope)
+                let channel = if &*b.event == crate::shard::DISCONNECT {
+                    format!("ringcast:d:{}", b.topic)
+                } else {
+                    topic_channel(&b.topic)
+                };
+                self.publish(publish, channel, &envelope)
             }
             LinkCmd::Presence(topic, delta) => {
                 self.own.apply(&topic, &delta);
@@ -406,10 +415,15 @@ impl Link {
                 }
             }
             Envelope::Broadcast { event, payload, .. } => {
-                let Some(topic) = channel.strip_prefix("ringcast:t:") else {
-                    return Ok(());
+                let (topic, mask) = match (
+                    channel.strip_prefix("ringcast:t:"),
+                    channel.strip_prefix("ringcast:d:"),
+                ) {
+                    (Some(topic), _) => (topic, self.interest.get(topic).copied().unwrap_or(0)),
+                    // A disconnect: every core looks for sockets with that id.
+                    (None, Some(topic)) => (topic, u64::MAX),
+                    _ => return Ok(()),
                 };
-                let mask = self.interest.get(topic).copied().unwrap_or(0);
                 // Encoded once for this node, shared by its cores.
                 let broadcast = Arc::new(Broadcast::new(topic, &event, payload, None));
                 for (core, inbox) in self.cores.iter().enumerate() {

@@ -138,8 +138,6 @@ pub(crate) struct Conn {
     pub(crate) mailbox: RefCell<VecDeque<Mail>>,
     pub(crate) assigns: Rc<dyn Any>,
     pub(crate) socket_id: Option<Box<str>>,
-    /// Where the socket-id subscription sits in its topic's subscriber list.
-    pub(crate) socket_pos: Cell<u32>,
     /// Milliseconds (wrapping) since the shard's epoch when the client last sent anything.
     pub(crate) last_in: Cell<u32>,
     pub(crate) channels: RefCell<ChannelTable<Slot>>,
@@ -167,7 +165,6 @@ impl Conn {
             vsn,
             assigns,
             socket_id,
-            socket_pos: Cell::new(0),
             limits,
             long_poll,
             out: RefCell::default(),

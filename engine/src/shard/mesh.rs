@@ -87,8 +87,14 @@ impl Mesh {
     }
 
     pub(crate) fn forward(&self, b: &Arc<Broadcast>) {
-        let mask = self.0.interest.borrow().get(&*b.topic).copied().unwrap_or(0);
-        for peer in 0..self.0.backlog.len() {
+        // A disconnect concerns socket ids, which are no subscriptions: every core looks.
+        let everyone = &*b.event == super::DISCONNECT;
+        let mask = if everyone {
+            u64::MAX
+        } else {
+            self.0.interest.borrow().get(&*b.topic).copied().unwrap_or(0)
+        };
+        for peer in (0..self.0.backlog.len()).filter(|p| *p != self.0.index) {
             if mask & (1 << peer) != 0 {
                 send(&self.0, peer, MeshMsg::Broadcast(b.clone()));
             }

@@ -108,23 +108,23 @@ impl Broadcast {
     }
 }
 
-/// How a subscriber takes broadcasts.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum SubKind {
-    /// A channel: the fastlane frame, or `handle_out` for the events it intercepts.
-    Channel(&'static [&'static str]),
-    /// The connection's socket id: only `disconnect` matters.
-    SocketId,
-}
-
-/// One subscriber of a topic. It holds its connection directly: fanout touches the
-/// connection and nothing else per subscriber.
+/// One channel subscribed to a topic: it takes the fastlane frame, or goes through
+/// `handle_out` for the events it intercepts. It holds its connection directly: fanout
+/// touches the connection and nothing else per subscriber.
+///
+/// Socket ids are not subscriptions: a `disconnect` broadcast reaches every core and
+/// node, and each core looks for connections with that id ([`Shard::disconnect`]), so an
+/// idle connection costs no topic entry, no interest announcement and no Redis
+/// subscription for its id.
 #[derive(Clone)]
 pub(crate) struct Sub {
     pub(crate) conn: Rc<Conn>,
     pub(crate) vsn: Vsn,
-    pub(crate) kind: SubKind,
+    pub(crate) intercepts: &'static [&'static str],
 }
+
+/// The event that closes every connection whose socket id is the topic.
+pub(crate) const DISCONNECT: &str = "disconnect";
 
 pub(crate) struct Shard {
     pub(crate) index: usize,
@@ -148,14 +148,9 @@ pub(crate) struct Shard {
 
 /// Keeps a subscription's position where its owner can find it.
 fn record_position(sub: &Sub, topic: &str, pos: u32) {
-    match sub.kind {
-        SubKind::SocketId => sub.conn.socket_pos.set(pos),
-        SubKind::Channel(_) => {
-            let channels = sub.conn.channels.borrow();
-            if let Some(i) = channels.position(topic) {
-                channels.get(i).state.sub_pos.set(pos);
-            }
-        }
+    let channels = sub.conn.channels.borrow();
+    if let Some(i) = channels.position(topic) {
+        channels.get(i).state.sub_pos.set(pos);
     }
 }
 
@@ -238,24 +233,11 @@ impl Shard {
         ));
         entry.insert(conn.clone());
         drop(conns);
-        if let Some(topic) = &conn.socket_id {
-            self.subscribe(
-                topic,
-                Sub {
-                    conn: conn.clone(),
-                    vsn,
-                    kind: SubKind::SocketId,
-                },
-            );
-        }
         self.stats.connections.add(1);
         conn
     }
 
     pub(crate) fn remove_conn(&self, conn: &Conn) {
-        if let Some(topic) = &conn.socket_id {
-            self.unsubscribe(topic, conn.id, conn.socket_pos.get());
-        }
         let mut conns = self.conns.borrow_mut();
         if conns.get(conn.id.key as usize).is_some_and(|c| c.id == conn.id) {
             conns.remove(conn.id.key as usize);
@@ -344,8 +326,22 @@ impl Shard {
         self.deliver_local(&broadcast);
     }
 
+    /// Closes every connection on this core whose socket id is `id` (1001, so the
+    /// client reconnects and authenticates again). A scan: disconnects are rare, and an
+    /// index would cost every connection memory.
+    pub(crate) fn disconnect(&self, id: &str) {
+        for (_, conn) in self.conns.borrow().iter() {
+            if conn.socket_id.as_deref() == Some(id) {
+                conn.request_close(close_code::GOING_AWAY);
+            }
+        }
+    }
+
     /// Fanout to this core's subscribers of the topic.
     pub(crate) fn deliver_local(&self, b: &Arc<Broadcast>) {
+        if &*b.event == DISCONNECT {
+            self.disconnect(&b.topic);
+        }
         let topics = self.topics.borrow();
         let Some(subs) = topics.get(&*b.topic) else {
             return;
@@ -358,25 +354,17 @@ impl Shard {
                 continue;
             }
             let conn = &sub.conn;
-            match sub.kind {
-                SubKind::SocketId => {
-                    if &*b.event == "disconnect" {
-                        conn.request_close(close_code::GOING_AWAY);
-                    }
-                }
-                SubKind::Channel(intercepts) if intercepts.contains(&&*b.event) => {
-                    conn.mail(Mail::Out(b.clone()));
-                }
-                SubKind::Channel(_) => {
-                    let slot = &mut shared[sub.vsn as usize];
-                    if slot.is_none() {
-                        *slot = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
-                    }
-                    if let Some(frame) = slot {
-                        conn.enqueue(OutFrame::Shared(frame.clone()));
-                        delivered += 1;
-                    }
-                }
+            if !sub.intercepts.is_empty() && sub.intercepts.contains(&&*b.event) {
+                conn.mail(Mail::Out(b.clone()));
+                continue;
+            }
+            let slot = &mut shared[sub.vsn as usize];
+            if slot.is_none() {
+                *slot = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
+            }
+            if let Some(frame) = slot {
+                conn.enqueue(OutFrame::Shared(frame.clone()));
+                delivered += 1;
             }
         }
         self.stats.deliveries.add(delivered);

@@ -14,7 +14,7 @@ use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::socket::Route;
 use crate::proto::{Message, Payload};
 use crate::shard::conn::{Conn, Mail, Slot};
-use crate::shard::{Shard, Sub, SubKind};
+use crate::shard::{Shard, Sub};
 
 /// Most channels one connection may join (Phoenix's default).
 pub(crate) const MAX_CHANNELS: usize = 100;
@@ -276,7 +276,7 @@ impl Session {
                 let sub = Sub {
                     conn: self.conn.clone(),
                     vsn: self.conn.vsn,
-                    kind: SubKind::Channel(intercepts),
+                    intercepts,
                 };
                 let ack = self.shard.subscribe(&topic, sub);
                 self.shard.stats.channels.add(1);

@@ -216,10 +216,13 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Opt
         let _ = stream.write_all(&forbidden()).await;
         return None;
     };
-    if shard.is_stopping() {
-        let _ = stream
-            .write_all(&http::response(503, "text/plain", b"shutting down\n"))
-            .await;
+    if shard.is_stopping() || shard.full() {
+        let why: &[u8] = if shard.is_stopping() {
+            b"shutting down\n"
+        } else {
+            b"connection limit reached\n"
+        };
+        let _ = stream.write_all(&http::response(503, "text/plain", why)).await;
         return None;
     }
     let core = shard.index.to_string();
