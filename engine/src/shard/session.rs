@@ -38,6 +38,15 @@ enum Pending {
     },
 }
 
+/// Polls a handler future; a panic inside it is `Ready(None)` (the channel crashed).
+fn poll_caught<T>(fut: &mut LocalFuture<T>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+    match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+        Ok(Poll::Pending) => Poll::Pending,
+        Ok(Poll::Ready(value)) => Poll::Ready(Some(value)),
+        Err(_) => Poll::Ready(None),
+    }
+}
+
 pub(crate) struct Session {
     pub(crate) conn: Rc<Conn>,
     shard: Rc<Shard>,
@@ -195,11 +204,8 @@ impl Session {
                 }
             }
             Pending::Join { fut, .. } => {
-                let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
-                let outcome = match polled {
-                    Ok(Poll::Pending) => return true,
-                    Ok(Poll::Ready(joined)) => Some(joined),
-                    Err(_) => None,
+                let Poll::Ready(outcome) = poll_caught(fut, cx) else {
+                    return true;
                 };
                 let Some(Pending::Join {
                     msg_ref,
@@ -229,11 +235,8 @@ impl Session {
                 }
             }
             Pending::Run { fut, .. } => {
-                let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
-                let outcome = match polled {
-                    Ok(Poll::Pending) => return true,
-                    Ok(Poll::Ready(handled)) => Some(handled),
-                    Err(_) => None,
+                let Poll::Ready(outcome) = poll_caught(fut, cx) else {
+                    return true;
                 };
                 let Some(Pending::Run {
                     msg_ref,

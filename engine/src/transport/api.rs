@@ -38,17 +38,7 @@ pub(crate) async fn route(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Res
     let app = shard.app.clone();
     match (req.method.as_str(), req.path.as_str()) {
         (_, "/socket/longpoll") => {
-            let params = req.query_params();
-            let session = req
-                .header("x-phoenix-longpoll-token")
-                .map(str::to_string)
-                .or_else(|| {
-                    params
-                        .iter()
-                        .rev()
-                        .find(|(k, _)| k == "token")
-                        .map(|(_, v)| v.clone())
-                });
+            let session = longpoll::session_candidate(&req, &req.query_params());
             let core = session.as_deref().and_then(longpoll::token_core);
             shard.longpoll_route(core, req, body).await
         }

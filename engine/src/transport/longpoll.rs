@@ -118,7 +118,7 @@ fn status(status: u16, token: Option<&str>, messages: Option<&str>) -> Response 
 }
 
 /// The session token a request names: the header, else the last `token` param.
-fn session_candidate(req: &Request, params: &[(String, String)]) -> Option<String> {
+pub(crate) fn session_candidate(req: &Request, params: &[(String, String)]) -> Option<String> {
     req.header("x-phoenix-longpoll-token")
         .map(str::to_string)
         .or_else(|| {
