@@ -29,6 +29,15 @@ if ! command -v chromium >/dev/null; then
   $sudo apt-get install -y chromium
 fi
 
+# The cluster tests (tests/e2e/cluster.test.mjs) start a real redis-server; they fail,
+# not skip, without one.
+if ! command -v redis-server >/dev/null; then
+  echo "==> apt-get install redis-server (for the cluster tests)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  command -v redis-server >/dev/null || { $sudo apt-get update && $sudo apt-get install -y redis-server; }
+fi
+
 echo "==> end-to-end tests"
 export RINGCAST_BIN="${RINGCAST_BIN:-$PWD/target/debug/ringcast}"
 node --test --test-concurrency=1 "$e2e"/

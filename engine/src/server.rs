@@ -75,6 +75,26 @@ impl Default for Config {
 /// the topic and a map `{key: {"metas": [...]}}` to change in place.
 pub type PresenceFetch = Box<dyn Fn(&str, &mut serde_json::Value) + Send + Sync>;
 
+/// The CPUs this process may run on (its affinity mask, e.g. from `taskset`), so that
+/// several single-core nodes on one box pin to different CPUs.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this process.
+    let cpus = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| libc::CPU_ISSET(*c, &set))
+            .collect::<Vec<_>>()
+    };
+    if cpus.is_empty() {
+        vec![0]
+    } else {
+        cpus
+    }
+}
+
 /// The open-file limit less a margin for listeners, rings and the odd file.
 fn default_max_connections() -> usize {
     let mut limit = libc::rlimit {
@@ -198,7 +218,7 @@ impl Server {
     /// Starts one pinned executor per core; returns once every core accepts.
     pub fn start(self) -> std::io::Result<RunningServer> {
         let cores = self.app.config.cores;
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = allowed_cpus();
         let mesh = MeshBuilder::<MeshMsg, _>::full(cores, 4096);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::new();
@@ -210,7 +230,7 @@ impl Server {
             let listener_fd = listener.into_raw_fd();
             // A deep ring: io_uring looks up a cancelled poll in a hash table sized by the
             // ring, and every idle connection holds one poll.
-            let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cpus))
+            let handle = LocalExecutorBuilder::new(Placement::Fixed(cpus[i % cpus.len()]))
                 .ring_depth(4096)
                 .name(&format!("ringcast-{i}"))
                 .spawn(move || async move {

@@ -31,6 +31,12 @@ use envelope::Envelope;
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node not heard from for this long is dead; its presences are dropped.
 pub const NODE_EXPIRY: Duration = Duration::from_secs(5);
+/// How long a command to Redis may take before the link is taken for broken. Generous:
+/// a busy Redis is slow, not gone, and a timed-out reply would desynchronise the
+/// connection anyway.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the subscriber waits for a message before it looks at its commands again.
+const POLL_MESSAGES: Duration = Duration::from_millis(5);
 const HEARTBEAT_CHANNEL: &str = "ringcast:hb";
 /// `disconnect` broadcasts concern socket ids, which no node subscribes to: they go to
 /// `ringcast:d:<topic>`, which every node listens to.
@@ -126,6 +132,18 @@ pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), re
         peers: HashMap::new(),
     };
     Ok((handle, link))
+}
+
+/// Runs a (un)subscribe, whose confirmation may take a while, with the command timeout
+/// instead of the short message-polling one.
+fn with_command_timeout(
+    pubsub: &mut redis::PubSub<'_>,
+    f: impl FnOnce(&mut redis::PubSub<'_>) -> redis::RedisResult<()>,
+) -> redis::RedisResult<()> {
+    pubsub.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    let result = f(pubsub);
+    pubsub.set_read_timeout(Some(POLL_MESSAGES))?;
+    result
 }
 
 fn topic_channel(topic: &str) -> String {
@@ -237,7 +255,7 @@ impl Link {
 
     fn session(&mut self, backoff: &mut Duration) -> End {
         let connect = || -> redis::RedisResult<(redis::Connection, redis::Connection)> {
-            let timeout = Duration::from_secs(1);
+            let timeout = COMMAND_TIMEOUT;
             let sub = self.client.get_connection_with_timeout(timeout)?;
             let publish = self.client.get_connection_with_timeout(timeout)?;
             publish.set_read_timeout(Some(timeout))?;
@@ -249,7 +267,7 @@ impl Link {
             Err(e) => return End::Redis(e),
         };
         let mut pubsub = sub.as_pubsub();
-        if let Err(e) = pubsub.set_read_timeout(Some(Duration::from_millis(5))) {
+        if let Err(e) = pubsub.set_read_timeout(Some(COMMAND_TIMEOUT)) {
             return End::Redis(e);
         }
         let resubscribe = |pubsub: &mut redis::PubSub<'_>,
@@ -266,6 +284,9 @@ impl Link {
             Ok(())
         };
         if let Err(e) = resubscribe(&mut pubsub, &mut publish, self) {
+            return End::Redis(e);
+        }
+        if let Err(e) = pubsub.set_read_timeout(Some(POLL_MESSAGES)) {
             return End::Redis(e);
         }
         self.stats.connected.store(true, Ordering::Relaxed);
@@ -359,10 +380,10 @@ impl Link {
                 if self.set_interest(core, topic.clone(), on) {
                     let channels = [topic_channel(&topic), presence_channel(&topic)];
                     if on {
-                        pubsub.subscribe(&channels)?;
+                        with_command_timeout(pubsub, |p| p.subscribe(&channels))?;
                         self.announce_presence(publish, &topic)?;
                     } else {
-                        pubsub.unsubscribe(&channels)?;
+                        with_command_timeout(pubsub, |p| p.unsubscribe(&channels))?;
                     }
                 }
                 Ok(())

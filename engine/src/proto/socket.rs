@@ -80,6 +80,9 @@ impl<C> ChannelTable<C> {
     /// Records a joined channel; returns its index. The topic must not be joined already.
     pub fn insert(&mut self, topic: String, join_ref: String, state: C) -> usize {
         debug_assert!(self.position(&topic).is_none());
+        // Most connections join one or two topics: grow one slot at a time rather than
+        // keeping room for four.
+        self.joined.reserve_exact(1);
         self.joined.push(Joined {
             topic,
             join_ref,
