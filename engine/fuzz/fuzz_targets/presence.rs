@@ -8,7 +8,7 @@
 //! dropping an owner leaves the replicas equal.
 #![no_main]
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;

@@ -2,6 +2,8 @@
 //! connection has joined, under which join_ref, and where an incoming message goes
 //! (PROTOCOL.md §7). No I/O, no handlers: the shard runs what this decides.
 
+use std::rc::Rc;
+
 /// Where an incoming message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -24,10 +26,10 @@ pub enum Route {
 /// A joined topic on one connection.
 #[derive(Debug)]
 pub struct Joined<C> {
-    /// The topic.
-    pub topic: String,
+    /// The topic (shared with whatever else names it, e.g. the channel's socket).
+    pub topic: Rc<str>,
     /// The `ref` of the join that created this channel.
-    pub join_ref: String,
+    pub join_ref: Rc<str>,
     /// What the runtime keeps per channel.
     pub state: C,
 }
@@ -66,7 +68,7 @@ impl<C> ChannelTable<C> {
             (None, _) => Route::Unmatched,
             (Some(i), "phx_join") => Route::Rejoin(i),
             (Some(i), _) => match join_ref {
-                Some(jr) if jr != self.joined[i].join_ref => Route::Stale,
+                Some(jr) if jr != &*self.joined[i].join_ref => Route::Stale,
                 _ => Route::Deliver(i),
             },
         }
@@ -74,11 +76,11 @@ impl<C> ChannelTable<C> {
 
     /// Index of the channel joined on `topic`.
     pub fn position(&self, topic: &str) -> Option<usize> {
-        self.joined.iter().position(|j| j.topic == topic)
+        self.joined.iter().position(|j| &*j.topic == topic)
     }
 
     /// Records a joined channel; returns its index. The topic must not be joined already.
-    pub fn insert(&mut self, topic: String, join_ref: String, state: C) -> usize {
+    pub fn insert(&mut self, topic: Rc<str>, join_ref: Rc<str>, state: C) -> usize {
         debug_assert!(self.position(&topic).is_none());
         // Most connections join one or two topics: grow one slot at a time rather than
         // keeping room for four.
@@ -155,7 +157,7 @@ mod tests {
         assert_eq!(t.route(Some("4"), "y", "phx_leave"), Route::Deliver(1));
         assert_eq!(t.route(Some("3"), "y", "ping"), Route::Stale);
         let removed = t.remove(0);
-        assert_eq!((removed.topic.as_str(), removed.state), ("x", 0));
+        assert_eq!((&*removed.topic, removed.state), ("x", 0));
         assert_eq!(t.route(None, "y", "ping"), Route::Deliver(0));
         assert_eq!(t.route(None, "x", "ping"), Route::Unmatched);
         assert_eq!(t.drain().count(), 1);

@@ -189,6 +189,10 @@ impl Conn {
         let over = {
             let mut out = self.out.borrow_mut();
             out.bytes += frame.bytes().len();
+            if out.frames.capacity() == 0 {
+                // An idle connection keeps room for one frame, not the default four.
+                out.frames.reserve_exact(1);
+            }
             out.frames.push_back(frame);
             out.bytes > self.limits.max_outbound_bytes
         };

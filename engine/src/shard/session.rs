@@ -123,7 +123,7 @@ impl Session {
                 self.start_join(msg, Some(old_join_ref), cx);
             }
             Route::Deliver(index) if msg.event == "phx_leave" => {
-                let join_ref: Rc<str> = self.conn.channels.borrow().get(index).join_ref.as_str().into();
+                let join_ref: Rc<str> = self.conn.channels.borrow().get(index).join_ref.clone();
                 self.reply(Some(&join_ref), msg.msg_ref.as_deref(), &msg.topic, &Reply::ok());
                 let (topic, join_ref) = self.end_channel(index, StopReason::Leave);
                 self.control(&join_ref, &topic, "phx_close", &Payload::empty());
@@ -269,8 +269,8 @@ impl Session {
             Ok((channel, response)) => {
                 let deferred = socket.deferred.take().unwrap_or_default();
                 self.conn.channels.borrow_mut().insert(
-                    topic.to_string(),
-                    join_ref.to_string(),
+                    topic.clone(),
+                    join_ref.clone(),
                     Slot {
                         running: Some((channel, socket)),
                         sub_pos: Cell::new(0),
@@ -360,8 +360,8 @@ impl Session {
     fn end_channel(&mut self, index: usize, reason: StopReason) -> (Rc<str>, Rc<str>) {
         let joined = self.conn.channels.borrow_mut().remove(index);
         let sub_pos = joined.state.sub_pos.get();
-        let topic: Rc<str> = joined.topic.into();
-        let join_ref: Rc<str> = joined.join_ref.into();
+        let topic: Rc<str> = joined.topic;
+        let join_ref: Rc<str> = joined.join_ref;
         if let Some((mut channel, mut socket)) = joined.state.running {
             if catch_unwind(AssertUnwindSafe(|| channel.terminate(reason, &mut socket))).is_err() {
                 tracing::warn!(%topic, "terminate crashed");
@@ -380,7 +380,7 @@ impl Session {
             let channels = self.conn.channels.borrow();
             channels
                 .position(topic)
-                .filter(|i| channels.get(*i).join_ref == join_ref)
+                .filter(|i| &*channels.get(*i).join_ref == join_ref)
         };
         if let Some(index) = index {
             let joined = self.conn.channels.borrow_mut().remove(index);
