@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# The whole test suite: build the server, run the Rust tests, then the end-to-end tests
-# (the unmodified `phoenix` npm client against `target/debug/ringcast`).
+# The whole test suite: install what the tests need, build the server, run the Rust
+# tests, then the end-to-end tests (the unmodified `phoenix` npm client, Chromium and a
+# real redis-server against `target/debug/ringcast`).
 # Runnable from any directory; exits non-zero on any failure.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-echo "==> cargo build -p ringcast"
-cargo build -p ringcast
-
-echo "==> cargo test --workspace"
-cargo test --workspace
+# apt_need COMMAND PACKAGE: install PACKAGE when COMMAND is missing. The tests that use
+# it fail, not skip, without it.
+apt_need() {
+  command -v "$1" >/dev/null && return
+  echo "==> apt-get install $2"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2"
+}
+apt_need chromium chromium          # tests/e2e/browser.test.mjs
+apt_need redis-server redis-server  # tests/e2e/cluster.test.mjs
 
 e2e=tests/e2e
 # npm writes node_modules/.package-lock.json on every install: reinstall when it is
@@ -20,23 +28,13 @@ if [ ! -f "$e2e/node_modules/.package-lock.json" ] || [ "$e2e/package-lock.json"
   (cd "$e2e" && npm ci --no-audit --no-fund)
 fi
 
-# The browser tests (tests/e2e/browser.test.mjs) drive Debian's chromium.
-if ! command -v chromium >/dev/null; then
-  echo "==> apt-get install chromium (for the browser tests)"
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update
-  $sudo apt-get install -y chromium
-fi
+bash scripts/check-proto.sh
 
-# The cluster tests (tests/e2e/cluster.test.mjs) start a real redis-server; they fail,
-# not skip, without one.
-if ! command -v redis-server >/dev/null; then
-  echo "==> apt-get install redis-server (for the cluster tests)"
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  command -v redis-server >/dev/null || { $sudo apt-get update && $sudo apt-get install -y redis-server; }
-fi
+echo "==> cargo build -p ringcast"
+cargo build -p ringcast
+
+echo "==> cargo test --workspace"
+cargo test --workspace
 
 echo "==> end-to-end tests"
 export RINGCAST_BIN="${RINGCAST_BIN:-$PWD/target/debug/ringcast}"
