@@ -1,1 +1,971 @@
-fn main() {}
+//! `ringcast-bench`: the side-by-side benchmark harness.
+//!
+//! For each server core count, repeat and subscriber count it starts each server under
+//! test (the ringcast release binary, `ringcast-floor`, `ringcast-tokio-peer`), pinned
+//! with `taskset` to its cores, and drives it with `ringcast-loadgen` pinned to the
+//! remaining core(s):
+//!
+//! - `connect`: N idle joined connections; user-space memory per connection is the
+//!   server's RSS delta divided by N;
+//! - `fanout`: N subscribers, as many broadcasts as fit a delivery budget, as fast as
+//!   the server delivers: deliveries/s, server CPU-µs per delivery (→ deliveries per
+//!   CPU-second), latency percentiles;
+//! - a paced fanout (10 broadcasts/s to 10k subscribers) for the latency target.
+//!
+//! It takes medians over the repeats and writes `results/<date>-<host>/results.json`,
+//! the raw loadgen JSON, PNG plots and a README with the table, and regenerates
+//! `results/README.md`. `--replot DIR` redraws the plots and READMEs from a
+//! `results.json`.
+
+mod plots;
+mod report;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ringcast-bench",
+    about = "Side-by-side benchmark: ringcast vs the floor vs a tokio peer"
+)]
+struct Cli {
+    /// Quick mode: 1 repeat, 1k/5k/10k subscribers, 1 server core (under 5 minutes).
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// Full mode: 3 repeats, 1k/5k/10k/19k subscribers, 1 and 2 server cores.
+    #[arg(long)]
+    full: bool,
+    /// Subscriber counts (overrides the mode's), e.g. 1000,5000.
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<u64>>,
+    /// Server core counts (overrides the mode's), e.g. 1,2.
+    #[arg(long, value_delimiter = ',')]
+    cores: Option<Vec<usize>>,
+    /// Repeats (overrides the mode's).
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Servers to run.
+    #[arg(long, value_delimiter = ',', default_value = "ringcast,floor,tokio")]
+    servers: Vec<ServerKind>,
+    /// Where the release binaries are.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Results root; the run goes to <root>/<YYYY-MM-DD>-<host>/.
+    #[arg(long, default_value = "results")]
+    results: PathBuf,
+    /// Criterion output to record (medians of every `new/estimates.json`).
+    #[arg(long)]
+    criterion_dir: Option<PathBuf>,
+    /// Only record criterion estimates written at or after this unix time.
+    #[arg(long)]
+    criterion_since: Option<u64>,
+    /// First TCP port for the servers (each start takes the next free one; the default
+    /// sits below the ephemeral range and away from the 4000s other tests use).
+    #[arg(long, default_value_t = 18700)]
+    port_base: u16,
+    /// Redraw plots and READMEs from this run directory's results.json; run nothing.
+    #[arg(long)]
+    replot: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerKind {
+    Ringcast,
+    Floor,
+    Tokio,
+}
+
+impl ServerKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ServerKind::Ringcast => "ringcast",
+            ServerKind::Floor => "floor",
+            ServerKind::Tokio => "tokio peer",
+        }
+    }
+
+    fn binary(self) -> &'static str {
+        match self {
+            ServerKind::Ringcast => "ringcast",
+            ServerKind::Floor => "ringcast-floor",
+            ServerKind::Tokio => "ringcast-tokio-peer",
+        }
+    }
+}
+
+/// The machine a run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub host: String,
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub mem_total_gib: f64,
+    pub kernel: String,
+    pub nofile_limit: u64,
+}
+
+/// What the harness decided to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub mode: String,
+    pub sizes: Vec<u64>,
+    pub skipped_sizes: Vec<u64>,
+    pub cores: Vec<usize>,
+    pub repeats: usize,
+    pub servers: Vec<ServerKind>,
+    /// Server cores → (server CPU list, loadgen CPU list, loadgen shares a core).
+    pub placement: BTreeMap<usize, (String, String, bool)>,
+    pub delivery_budget: u64,
+    pub connect_rate: f64,
+    pub hold_secs: u64,
+    pub paced_subscribers: u64,
+    pub paced_rate: f64,
+    pub paced_messages: u64,
+}
+
+/// Figures of one `connect` run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectFig {
+    pub joined: u64,
+    pub failed: u64,
+    pub rss_before: Option<u64>,
+    pub rss_full: Option<u64>,
+    pub rss_per_connection: Option<f64>,
+    pub problems: Vec<String>,
+}
+
+/// Latency percentiles, µs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Lat {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// Figures of one `fanout` run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FanoutFig {
+    pub joined: u64,
+    pub messages: u64,
+    pub deliveries: u64,
+    pub loss: i64,
+    pub deliveries_per_sec: f64,
+    pub cpu_secs: Option<f64>,
+    pub cpu_us_per_delivery: Option<f64>,
+    pub deliveries_per_cpu_sec: Option<f64>,
+    pub latency: Lat,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaseRun {
+    pub server: ServerKind,
+    pub cores: usize,
+    pub size: u64,
+    pub repeat: usize,
+    pub connect: Option<ConnectFig>,
+    pub fanout: Option<FanoutFig>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PacedRun {
+    pub server: ServerKind,
+    pub cores: usize,
+    pub size: u64,
+    pub repeat: usize,
+    pub fanout: Option<FanoutFig>,
+    /// The floor only: its own time from taking a broadcast in to having written it to
+    /// every member, per broadcast (from its `floor-stats` line), µs.
+    #[serde(default)]
+    pub floor_write: Option<Lat>,
+    pub error: Option<String>,
+}
+
+/// Medians over the repeats of one (server, cores, size).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub server: ServerKind,
+    pub cores: usize,
+    pub size: u64,
+    pub runs: usize,
+    pub rss_per_connection: Option<f64>,
+    pub deliveries_per_sec: Option<f64>,
+    pub deliveries_per_cpu_sec: Option<f64>,
+    pub latency: Option<Lat>,
+    pub loss: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PacedSummary {
+    pub server: ServerKind,
+    pub cores: usize,
+    pub size: u64,
+    pub runs: usize,
+    pub latency: Option<Lat>,
+    #[serde(default)]
+    pub floor_write: Option<Lat>,
+    pub loss: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub date: String,
+    pub started_unix: u64,
+    pub duration_secs: f64,
+    pub machine: Machine,
+    pub plan: Plan,
+    pub runs: Vec<CaseRun>,
+    pub paced: Vec<PacedRun>,
+    pub summary: Vec<Summary>,
+    pub paced_summary: Vec<PacedSummary>,
+    /// Criterion medians, ns, by benchmark id.
+    pub criterion: BTreeMap<String, f64>,
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a plain struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 1024;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return r.rlim_max;
+            }
+        }
+        r.rlim_cur
+    }
+}
+
+fn machine(nofile: u64) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')))
+        .map_or("unknown".to_string(), |(_, m)| m.trim().to_string());
+    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    Machine {
+        host: read_trim("/proc/sys/kernel/hostname"),
+        cpu_model,
+        cpus: ringcast_bench::allowed_cpus().len(),
+        mem_total_gib: mem_kib / (1024.0 * 1024.0),
+        kernel: read_trim("/proc/sys/kernel/osrelease"),
+        nofile_limit: nofile,
+    }
+}
+
+/// YYYY-MM-DD (UTC) of a unix time.
+fn civil_date(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn plan(cli: &Cli, m: &Machine) -> anyhow::Result<(Plan, Vec<usize>)> {
+    let full = cli.full;
+    let mode = if full { "full" } else { "quick" };
+    let wanted_sizes = cli.sizes.clone().unwrap_or_else(|| {
+        if full {
+            vec![1000, 5000, 10_000, 19_000]
+        } else {
+            vec![1000, 5000, 10_000]
+        }
+    });
+    let wanted_cores = cli
+        .cores
+        .clone()
+        .unwrap_or_else(|| if full { vec![1, 2] } else { vec![1] });
+    let cpus = ringcast_bench::allowed_cpus();
+    // The server holds N subscribers + the sample subscriber + the publisher + its own
+    // fds (listeners, eventfds, io_uring, logs): keep 200 spare under the limit, and
+    // every process under 20,000 fds.
+    let fd_cap = m.nofile_limit.min(20_000).saturating_sub(200);
+    let (sizes, skipped): (Vec<u64>, Vec<u64>) = wanted_sizes.iter().partition(|&&n| n <= fd_cap);
+    for n in &skipped {
+        eprintln!(
+            "skipping {n} subscribers: over the fd budget of {fd_cap} per process (RLIMIT_NOFILE {})",
+            m.nofile_limit
+        );
+    }
+    if sizes.is_empty() {
+        bail!("no size fits RLIMIT_NOFILE {}", m.nofile_limit);
+    }
+    let mut placement = BTreeMap::new();
+    let mut cores = Vec::new();
+    for &c in &wanted_cores {
+        if c == 0 || c > cpus.len() {
+            eprintln!(
+                "skipping {c} server core(s): this process may use {} CPU(s)",
+                cpus.len()
+            );
+            continue;
+        }
+        let server = &cpus[..c];
+        let (loadgen, shared) = if c < cpus.len() {
+            (cpus[c..].to_vec(), false)
+        } else {
+            (vec![*cpus.last().expect("at least one cpu")], true)
+        };
+        placement.insert(c, (cpu_list(server), cpu_list(&loadgen), shared));
+        cores.push(c);
+    }
+    if cores.is_empty() {
+        bail!("no server core count fits the {} CPU(s) available", cpus.len());
+    }
+    let paced_subscribers = sizes
+        .iter()
+        .copied()
+        .filter(|&n| n <= 10_000)
+        .max()
+        .unwrap_or(sizes[0]);
+    let p = Plan {
+        mode: mode.to_string(),
+        sizes,
+        skipped_sizes: skipped,
+        cores,
+        repeats: cli.repeats.unwrap_or(if full { 3 } else { 1 }).max(1),
+        servers: cli.servers.clone(),
+        placement,
+        delivery_budget: if full { 4_000_000 } else { 2_000_000 },
+        connect_rate: 4000.0,
+        hold_secs: if full { 5 } else { 2 },
+        paced_subscribers,
+        paced_rate: 10.0,
+        paced_messages: if full { 100 } else { 50 },
+    };
+    Ok((p, cpus))
+}
+
+/// A server under test; killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(
+        kind: ServerKind,
+        cli: &Cli,
+        cpus: &str,
+        cores: usize,
+        port: u16,
+        log: &Path,
+    ) -> anyhow::Result<Server> {
+        let bin = cli.bin_dir.join(kind.binary());
+        if !bin.exists() {
+            bail!(
+                "{} not found (build with scripts/bench.sh or cargo build --release)",
+                bin.display()
+            );
+        }
+        let listen = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c").arg(cpus).arg(&bin);
+        match kind {
+            ServerKind::Ringcast => {
+                cmd.args(["serve", "--listen", &listen, "--cores", &cores.to_string()]);
+                cmd.env("RINGCAST_SECRET", ringcast::seed::DEV_SECRET);
+                cmd.env("RINGCAST_LOG", "warn");
+            }
+            ServerKind::Floor | ServerKind::Tokio => {
+                cmd.args(["--listen", &listen, "--cores", &cores.to_string()]);
+            }
+        }
+        let logf = File::create(log)?;
+        cmd.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut server = Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            if let Some(status) = server.child.try_wait()? {
+                bail!(
+                    "{} exited at start ({status}); see {}",
+                    kind.label(),
+                    log.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not listen on {port} within 15s", kind.label());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let the probe connection go away and the RSS settle.
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some(status) = server.child.try_wait()? {
+            bail!(
+                "{} exited at start ({status}); see {}",
+                kind.label(),
+                log.display()
+            );
+        }
+        Ok(server)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Ctx<'a> {
+    cli: &'a Cli,
+    plan: &'a Plan,
+    raw: PathBuf,
+    next_port: u16,
+}
+
+impl Ctx<'_> {
+    /// The next port nobody listens on.
+    fn port(&mut self) -> u16 {
+        for _ in 0..1000 {
+            let p = self.next_port;
+            self.next_port = if self.next_port >= self.cli.port_base.saturating_add(999) {
+                self.cli.port_base
+            } else {
+                self.next_port + 1
+            };
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return p;
+            }
+        }
+        self.next_port
+    }
+
+    /// Runs the loadgen pinned to the loadgen CPUs; returns its JSON report.
+    fn loadgen(&self, cores: usize, name: &str, args: &[String]) -> anyhow::Result<Value> {
+        let (_, lg_cpus, _) = &self.plan.placement[&cores];
+        let json = self.raw.join(format!("{name}.json"));
+        let log = File::create(self.raw.join(format!("{name}.log")))?;
+        let _ = std::fs::remove_file(&json);
+        let lg_cores = lg_cpus.split(',').count();
+        let status = Command::new("taskset")
+            .arg("-c")
+            .arg(lg_cpus)
+            .arg(self.cli.bin_dir.join("ringcast-loadgen"))
+            .args([
+                "--quiet",
+                "--cores",
+                &lg_cores.to_string(),
+                "--secret",
+                ringcast::seed::DEV_SECRET,
+            ])
+            .arg("--json")
+            .arg(&json)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .context("running ringcast-loadgen")?;
+        let text = std::fs::read_to_string(&json)
+            .with_context(|| format!("loadgen {name} wrote no JSON ({status}); see raw/{name}.log"))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+fn f(v: &Value, path: &[&str]) -> Option<f64> {
+    let mut v = v;
+    for p in path {
+        v = v.get(p)?;
+    }
+    v.as_f64()
+}
+
+fn problems(v: &Value) -> Vec<String> {
+    v.get("problems")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+fn connect_fig(v: &Value) -> ConnectFig {
+    ConnectFig {
+        joined: f(v, &["joined"]).unwrap_or(0.0) as u64,
+        failed: f(v, &["failed"]).unwrap_or(0.0) as u64,
+        rss_before: f(v, &["server", "before", "rss_bytes"]).map(|x| x as u64),
+        rss_full: f(v, &["server", "full", "rss_bytes"]).map(|x| x as u64),
+        rss_per_connection: f(v, &["server", "rss_per_connection_bytes"]),
+        problems: problems(v),
+    }
+}
+
+fn fanout_fig(v: &Value) -> FanoutFig {
+    let lat = |k: &str| f(v, &["latency", k]).unwrap_or(0.0);
+    let cpu_us = f(v, &["server", "cpu_us_per_delivery"]).filter(|&x| x > 0.0);
+    FanoutFig {
+        joined: f(v, &["subscribers_joined"]).unwrap_or(0.0) as u64,
+        messages: f(v, &["sent"]).unwrap_or(0.0) as u64,
+        deliveries: f(v, &["deliveries"]).unwrap_or(0.0) as u64,
+        loss: f(v, &["loss"]).unwrap_or(0.0) as i64,
+        deliveries_per_sec: f(v, &["deliveries_per_sec"]).unwrap_or(0.0),
+        cpu_secs: f(v, &["server", "cpu_secs_publish"]),
+        cpu_us_per_delivery: cpu_us,
+        deliveries_per_cpu_sec: cpu_us.map(|us| 1e6 / us),
+        latency: Lat {
+            p50: lat("p50_us"),
+            p90: lat("p90_us"),
+            p99: lat("p99_us"),
+            p999: lat("p999_us"),
+            max: lat("max_us"),
+        },
+        problems: problems(v),
+    }
+}
+
+fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: usize) -> CaseRun {
+    let mut run = CaseRun {
+        server: kind,
+        cores,
+        size,
+        repeat,
+        connect: None,
+        fanout: None,
+        error: None,
+    };
+    let tag = format!("{}-c{cores}-n{size}-r{repeat}", kind.binary());
+    let result = (|| -> anyhow::Result<()> {
+        let port = ctx.port();
+        let (srv_cpus, _, _) = ctx.plan.placement[&cores].clone();
+        let server = Server::start(
+            kind,
+            ctx.cli,
+            &srv_cpus,
+            cores,
+            port,
+            &ctx.raw.join(format!("{tag}-server.log")),
+        )?;
+        let url = format!("ws://127.0.0.1:{}", server.port);
+        let pid = server.pid().to_string();
+        let rate = ctx.plan.connect_rate.to_string();
+        let v = ctx.loadgen(
+            cores,
+            &format!("{tag}-connect"),
+            &[
+                "connect".into(),
+                "--url".into(),
+                url.clone(),
+                "-n".into(),
+                size.to_string(),
+                "--rate".into(),
+                rate.clone(),
+                "--hold".into(),
+                format!("{}s", ctx.plan.hold_secs),
+                "--server-pid".into(),
+                pid.clone(),
+            ],
+        )?;
+        run.connect = Some(connect_fig(&v));
+        let messages = (ctx.plan.delivery_budget / size).clamp(20, 2000);
+        let v = ctx.loadgen(
+            cores,
+            &format!("{tag}-fanout"),
+            &[
+                "fanout".into(),
+                "--url".into(),
+                url,
+                "-n".into(),
+                size.to_string(),
+                "-m".into(),
+                messages.to_string(),
+                "--connect-rate".into(),
+                rate,
+                "--server-pid".into(),
+                pid,
+            ],
+        )?;
+        run.fanout = Some(fanout_fig(&v));
+        drop(server);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        run.error = Some(format!("{e:#}"));
+    }
+    run
+}
+
+fn run_paced(ctx: &mut Ctx, kind: ServerKind, cores: usize, repeat: usize) -> PacedRun {
+    let size = ctx.plan.paced_subscribers;
+    let mut run = PacedRun {
+        server: kind,
+        cores,
+        size,
+        repeat,
+        fanout: None,
+        floor_write: None,
+        error: None,
+    };
+    let tag = format!("{}-c{cores}-n{size}-r{repeat}-paced", kind.binary());
+    let server_log = ctx.raw.join(format!("{tag}-server.log"));
+    let result = (|| -> anyhow::Result<()> {
+        let port = ctx.port();
+        let (srv_cpus, _, _) = ctx.plan.placement[&cores].clone();
+        let server = Server::start(
+            kind,
+            ctx.cli,
+            &srv_cpus,
+            cores,
+            port,
+            &ctx.raw.join(format!("{tag}-server.log")),
+        )?;
+        let v = ctx.loadgen(
+            cores,
+            &tag,
+            &[
+                "fanout".into(),
+                "--url".into(),
+                format!("ws://127.0.0.1:{}", server.port),
+                "-n".into(),
+                size.to_string(),
+                "-m".into(),
+                ctx.plan.paced_messages.to_string(),
+                "--rate".into(),
+                ctx.plan.paced_rate.to_string(),
+                "--connect-rate".into(),
+                ctx.plan.connect_rate.to_string(),
+                "--server-pid".into(),
+                server.pid().to_string(),
+            ],
+        )?;
+        run.fanout = Some(fanout_fig(&v));
+        // SIGTERM makes the floor print its `floor-stats` line.
+        drop(server);
+        if kind == ServerKind::Floor {
+            run.floor_write = floor_stats(&server_log);
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        run.error = Some(format!("{e:#}"));
+    }
+    run
+}
+
+fn floor_stats(log: &Path) -> Option<Lat> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().find_map(|l| l.strip_prefix("floor-stats "))?;
+    let v: Value = serde_json::from_str(line).ok()?;
+    let g = |k: &str| f(&v, &["write_us", k]);
+    Some(Lat {
+        p50: g("p50")?,
+        p90: g("p90")?,
+        p99: g("p99")?,
+        p999: g("p999")?,
+        max: g("max")?,
+    })
+}
+
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn median_lat(lats: &[&Lat]) -> Option<Lat> {
+    if lats.is_empty() {
+        return None;
+    }
+    let m = |g: fn(&Lat) -> f64| median(lats.iter().map(|l| g(l)).collect()).unwrap_or(0.0);
+    Some(Lat {
+        p50: m(|l| l.p50),
+        p90: m(|l| l.p90),
+        p99: m(|l| l.p99),
+        p999: m(|l| l.p999),
+        max: m(|l| l.max),
+    })
+}
+
+fn summarize(plan: &Plan, runs: &[CaseRun], paced: &[PacedRun]) -> (Vec<Summary>, Vec<PacedSummary>) {
+    let mut out = Vec::new();
+    let mut paced_out = Vec::new();
+    for &cores in &plan.cores {
+        for &server in &plan.servers {
+            for &size in &plan.sizes {
+                let rs: Vec<&CaseRun> = runs
+                    .iter()
+                    .filter(|r| r.server == server && r.cores == cores && r.size == size)
+                    .collect();
+                let fan: Vec<&FanoutFig> = rs.iter().filter_map(|r| r.fanout.as_ref()).collect();
+                out.push(Summary {
+                    server,
+                    cores,
+                    size,
+                    runs: rs.len(),
+                    rss_per_connection: median(
+                        rs.iter()
+                            .filter_map(|r| r.connect.as_ref()?.rss_per_connection)
+                            .collect(),
+                    ),
+                    deliveries_per_sec: median(fan.iter().map(|f| f.deliveries_per_sec).collect()),
+                    deliveries_per_cpu_sec: median(
+                        fan.iter().filter_map(|f| f.deliveries_per_cpu_sec).collect(),
+                    ),
+                    latency: median_lat(&fan.iter().map(|f| &f.latency).collect::<Vec<_>>()),
+                    loss: fan.iter().map(|f| f.loss).sum(),
+                });
+            }
+            let prs: Vec<&PacedRun> = paced
+                .iter()
+                .filter(|r| r.server == server && r.cores == cores)
+                .collect();
+            let ps: Vec<&FanoutFig> = prs.iter().filter_map(|r| r.fanout.as_ref()).collect();
+            let fw: Vec<&Lat> = prs.iter().filter_map(|r| r.floor_write.as_ref()).collect();
+            paced_out.push(PacedSummary {
+                server,
+                cores,
+                size: plan.paced_subscribers,
+                runs: ps.len(),
+                latency: median_lat(&ps.iter().map(|f| &f.latency).collect::<Vec<_>>()),
+                floor_write: median_lat(&fw),
+                loss: ps.iter().map(|f| f.loss).sum(),
+            });
+        }
+    }
+    (out, paced_out)
+}
+
+/// Medians (ns) of every `<id>/new/estimates.json` under `dir`, written at or after
+/// `since`.
+fn criterion_medians(dir: &Path, since: Option<u64>) -> BTreeMap<String, f64> {
+    fn walk(root: &Path, dir: &Path, since: Option<u64>, out: &mut BTreeMap<String, f64>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if path.file_name().is_some_and(|n| n == "new") {
+                let est = path.join("estimates.json");
+                let fresh = std::fs::metadata(&est)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .is_some_and(|t| since.is_none_or(|s| t.as_secs() >= s));
+                let median = std::fs::read_to_string(&est)
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+                    .and_then(|v| v.get("median")?.get("point_estimate")?.as_f64());
+                if let (true, Some(m), Ok(id)) = (fresh, median, dir.strip_prefix(root)) {
+                    out.insert(id.to_string_lossy().into_owned(), m);
+                }
+            } else if path
+                .file_name()
+                .is_some_and(|n| n != "report" && n != "base" && n != "change")
+            {
+                walk(root, &path, since, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, since, &mut out);
+    out
+}
+
+fn write_outputs(results: &Results, dir: &Path, root: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(results)? + "\n",
+    )?;
+    let plot_note = match plots::draw_all(results, dir) {
+        Ok(()) => None,
+        Err(e) => {
+            eprintln!("plots not drawn: {e:#}");
+            Some(format!("plots not drawn: {e:#}"))
+        }
+    };
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::write(
+        dir.join("README.md"),
+        report::readme(results, "", plot_note.as_deref()),
+    )?;
+    std::fs::write(
+        root.join("README.md"),
+        report::readme(results, &format!("{name}/"), plot_note.as_deref()),
+    )?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(dir) = &cli.replot {
+        let results: Results = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("results.json")).context("reading results.json")?,
+        )?;
+        let root = dir.parent().unwrap_or(Path::new("."));
+        write_outputs(&results, dir, root)?;
+        eprintln!("redrawn {}", dir.display());
+        return Ok(());
+    }
+    let nofile = raise_nofile();
+    let m = machine(nofile);
+    let (plan, _) = plan(&cli, &m)?;
+    let started = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let date = civil_date(started);
+    let dir = cli.results.join(format!("{date}-{}", m.host));
+    let raw = dir.join("raw");
+    if raw.exists() {
+        std::fs::remove_dir_all(&raw)?;
+    }
+    std::fs::create_dir_all(&raw)?;
+    eprintln!(
+        "ringcast-bench {} mode: sizes {:?}, server cores {:?}, {} repeat(s), servers {:?}; {} on {} ({} CPUs); writing {}",
+        plan.mode,
+        plan.sizes,
+        plan.cores,
+        plan.repeats,
+        plan.servers,
+        m.cpu_model,
+        m.host,
+        m.cpus,
+        dir.display()
+    );
+    for (c, (s, l, shared)) in &plan.placement {
+        eprintln!(
+            "  {c} server core(s): server on CPU {s}, loadgen on CPU {l}{}",
+            if *shared { " (shared with the server)" } else { "" }
+        );
+    }
+    let t0 = Instant::now();
+    let mut ctx = Ctx {
+        cli: &cli,
+        plan: &plan,
+        raw,
+        next_port: cli.port_base,
+    };
+    let mut runs = Vec::new();
+    let mut paced = Vec::new();
+    for &cores in &plan.cores {
+        for repeat in 0..plan.repeats {
+            for &size in &plan.sizes {
+                // Servers side by side at each size, so they meet the same conditions.
+                for &kind in &plan.servers {
+                    let run = run_case(&mut ctx, kind, cores, size, repeat);
+                    report::progress_line(&run, t0.elapsed());
+                    runs.push(run);
+                }
+            }
+            for &kind in &plan.servers {
+                let run = run_paced(&mut ctx, kind, cores, repeat);
+                report::paced_line(&run, t0.elapsed());
+                paced.push(run);
+            }
+        }
+    }
+    let (summary, paced_summary) = summarize(&plan, &runs, &paced);
+    let criterion = cli
+        .criterion_dir
+        .as_deref()
+        .map(|d| criterion_medians(d, cli.criterion_since))
+        .unwrap_or_default();
+    let results = Results {
+        date,
+        started_unix: started,
+        duration_secs: t0.elapsed().as_secs_f64(),
+        machine: m,
+        plan,
+        runs,
+        paced,
+        summary,
+        paced_summary,
+        criterion,
+    };
+    write_outputs(&results, &dir, &cli.results)?;
+    println!("{}", report::targets_table(&results));
+    eprintln!("results in {} ({:.0}s)", dir.display(), results.duration_secs);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_date(0), "1970-01-01");
+        assert_eq!(civil_date(951_782_400), "2000-02-29");
+        assert_eq!(civil_date(1_732_406_400), "2024-11-24");
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+}

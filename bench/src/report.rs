@@ -1,0 +1,386 @@
+//! Tables: the progress lines, the targets table and the README of a run.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::{CaseRun, Lat, PacedRun, PacedSummary, Results, ServerKind, Summary};
+
+pub fn fmt_rate(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.0}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+pub fn fmt_bytes(b: f64) -> String {
+    if b.abs() >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else if b.abs() >= 1024.0 {
+        format!("{:.2} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+pub fn fmt_us(us: f64) -> String {
+    if us >= 1_000_000.0 {
+        format!("{:.2} s", us / 1e6)
+    } else if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn opt<T>(x: Option<T>, f: impl Fn(T) -> String) -> String {
+    x.map_or("–".to_string(), f)
+}
+
+pub fn progress_line(r: &CaseRun, t: Duration) {
+    let mut s = format!(
+        "[{:>4.0}s] {:<10} cores {} n {:>6} rep {}:",
+        t.as_secs_f64(),
+        r.server.label(),
+        r.cores,
+        r.size,
+        r.repeat
+    );
+    if let Some(c) = &r.connect {
+        let _ = write!(s, " mem/conn {}", opt(c.rss_per_connection, fmt_bytes));
+    }
+    if let Some(f) = &r.fanout {
+        let _ = write!(
+            s,
+            " | {} deliveries/s, {} per CPU-s, p99 {}, loss {}",
+            fmt_rate(f.deliveries_per_sec),
+            opt(f.deliveries_per_cpu_sec, fmt_rate),
+            fmt_us(f.latency.p99),
+            f.loss
+        );
+    }
+    if let Some(e) = &r.error {
+        let _ = write!(s, " | ERROR {e}");
+    }
+    eprintln!("{s}");
+}
+
+pub fn paced_line(r: &PacedRun, t: Duration) {
+    let mut s = format!(
+        "[{:>4.0}s] {:<10} cores {} n {:>6} rep {} paced:",
+        t.as_secs_f64(),
+        r.server.label(),
+        r.cores,
+        r.size,
+        r.repeat
+    );
+    if let Some(f) = &r.fanout {
+        let _ = write!(
+            s,
+            " p50 {} p99 {} max {}, loss {}",
+            fmt_us(f.latency.p50),
+            fmt_us(f.latency.p99),
+            fmt_us(f.latency.max),
+            f.loss
+        );
+    }
+    if let Some(e) = &r.error {
+        let _ = write!(s, " | ERROR {e}");
+    }
+    eprintln!("{s}");
+}
+
+/// The core count and size the targets are judged at: 1 core (the smallest run) and
+/// 10k subscribers (or the largest size below it).
+fn target_point(r: &Results) -> (usize, u64) {
+    let cores = r.plan.cores.iter().copied().min().unwrap_or(1);
+    let size = r
+        .plan
+        .sizes
+        .iter()
+        .copied()
+        .filter(|&n| n <= 10_000)
+        .max()
+        .unwrap_or(r.plan.sizes[0]);
+    (cores, size)
+}
+
+fn sum(r: &Results, s: ServerKind, cores: usize, size: u64) -> Option<&Summary> {
+    r.summary
+        .iter()
+        .find(|x| x.server == s && x.cores == cores && x.size == size)
+}
+
+fn paced(r: &Results, s: ServerKind, cores: usize) -> Option<&PacedSummary> {
+    r.paced_summary.iter().find(|x| x.server == s && x.cores == cores)
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "**met**",
+        Some(false) => "**not met**",
+        None => "not measured",
+    }
+}
+
+/// The targets table (Markdown).
+pub fn targets_table(r: &Results) -> String {
+    use ServerKind::*;
+    let (cores, size) = target_point(r);
+    let get = |k: ServerKind, f: fn(&Summary) -> Option<f64>| sum(r, k, cores, size).and_then(f);
+    let mem = |k| get(k, |s| s.rss_per_connection);
+    let dps = |k| get(k, |s| s.deliveries_per_sec);
+    let dpc = |k| get(k, |s| s.deliveries_per_cpu_sec);
+    let p99 = |k| paced(r, k, cores).and_then(|p| p.latency.as_ref().map(|l| l.p99));
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "At {cores} server core(s), {size} subscribers; medians of {} repeat(s), measured side by side in one run.\n",
+        r.plan.repeats
+    );
+    t.push_str("| metric | ringcast | floor | tokio peer | ratio | target | status |\n");
+    t.push_str("| --- | ---: | ---: | ---: | --- | --- | --- |\n");
+    let m = mem(Ringcast);
+    let _ = writeln!(
+        t,
+        "| user-space memory per idle joined connection (RSS delta / N) | {} | {} | {} | ringcast/floor {} | ringcast ≤ 2 KiB | {} |",
+        opt(m, fmt_bytes),
+        opt(mem(Floor), fmt_bytes),
+        opt(mem(Tokio), fmt_bytes),
+        opt(ratio(m, mem(Floor)), |x| format!("{x:.2}")),
+        verdict(m.map(|m| m <= 2048.0))
+    );
+    let _ = writeln!(
+        t,
+        "| deliveries/s (as fast as possible, window 64) | {} | {} | {} | ringcast/floor {}, ringcast/tokio {} | – | – |",
+        opt(dps(Ringcast), fmt_rate),
+        opt(dps(Floor), fmt_rate),
+        opt(dps(Tokio), fmt_rate),
+        opt(ratio(dps(Ringcast), dps(Floor)), |x| format!("{x:.2}")),
+        opt(ratio(dps(Ringcast), dps(Tokio)), |x| format!("{x:.2}")),
+    );
+    let rf = ratio(dpc(Ringcast), dpc(Floor));
+    let rt = ratio(dpc(Ringcast), dpc(Tokio));
+    let _ = writeln!(
+        t,
+        "| server deliveries per CPU-second | {} | {} | {} | ringcast/floor {} | ≥ 0.90 of the floor | {} |",
+        opt(dpc(Ringcast), fmt_rate),
+        opt(dpc(Floor), fmt_rate),
+        opt(dpc(Tokio), fmt_rate),
+        opt(rf, |x| format!("{x:.2}")),
+        verdict(rf.map(|x| x >= 0.9))
+    );
+    let _ = writeln!(
+        t,
+        "| (same, vs the tokio peer) | | | | ringcast/tokio {} | ≥ 2x the tokio peer | {} |",
+        opt(rt, |x| format!("{x:.2}")),
+        verdict(rt.map(|x| x >= 2.0))
+    );
+    let rp = ratio(p99(Ringcast), p99(Floor));
+    let _ = writeln!(
+        t,
+        "| p99 delivery latency, {} subscribers, {} broadcasts/s | {} | {} | {} | ringcast/floor {} | ≤ 1.2x the floor | {} |",
+        r.plan.paced_subscribers,
+        r.plan.paced_rate,
+        opt(p99(Ringcast), fmt_us),
+        opt(p99(Floor), fmt_us),
+        opt(p99(Tokio), fmt_us),
+        opt(rp, |x| format!("{x:.2}")),
+        verdict(rp.map(|x| x <= 1.2))
+    );
+    let fw = paced(r, Floor, cores).and_then(|p| p.floor_write.as_ref().map(|l| l.p99));
+    let rw = ratio(p99(Ringcast), fw);
+    let _ = writeln!(
+        t,
+        "| (same, vs the floor's own time to write {} frames, p99 per broadcast, self-measured) | {} | {} | | ringcast/floor-write {} | ≤ 1.2x (literal reading) | {} |",
+        r.plan.paced_subscribers,
+        opt(p99(Ringcast), fmt_us),
+        opt(fw, fmt_us),
+        opt(rw, |x| format!("{x:.2}")),
+        verdict(rw.map(|x| x <= 1.2))
+    );
+    t
+}
+
+fn lat_cells(l: Option<&Lat>) -> String {
+    match l {
+        Some(l) => format!(
+            "{} | {} | {} | {} | {}",
+            fmt_us(l.p50),
+            fmt_us(l.p90),
+            fmt_us(l.p99),
+            fmt_us(l.p999),
+            fmt_us(l.max)
+        ),
+        None => "– | – | – | – | –".to_string(),
+    }
+}
+
+/// The README of a run; `prefix` leads the links to the run's files (empty inside
+/// the run directory, `<run>/` in results/README.md).
+pub fn readme(r: &Results, prefix: &str, plot_note: Option<&str>) -> String {
+    let m = &r.machine;
+    let mut s = String::new();
+    s.push_str("# ringcast benchmark results\n\n");
+    s.push_str(
+        "Regenerated by the harness (`scripts/bench.sh [--quick|--full]`, which runs `ringcast-bench`); do not edit by hand.\n\n",
+    );
+    let _ = writeln!(
+        s,
+        "Latest run: **{}**, {} mode ({} repeat(s), sizes {:?}, server cores {:?}), took {:.0} s. Every figure: [`{prefix}results.json`]({prefix}results.json); raw loadgen reports and logs in [`{prefix}raw/`]({prefix}raw/).\n",
+        r.date, r.plan.mode, r.plan.repeats, r.plan.sizes, r.plan.cores, r.duration_secs
+    );
+    let _ = writeln!(
+        s,
+        "**Machine:** {}, {} CPU(s), {:.1} GiB RAM, Linux {}, host `{}`, RLIMIT_NOFILE {}.\n",
+        m.cpu_model, m.cpus, m.mem_total_gib, m.kernel, m.host, m.nofile_limit
+    );
+    for (c, (srv, lg, shared)) in &r.plan.placement {
+        let _ = writeln!(
+            s,
+            "- {c} server core(s): server pinned (`taskset`) to CPU {srv}, loadgen to CPU {lg}{}.",
+            if *shared {
+                " — **the loadgen shares a core with the server**, so these rows understate every server alike"
+            } else {
+                ""
+            }
+        );
+    }
+    if !r.plan.skipped_sizes.is_empty() {
+        let _ = writeln!(
+            s,
+            "- Sizes skipped for the fd limit: {:?} (each process stays under 20,000 fds).",
+            r.plan.skipped_sizes
+        );
+    }
+    s.push_str("\n## Targets\n\n");
+    s.push_str(&targets_table(r));
+    s.push_str("\n## Fanout at every size (medians)\n\n");
+    s.push_str("| server cores | subscribers | server | deliveries/s | deliveries per CPU-s | vs floor (per CPU-s) | p50 | p90 | p99 | p99.9 | max | memory per idle connection | loss |\n");
+    s.push_str(
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for x in &r.summary {
+        let floor = sum(r, ServerKind::Floor, x.cores, x.size).and_then(|f| f.deliveries_per_cpu_sec);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            x.cores,
+            x.size,
+            x.server.label(),
+            opt(x.deliveries_per_sec, fmt_rate),
+            opt(x.deliveries_per_cpu_sec, fmt_rate),
+            opt(ratio(x.deliveries_per_cpu_sec, floor), |v| format!("{v:.2}")),
+            lat_cells(x.latency.as_ref()),
+            opt(x.rss_per_connection, fmt_bytes),
+            x.loss
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Paced fanout: {} broadcasts/s to {} subscribers (medians)\n",
+        r.plan.paced_rate, r.plan.paced_subscribers
+    );
+    s.push_str("| server cores | server | p50 | p90 | p99 | p99.9 | max | loss |\n");
+    s.push_str("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for x in &r.paced_summary {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            x.cores,
+            x.server.label(),
+            lat_cells(x.latency.as_ref()),
+            x.loss
+        );
+        if let Some(w) = &x.floor_write {
+            let _ = writeln!(
+                s,
+                "| {} | floor: own write time per broadcast (server side only) | {} | – |",
+                x.cores,
+                lat_cells(Some(w))
+            );
+        }
+    }
+    s.push_str("\n## Plots\n\n");
+    match plot_note {
+        Some(n) => {
+            let _ = writeln!(s, "{n}");
+        }
+        None => {
+            for (file, title) in [
+                ("deliveries.png", "deliveries/s vs subscribers"),
+                (
+                    "deliveries_per_cpu.png",
+                    "deliveries per server CPU-second vs subscribers",
+                ),
+                ("latency_cdf.png", "latency CDF, paced fanout"),
+                (
+                    "memory_per_connection.png",
+                    "memory per connection vs connections",
+                ),
+            ] {
+                let _ = writeln!(s, "![{title}]({prefix}{file})\n");
+            }
+        }
+    }
+    if !r.criterion.is_empty() {
+        s.push_str("## Microbenchmarks (criterion, `bench/benches/hot_paths.rs`, medians)\n\n");
+        s.push_str("| benchmark | median |\n| --- | ---: |\n");
+        for (id, ns) in &r.criterion {
+            let t = if *ns < 1000.0 {
+                format!("{ns:.1} ns")
+            } else {
+                fmt_us(ns / 1000.0)
+            };
+            let _ = writeln!(s, "| {id} | {t} |");
+        }
+        s.push('\n');
+    }
+    let errors: Vec<String> = r
+        .runs
+        .iter()
+        .filter_map(|x| {
+            x.error
+                .as_ref()
+                .map(|e| format!("{} c{} n{} r{}: {e}", x.server.label(), x.cores, x.size, x.repeat))
+        })
+        .chain(r.paced.iter().filter_map(|x| {
+            x.error
+                .as_ref()
+                .map(|e| format!("{} c{} paced r{}: {e}", x.server.label(), x.cores, x.repeat))
+        }))
+        .chain(r.runs.iter().flat_map(|x| {
+            let tag = format!("{} c{} n{} r{}", x.server.label(), x.cores, x.size, x.repeat);
+            x.connect
+                .iter()
+                .flat_map(|c| c.problems.iter())
+                .chain(x.fanout.iter().flat_map(|f| f.problems.iter()))
+                .map(move |p| format!("{tag}: {p}"))
+        }))
+        .collect();
+    if !errors.is_empty() {
+        s.push_str("## Problems reported\n\n");
+        for e in errors {
+            let _ = writeln!(s, "- {e}");
+        }
+        s.push('\n');
+    }
+    s.push_str(
+        "## How it is measured\n\n\
+- **Servers.** `ringcast serve` (release build, the seed app); `ringcast-floor` (`bench/src/bin/floor.rs`: thread-per-core epoll, writes the pre-encoded frame to every socket with non-blocking `write`/`writev`, coalescing the frames pending per socket — the kernel's limit); `ringcast-tokio-peer` (`bench/src/bin/tokio_peer.rs`: tokio multi-threaded runtime with one worker per core, tokio-tungstenite, a task per connection, a `tokio::sync::broadcast` channel per topic carrying the frame encoded once). All three serve the seed app's `bench:*` join and `new_msg` broadcast, so the same `ringcast-loadgen` drives them.\n\
+- **Memory per connection.** `ringcast-loadgen connect`: (server RSS with N idle joined connections − RSS before) / N. RSS is user space only; kernel socket buffers are not in it.\n\
+- **Deliveries/s and per CPU-second.** `ringcast-loadgen fanout`, publishing as fast as the server delivers (window 64) about 2M (quick) or 4M (full) deliveries in total. Deliveries per CPU-second = 1 / (server CPU time, user + system, from just before the first send to the last delivery, per delivery).\n\
+- **Latency.** Send-to-receive per delivery, from the loadgen's HDR histogram; the CDF plot joins its p50/p90/p99/p99.9/max (the loadgen's JSON carries percentiles, not the full histogram). The latency target compares ringcast's p99 with the floor's p99 in the same paced run: the floor's p99 is the time the kernel needs to take 10k frames plus the loadgen's own reading time.\n\
+- **Noise.** Loopback on a small shared VM: compare ratios measured side by side in one run, not absolute numbers across runs. Servers are started fresh for each size and run one after another at the same size.\n",
+    );
+    s
+}
