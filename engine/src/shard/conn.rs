@@ -84,10 +84,44 @@ impl OutQueue {
         done
     }
 
+    /// Calls `write` with the bytes of the next send: the rest of the first frame, plus
+    /// as many whole frames after it as fit in `scratch` (several frames, one send).
+    /// `None` when nothing is queued.
+    pub(crate) fn next_write<R>(
+        &self,
+        scratch: &mut Vec<u8>,
+        limit: usize,
+        write: impl FnOnce(&[u8]) -> R,
+    ) -> Option<R> {
+        let head = self.frames.front()?;
+        let head_rest = &head.bytes()[self.head_written..];
+        if self.frames.len() == 1 || head_rest.len() >= limit / 2 {
+            return Some(write(head_rest));
+        }
+        scratch.clear();
+        scratch.extend_from_slice(head_rest);
+        for frame in self.frames.iter().skip(1) {
+            if scratch.len() + frame.bytes().len() > limit {
+                break;
+            }
+            scratch.extend_from_slice(frame.bytes());
+        }
+        Some(write(scratch))
+    }
+
+    /// Drops every frame not yet started. A frame already partly written stays: cutting
+    /// it would corrupt the stream (the client would read the next frame, the close,
+    /// as the rest of it).
     pub(crate) fn clear(&mut self) {
+        let started = (self.head_written > 0).then(|| self.frames.pop_front()).flatten();
         self.frames = VecDeque::new();
         self.bytes = 0;
-        self.head_written = 0;
+        if let Some(head) = started {
+            self.bytes = head.bytes().len() - self.head_written;
+            self.frames.push_back(head);
+        } else {
+            self.head_written = 0;
+        }
     }
 }
 
@@ -128,11 +162,15 @@ pub(crate) mod why {
 pub(crate) struct Conn {
     /// Close requested with this code (first request wins).
     pub(crate) close: Cell<Option<u16>>,
+    /// Queued frames wait for the core's flusher ([`crate::shard::Shard::mark_dirty`]).
+    pub(crate) dirty: Cell<bool>,
     pub(crate) vsn: Vsn,
     /// A long-poll session rather than a WebSocket.
     pub(crate) long_poll: bool,
     pub(crate) id: ConnId,
     pub(crate) out: RefCell<OutQueue>,
+    /// The socket to write to directly, or -1 (long-poll, test kit, closed).
+    pub(crate) fd: Cell<i32>,
     pub(crate) limits: ConnLimits,
     waker: RefCell<Option<Waker>>,
     pub(crate) mailbox: RefCell<VecDeque<Mail>>,
@@ -172,6 +210,8 @@ impl Conn {
             channels: RefCell::default(),
             tracked: RefCell::default(),
             close: Cell::new(None),
+            dirty: Cell::new(false),
+            fd: Cell::new(-1),
             close_why: Cell::new(""),
             tokens: Cell::new(limits.message_burst as f32),
             refilled: Cell::new(now),
@@ -183,8 +223,15 @@ impl Conn {
     /// Queues a frame and wakes the driver. A queue over its bound closes the
     /// connection with 1008 instead.
     pub(crate) fn enqueue(&self, frame: OutFrame) {
+        self.push(frame);
+        self.wake();
+    }
+
+    /// Queues a frame without waking anyone; `false` if the connection is closing (the
+    /// frame is dropped) or just went over its bound (and will close).
+    pub(crate) fn push(&self, frame: OutFrame) -> bool {
         if self.close.get().is_some() {
-            return;
+            return false;
         }
         let over = {
             let mut out = self.out.borrow_mut();
@@ -201,7 +248,7 @@ impl Conn {
             self.close_why.set(why::SLOW);
             self.request_close(close_code::POLICY);
         }
-        self.wake();
+        !over
     }
 
     pub(crate) fn enqueue_own(&self, frame: Bytes) {
@@ -275,6 +322,25 @@ mod tests {
         assert_eq!((q.frames.len(), q.head_written, q.bytes), (1, 0, 4));
         q.consume(4);
         assert!(q.frames.is_empty() && q.bytes == 0);
+    }
+
+    #[test]
+    fn clearing_keeps_a_partly_written_frame() {
+        let mut q = OutQueue::default();
+        for s in ["abcd", "ef"] {
+            q.bytes += s.len();
+            q.frames
+                .push_back(OutFrame::Own(Bytes::from_static(s.as_bytes())));
+        }
+        q.consume(1);
+        q.clear();
+        assert_eq!((q.frames.len(), q.head_written, q.bytes), (1, 1, 3));
+        q.consume(3);
+        assert!(q.frames.is_empty());
+        q.bytes += 2;
+        q.frames.push_back(OutFrame::Own(Bytes::from_static(b"gh")));
+        q.clear();
+        assert_eq!((q.frames.len(), q.head_written, q.bytes), (0, 0, 0));
     }
 
     #[test]

@@ -141,6 +141,10 @@ pub(crate) struct Shard {
     /// Long-poll requests forwarded to another core, waiting for its answer.
     forwarded: RefCell<HashMap<u64, glommio::channels::local_channel::LocalSender<Response>>>,
     next_forward: Cell<u64>,
+    /// Connections with broadcast frames for the flusher, and the flusher's waker.
+    dirty: RefCell<Vec<Rc<Conn>>>,
+    flusher: RefCell<Option<std::task::Waker>>,
+    flusher_started: Cell<bool>,
     /// Set once shutdown began; wakes the accept loop.
     stopping: Cell<bool>,
     stop_waker: RefCell<Option<std::task::Waker>>,
@@ -156,6 +160,36 @@ fn record_position(sub: &Sub, topic: &str, pos: u32) {
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+}
+
+/// The core's flusher: writes the connections that fanout left with queued frames.
+async fn run_flusher() {
+    let Some(shard) = current() else { return };
+    loop {
+        std::future::poll_fn(|cx| {
+            if shard.dirty.borrow().is_empty() {
+                *shard.flusher.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        let batch = std::mem::take(&mut *shard.dirty.borrow_mut());
+        for (i, conn) in batch.iter().enumerate() {
+            shard.flush_direct(conn);
+            if i % 1024 == 1023 {
+                glommio::yield_if_needed().await;
+            }
+        }
+        // Keep the allocation for the next batch.
+        let mut dirty = shard.dirty.borrow_mut();
+        if dirty.is_empty() {
+            let mut batch = batch;
+            batch.clear();
+            *dirty = batch;
+        }
+    }
 }
 
 /// The shard of the current thread, if it runs one.
@@ -187,6 +221,9 @@ impl Shard {
             longpoll: RefCell::default(),
             forwarded: RefCell::default(),
             next_forward: Cell::new(0),
+            dirty: RefCell::default(),
+            flusher: RefCell::new(None),
+            flusher_started: Cell::new(false),
             stopping: Cell::new(false),
             stop_waker: RefCell::new(None),
         });
@@ -326,6 +363,69 @@ impl Shard {
         self.deliver_local(&broadcast);
     }
 
+    /// Hands a connection with queued broadcast frames to the core's flusher: one task
+    /// writes every such connection's frames after the fanout, instead of one task wake
+    /// per subscriber; frames queued meanwhile go out in the same send.
+    fn mark_dirty(&self, conn: &Rc<Conn>) {
+        if !conn.dirty.replace(true) {
+            self.dirty.borrow_mut().push(conn.clone());
+        }
+        let waker = self.flusher.borrow_mut().take();
+        match waker {
+            Some(w) => w.wake(),
+            None if !self.flusher_started.replace(true) => {
+                glommio::spawn_local(run_flusher()).detach();
+            }
+            None => {}
+        }
+    }
+
+    /// Writes a connection's queued frames straight to its socket; anything the socket
+    /// cannot take now is left to the connection's own task, which waits for room.
+    fn flush_direct(&self, conn: &Conn) {
+        conn.dirty.set(false);
+        let fd = conn.fd.get();
+        if fd < 0 || conn.close.get().is_some() {
+            conn.wake();
+            return;
+        }
+        loop {
+            let mut out = conn.out.borrow_mut();
+            let sent = crate::transport::websocket::WRITE_BUF.with(|buf| {
+                out.next_write(
+                    &mut buf.borrow_mut(),
+                    crate::transport::websocket::IO_CHUNK,
+                    |bytes| {
+                        // SAFETY: `fd` is the connection's open socket (its pump resets it to -1
+                        // before the socket closes) and `bytes` is a live, initialised slice.
+                        unsafe {
+                            libc::send(
+                                fd,
+                                bytes.as_ptr().cast(),
+                                bytes.len(),
+                                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                            )
+                        }
+                    },
+                )
+            });
+            match sent {
+                None => return,
+                Some(n) if n > 0 => {
+                    let frames = out.consume(n as usize);
+                    self.stats.bytes_out.add(n as u64);
+                    self.stats.messages_out.add(frames);
+                }
+                Some(_) => {
+                    // Full (EAGAIN) or failing: the pump waits for room or sees the error.
+                    drop(out);
+                    conn.wake();
+                    return;
+                }
+            }
+        }
+    }
+
     /// Closes every connection on this core whose socket id is `id` (1001, so the
     /// client reconnects and authenticates again). A scan: disconnects are rare, and an
     /// index would cost every connection memory.
@@ -363,7 +463,15 @@ impl Shard {
                 *slot = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
             }
             if let Some(frame) = slot {
-                conn.enqueue(OutFrame::Shared(frame.clone()));
+                if conn.push(OutFrame::Shared(frame.clone())) {
+                    if conn.fd.get() >= 0 {
+                        self.mark_dirty(conn);
+                    } else {
+                        conn.wake();
+                    }
+                } else {
+                    conn.wake();
+                }
                 delivered += 1;
             }
         }

@@ -14,6 +14,8 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
@@ -26,7 +28,7 @@ use crate::shard::session::Session;
 use crate::shard::Shard;
 
 /// Size of the per-core read buffer and of one coalesced write.
-const IO_CHUNK: usize = 64 * 1024;
+pub(crate) const IO_CHUNK: usize = 64 * 1024;
 /// Reads handled in one poll before the pump yields to other connections.
 const READS_PER_POLL: usize = 16;
 /// How long a closing connection waits for the client's close before dropping TCP.
@@ -34,7 +36,7 @@ const LINGER: Duration = Duration::from_secs(2);
 
 thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; IO_CHUNK]);
-    static WRITE_BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(IO_CHUNK));
+    pub(crate) static WRITE_BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(IO_CHUNK));
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,8 @@ pub(crate) struct Pump {
 impl Pump {
     pub(crate) fn new(stream: TcpStream, shard: Rc<Shard>, session: Session, leftover: Vec<u8>) -> Self {
         let max_frame = shard.app.config.max_frame;
+        // Broadcasts are written straight to the socket by the core's flusher.
+        session.conn.fd.set(stream.as_raw_fd());
         Pump {
             stream,
             shard,
@@ -187,25 +191,14 @@ impl Pump {
         let conn = self.session.conn.clone();
         loop {
             let mut out = conn.out.borrow_mut();
-            let Some(head) = out.frames.front() else {
-                return Poll::Ready(Ok(()));
-            };
-            let head_rest = &head.bytes()[out.head_written..];
-            let written = if out.frames.len() == 1 || head_rest.len() >= IO_CHUNK / 2 {
-                Pin::new(&mut self.stream).poll_write(cx, head_rest)
-            } else {
-                WRITE_BUF.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    buf.clear();
-                    buf.extend_from_slice(head_rest);
-                    for frame in out.frames.iter().skip(1) {
-                        if buf.len() + frame.bytes().len() > IO_CHUNK {
-                            break;
-                        }
-                        buf.extend_from_slice(frame.bytes());
-                    }
-                    Pin::new(&mut self.stream).poll_write(cx, &buf)
+            let stream = &mut self.stream;
+            let written = WRITE_BUF.with(|buf| {
+                out.next_write(&mut buf.borrow_mut(), IO_CHUNK, |bytes| {
+                    Pin::new(stream).poll_write(cx, bytes)
                 })
+            });
+            let Some(written) = written else {
+                return Poll::Ready(Ok(()));
             };
             match written {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -239,6 +232,7 @@ impl Pump {
         out.bytes += frame.len();
         out.frames.push_back(OutFrame::Own(frame));
         self.phase = Phase::Closing;
+        self.linger = Some(Timer::new(LINGER));
     }
 
     /// Reads and discards input while lingering; `Ready` once the peer is gone.
@@ -291,14 +285,16 @@ impl Future for Pump {
                     Poll::Pending => {}
                 }
             }
+            // A closing connection gets LINGER in all to flush, send its close and hear
+            // the client's: a client that never reads cannot hold it longer.
+            if let Some(timer) = this.linger.as_mut() {
+                if Pin::new(timer).poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+            }
             if this.phase == Phase::Lingering {
                 if this.drain_input(cx).is_ready() {
                     return Poll::Ready(());
-                }
-                if let Some(timer) = this.linger.as_mut() {
-                    if Pin::new(timer).poll(cx).is_ready() {
-                        return Poll::Ready(());
-                    }
                 }
                 return Poll::Pending;
             }
@@ -307,7 +303,6 @@ impl Future for Pump {
                     if this.phase == Phase::Closing {
                         let _ = Pin::new(&mut this.stream).poll_close(cx);
                         this.phase = Phase::Lingering;
-                        this.linger = Some(Timer::new(LINGER));
                         progress = true;
                     }
                 }
@@ -323,6 +318,7 @@ impl Future for Pump {
 
 impl Drop for Pump {
     fn drop(&mut self) {
+        self.session.conn.fd.set(-1);
         self.session.finish();
     }
 }
