@@ -146,7 +146,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster,
     };
     let cores = config.cores;
-    let server = Server::bind(config, UserSocket::new(&secret), seed::router())?;
+    let listen = config.listen;
+    let server = Server::bind(config, UserSocket::new(&secret), seed::router())
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = server.local_addr();
     let running = server.start()?;
     let shutdown = running.shutdown_handle();

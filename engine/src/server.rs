@@ -154,6 +154,11 @@ impl Server {
     /// Binds `config.listen` once per core. Port 0 picks a free port for all cores.
     pub fn bind<H: SocketHandler>(config: Config, socket: H, router: Router) -> std::io::Result<Server> {
         let cores = config.cores.clamp(1, 64);
+        if config.listen.port() != 0 {
+            // SO_REUSEPORT would let a second server share a port that is taken, and the
+            // kernel would split connections between the two: refuse instead.
+            drop(std::net::TcpListener::bind(config.listen)?);
+        }
         let first = bind_listener(config.listen)?;
         let local_addr = first.local_addr()?.as_socket().expect("an IP socket");
         let mut listeners = vec![first];

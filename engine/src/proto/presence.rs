@@ -173,10 +173,12 @@ impl PresenceState {
         }
         for (key, meta) in &delta.joins {
             let metas = keys.entry(key.clone()).or_default();
-            if metas.iter().any(|m| m.phx_ref == meta.phx_ref) {
+            // Metas stay ordered by phx_ref: every replica lists them alike, whatever
+            // order the owners' deltas reached it in.
+            let Err(at) = metas.binary_search_by(|m| m.phx_ref.cmp(&meta.phx_ref)) else {
                 continue;
-            }
-            metas.push(meta.clone());
+            };
+            metas.insert(at, meta.clone());
             diff.joins.entry(key.clone()).or_default().push(meta.clone());
         }
         if keys.is_empty() {
@@ -368,6 +370,18 @@ mod tests {
             r1.list_json("t"),
             r#"{"y":{"metas":[{"name":"a2","phx_ref":"a2"}]},"z":{"metas":[{"name":"b2","phx_ref":"b2"}]}}"#
         );
+    }
+
+    #[test]
+    fn metas_of_one_key_list_alike_whatever_the_arrival_order() {
+        let (a, b) = (join("k", meta("r2", 1)), join("k", meta("r1", 2)));
+        let mut r1 = PresenceState::default();
+        let mut r2 = PresenceState::default();
+        r1.apply("t", &a);
+        r1.apply("t", &b);
+        r2.apply("t", &b);
+        r2.apply("t", &a);
+        assert_eq!(r1.list_json("t"), r2.list_json("t"));
     }
 
     #[test]
