@@ -110,5 +110,36 @@ fn mesh_hop(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, encode_frames, decode_messages, fanout, mesh_hop);
+fn presence_state(c: &mut Criterion) {
+    // What a joiner of a 20,000-member topic costs its core: building presence_state.
+    use ringcast::proto::presence::{Delta, Meta, PresenceState};
+    let mut state = PresenceState::default();
+    for i in 0..20_000u64 {
+        let meta = Meta::new(
+            json!({"name": format!("user {i}"), "online_at": "1732300000"}),
+            format!("F{i:x}").into(),
+            None,
+            i,
+        );
+        state.apply(
+            "rooms:big",
+            &Delta {
+                joins: vec![(i.to_string().into(), meta)],
+                leaves: vec![],
+            },
+        );
+    }
+    c.bench_function("presence_state_20k_members", |b| {
+        b.iter(|| black_box(state.list_json("rooms:big")))
+    });
+}
+
+criterion_group!(
+    benches,
+    encode_frames,
+    decode_messages,
+    fanout,
+    mesh_hop,
+    presence_state
+);
 criterion_main!(benches);
