@@ -129,14 +129,7 @@ impl Session {
                 self.control(&join_ref, &topic, "phx_close", &Payload::empty());
             }
             Route::Deliver(index) => {
-                let running = self
-                    .conn
-                    .channels
-                    .borrow_mut()
-                    .get_mut(index)
-                    .state
-                    .running
-                    .take();
+                let running = self.take_running(index);
                 let Some((channel, socket)) = running else {
                     return;
                 };
@@ -151,6 +144,18 @@ impl Session {
                 self.poll_pending(cx);
             }
         }
+    }
+
+    /// Moves the channel at `index` and its socket out of their slot while a handler
+    /// runs (`None` if a handler already has them).
+    fn take_running(&self, index: usize) -> Option<(Box<dyn crate::api::channel::DynChannel>, Socket)> {
+        self.conn
+            .channels
+            .borrow_mut()
+            .get_mut(index)
+            .state
+            .running
+            .take()
     }
 
     fn start_join(&mut self, msg: Message, replaced: Option<Rc<str>>, cx: &mut Context<'_>) {
@@ -405,14 +410,7 @@ impl Session {
                 Mail::Out(b) => {
                     let index = self.conn.channels.borrow().position(&b.topic);
                     let Some(index) = index else { continue };
-                    let running = self
-                        .conn
-                        .channels
-                        .borrow_mut()
-                        .get_mut(index)
-                        .state
-                        .running
-                        .take();
+                    let running = self.take_running(index);
                     let Some((mut channel, mut socket)) = running else {
                         continue;
                     };
