@@ -37,6 +37,10 @@ pub enum Fail {
     Status(u16),
     Handshake(String),
     Join(String),
+    /// Writing a push failed (churn).
+    Push(String),
+    /// The `phx_leave` failed or was refused (churn).
+    Leave(String),
     Timeout(&'static str),
 }
 
@@ -48,6 +52,8 @@ impl Fail {
             Fail::Status(s) => format!("handshake status {s}"),
             Fail::Handshake(e) => format!("handshake error: {e}"),
             Fail::Join(r) => format!("join error: {r}"),
+            Fail::Push(e) => format!("push error: {e}"),
+            Fail::Leave(r) => format!("leave error: {r}"),
             Fail::Timeout(stage) => format!("timeout: {stage}"),
         }
     }
@@ -403,6 +409,34 @@ impl Conn {
         r
     }
 
+    /// Sends `phx_leave` for `topic` and waits (bounded) for its ok reply; other
+    /// messages that arrive meanwhile are skipped.
+    pub async fn leave(&mut self, topic: &str, timeout: Duration) -> Result<(), Fail> {
+        let r = self.next_ref();
+        self.send_text(phx::leave(topic, r).as_bytes())
+            .await
+            .map_err(|e| Fail::Leave(format!("write: {:?}", e.kind())))?;
+        let reference = r.to_string();
+        bounded("leave", timeout, async {
+            loop {
+                let mut reply = None;
+                self.recv(&mut |m| {
+                    if reply.is_none() {
+                        reply = phx::reply_to(m, &reference);
+                    }
+                })
+                .await
+                .map_err(|e| Fail::Leave(e.kind()))?;
+                match reply {
+                    Some(phx::JoinReply::Ok) => return Ok(()),
+                    Some(phx::JoinReply::Error(reason)) => return Err(Fail::Leave(reason)),
+                    None => {}
+                }
+            }
+        })
+        .await
+    }
+
     /// Waits for data, then hands every complete message to `on_msg`. Returns
     /// `Err` when the connection ended.
     pub async fn recv(&mut self, on_msg: &mut impl FnMut(&[u8])) -> Result<(), End> {
@@ -458,6 +492,12 @@ mod tests {
         assert_eq!(Fail::Refused.kind(), "connect refused");
         assert_eq!(Fail::Status(403).kind(), "handshake status 403");
         assert_eq!(Fail::Timeout("join").kind(), "timeout: join");
+        assert_eq!(Fail::Timeout("leave").kind(), "timeout: leave");
+        assert_eq!(Fail::Leave("invalid".into()).kind(), "leave error: invalid");
+        assert_eq!(
+            Fail::Push("write: BrokenPipe".into()).kind(),
+            "push error: write: BrokenPipe"
+        );
         assert_eq!(End::Closed(1008).kind(), "server close 1008");
     }
 }

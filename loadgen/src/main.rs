@@ -6,6 +6,10 @@
 //!   connection.
 //! - `fanout`: N subscribers join one topic, a publisher sends M `new_msg`
 //!   broadcasts, every delivery is checked (loss, duplicates, reorders) and timed.
+//! - `rooms`: R rooms of M members, every member sending `new_msg` at a fixed rate;
+//!   every delivery is checked per sender and timed.
+//! - `churn`: N slots cycling connect → join → pushes → leave → close at a fixed total
+//!   rate; cycles, failures by kind, cycle latency, server RSS growth.
 //!
 //! Thread-per-core on glommio; one process holds at most RLIMIT_NOFILE - 100
 //! connections and spawns worker processes of itself beyond that.
@@ -87,6 +91,12 @@ pub enum Cmd {
     /// N subscribers on one topic, one publisher sending M messages: delivery rate,
     /// loss, duplicates, reorders, latency.
     Fanout(FanoutArgs),
+    /// R rooms x M members, every member sending at a fixed rate: delivery rate, loss,
+    /// duplicates, reorders per sender, latency.
+    Rooms(RoomsArgs),
+    /// N slots cycling connect → join → pushes → leave → close: cycles, failures,
+    /// cycle latency, server RSS growth.
+    Churn(ChurnArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -142,6 +152,66 @@ pub struct FanoutArgs {
     /// Time limit of the publish phase (from the first send to the last).
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub publish_timeout: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RoomsArgs {
+    /// Server URL (ws://HOST:PORT[/path]).
+    #[arg(long, default_value = "ws://127.0.0.1:4000")]
+    pub url: String,
+    /// Rooms.
+    #[arg(long, short = 'r')]
+    pub rooms: u64,
+    /// Members per room (each one connection).
+    #[arg(long, short = 'm')]
+    pub members: u64,
+    /// Topic prefix; room i is `<prefix>room-<i>`. `bench:` has no presence traffic,
+    /// `rooms:` runs the seed app's chat rooms (with presence).
+    #[arg(long, default_value = "bench:")]
+    pub topic_prefix: String,
+    /// `new_msg` per second that every member sends.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate_per_member: f64,
+    /// How long the members send.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// New member connections per second during the ramp.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// After the last send, wait at most this long for outstanding deliveries.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ChurnArgs {
+    /// Server URL (ws://HOST:PORT[/path]).
+    #[arg(long, default_value = "ws://127.0.0.1:4000")]
+    pub url: String,
+    /// Concurrent slots, each running one cycle at a time.
+    #[arg(long, short = 'n')]
+    pub connections: u64,
+    /// Cycles per second, all slots together.
+    #[arg(long, default_value_t = 100.0)]
+    pub cycle_rate: f64,
+    /// How long new cycles start; cycles under way then finish.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Topic every cycle joins.
+    #[arg(long, default_value = "bench:churn")]
+    pub topic: String,
+    /// Spread the slots over this many topics (`<topic>:<i mod K>`).
+    #[arg(long, default_value_t = 1)]
+    pub topics: u64,
+    /// `new_msg` pushes per cycle, between the join and the leave.
+    #[arg(long, default_value_t = 0)]
+    pub pushes: u64,
+}
+
+/// Rooms: messages each member sends, and the interval between them.
+pub fn room_schedule(rate_per_member: f64, duration: Duration) -> (u64, Duration) {
+    let n = (rate_per_member * duration.as_secs_f64()).round().max(1.0) as u64;
+    (n, Duration::from_secs_f64(1.0 / rate_per_member))
 }
 
 /// `ws://host:port[/path]` → target address, Host header, WebSocket path.
@@ -249,6 +319,75 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 exact_duplicates: a.messages.div_ceil(8).saturating_mul(a.subscribers) <= 256 << 20,
             }
         }
+        Cmd::Rooms(a) => {
+            if a.connect_rate.is_nan() || a.connect_rate <= 0.0 {
+                bail!("--connect-rate must be above 0");
+            }
+            if a.rooms == 0 || a.members == 0 {
+                bail!("--rooms and --members must be at least 1");
+            }
+            if a.rate_per_member.is_nan() || a.rate_per_member <= 0.0 {
+                bail!("--rate-per-member must be above 0");
+            }
+            let total = a
+                .rooms
+                .checked_mul(a.members)
+                .context("--rooms x --members is too large")?;
+            let (per_sender, interval) = room_schedule(a.rate_per_member, a.duration);
+            let target = parse_url(&a.url)?;
+            Job {
+                mode: Mode::Room {
+                    rooms: a.rooms,
+                    members: a.members,
+                    per_sender,
+                    interval,
+                },
+                sources: sources_for(&target.addr, cli.sources)?,
+                target,
+                secret: cli.secret.clone(),
+                topic: a.topic_prefix.clone(),
+                topics: 1,
+                rate: a.connect_rate,
+                total,
+                stage_timeout: cli.stage_timeout,
+                cores: cli.cores.max(1),
+                heartbeat: cli.heartbeat,
+                // A seen-bitset per (member, sender), while they stay under 256 MiB.
+                exact_duplicates: per_sender
+                    .div_ceil(8)
+                    .saturating_mul(a.members)
+                    .saturating_mul(total)
+                    <= 256 << 20,
+            }
+        }
+        Cmd::Churn(a) => {
+            if a.cycle_rate.is_nan() || a.cycle_rate <= 0.0 {
+                bail!("--cycle-rate must be above 0");
+            }
+            if a.connections == 0 {
+                bail!("--connections must be at least 1");
+            }
+            let target = parse_url(&a.url)?;
+            Job {
+                // Each slot runs a cycle every N / rate seconds; the ramp staggers them.
+                mode: Mode::Churn {
+                    period: Duration::from_secs_f64(a.connections as f64 / a.cycle_rate),
+                    duration: a.duration,
+                    pushes: a.pushes,
+                },
+                sources: sources_for(&target.addr, cli.sources)?,
+                target,
+                secret: cli.secret.clone(),
+                topic: a.topic.clone(),
+                topics: a.topics.max(1),
+                rate: a.cycle_rate,
+                total: a.connections,
+                stage_timeout: cli.stage_timeout,
+                cores: cli.cores.max(1),
+                heartbeat: cli.heartbeat,
+                exact_duplicates: false,
+            }
+        }
     };
     let total = job.total;
     Ok((job, total))
@@ -267,6 +406,17 @@ pub fn hard_deadline(cli: &Cli) -> Duration {
                 + a.drain_timeout.as_secs_f64()
                 + 40.0
         }
+        Cmd::Rooms(a) => {
+            (a.rooms.saturating_mul(a.members)) as f64 / a.connect_rate
+                + 4.0 * st
+                + 10.0
+                + a.duration.as_secs_f64()
+                + a.drain_timeout.as_secs_f64()
+                + 40.0
+        }
+        // The last cycle starts before the duration ends and takes at most four stages
+        // plus the close.
+        Cmd::Churn(a) => a.duration.as_secs_f64() + 5.0 * st + 45.0,
     };
     Duration::from_secs_f64(secs)
 }
@@ -322,5 +472,63 @@ mod tests {
         );
         assert!(sources_for(&"127.0.0.1:1".parse().unwrap(), 300).is_err());
         assert!(sources_for(&"[::1]:1".parse().unwrap(), 3).unwrap().is_empty());
+    }
+
+    #[test]
+    fn room_schedules() {
+        assert_eq!(
+            room_schedule(2.0, Duration::from_secs(5)),
+            (10, Duration::from_millis(500))
+        );
+        // At least one message, even for a short run.
+        assert_eq!(room_schedule(0.1, Duration::from_secs(1)).0, 1);
+    }
+
+    #[test]
+    fn new_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "lg",
+            "rooms",
+            "--rooms",
+            "3",
+            "--members",
+            "4",
+            "--rate-per-member",
+            "2",
+            "--duration",
+            "5s",
+            "--topic-prefix",
+            "rooms:",
+        ])
+        .unwrap();
+        let (job, total) = job_of(&cli).unwrap();
+        assert_eq!(total, 12);
+        assert_eq!(job.topic_of(4), "rooms:room-1");
+        assert!(matches!(
+            job.mode,
+            Mode::Room {
+                rooms: 3,
+                members: 4,
+                per_sender: 10,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["lg", "churn", "-n", "200", "--cycle-rate", "400", "--pushes", "2"])
+            .unwrap();
+        let (job, total) = job_of(&cli).unwrap();
+        assert_eq!(total, 200);
+        match job.mode {
+            Mode::Churn { period, pushes, .. } => {
+                assert_eq!(period, Duration::from_millis(500));
+                assert_eq!(pushes, 2);
+            }
+            m => panic!("unexpected mode {m:?}"),
+        }
+        assert!(
+            Cli::try_parse_from(["lg", "rooms", "--rooms", "0", "--members", "1"])
+                .map_err(anyhow::Error::from)
+                .and_then(|c| job_of(&c))
+                .is_err()
+        );
     }
 }

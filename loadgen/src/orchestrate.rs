@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::report::{self, ConnectReport, FanoutReport, ServerFigures};
+use crate::report::{self, ChurnReport, ConnectReport, FanoutReport, RoomsReport, ServerFigures};
 use crate::run::{self, Job, Pace, PubShared, Shared, SliceReport};
 use crate::sys::{self, unix_nanos};
 use crate::{hard_deadline, job_of, Cli, Cmd};
@@ -41,6 +41,12 @@ pub struct Progress {
     pub ended_early: u64,
     pub deliveries: u64,
     pub subscribers_complete: u64,
+    #[serde(default)]
+    pub sent: u64,
+    #[serde(default)]
+    pub senders_done: u64,
+    #[serde(default)]
+    pub tasks_done: u64,
 }
 
 impl Progress {
@@ -52,6 +58,9 @@ impl Progress {
             ended_early: s.ended_early.load(Relaxed),
             deliveries: s.deliveries.load(Relaxed),
             subscribers_complete: s.subscribers_complete.load(Relaxed),
+            sent: s.sent.load(Relaxed),
+            senders_done: s.senders_done.load(Relaxed),
+            tasks_done: s.tasks_done.load(Relaxed),
         }
     }
 
@@ -62,6 +71,9 @@ impl Progress {
         self.ended_early += o.ended_early;
         self.deliveries += o.deliveries;
         self.subscribers_complete += o.subscribers_complete;
+        self.sent += o.sent;
+        self.senders_done += o.senders_done;
+        self.tasks_done += o.tasks_done;
     }
 }
 
@@ -135,8 +147,26 @@ fn parse_range(s: &str) -> anyhow::Result<(u64, u64)> {
     Ok((a.parse()?, b.parse()?))
 }
 
-/// A worker process: runs its slice, reports on stdout, stops on `release` or when
-/// its parent goes away (stdin closed).
+/// A command from the parent to a worker, one per line on its stdin.
+#[derive(Debug, PartialEq, Eq)]
+enum WorkerCmd {
+    /// Rooms: start sending.
+    Go,
+    /// Close every connection and send the final report.
+    Release,
+    Other,
+}
+
+fn parse_command(line: &str) -> WorkerCmd {
+    match line.trim() {
+        "go" => WorkerCmd::Go,
+        "release" => WorkerCmd::Release,
+        _ => WorkerCmd::Other,
+    }
+}
+
+/// A worker process: runs its slice, reports on stdout, starts sending on `go`, stops
+/// on `release` or when its parent goes away (stdin closed).
 pub fn worker_main(cli: &Cli, range: &str) -> anyhow::Result<bool> {
     let (start, count) = parse_range(range)?;
     let (job, _) = job_of(cli)?;
@@ -156,8 +186,11 @@ pub fn worker_main(cli: &Cli, range: &str) -> anyhow::Result<bool> {
                 line.clear();
                 match stdin.lock().read_line(&mut line) {
                     Ok(0) | Err(_) => break,
-                    Ok(_) if line.trim() == "release" => break,
-                    Ok(_) => {}
+                    Ok(_) => match parse_command(&line) {
+                        WorkerCmd::Go => shared.go.store(true, Relaxed),
+                        WorkerCmd::Release => break,
+                        WorkerCmd::Other => {}
+                    },
                 }
             }
             shared.stop.store(true, Relaxed);
@@ -316,6 +349,20 @@ impl Peers {
 
     fn all_done(&self) -> bool {
         self.done.iter().all(Option::is_some)
+    }
+
+    /// Rooms: every slice starts sending.
+    fn go(&mut self) {
+        for c in &mut self.ctl {
+            match c {
+                PeerCtl::Local(s) => s.go.store(true, Relaxed),
+                PeerCtl::Worker(Some(w)) => {
+                    let _ = w.write_all(b"go\n");
+                    let _ = w.flush();
+                }
+                PeerCtl::Worker(None) => {}
+            }
+        }
     }
 
     fn release(&mut self) {
@@ -479,6 +526,8 @@ pub fn parent_main(cli: &Cli) -> anyhow::Result<bool> {
     match &cli.cmd {
         Cmd::Connect(a) => connect(cli, job, a),
         Cmd::Fanout(a) => fanout(cli, job, a),
+        Cmd::Rooms(a) => rooms(cli, job, a),
+        Cmd::Churn(a) => churn(cli, job, a),
     }
 }
 
@@ -696,6 +745,191 @@ fn fanout(cli: &Cli, job: Job, a: &crate::FanoutArgs) -> anyhow::Result<bool> {
     Ok(rep.problems.is_empty())
 }
 
+/// When the rooms' drain may stop: every expected delivery arrived, or none arrived
+/// for a while (members that failed or left make "expected" unknowable live).
+fn drained(deliveries: u64, expected_if_all_joined: Option<u64>, quiet_for: Duration) -> bool {
+    expected_if_all_joined.is_some_and(|e| deliveries >= e) || quiet_for >= Duration::from_secs(2)
+}
+
+fn rooms(cli: &Cli, job: Job, a: &crate::RoomsArgs) -> anyhow::Result<bool> {
+    let slices = preflight(cli, &job, 0)?;
+    let job = Arc::new(job);
+    let total = job.total;
+    eprintln!(
+        "ramping {} rooms x {} members ({}room-<i>) at {}/s ...",
+        a.rooms, a.members, a.topic_prefix, a.connect_rate
+    );
+    let mut peers = Peers::start(job.clone(), &slices)?;
+    let ramp_limit =
+        Duration::from_secs_f64(total as f64 / a.connect_rate + 3.0 * job.stage_timeout.as_secs_f64() + 10.0);
+    let ramped = ramp(cli, &mut peers, total, "members", ramp_limit);
+    let full = sample(cli.server_pid);
+    let (per_sender, _) = crate::room_schedule(a.rate_per_member, a.duration);
+    eprintln!(
+        "{} members joined ({} failed); each sends {per_sender} messages at {}/s ...",
+        ramped.joined, ramped.failed, a.rate_per_member
+    );
+    let before_publish = sample(cli.server_pid);
+    peers.go();
+    // With every member joined, the expected deliveries are known up front.
+    let all_joined = ramped.joined == total;
+    let expected_if_all = all_joined.then(|| per_sender * a.members * total);
+    let pb = bar(
+        cli,
+        expected_if_all
+            .unwrap_or(per_sender * a.members * ramped.joined)
+            .max(1),
+        "deliveries [{elapsed_precise}] {bar:40} {pos}/{len} {per_sec} {msg}",
+    );
+    let send_limit = a.duration + job.stage_timeout + Duration::from_secs(2);
+    let t0 = Instant::now();
+    let mut sending_done: Option<Instant> = None;
+    let (mut last_deliveries, mut last_change) = (0u64, Instant::now());
+    let mut why_stopped = "all deliveries arrived";
+    loop {
+        peers.pump(Duration::from_millis(50));
+        let p = peers.total();
+        pb.set_position(p.deliveries);
+        pb.set_message(format!("sent {}", p.sent));
+        if p.deliveries != last_deliveries {
+            (last_deliveries, last_change) = (p.deliveries, Instant::now());
+        }
+        if sending_done.is_none() && (p.senders_done + p.ended_early >= p.joined || t0.elapsed() > send_limit)
+        {
+            if p.senders_done + p.ended_early < p.joined {
+                peers.fatal.push(format!(
+                    "only {} of {} members sent everything within {:.0}s",
+                    p.senders_done,
+                    p.joined,
+                    send_limit.as_secs_f64()
+                ));
+            }
+            sending_done = Some(Instant::now());
+        }
+        if let Some(d) = sending_done {
+            if drained(p.deliveries, expected_if_all, last_change.elapsed()) {
+                if expected_if_all.is_none_or(|e| p.deliveries < e) {
+                    why_stopped = "no more deliveries for 2s";
+                }
+                break;
+            }
+            if d.elapsed() > a.drain_timeout {
+                why_stopped = "drain timeout";
+                break;
+            }
+        }
+        if peers.all_done() {
+            why_stopped = "every slice ended";
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    let after_publish = sample(cli.server_pid);
+    peers.release();
+    let merged = peers.collect(Duration::from_secs(30));
+    let server = cli.server_pid.map(|pid| ServerFigures {
+        pid,
+        before: None,
+        full,
+        after_hold: None,
+        after_close: None,
+        before_publish,
+        after_publish,
+    });
+    let rep = RoomsReport::build(
+        a,
+        &job,
+        slices.len(),
+        &merged,
+        per_sender,
+        why_stopped,
+        server,
+        peers.fatal.clone(),
+    );
+    report::print_rooms(&rep);
+    if let Some(path) = &cli.json {
+        report::write_json(path, &rep)?;
+    }
+    Ok(rep.problems.is_empty())
+}
+
+fn churn(cli: &Cli, job: Job, a: &crate::ChurnArgs) -> anyhow::Result<bool> {
+    let slices = preflight(cli, &job, 0)?;
+    // A closed connection may hold its source port in TIME_WAIT for about 60 s.
+    let ports = sys::ephemeral_ports() * job.sources.len().max(1) as u64;
+    let cycles = a.cycle_rate * a.duration.as_secs_f64().min(60.0);
+    if cycles > ports as f64 * 0.8 {
+        eprintln!(
+            "warning: {cycles:.0} cycles within 60 s may run out of the {ports} source ports              (TIME_WAIT); raise --sources or lower --cycle-rate"
+        );
+    }
+    let job = Arc::new(job);
+    let before = sample(cli.server_pid);
+    eprintln!(
+        "churning {} slots at {} cycles/s for {:.1}s on {} ...",
+        a.connections,
+        a.cycle_rate,
+        a.duration.as_secs_f64(),
+        a.topic
+    );
+    let mut peers = Peers::start(job.clone(), &slices)?;
+    let pb = bar(
+        cli,
+        a.duration.as_millis() as u64,
+        "churn [{elapsed_precise}] {bar:40} {msg}",
+    );
+    // Every slot ends by itself: no cycle starts after the duration, and one takes at
+    // most four stage timeouts plus the close.
+    let limit = a.duration + job.stage_timeout * 5 + Duration::from_secs(5);
+    let t0 = Instant::now();
+    loop {
+        peers.pump(Duration::from_millis(100));
+        let p = peers.total();
+        pb.set_position((t0.elapsed().as_millis() as u64).min(a.duration.as_millis() as u64));
+        pb.set_message(format!("cycles {} failed {}", p.joined, p.failed));
+        if p.tasks_done >= a.connections || peers.all_done() {
+            break;
+        }
+        if t0.elapsed() > limit {
+            peers.fatal.push(format!(
+                "slots still cycling {:.0}s after the start",
+                limit.as_secs_f64()
+            ));
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let at_end = sample(cli.server_pid);
+    peers.release();
+    let merged = peers.collect(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let after_close = sample(cli.server_pid);
+    let server = cli.server_pid.map(|pid| ServerFigures {
+        pid,
+        before,
+        full: at_end,
+        after_hold: None,
+        after_close,
+        before_publish: None,
+        after_publish: None,
+    });
+    let rep = ChurnReport::build(
+        a,
+        &job,
+        slices.len(),
+        &merged,
+        elapsed,
+        server,
+        peers.fatal.clone(),
+    );
+    report::print_churn(&rep);
+    if let Some(path) = &cli.json {
+        report::write_json(path, &rep)?;
+    }
+    Ok(rep.problems.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,6 +939,22 @@ mod tests {
         assert_eq!(plan_slices(10, 100, 2), vec![(0, 10)]);
         assert_eq!(plan_slices(250, 100, 2), vec![(0, 98), (98, 100), (198, 52)]);
         assert_eq!(plan_slices(0, 100, 0), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn rooms_drain_ends() {
+        let s = Duration::from_millis(100);
+        assert!(drained(100, Some(100), s));
+        assert!(!drained(99, Some(100), s));
+        assert!(!drained(99, None, s));
+        assert!(drained(99, None, Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn worker_commands() {
+        assert_eq!(parse_command("go\n"), WorkerCmd::Go);
+        assert_eq!(parse_command("release\n"), WorkerCmd::Release);
+        assert_eq!(parse_command("hello\n"), WorkerCmd::Other);
     }
 
     #[test]

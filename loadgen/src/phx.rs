@@ -23,8 +23,26 @@ pub fn heartbeat(reference: u64) -> String {
 
 /// `["1",<ref>,<topic>,"new_msg",{"body":"<seq>:<send_unix_nanos>"}]`
 pub fn publish(topic: &str, reference: u64, seq: u64, unix_nanos: u64) -> String {
+    new_msg(topic, reference, &format!("{seq}:{unix_nanos}"))
+}
+
+/// `["1",<ref>,<topic>,"new_msg",{"body":"<sender>:<seq>:<send_unix_nanos>"}]` (rooms, churn)
+pub fn publish_from(topic: &str, reference: u64, sender: u64, seq: u64, unix_nanos: u64) -> String {
+    new_msg(topic, reference, &format!("{sender}:{seq}:{unix_nanos}"))
+}
+
+/// `new_msg` with a body made only of digits and colons (no escaping needed).
+fn new_msg(topic: &str, reference: u64, body: &str) -> String {
     format!(
-        "[\"{JOIN_REF}\",\"{reference}\",{},\"new_msg\",{{\"body\":\"{seq}:{unix_nanos}\"}}]",
+        "[\"{JOIN_REF}\",\"{reference}\",{},\"new_msg\",{{\"body\":\"{body}\"}}]",
+        json_str(topic)
+    )
+}
+
+/// `["1",<ref>,<topic>,"phx_leave",{}]`
+pub fn leave(topic: &str, reference: u64) -> String {
+    format!(
+        "[\"{JOIN_REF}\",\"{reference}\",{},\"phx_leave\",{{}}]",
         json_str(topic)
     )
 }
@@ -73,6 +91,17 @@ fn digits(b: &[u8], mut i: usize) -> Option<(u64, usize)> {
 /// In a `new_msg` broadcast whose body is `"<seq>:<unix_nanos>"`, finds both numbers.
 /// Returns `None` for any other message.
 pub fn find_seq_ts(msg: &[u8]) -> Option<(u64, u64)> {
+    body_numbers::<2>(msg).map(|[seq, ts]| (seq, ts))
+}
+
+/// In a `new_msg` broadcast whose body is `"<sender>:<seq>:<unix_nanos>"`, finds the
+/// three numbers. Returns `None` for any other message.
+pub fn find_sender_seq_ts(msg: &[u8]) -> Option<(u64, u64, u64)> {
+    body_numbers::<3>(msg).map(|[sender, seq, ts]| (sender, seq, ts))
+}
+
+/// The body of a `new_msg` broadcast, when it is exactly N colon-separated numbers.
+fn body_numbers<const N: usize>(msg: &[u8]) -> Option<[u64; N]> {
     find(msg, b"\"new_msg\"")?;
     let key = find(msg, b"\"body\"")?;
     let mut i = skip_ws(msg, key + 6);
@@ -83,15 +112,17 @@ pub fn find_seq_ts(msg: &[u8]) -> Option<(u64, u64)> {
     if msg.get(i) != Some(&b'"') {
         return None;
     }
-    let (seq, i) = digits(msg, i + 1)?;
-    if msg.get(i) != Some(&b':') {
-        return None;
+    let mut out = [0u64; N];
+    for (k, slot) in out.iter_mut().enumerate() {
+        let (v, next) = digits(msg, i + 1)?;
+        let sep = if k + 1 == N { b'"' } else { b':' };
+        if msg.get(next) != Some(&sep) {
+            return None;
+        }
+        *slot = v;
+        i = next;
     }
-    let (ts, i) = digits(msg, i + 1)?;
-    if msg.get(i) != Some(&b'"') {
-        return None;
-    }
-    Some((seq, ts))
+    Some(out)
 }
 
 /// The answer to our join, if `msg` is it.
@@ -104,9 +135,15 @@ pub enum JoinReply {
 
 /// Recognises the `phx_reply` to our `phx_join` (join_ref and ref both `"1"`).
 pub fn join_reply(msg: &[u8]) -> Option<JoinReply> {
+    reply_to(msg, JOIN_REF)
+}
+
+/// Recognises the `phx_reply` to the message with ref `reference` on our channel
+/// (join_ref `"1"`), e.g. the reply to a `phx_leave`.
+pub fn reply_to(msg: &[u8], reference: &str) -> Option<JoinReply> {
     // Phoenix leaves the join_ref null on an "unmatched topic" reply.
-    let ours = format!("[\"{JOIN_REF}\",\"{JOIN_REF}\",");
-    let unmatched = format!("[null,\"{JOIN_REF}\",");
+    let ours = format!("[\"{JOIN_REF}\",\"{reference}\",");
+    let unmatched = format!("[null,\"{reference}\",");
     if !(msg.starts_with(ours.as_bytes()) || msg.starts_with(unmatched.as_bytes()))
         || find(msg, b"\"phx_reply\"").is_none()
     {
@@ -168,6 +205,33 @@ mod tests {
         for c in cases {
             assert_eq!(find_seq_ts(c), None, "{}", String::from_utf8_lossy(c));
         }
+    }
+
+    #[test]
+    fn sender_seq_and_timestamp() {
+        let m = publish_from("bench:room-3", 4, 17, 2, 99);
+        assert_eq!(m, r#"["1","4","bench:room-3","new_msg",{"body":"17:2:99"}]"#);
+        assert_eq!(find_sender_seq_ts(m.as_bytes()), Some((17, 2, 99)));
+        let b = br#"[null,null,"rooms:room-0","new_msg",{"body":"5:0:123","user":"lg5"}]"#;
+        assert_eq!(find_sender_seq_ts(b), Some((5, 0, 123)));
+        // Two numbers are a fanout body, not a room body, and the other way round.
+        assert_eq!(find_sender_seq_ts(publish("t", 1, 2, 3).as_bytes()), None);
+        assert_eq!(find_seq_ts(b), None);
+        assert_eq!(
+            find_sender_seq_ts(br#"["1",null,"t","new_msg",{"body":"1:2:"}]"#),
+            None
+        );
+    }
+
+    #[test]
+    fn leave_and_its_reply() {
+        assert_eq!(leave("bench:c", 5), r#"["1","5","bench:c","phx_leave",{}]"#);
+        let ok = br#"["1","5","bench:c","phx_reply",{"status":"ok","response":{}}]"#;
+        assert_eq!(reply_to(ok, "5"), Some(JoinReply::Ok));
+        assert_eq!(reply_to(ok, "6"), None);
+        assert_eq!(join_reply(ok), None);
+        let close = br#"["1","1","bench:c","phx_close",{}]"#;
+        assert_eq!(reply_to(close, "5"), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::run::{self, HistData, Job, Pace, PubShared, SliceReport};
 use crate::sys::ProcSample;
-use crate::{ConnectArgs, FanoutArgs};
+use crate::{ChurnArgs, ConnectArgs, FanoutArgs, RoomsArgs};
 
 /// Percentiles of a histogram of nanoseconds, in microseconds.
 #[derive(Debug, Clone, Serialize)]
@@ -325,20 +325,7 @@ impl FanoutReport {
             0.0
         };
         let expected = m.joined * sent;
-        let received = m.deliveries - m.duplicates - m.unexpected;
-        let server = server.map(|s| {
-            let cpu = match (s.before_publish, s.after_publish) {
-                (Some(b), Some(a)) => Some(a.cpu_secs - b.cpu_secs),
-                _ => None,
-            };
-            ServerFanout {
-                cpu_us_per_delivery: cpu
-                    .filter(|_| m.deliveries > 0)
-                    .map(|c| c * 1e6 / m.deliveries as f64),
-                cpu_secs_publish: cpu,
-                samples: s,
-            }
-        });
+        let server = server.map(|s| ServerFanout::of(s, m.deliveries));
         FanoutReport {
             command: "fanout",
             url: a.url.clone(),
@@ -361,7 +348,7 @@ impl FanoutReport {
             reorders: m.reorders,
             unexpected: m.unexpected,
             duplicates_exact: job.exact_duplicates,
-            loss: expected as i64 - received as i64,
+            loss: loss(expected, m),
             subscribers_complete: m.subscribers_complete,
             ended_early: m.ended_early,
             ends: m.ends.clone(),
@@ -384,6 +371,72 @@ impl FanoutReport {
     }
 }
 
+impl ServerFanout {
+    /// CPU from `before_publish` to `after_publish`, per delivery.
+    fn of(s: ServerFigures, deliveries: u64) -> ServerFanout {
+        let cpu = match (s.before_publish, s.after_publish) {
+            (Some(b), Some(a)) => Some(a.cpu_secs - b.cpu_secs),
+            _ => None,
+        };
+        ServerFanout {
+            cpu_us_per_delivery: cpu
+                .filter(|_| deliveries > 0)
+                .map(|c| c * 1e6 / deliveries as f64),
+            cpu_secs_publish: cpu,
+            samples: s,
+        }
+    }
+
+    fn print(&self, joined_what: &str) {
+        if let (Some(c), Some(per)) = (self.cpu_secs_publish, self.cpu_us_per_delivery) {
+            println!(
+                "  server pid {}: {c:.3} CPU seconds during publish, {per:.3} CPU-µs per delivery",
+                self.samples.pid
+            );
+        }
+        if let Some(f) = self.samples.full {
+            println!(
+                "  server RSS with {joined_what} joined: {}",
+                fmt_bytes(f.rss_bytes as f64)
+            );
+        }
+    }
+}
+
+/// expected - (deliveries - duplicates - unexpected)
+fn loss(expected: u64, m: &SliceReport) -> i64 {
+    let received = m.deliveries - m.duplicates - m.unexpected;
+    expected as i64 - received as i64
+}
+
+/// From `first` to `last` (unix nanos), 0 when either is missing.
+fn span(first: u64, last: u64) -> f64 {
+    if first > 0 && last > first {
+        secs(first, last)
+    } else {
+        0.0
+    }
+}
+
+fn per_sec(n: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+fn print_delivery_checks(loss: i64, duplicates: u64, exact: bool, reorders: u64, unexpected: u64) {
+    println!(
+        "  loss {loss}  duplicates {duplicates}{}  reorders {reorders}  unexpected {unexpected}",
+        if exact {
+            ""
+        } else {
+            " (only immediate repeats detected)"
+        },
+    );
+}
+
 pub fn print_fanout(r: &FanoutReport) {
     println!("== fanout: {} ({})", r.url, r.topic);
     println!(
@@ -399,18 +452,7 @@ pub fn print_fanout(r: &FanoutReport) {
         "  deliveries     {} of {} expected in {:.3}s = {:.0} deliveries/s",
         r.deliveries, r.expected, r.duration_secs, r.deliveries_per_sec
     );
-    println!(
-        "  loss {}  duplicates {}{}  reorders {}  unexpected {}",
-        r.loss,
-        r.duplicates,
-        if r.duplicates_exact {
-            ""
-        } else {
-            " (only immediate repeats detected)"
-        },
-        r.reorders,
-        r.unexpected
-    );
+    print_delivery_checks(r.loss, r.duplicates, r.duplicates_exact, r.reorders, r.unexpected);
     println!(
         "  subscribers    {} complete, {} ended early",
         r.subscribers_complete, r.ended_early
@@ -419,17 +461,241 @@ pub fn print_fanout(r: &FanoutReport) {
     println!("  latency        {}", r.latency.line());
     println!("  stopped        {}", r.stopped_because);
     if let Some(s) = &r.server {
-        if let (Some(c), Some(per)) = (s.cpu_secs_publish, s.cpu_us_per_delivery) {
-            println!(
-                "  server pid {}: {c:.3} CPU seconds during publish, {per:.3} CPU-µs per delivery",
-                s.samples.pid
-            );
+        s.print("subscribers");
+    }
+    print_problems(&r.problems);
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoomsReport {
+    pub command: &'static str,
+    pub url: String,
+    pub topic_prefix: String,
+    pub rooms: u64,
+    pub members_per_room: u64,
+    pub rate_per_member: f64,
+    /// Messages each member sends.
+    pub messages_per_member: u64,
+    pub send_duration_secs: f64,
+    pub processes: usize,
+    pub cores_per_process: usize,
+    pub members_requested: u64,
+    pub members_joined: u64,
+    pub member_failures: BTreeMap<String, u64>,
+    pub join_latency: Latency,
+    pub sent: u64,
+    /// Σ over rooms of messages sent in the room × members joined to it.
+    pub expected: u64,
+    /// Delivered `new_msg` frames, duplicates included.
+    pub deliveries: u64,
+    pub duplicates: u64,
+    /// A sender's seq lower than the one before from the same sender.
+    pub reorders: u64,
+    pub unexpected: u64,
+    pub duplicates_exact: bool,
+    /// expected - (deliveries - duplicates - unexpected)
+    pub loss: i64,
+    pub ended_early: u64,
+    pub ends: BTreeMap<String, u64>,
+    /// First send to last delivery.
+    pub duration_secs: f64,
+    pub deliveries_per_sec: f64,
+    pub latency: Latency,
+    pub stopped_because: String,
+    pub server: Option<ServerFanout>,
+    pub problems: Vec<String>,
+}
+
+impl RoomsReport {
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        a: &RoomsArgs,
+        job: &Job,
+        processes: usize,
+        m: &SliceReport,
+        per_member: u64,
+        why: &str,
+        server: Option<ServerFigures>,
+        problems: Vec<String>,
+    ) -> RoomsReport {
+        let expected = m.room_expected();
+        let duration = span(m.first_send_nanos, m.last_recv_nanos);
+        RoomsReport {
+            command: "rooms",
+            url: a.url.clone(),
+            topic_prefix: a.topic_prefix.clone(),
+            rooms: a.rooms,
+            members_per_room: a.members,
+            rate_per_member: a.rate_per_member,
+            messages_per_member: per_member,
+            send_duration_secs: span(m.first_send_nanos, m.last_send_nanos),
+            processes,
+            cores_per_process: job.cores,
+            members_requested: job.total,
+            members_joined: m.joined,
+            member_failures: m.failures.clone(),
+            join_latency: Latency::of(&m.join_latency),
+            sent: m.sent,
+            expected,
+            deliveries: m.deliveries,
+            duplicates: m.duplicates,
+            reorders: m.reorders,
+            unexpected: m.unexpected,
+            duplicates_exact: job.exact_duplicates,
+            loss: loss(expected, m),
+            ended_early: m.ended_early,
+            ends: m.ends.clone(),
+            duration_secs: duration,
+            deliveries_per_sec: per_sec(m.deliveries, duration),
+            latency: Latency::of(&m.latency),
+            stopped_because: why.to_string(),
+            server: server.map(|s| ServerFanout::of(s, m.deliveries)),
+            problems,
         }
-        if let Some(f) = s.samples.full {
-            println!(
-                "  server RSS with subscribers joined: {}",
-                fmt_bytes(f.rss_bytes as f64)
-            );
+    }
+}
+
+pub fn print_rooms(r: &RoomsReport) {
+    println!(
+        "== rooms: {} ({} rooms x {} members, {}room-<i>)",
+        r.url, r.rooms, r.members_per_room, r.topic_prefix
+    );
+    println!(
+        "  members        {} joined of {} ({} process(es) x {} core(s))",
+        r.members_joined, r.members_requested, r.processes, r.cores_per_process
+    );
+    print_map("member failures by kind", &r.member_failures);
+    println!("  join latency   {}", r.join_latency.line());
+    println!(
+        "  sent           {} messages ({} per member at {}/s) in {:.3}s",
+        r.sent, r.messages_per_member, r.rate_per_member, r.send_duration_secs
+    );
+    println!(
+        "  deliveries     {} of {} expected in {:.3}s = {:.0} deliveries/s",
+        r.deliveries, r.expected, r.duration_secs, r.deliveries_per_sec
+    );
+    print_delivery_checks(r.loss, r.duplicates, r.duplicates_exact, r.reorders, r.unexpected);
+    println!("  ended early    {}", r.ended_early);
+    print_map("ended early, by kind", &r.ends);
+    println!("  latency        {}", r.latency.line());
+    println!("  stopped        {}", r.stopped_because);
+    if let Some(s) = &r.server {
+        s.print("members");
+    }
+    print_problems(&r.problems);
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerChurn {
+    #[serde(flatten)]
+    pub samples: ServerFigures,
+    pub rss_start_bytes: Option<u64>,
+    pub rss_end_bytes: Option<u64>,
+    /// RSS at the end of the churn minus RSS before it.
+    pub rss_growth_bytes: Option<i64>,
+    pub cpu_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChurnReport {
+    pub command: &'static str,
+    pub url: String,
+    pub topic: String,
+    pub topics: u64,
+    pub slots: u64,
+    pub target_cycle_rate: f64,
+    pub pushes_per_cycle: u64,
+    pub duration_secs: f64,
+    pub processes: usize,
+    pub cores_per_process: usize,
+    pub cycles_attempted: u64,
+    pub cycles_completed: u64,
+    pub cycles_failed: u64,
+    pub failures: BTreeMap<String, u64>,
+    /// Completed cycles / duration.
+    pub achieved_cycle_rate: f64,
+    /// connect + upgrade + join + pushes + leave + close, completed cycles only.
+    pub cycle_latency: Latency,
+    /// connect + upgrade + join of every cycle that got that far.
+    pub join_latency: Latency,
+    /// From the start until every slot ended.
+    pub elapsed_secs: f64,
+    pub server: Option<ServerChurn>,
+    pub problems: Vec<String>,
+}
+
+impl ChurnReport {
+    pub fn build(
+        a: &ChurnArgs,
+        job: &Job,
+        processes: usize,
+        m: &SliceReport,
+        elapsed_secs: f64,
+        server: Option<ServerFigures>,
+        problems: Vec<String>,
+    ) -> ChurnReport {
+        let server = server.map(|s| {
+            let (start, end) = (s.before.map(|x| x.rss_bytes), s.full.map(|x| x.rss_bytes));
+            ServerChurn {
+                rss_start_bytes: start,
+                rss_end_bytes: end,
+                rss_growth_bytes: start.zip(end).map(|(a, b)| b as i64 - a as i64),
+                cpu_secs: s.before.zip(s.full).map(|(a, b)| b.cpu_secs - a.cpu_secs),
+                samples: s,
+            }
+        });
+        ChurnReport {
+            command: "churn",
+            url: a.url.clone(),
+            topic: a.topic.clone(),
+            topics: a.topics,
+            slots: a.connections,
+            target_cycle_rate: a.cycle_rate,
+            pushes_per_cycle: a.pushes,
+            duration_secs: a.duration.as_secs_f64(),
+            processes,
+            cores_per_process: job.cores,
+            cycles_attempted: m.attempted,
+            cycles_completed: m.joined,
+            cycles_failed: m.failed,
+            failures: m.failures.clone(),
+            achieved_cycle_rate: per_sec(m.joined, a.duration.as_secs_f64()),
+            cycle_latency: Latency::of(&m.cycle_latency),
+            join_latency: Latency::of(&m.join_latency),
+            elapsed_secs,
+            server,
+            problems,
+        }
+    }
+}
+
+pub fn print_churn(r: &ChurnReport) {
+    println!("== churn: {} ({})", r.url, r.topic);
+    println!(
+        "  slots          {} at {} cycles/s for {:.1}s, {} push(es) per cycle ({} process(es) x {} core(s))",
+        r.slots, r.target_cycle_rate, r.duration_secs, r.pushes_per_cycle, r.processes, r.cores_per_process
+    );
+    println!(
+        "  cycles         {} completed, {} failed, of {} started = {:.0} cycles/s",
+        r.cycles_completed, r.cycles_failed, r.cycles_attempted, r.achieved_cycle_rate
+    );
+    print_map("failures by kind", &r.failures);
+    println!("  cycle latency  {}", r.cycle_latency.line());
+    println!("  join latency   {}", r.join_latency.line());
+    println!("  ended after    {:.1}s", r.elapsed_secs);
+    if let Some(s) = &r.server {
+        let rss = |x: Option<u64>| x.map_or("?".to_string(), |x| fmt_bytes(x as f64));
+        println!(
+            "  server pid {}: RSS start {} | end {} | growth {} | after close {}",
+            s.samples.pid,
+            rss(s.rss_start_bytes),
+            rss(s.rss_end_bytes),
+            s.rss_growth_bytes
+                .map_or("?".to_string(), |g| fmt_bytes(g as f64)),
+            rss(s.samples.after_close.map(|x| x.rss_bytes))
+        );
+        if let Some(c) = s.cpu_secs {
+            println!("    CPU seconds during the churn {c:.2}");
         }
     }
     print_problems(&r.problems);
@@ -440,4 +706,46 @@ pub fn write_json<T: Serialize>(path: &Path, v: &T) -> anyhow::Result<()> {
     std::fs::write(path, s + "\n").map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     eprintln!("figures written to {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_counts_only_good_deliveries() {
+        let m = SliceReport {
+            deliveries: 12,
+            duplicates: 2,
+            unexpected: 1,
+            ..Default::default()
+        };
+        assert_eq!(loss(10, &m), 1);
+        assert_eq!(loss(9, &m), 0);
+        assert_eq!(span(0, 5), 0.0);
+        assert_eq!(span(1_000_000_000, 3_000_000_000), 2.0);
+        assert_eq!(per_sec(10, 0.0), 0.0);
+        assert_eq!(per_sec(10, 2.0), 5.0);
+    }
+
+    #[test]
+    fn server_cpu_per_delivery() {
+        let at = |cpu: f64, rss: u64| ProcSample {
+            rss_bytes: rss,
+            cpu_secs: cpu,
+            unix_nanos: 0,
+        };
+        let s = ServerFigures {
+            pid: 1,
+            before: None,
+            full: None,
+            after_hold: None,
+            after_close: None,
+            before_publish: Some(at(1.0, 10)),
+            after_publish: Some(at(1.5, 10)),
+        };
+        let f = ServerFanout::of(s, 1000);
+        assert!((f.cpu_us_per_delivery.unwrap() - 500.0).abs() < 1e-6);
+        assert_eq!(ServerFanout::of(f.samples, 0).cpu_us_per_delivery, None);
+    }
 }

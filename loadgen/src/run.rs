@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use slab::Slab;
 
-use crate::client::{Conn, End, Target};
+use crate::client::{Conn, End, Fail, Target};
 use crate::phx;
 use crate::sys::{self, unix_nanos};
 
@@ -28,6 +28,22 @@ pub enum Mode {
     Hold,
     /// Subscribe: record every `new_msg` delivery of `messages` expected ones.
     Subscribe { messages: u64 },
+    /// Room member: connection `i` is member `i / rooms` of room `i % rooms`. Once the
+    /// run says go, it sends `per_sender` `new_msg` one `interval` apart and records
+    /// every delivery of its room (its own included).
+    Room {
+        rooms: u64,
+        members: u64,
+        per_sender: u64,
+        interval: Duration,
+    },
+    /// Churn slot: connect, join, `pushes` `new_msg`, leave, close; a new cycle every
+    /// `period`, for `duration` from the start of the slice.
+    Churn {
+        period: Duration,
+        duration: Duration,
+        pushes: u64,
+    },
 }
 
 /// Everything a process needs to run its slice; identical in parent and workers.
@@ -54,10 +70,31 @@ pub struct Job {
 
 impl Job {
     pub fn topic_of(&self, idx: u64) -> String {
-        if self.topics > 1 {
+        if let Mode::Room { rooms, .. } = self.mode {
+            // `topic` is the prefix: `bench:` → `bench:room-<i>`.
+            format!("{}room-{}", self.topic, idx % rooms)
+        } else if self.topics > 1 {
             format!("{}:{}", self.topic, idx % self.topics)
         } else {
             self.topic.clone()
+        }
+    }
+
+    /// Rooms: the member index, inside `room`, of connection `sender`; `None` when the
+    /// sender is not a member of that room.
+    pub fn member_in_room(&self, sender: u64, room: u64) -> Option<u64> {
+        match self.mode {
+            Mode::Room { rooms, members, .. } => {
+                (sender % rooms == room && sender / rooms < members).then_some(sender / rooms)
+            }
+            _ => None,
+        }
+    }
+
+    fn rooms(&self) -> usize {
+        match self.mode {
+            Mode::Room { rooms, .. } => rooms as usize,
+            _ => 0,
         }
     }
 
@@ -118,6 +155,14 @@ pub struct SliceReport {
     pub last_recv_nanos: u64,
     /// Send-to-receive, nanoseconds.
     pub latency: HistData,
+    // rooms: what the members sent, and per room the sends and the joined members
+    pub sent: u64,
+    pub first_send_nanos: u64,
+    pub last_send_nanos: u64,
+    pub room_sent: Vec<u64>,
+    pub room_joined: Vec<u64>,
+    /// churn: connect + join + pushes + leave + close, nanoseconds.
+    pub cycle_latency: HistData,
 }
 
 fn min_nz(a: u64, b: u64) -> u64 {
@@ -148,14 +193,40 @@ impl SliceReport {
         self.subscribers_complete += o.subscribers_complete;
         self.first_recv_nanos = min_nz(self.first_recv_nanos, o.first_recv_nanos);
         self.last_recv_nanos = self.last_recv_nanos.max(o.last_recv_nanos);
-        let mut h = new_hist();
-        hist_add_data(&mut h, &self.join_latency);
-        hist_add_data(&mut h, &o.join_latency);
-        self.join_latency = hist_to_data(&h);
-        let mut h = new_hist();
-        hist_add_data(&mut h, &self.latency);
-        hist_add_data(&mut h, &o.latency);
-        self.latency = hist_to_data(&h);
+        self.sent += o.sent;
+        self.first_send_nanos = min_nz(self.first_send_nanos, o.first_send_nanos);
+        self.last_send_nanos = self.last_send_nanos.max(o.last_send_nanos);
+        add_vec(&mut self.room_sent, &o.room_sent);
+        add_vec(&mut self.room_joined, &o.room_joined);
+        merge_hist(&mut self.join_latency, &o.join_latency);
+        merge_hist(&mut self.latency, &o.latency);
+        merge_hist(&mut self.cycle_latency, &o.cycle_latency);
+    }
+
+    /// Rooms: the deliveries that should arrive, Σ over rooms of sends × joined members.
+    pub fn room_expected(&self) -> u64 {
+        self.room_sent
+            .iter()
+            .zip(&self.room_joined)
+            .map(|(s, j)| s * j)
+            .sum()
+    }
+}
+
+fn merge_hist(a: &mut HistData, b: &HistData) {
+    let mut h = new_hist();
+    hist_add_data(&mut h, a);
+    hist_add_data(&mut h, b);
+    *a = hist_to_data(&h);
+}
+
+/// Element-wise `a += b`, growing `a` as needed.
+fn add_vec(a: &mut Vec<u64>, b: &[u64]) {
+    if a.len() < b.len() {
+        a.resize(b.len(), 0);
+    }
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
     }
 }
 
@@ -168,6 +239,13 @@ pub struct Shared {
     pub ended_early: AtomicU64,
     pub deliveries: AtomicU64,
     pub subscribers_complete: AtomicU64,
+    /// Rooms: `new_msg` sent, and members that sent all theirs.
+    pub sent: AtomicU64,
+    pub senders_done: AtomicU64,
+    /// Connection tasks (churn: slots) that have ended.
+    pub tasks_done: AtomicU64,
+    /// Rooms: start sending.
+    pub go: AtomicBool,
     pub stop: AtomicBool,
 }
 
@@ -178,6 +256,8 @@ struct Signal {
     gen: Cell<u64>,
     stopped: Cell<bool>,
     hb_epoch: Cell<u64>,
+    /// When this executor saw the go flag.
+    go_at: Cell<Option<Instant>>,
     wakers: RefCell<Slab<Option<Waker>>>,
 }
 
@@ -187,6 +267,7 @@ impl Signal {
             gen: Cell::new(0),
             stopped: Cell::new(false),
             hb_epoch: Cell::new(0),
+            go_at: Cell::new(None),
             wakers: RefCell::new(Slab::new()),
         }
     }
@@ -246,7 +327,7 @@ async fn controller(
     heartbeat: Duration,
 ) {
     let mut last_hb = Instant::now();
-    let (mut deliveries, mut complete) = (0u64, 0u64);
+    let (mut deliveries, mut complete, mut sent, mut senders_done) = (0u64, 0u64, 0u64, 0u64);
     loop {
         glommio::timer::sleep(Duration::from_millis(20)).await;
         {
@@ -255,8 +336,18 @@ async fn controller(
             shared
                 .subscribers_complete
                 .fetch_add(s.subscribers_complete - complete, Relaxed);
+            shared.sent.fetch_add(s.sent - sent, Relaxed);
+            shared
+                .senders_done
+                .fetch_add(s.senders_done - senders_done, Relaxed);
             deliveries = s.deliveries;
             complete = s.subscribers_complete;
+            sent = s.sent;
+            senders_done = s.senders_done;
+        }
+        if sig.go_at.get().is_none() && shared.go.load(Relaxed) {
+            sig.go_at.set(Some(Instant::now()));
+            sig.fire();
         }
         if shared.stop.load(Relaxed) {
             sig.stopped.set(true);
@@ -271,9 +362,65 @@ async fn controller(
     }
 }
 
+/// The `new_msg` pushes of a room member, sent once its executor has seen go.
+struct PushPlan {
+    topic: String,
+    sender: u64,
+    room: usize,
+    count: u64,
+    interval: Duration,
+    /// Spreads the members over one interval, so that a room does not send in bursts.
+    offset: Duration,
+    sent: u64,
+}
+
+impl PushPlan {
+    /// When the next push is due; `None` before go and after the last one.
+    fn due(&self, go_at: Option<Instant>) -> Option<Instant> {
+        let go = go_at?;
+        (self.sent < self.count).then(|| go + self.offset + self.interval.mul_f64(self.sent as f64))
+    }
+
+    /// Queues every push due by now (at most 16 at once) and counts them.
+    fn queue_due(&mut self, conn: &mut Conn, go_at: Option<Instant>, stats: &RefCell<ExecStats>) {
+        let now = Instant::now();
+        let mut s = stats.borrow_mut();
+        for _ in 0..16 {
+            match self.due(go_at) {
+                Some(d) if d <= now => {}
+                _ => break,
+            }
+            let ts = unix_nanos();
+            let r = conn.next_ref();
+            conn.queue_text(phx::publish_from(&self.topic, r, self.sender, self.sent, ts).as_bytes());
+            self.sent += 1;
+            s.sent += 1;
+            s.room_sent[self.room] += 1;
+            s.first_send_nanos = min_nz(s.first_send_nanos, ts);
+            s.last_send_nanos = s.last_send_nanos.max(ts);
+            if self.sent == self.count {
+                s.senders_done += 1;
+            }
+        }
+    }
+}
+
+enum Step {
+    Recv(Result<(), End>),
+    Signal,
+    Push,
+}
+
 /// Keeps a joined connection alive until stop (returns `None` after a polite close)
-/// or until it ends by itself (returns why). Every message goes to `on_msg`.
-async fn live(mut conn: Conn, sig: &Signal, on_msg: &mut impl FnMut(&[u8])) -> Option<End> {
+/// or until it ends by itself (returns why). Every message goes to `on_msg`; the
+/// pushes of `plan` go out when due.
+async fn live(
+    mut conn: Conn,
+    sig: &Signal,
+    stats: &RefCell<ExecStats>,
+    mut plan: Option<&mut PushPlan>,
+    on_msg: &mut impl FnMut(&[u8]),
+) -> Option<End> {
     let key = sig.register();
     let mut seen = sig.gen.get();
     let mut hb = sig.hb_epoch.get();
@@ -281,18 +428,41 @@ async fn live(mut conn: Conn, sig: &Signal, on_msg: &mut impl FnMut(&[u8])) -> O
         if sig.stopped.get() {
             break None;
         }
-        let step = futures_lite::future::or(async { Some(conn.recv(on_msg).await) }, async {
-            sig.wait(key, seen).await;
-            None
-        })
+        let due = plan.as_ref().and_then(|p| p.due(sig.go_at.get()));
+        let step = futures_lite::future::or(
+            async { Step::Recv(conn.recv(on_msg).await) },
+            futures_lite::future::or(
+                async {
+                    sig.wait(key, seen).await;
+                    Step::Signal
+                },
+                async {
+                    match due {
+                        Some(d) => {
+                            glommio::timer::sleep(d.saturating_duration_since(Instant::now())).await;
+                            Step::Push
+                        }
+                        None => futures_lite::future::pending().await,
+                    }
+                },
+            ),
+        )
         .await;
         match step {
-            Some(Ok(())) => {}
-            Some(Err(end)) => {
+            Step::Recv(Ok(())) => {}
+            Step::Recv(Err(end)) => {
                 sig.unregister(key);
                 return Some(end);
             }
-            None => {
+            Step::Push => {
+                if let Some(p) = plan.as_deref_mut() {
+                    p.queue_due(&mut conn, sig.go_at.get(), stats);
+                    if let Err(e) = conn.flush_queued().await {
+                        break Some(End::Io(e.kind()));
+                    }
+                }
+            }
+            Step::Signal => {
                 seen = sig.gen.get();
                 if sig.hb_epoch.get() != hb && !sig.stopped.get() {
                     hb = sig.hb_epoch.get();
@@ -327,10 +497,17 @@ struct ExecStats {
     first_recv_nanos: u64,
     last_recv_nanos: u64,
     latency: Histogram<u64>,
+    sent: u64,
+    senders_done: u64,
+    first_send_nanos: u64,
+    last_send_nanos: u64,
+    room_sent: Vec<u64>,
+    room_joined: Vec<u64>,
+    cycle_latency: Histogram<u64>,
 }
 
 impl ExecStats {
-    fn new() -> Self {
+    fn new(rooms: usize) -> Self {
         ExecStats {
             failures: BTreeMap::new(),
             ends: BTreeMap::new(),
@@ -345,7 +522,26 @@ impl ExecStats {
             first_recv_nanos: 0,
             last_recv_nanos: 0,
             latency: new_hist(),
+            sent: 0,
+            senders_done: 0,
+            first_send_nanos: 0,
+            last_send_nanos: 0,
+            room_sent: vec![0; rooms],
+            room_joined: vec![0; rooms],
+            cycle_latency: new_hist(),
         }
+    }
+
+    /// Records one `new_msg` delivery sent at `ts`, as judged by the receiver's state.
+    fn delivery(&mut self, ts: u64, (dup, reorder, in_range): (bool, bool, bool)) {
+        let now = unix_nanos();
+        self.deliveries += 1;
+        self.duplicates += u64::from(dup);
+        self.reorders += u64::from(reorder);
+        self.unexpected += u64::from(!in_range);
+        self.latency.saturating_record(now.saturating_sub(ts).max(1));
+        self.first_recv_nanos = min_nz(self.first_recv_nanos, now);
+        self.last_recv_nanos = self.last_recv_nanos.max(now);
     }
 }
 
@@ -398,14 +594,45 @@ impl SubState {
     }
 }
 
-async fn conn_task(
-    job: Arc<Job>,
-    shared: Arc<Shared>,
-    sig: Rc<Signal>,
-    stats: Rc<RefCell<ExecStats>>,
-    idx: u64,
-) {
-    shared.attempted.fetch_add(1, Relaxed);
+/// One room member's view of its room: a stream per sender, each checked like a
+/// fanout subscriber's (duplicates, reorders per sender).
+struct RoomState {
+    members: u64,
+    per_sender: u64,
+    exact: bool,
+    /// Indexed by the sender's member index; allocated at the first delivery.
+    senders: Vec<Option<SubState>>,
+}
+
+impl RoomState {
+    fn new(members: u64, per_sender: u64, exact: bool) -> Self {
+        RoomState {
+            members,
+            per_sender,
+            exact,
+            senders: Vec::new(),
+        }
+    }
+
+    /// Records one delivery of `seq` from member `sender` (`None`: not a member of
+    /// this room); returns (duplicate, reorder, in_range).
+    fn record(&mut self, sender: Option<u64>, seq: u64) -> (bool, bool, bool) {
+        let Some(m) = sender.filter(|&m| m < self.members) else {
+            return (false, false, false);
+        };
+        if self.senders.is_empty() {
+            self.senders.resize_with(self.members as usize, || None);
+        }
+        let (per_sender, exact) = (self.per_sender, self.exact);
+        self.senders[m as usize]
+            .get_or_insert_with(|| SubState::new(per_sender, exact))
+            .record(seq)
+    }
+}
+
+/// Opens connection `idx` (token, connect, upgrade, join) and records its join
+/// latency. Failures are for the caller to count.
+async fn open_recorded(job: &Job, stats: &RefCell<ExecStats>, idx: u64) -> Result<Conn, Fail> {
     let t0 = Instant::now();
     {
         let mut s = stats.borrow_mut();
@@ -413,17 +640,57 @@ async fn conn_task(
     }
     let user = format!("lg{idx}");
     let token = ringcast::proto::token::sign(job.secret.as_bytes(), &user, unix_nanos() / 1_000_000_000);
-    let topic = job.topic_of(idx);
-    let opened = Conn::open(
+    let conn = Conn::open(
         &job.target,
         job.source_of(idx),
         &token,
-        &topic,
+        &job.topic_of(idx),
         job.stage_timeout,
         (idx as u32).wrapping_mul(2_654_435_761).wrapping_add(1),
     )
-    .await;
-    let conn = match opened {
+    .await?;
+    let mut s = stats.borrow_mut();
+    s.join_latency
+        .saturating_record(t0.elapsed().as_nanos().max(1) as u64);
+    s.last_join_nanos = s.last_join_nanos.max(unix_nanos());
+    Ok(conn)
+}
+
+async fn conn_task(
+    job: Arc<Job>,
+    shared: Arc<Shared>,
+    sig: Rc<Signal>,
+    stats: Rc<RefCell<ExecStats>>,
+    idx: u64,
+    slice_start: Instant,
+) {
+    if let Mode::Churn {
+        period,
+        duration,
+        pushes,
+    } = job.mode
+    {
+        churn_slot(
+            &job,
+            &shared,
+            &sig,
+            &stats,
+            idx,
+            slice_start + duration,
+            period,
+            pushes,
+        )
+        .await;
+    } else {
+        member_task(&job, &shared, &sig, &stats, idx).await;
+    }
+    shared.tasks_done.fetch_add(1, Relaxed);
+}
+
+/// One connection of connect, fanout or rooms: open, then live until released.
+async fn member_task(job: &Job, shared: &Shared, sig: &Signal, stats: &RefCell<ExecStats>, idx: u64) {
+    shared.attempted.fetch_add(1, Relaxed);
+    let conn = match open_recorded(job, stats, idx).await {
         Ok(c) => c,
         Err(f) => {
             shared.failed.fetch_add(1, Relaxed);
@@ -431,39 +698,52 @@ async fn conn_task(
             return;
         }
     };
-    {
-        let mut s = stats.borrow_mut();
-        s.join_latency
-            .saturating_record(t0.elapsed().as_nanos().max(1) as u64);
-        s.last_join_nanos = s.last_join_nanos.max(unix_nanos());
-    }
     shared.joined.fetch_add(1, Relaxed);
     let end = match job.mode {
-        Mode::Hold => live(conn, &sig, &mut |_| {}).await,
+        Mode::Hold | Mode::Churn { .. } => live(conn, sig, stats, None, &mut |_| {}).await,
         Mode::Subscribe { messages } => {
             let mut sub = SubState::new(messages, job.exact_duplicates);
             let mut was_complete = false;
-            let end = live(conn, &sig, &mut |m| {
+            live(conn, sig, stats, None, &mut |m| {
                 let Some((seq, ts)) = phx::find_seq_ts(m) else {
                     return;
                 };
-                let now = unix_nanos();
-                let (dup, reorder, in_range) = sub.record(seq);
+                let verdict = sub.record(seq);
                 let mut s = stats.borrow_mut();
-                s.deliveries += 1;
-                s.duplicates += u64::from(dup);
-                s.reorders += u64::from(reorder);
-                s.unexpected += u64::from(!in_range);
-                s.latency.saturating_record(now.saturating_sub(ts).max(1));
-                s.first_recv_nanos = min_nz(s.first_recv_nanos, now);
-                s.last_recv_nanos = s.last_recv_nanos.max(now);
+                s.delivery(ts, verdict);
                 if !was_complete && sub.complete() {
                     was_complete = true;
                     s.subscribers_complete += 1;
                 }
             })
-            .await;
-            end
+            .await
+        }
+        Mode::Room {
+            rooms,
+            members,
+            per_sender,
+            interval,
+        } => {
+            let room = idx % rooms;
+            stats.borrow_mut().room_joined[room as usize] += 1;
+            let mut plan = PushPlan {
+                topic: job.topic_of(idx),
+                sender: idx,
+                room: room as usize,
+                count: per_sender,
+                interval,
+                offset: interval.mul_f64((idx / rooms) as f64 / members as f64),
+                sent: 0,
+            };
+            let mut state = RoomState::new(members, per_sender, job.exact_duplicates);
+            live(conn, sig, stats, Some(&mut plan), &mut |m| {
+                let Some((sender, seq, ts)) = phx::find_sender_seq_ts(m) else {
+                    return;
+                };
+                let verdict = state.record(job.member_in_room(sender, room), seq);
+                stats.borrow_mut().delivery(ts, verdict);
+            })
+            .await
         }
     };
     if let Some(end) = end {
@@ -472,9 +752,79 @@ async fn conn_task(
     }
 }
 
+/// Churn: the cycle after cycle `k` (which ended `elapsed` after the slot started).
+/// Cycles that this one overran are skipped, so a slow server sees no catch-up burst.
+fn next_cycle(k: u64, elapsed: Duration, period: Duration) -> u64 {
+    let now = (elapsed.as_secs_f64() / period.as_secs_f64().max(1e-9)).ceil() as u64;
+    (k + 1).max(now)
+}
+
+/// One churn slot: a cycle every `period` until `until` (or stop).
+#[allow(clippy::too_many_arguments)]
+async fn churn_slot(
+    job: &Job,
+    shared: &Shared,
+    sig: &Signal,
+    stats: &RefCell<ExecStats>,
+    idx: u64,
+    until: Instant,
+    period: Duration,
+    pushes: u64,
+) {
+    let start = Instant::now();
+    let mut k = 0u64;
+    loop {
+        let due = start + period.mul_f64(k as f64);
+        if due >= until {
+            break;
+        }
+        while !sig.stopped.get() && Instant::now() < due {
+            let left = due.saturating_duration_since(Instant::now());
+            glommio::timer::sleep(left.min(Duration::from_millis(100))).await;
+        }
+        if sig.stopped.get() {
+            break;
+        }
+        shared.attempted.fetch_add(1, Relaxed);
+        let t0 = Instant::now();
+        match churn_cycle(job, stats, idx, pushes).await {
+            Ok(()) => {
+                shared.joined.fetch_add(1, Relaxed);
+                stats
+                    .borrow_mut()
+                    .cycle_latency
+                    .saturating_record(t0.elapsed().as_nanos().max(1) as u64);
+            }
+            Err(f) => {
+                shared.failed.fetch_add(1, Relaxed);
+                *stats.borrow_mut().failures.entry(f.kind()).or_default() += 1;
+            }
+        }
+        k = next_cycle(k, start.elapsed(), period);
+    }
+}
+
+/// connect → upgrade → join → pushes → leave → close.
+async fn churn_cycle(job: &Job, stats: &RefCell<ExecStats>, idx: u64, pushes: u64) -> Result<(), Fail> {
+    let mut conn = open_recorded(job, stats, idx).await?;
+    let topic = job.topic_of(idx);
+    if pushes > 0 {
+        for seq in 0..pushes {
+            let r = conn.next_ref();
+            conn.queue_text(phx::publish_from(&topic, r, idx, seq, unix_nanos()).as_bytes());
+        }
+        conn.flush_queued()
+            .await
+            .map_err(|e| Fail::Push(format!("write: {:?}", e.kind())))?;
+    }
+    conn.leave(&topic, job.stage_timeout).await?;
+    conn.close(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -> SliceReport {
     let sig = Rc::new(Signal::new());
-    let stats = Rc::new(RefCell::new(ExecStats::new()));
+    let stats = Rc::new(RefCell::new(ExecStats::new(job.rooms())));
     let ctl = glommio::spawn_local(controller(
         shared.clone(),
         sig.clone(),
@@ -482,10 +832,15 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
         job.heartbeat,
     ));
     let rate = (job.rate * count as f64 / job.total.max(1) as f64).max(0.001);
+    // Churn slots that would start after the run's duration are not started at all.
+    let spawn_for = match job.mode {
+        Mode::Churn { duration, .. } => duration,
+        _ => Duration::MAX,
+    };
     let mut tasks = Vec::with_capacity(count as usize);
     let t0 = Instant::now();
     let mut i = 0u64;
-    while i < count && !sig.stopped.get() {
+    while i < count && !sig.stopped.get() && t0.elapsed() < spawn_for {
         let due = ((t0.elapsed().as_secs_f64() * rate) as u64 + 1).min(count);
         while i < due {
             tasks.push(glommio::spawn_local(conn_task(
@@ -494,6 +849,7 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
                 sig.clone(),
                 stats.clone(),
                 start + i,
+                t0,
             )));
             i += 1;
         }
@@ -503,6 +859,8 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
             glommio::timer::sleep(wait.max(Duration::from_micros(200))).await;
         }
     }
+    // Slots never started count as done.
+    shared.tasks_done.fetch_add(count - i, Relaxed);
     for t in tasks {
         t.await;
     }
@@ -526,6 +884,12 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
         first_recv_nanos: s.first_recv_nanos,
         last_recv_nanos: s.last_recv_nanos,
         latency: hist_to_data(&s.latency),
+        sent: s.sent,
+        first_send_nanos: s.first_send_nanos,
+        last_send_nanos: s.last_send_nanos,
+        room_sent: s.room_sent.clone(),
+        room_joined: s.room_joined.clone(),
+        cycle_latency: hist_to_data(&s.cycle_latency),
     }
 }
 
@@ -550,6 +914,8 @@ pub fn run_slice(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -> 
         let r = h.join().map_err(|e| anyhow::anyhow!("executor failed: {e}"))?;
         report.merge(&r);
     }
+    // Churn counts cycles, not connections: take both from the live counters.
+    report.attempted = shared.attempted.load(Relaxed);
     report.joined = shared.joined.load(Relaxed);
     Ok(report)
 }
@@ -810,6 +1176,105 @@ mod tests {
         assert_eq!(s.record(2), (false, false, true));
         assert_eq!(s.record(1), (false, true, true));
         assert!(s.complete());
+    }
+
+    fn room_job(rooms: u64, members: u64) -> Job {
+        Job {
+            mode: Mode::Room {
+                rooms,
+                members,
+                per_sender: 5,
+                interval: Duration::from_millis(100),
+            },
+            target: Target {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                host: "127.0.0.1:1".into(),
+                path: "/socket/websocket".into(),
+            },
+            sources: Vec::new(),
+            secret: "s".into(),
+            topic: "bench:".into(),
+            topics: 1,
+            rate: 1.0,
+            total: rooms * members,
+            stage_timeout: Duration::from_secs(1),
+            cores: 1,
+            heartbeat: Duration::from_secs(25),
+            exact_duplicates: true,
+        }
+    }
+
+    #[test]
+    fn rooms_map_connections_to_members() {
+        let job = room_job(3, 4);
+        // Connection 7 is member 2 of room 1.
+        assert_eq!(job.topic_of(7), "bench:room-1");
+        assert_eq!(job.member_in_room(7, 1), Some(2));
+        assert_eq!(job.member_in_room(7, 0), None);
+        // Beyond rooms x members: nobody's member.
+        assert_eq!(job.member_in_room(13, 1), None);
+        assert_eq!(job.rooms(), 3);
+    }
+
+    #[test]
+    fn room_state_checks_each_sender_on_its_own() {
+        let mut r = RoomState::new(3, 4, true);
+        // Interleaved senders: no reorder across senders.
+        assert_eq!(r.record(Some(0), 0), (false, false, true));
+        assert_eq!(r.record(Some(1), 2), (false, false, true));
+        assert_eq!(r.record(Some(0), 1), (false, false, true));
+        assert_eq!(r.record(Some(1), 1), (false, true, true));
+        assert_eq!(r.record(Some(0), 1), (true, false, true));
+        // Not a member, or a seq past what a sender sends.
+        assert_eq!(r.record(None, 0), (false, false, false));
+        assert_eq!(r.record(Some(5), 0), (false, false, false));
+        assert_eq!(r.record(Some(2), 4), (false, false, false));
+    }
+
+    #[test]
+    fn push_plan_schedule() {
+        let plan = PushPlan {
+            topic: "bench:room-0".into(),
+            sender: 0,
+            room: 0,
+            count: 3,
+            interval: Duration::from_millis(100),
+            offset: Duration::from_millis(50),
+            sent: 1,
+        };
+        assert_eq!(plan.due(None), None);
+        let go = Instant::now();
+        assert_eq!(plan.due(Some(go)), Some(go + Duration::from_millis(150)));
+        let done = PushPlan { sent: 3, ..plan };
+        assert_eq!(done.due(Some(go)), None);
+    }
+
+    #[test]
+    fn churn_skips_overrun_cycles() {
+        let p = Duration::from_millis(100);
+        assert_eq!(next_cycle(0, Duration::from_millis(30), p), 1);
+        assert_eq!(next_cycle(0, Duration::from_millis(250), p), 3);
+        assert_eq!(next_cycle(4, Duration::from_millis(300), p), 5);
+    }
+
+    #[test]
+    fn room_tallies_merge_into_expected_deliveries() {
+        let a = SliceReport {
+            room_sent: vec![10, 0],
+            room_joined: vec![2, 1],
+            ..Default::default()
+        };
+        let b = SliceReport {
+            room_sent: vec![5, 4, 1],
+            room_joined: vec![1, 1, 0],
+            ..Default::default()
+        };
+        let mut m = SliceReport::default();
+        m.merge(&a);
+        m.merge(&b);
+        assert_eq!(m.room_sent, [15, 4, 1]);
+        assert_eq!(m.room_joined, [3, 2, 0]);
+        assert_eq!(m.room_expected(), 15 * 3 + 4 * 2);
     }
 
     #[test]
