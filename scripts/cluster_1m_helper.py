@@ -347,9 +347,8 @@ def cmd_readme(a):
     L.append("## How it was measured")
     L.append("")
     L.append("- one `redis-server` (no persistence) and K `ringcast serve --cores 1 --redis ...` nodes (release build) on "
-             "127.0.0.1, ports P..P+K-1, about `--per-node` connections each. With `--cores 1` every node pins its executor "
-             "to CPU 0 (`Placement::Fixed(0)`), whatever its affinity mask; the script re-pins node i to CPU i mod ncpu with "
-             "`taskset -a -p`.")
+             "127.0.0.1, ports P..P+K-1, about `--per-node` connections each; node i is pinned to CPU i mod ncpu "
+             "(`taskset -a -p`; ringcast pins its executors within its affinity mask).")
     L.append("- one `ringcast-loadgen connect` per node (the loadgen targets one URL per run; it rotates source addresses "
              "127.0.0.2..), every connection joining the same `bench:cluster-<N>` topic, then holding. Time to connect = from "
              "starting the loadgens until every one reported all its connections joined.")
