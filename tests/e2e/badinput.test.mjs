@@ -6,32 +6,8 @@ import { before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   e2e, startServer, rawConnect, rawTcp, connect, push, nextEvent, assertAlive, encodeBinaryPush, within, sleep,
+  bystanders, assertUnharmed,
 } from './lib.mjs';
-
-/** A bystander: a phoenix client and a raw V2 client joined to `topic`. */
-async function bystanders(server, topic) {
-  const phx = await connect(server.port, 'by1');
-  const chan = await phx.joined(topic);
-  const raw = await rawConnect(server.port, { userId: 'by2' });
-  await raw.join(topic);
-  return { phx, chan, raw };
-}
-
-/** The bystanders still get replies and broadcasts. */
-async function assertUnharmed(server, { phx, chan, raw }, topic) {
-  assertAlive(server);
-  assert.deepEqual(phx.closes, [], 'the bystander phoenix client was never disconnected');
-  assert.equal(raw.closeInfo, null, 'the bystander raw client was never disconnected');
-  assert.deepEqual(await push(chan, 'ping', { still: 'fine' }), { status: 'ok', response: { still: 'fine' } });
-  const got = nextEvent(chan, 'new_msg');
-  chan.push('new_msg', { body: 'after' });
-  assert.deepEqual(await got, { body: 'after', user: 'by1' });
-  const atRaw = await raw.event(topic, 'new_msg');
-  assert.deepEqual(atRaw.payload, { body: 'after', user: 'by1' });
-  const fresh = await rawConnect(server.port, { userId: 'fresh' });
-  fresh.send([null, 'hb', 'phoenix', 'heartbeat', {}]);
-  assert.deepEqual((await fresh.reply('hb')).payload, { status: 'ok', response: {} });
-}
 
 /** Sends `bad` on a fresh connection (after joining `topic`) and expects close code `code`. */
 async function expectClose(server, bad, code, { vsn, topic = 'rooms:victim' } = {}) {

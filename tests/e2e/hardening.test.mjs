@@ -17,6 +17,7 @@ import net from 'node:net';
 import {
   e2e, startServer, connect, rawConnect, push, nextEvent, assertAlive, upgradeStatus, within, sleep, waitFor,
   mintToken, WebSocket,
+  bystanders, assertUnharmed,
 } from './lib.mjs';
 import { API_KEY, request, apiBroadcast } from './httplib.mjs';
 
@@ -224,30 +225,6 @@ function encodeClientFrame(op, payload, { fin = true, mask = true } = {}) {
   const key = crypto.randomBytes(4);
   const masked = Buffer.from(data.map((b, i) => b ^ key[i % 4]));
   return Buffer.concat([head, key, masked]);
-}
-
-/** A phoenix client and a raw V2 client joined to `topic`, as badinput.test.mjs uses. */
-async function bystanders(server, topic) {
-  const phx = await connect(server.port, 'by1');
-  const chan = await phx.joined(topic);
-  const raw = await rawConnect(server.port, { userId: 'by2' });
-  await raw.join(topic);
-  return { phx, chan, raw };
-}
-
-/** The bystanders were never disconnected and still get replies and broadcasts. */
-async function assertUnharmed(server, { phx, chan, raw }, topic) {
-  assertAlive(server);
-  assert.deepEqual(phx.closes, [], 'the bystander phoenix client was never disconnected');
-  assert.equal(raw.closeInfo, null, 'the bystander raw client was never disconnected');
-  assert.deepEqual(await push(chan, 'ping', { still: 'fine' }), { status: 'ok', response: { still: 'fine' } });
-  const got = nextEvent(chan, 'new_msg');
-  chan.push('new_msg', { body: 'after' });
-  assert.deepEqual(await got, { body: 'after', user: 'by1' });
-  assert.deepEqual((await raw.event(topic, 'new_msg')).payload, { body: 'after', user: 'by1' });
-  // Closed here, before the test stops its server (which would disconnect them with 1001).
-  await phx.close();
-  await raw.close();
 }
 
 // ---------------------------------------------------------------------------

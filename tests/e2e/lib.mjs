@@ -7,6 +7,7 @@
 // the tail of the log of every server still running.
 
 import { test } from 'node:test';
+import assert from 'node:assert/strict';
 import { spawn, execFile } from 'node:child_process';
 import crypto from 'node:crypto';
 import net from 'node:net';
@@ -648,4 +649,35 @@ export async function rawTcp(port) {
     sock.once('error', reject);
   });
   return client;
+}
+
+/** Bystanders of a bad-input test: a phoenix client and a raw V2 client joined to `topic`. */
+export async function bystanders(server, topic) {
+  const phx = await connect(server.port, 'by1');
+  const chan = await phx.joined(topic);
+  const raw = await rawConnect(server.port, { userId: 'by2' });
+  await raw.join(topic);
+  return { phx, chan, raw };
+}
+
+/**
+ * The bystanders were never disconnected, still get replies and broadcasts, and a fresh
+ * connection is still served. Closes them afterwards, before the test stops its server
+ * (which would disconnect them with 1001).
+ */
+export async function assertUnharmed(server, { phx, chan, raw }, topic) {
+  assertAlive(server);
+  assert.deepEqual(phx.closes, [], 'the bystander phoenix client was never disconnected');
+  assert.equal(raw.closeInfo, null, 'the bystander raw client was never disconnected');
+  assert.deepEqual(await push(chan, 'ping', { still: 'fine' }), { status: 'ok', response: { still: 'fine' } });
+  const got = nextEvent(chan, 'new_msg');
+  chan.push('new_msg', { body: 'after' });
+  assert.deepEqual(await got, { body: 'after', user: 'by1' });
+  assert.deepEqual((await raw.event(topic, 'new_msg')).payload, { body: 'after', user: 'by1' });
+  const fresh = await rawConnect(server.port, { userId: 'fresh' });
+  fresh.send([null, 'hb', 'phoenix', 'heartbeat', {}]);
+  assert.deepEqual((await fresh.reply('hb')).payload, { status: 'ok', response: {} });
+  await fresh.close();
+  await phx.close();
+  await raw.close();
 }
