@@ -2,27 +2,29 @@
 # The million-connection cluster run on one box.
 #
 #   scripts/cluster-1m.sh [--target N] [--sweep "10000 50000 100000"] [--per-node 19000]
-#                         [--rate CONN_PER_S] [--time-limit SECS] [--min-free-gb G]
+#                         [--rate CONN_PER_S] [--heartbeat SECS] [--time-limit SECS] [--min-free-gb G]
 #                         [--base-port P] [--sources K] [--out DIR] [--check-only]
 #
 # For every size N (the --sweep sizes in order, else --target, default 1,000,000):
 #   - redis-server, then K = ceil(N / per-node) `ringcast serve --cores 1 --redis ...`
 #     nodes on 127.0.0.1 ports P..P+K-1 (release build), each re-pinned to CPU i mod ncpu;
-#   - one `ringcast-loadgen fanout -m 0` per node (it splits into worker processes by
+#   - one `ringcast-loadgen connect` per node (it splits into worker processes by
 #     itself past its fd limit and rotates source addresses 127.0.0.2..), all joining the
-#     same `bench:cluster-<N>` topic; the loadgen cannot target several URLs in one run,
+#     same `bench:cluster-<N>` topic and holding; the loadgen targets one URL per run,
 #     so the K runs go in parallel and their JSON reports are combined;
 #   - once every subscriber is joined, one broadcast through node 0's HTTP API
-#     (`new_msg`, body "1:<send unix nanos>"), which the loadgens time and count:
-#     with `-m 0` their own publisher sends nothing, and each loadgen ends as soon as
-#     all of its subscribers got the broadcast (or its drain timeout passed);
+#     (`new_msg`, body "1:<send unix nanos>"), counted by the nodes' /api/stats
+#     `deliveries` and timed by a few timing subscribers per node;
+#   - every connection heartbeats every --heartbeat seconds (default 300; the nodes run
+#     with --idle-timeout twice that). Phoenix's 30 s default would be 33,000 heartbeat
+#     round trips a second at 1M connections, most of a 2-core box by itself;
 #   - results in DIR/size-N/ (each loadgen's JSON, memory samples, log tails,
 #     summary.json) and DIR/README.md.
 #
 # It checks the host first and says what is missing instead of failing midway; sizes
 # that do not fit in memory or time are skipped with a note. It stops a size when
 # MemAvailable falls below --min-free-gb (default 3), bounds the whole run by
-# --time-limit (default 900 s), and always stops every process it started. Sizes above
+# --time-limit (default 1800 s), and always stops every process it started. Sizes above
 # 50,000 take the lock /tmp/ringcast-heavy.lock first (other benchmarks on this box use
 # it too). All traffic stays on 127.0.0.0/8.
 set -uo pipefail
@@ -36,8 +38,9 @@ LOADGEN_BIN="${RINGCAST_LOADGEN_BIN:-$ROOT/target/release/ringcast-loadgen}"
 TARGET=1000000
 SWEEP=""
 PER_NODE=19000
-RATE=6000
-TIME_LIMIT=900
+RATE=2500
+HEARTBEAT=300
+TIME_LIMIT=1800
 MIN_FREE_GB=3
 BASE_PORT=4700
 SOURCES=64
@@ -57,6 +60,7 @@ while [ $# -gt 0 ]; do
     --sweep) SWEEP="$2"; shift 2 ;;
     --per-node) PER_NODE="$2"; shift 2 ;;
     --rate) RATE="$2"; shift 2 ;;
+    --heartbeat) HEARTBEAT="$2"; shift 2 ;;
     --time-limit) TIME_LIMIT="$2"; shift 2 ;;
     --min-free-gb) MIN_FREE_GB="$2"; shift 2 ;;
     --base-port) BASE_PORT="$2"; shift 2 ;;
@@ -69,7 +73,7 @@ while [ $# -gt 0 ]; do
 done
 
 SIZES="${SWEEP:-$TARGET}"
-for n in $SIZES $PER_NODE $RATE $TIME_LIMIT; do
+for n in $SIZES $PER_NODE $RATE $HEARTBEAT $TIME_LIMIT; do
   [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -gt 0 ] || { echo "cluster-1m: not a positive integer: $n" >&2; exit 1; }
 done
 MAXN=0; for n in $SIZES; do [ "$n" -gt "$MAXN" ] && MAXN=$n; done
@@ -273,7 +277,7 @@ run_size() {
   for i in $(seq 0 $((K - 1))); do
     port=$((BASE_PORT + i))
     "$SERVER_BIN" serve --listen "127.0.0.1:$port" --cores 1 --secret "$SECRET" --api-key "$API_KEY" \
-      --redis "redis://127.0.0.1:$REDIS_PORT" --node-name "c1m-$i" --idle-timeout 600s \
+      --redis "redis://127.0.0.1:$REDIS_PORT" --node-name "c1m-$i" --idle-timeout "$((HEARTBEAT * 2))s" \
       > "$DIR/logs/node-$i.log" 2>&1 < /dev/null &
     NODE_PIDS+=($!)
     ports+=("$port"); files+=("$DIR/logs/node-$i.log")
@@ -305,7 +309,7 @@ run_size() {
   for i in $(seq 0 $((K - 1))); do
     n=$base; [ "$i" -lt "$extra" ] && n=$((n + 1))
     RINGCAST_SECRET="$SECRET" "$LOADGEN_BIN" connect --url "ws://127.0.0.1:${ports[$i]}" -n "$n" \
-      --topic "$topic" --rate "$per_rate" --hold "${hold}s" --stage-timeout 30s \
+      --topic "$topic" --rate "$per_rate" --hold "${hold}s" --stage-timeout 120s --heartbeat "${HEARTBEAT}s" \
       --sources "$SOURCES" --server-pid "${NODE_PIDS[$i]}" --quiet \
       --json "$DIR/lg-$i.json" > "$DIR/logs/lg-$i.out" 2> "$DIR/logs/lg-$i.log" < /dev/null &
     LG_PIDS+=($!)
