@@ -54,7 +54,11 @@ struct Cli {
     #[arg(long)]
     repeats: Option<usize>,
     /// Servers to run.
-    #[arg(long, value_delimiter = ',', default_value = "ringcast,floor,tokio")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ringcast,ringcast-send,floor,tokio"
+    )]
     servers: Vec<ServerKind>,
     /// Where the release binaries are.
     #[arg(long, default_value = "target/release")]
@@ -81,6 +85,11 @@ struct Cli {
 #[serde(rename_all = "lowercase")]
 pub enum ServerKind {
     Ringcast,
+    /// The same ringcast build writing with one `send` per connection instead of one
+    /// io_uring submission per batch (`RINGCAST_WRITE_PATH=send`): what that step buys.
+    #[value(name = "ringcast-send")]
+    #[serde(rename = "ringcast-send")]
+    RingcastSend,
     Floor,
     Tokio,
 }
@@ -89,6 +98,7 @@ impl ServerKind {
     pub fn label(self) -> &'static str {
         match self {
             ServerKind::Ringcast => "ringcast",
+            ServerKind::RingcastSend => "ringcast, send() per connection",
             ServerKind::Floor => "floor",
             ServerKind::Tokio => "tokio peer",
         }
@@ -96,7 +106,7 @@ impl ServerKind {
 
     fn binary(self) -> &'static str {
         match self {
-            ServerKind::Ringcast => "ringcast",
+            ServerKind::Ringcast | ServerKind::RingcastSend => "ringcast",
             ServerKind::Floor => "ringcast-floor",
             ServerKind::Tokio => "ringcast-tokio-peer",
         }
@@ -127,6 +137,10 @@ pub struct Plan {
     pub placement: BTreeMap<usize, (String, String, bool)>,
     pub delivery_budget: u64,
     pub connect_rate: f64,
+    /// Arrival rate of the memory phase's connections: idle connections arrive over
+    /// time in a real deployment, and a server may shed per-connection state once one
+    /// is idle (ringcast parks it after 1 s), so the phase is not a burst.
+    pub idle_connect_rate: f64,
     pub hold_secs: u64,
     pub paced_subscribers: u64,
     pub paced_rate: f64,
@@ -371,7 +385,10 @@ fn plan(cli: &Cli, m: &Machine) -> anyhow::Result<(Plan, Vec<usize>)> {
         placement,
         delivery_budget: if full { 4_000_000 } else { 2_000_000 },
         connect_rate: 4000.0,
-        hold_secs: if full { 5 } else { 2 },
+        idle_connect_rate: 2000.0,
+        // Long enough for idle connections to park (1 s of silence, then the next
+        // sweep): memory is measured at the end of the hold.
+        hold_secs: if full { 5 } else { 4 },
         paced_subscribers,
         paced_rate: 10.0,
         paced_messages: if full { 100 } else { 50 },
@@ -405,10 +422,13 @@ impl Server {
         let mut cmd = Command::new("taskset");
         cmd.arg("-c").arg(cpus).arg(&bin);
         match kind {
-            ServerKind::Ringcast => {
+            ServerKind::Ringcast | ServerKind::RingcastSend => {
                 cmd.args(["serve", "--listen", &listen, "--cores", &cores.to_string()]);
                 cmd.env("RINGCAST_SECRET", ringcast::seed::DEV_SECRET);
                 cmd.env("RINGCAST_LOG", "warn");
+                if kind == ServerKind::RingcastSend {
+                    cmd.env("RINGCAST_WRITE_PATH", "send");
+                }
             }
             ServerKind::Floor | ServerKind::Tokio => {
                 cmd.args(["--listen", &listen, "--cores", &cores.to_string()]);
@@ -599,7 +619,7 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
         )?;
         let url = format!("ws://127.0.0.1:{}", server.port);
         let pid = server.pid().to_string();
-        let rate = ctx.plan.connect_rate.to_string();
+        let rate = ctx.plan.idle_connect_rate.to_string();
         let v = ctx.loadgen(
             cores,
             &format!("{tag}-connect"),

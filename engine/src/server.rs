@@ -259,6 +259,7 @@ impl Server {
                         }
                     }
                     glommio::spawn_local(inbox.run(shard.clone())).detach();
+                    crate::transport::park::install(shard.clone());
                     glommio::spawn_local(run_sweeper(shard.clone())).detach();
                     // SAFETY: the fd is a listening TCP socket whose ownership was released
                     // by `into_raw_fd` above and is taken over here exactly once.
@@ -284,11 +285,14 @@ impl Server {
 }
 
 async fn run_sweeper(shard: std::rc::Rc<Shard>) {
-    // A quarter of the timeout keeps the overshoot small without scanning too often.
-    let period = (shard.app.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    // A quarter of the timeout keeps the overshoot small without scanning too often;
+    // at most half a second, so idle connections park soon after PARK_AFTER.
+    let period =
+        (shard.app.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
     loop {
         glommio::timer::sleep(period).await;
         shard.sweep_idle();
+        crate::transport::park::poll_now(&shard);
     }
 }
 

@@ -566,6 +566,7 @@ fn connect(cli: &Cli, job: Job, a: &crate::ConnectArgs) -> anyhow::Result<bool> 
     let ramp_limit =
         Duration::from_secs_f64(a.connections as f64 / a.rate + 3.0 * job.stage_timeout.as_secs_f64() + 10.0);
     let at_full = ramp(cli, &mut peers, a.connections, "ramp", ramp_limit);
+    let t_ramped = unix_nanos();
     let full = sample(cli.server_pid);
     eprintln!(
         "up: {} joined, {} failed; holding {:.1}s ...",
@@ -593,7 +594,19 @@ fn connect(cli: &Cli, job: Job, a: &crate::ConnectArgs) -> anyhow::Result<bool> 
     let at_hold_end = peers.total();
     let after_hold = sample(cli.server_pid);
     peers.release();
-    let merged = peers.collect(Duration::from_secs(30));
+    // Closing many connections on a starved box takes a while: a second per 1,000.
+    let mut merged = peers.collect(Duration::from_secs(30 + a.connections / 1000));
+    if merged.joined < at_full.joined {
+        // A slice's final report did not arrive in time; its live counts did, and its
+        // last join was before the ramp was seen complete.
+        merged.attempted = merged.attempted.max(at_full.attempted);
+        merged.joined = at_full.joined;
+        merged.failed = merged.failed.max(at_full.failed);
+        merged.last_join_nanos = merged.last_join_nanos.max(t_ramped);
+        if merged.first_attempt_nanos == 0 {
+            merged.first_attempt_nanos = t_start;
+        }
+    }
     std::thread::sleep(Duration::from_millis(500));
     let after_close = sample(cli.server_pid);
 

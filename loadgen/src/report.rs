@@ -92,8 +92,11 @@ pub struct ServerFigures {
 pub struct ServerConnect {
     #[serde(flatten)]
     pub samples: ServerFigures,
-    /// (RSS at full - RSS before) / joined connections.
+    /// (RSS at the end of the hold - RSS before) / joined connections: what an idle
+    /// joined connection costs (a server may shed per-connection state once idle).
     pub rss_per_connection_bytes: Option<f64>,
+    /// The same with the RSS taken the moment the last connection joined.
+    pub rss_per_connection_at_join_bytes: Option<f64>,
     pub cpu_secs_ramp: Option<f64>,
     pub cpu_secs_hold: Option<f64>,
 }
@@ -154,18 +157,21 @@ impl ConnectReport {
             0.0
         };
         let server = server.map(|s| {
-            let rss_per = match (s.before, s.full) {
+            let per = |at: Option<ProcSample>| match (s.before, at) {
                 (Some(b), Some(f)) if m.joined > 0 => {
                     Some((f.rss_bytes as f64 - b.rss_bytes as f64) / m.joined as f64)
                 }
                 _ => None,
             };
+            let rss_per_at_join = per(s.full);
+            let rss_per = per(s.after_hold).or(rss_per_at_join);
             let d = |x: Option<ProcSample>, y: Option<ProcSample>| match (x, y) {
                 (Some(x), Some(y)) => Some(y.cpu_secs - x.cpu_secs),
                 _ => None,
             };
             ServerConnect {
                 rss_per_connection_bytes: rss_per,
+                rss_per_connection_at_join_bytes: rss_per_at_join,
                 cpu_secs_ramp: d(s.before, s.full),
                 cpu_secs_hold: d(s.full, s.after_hold),
                 samples: s,
@@ -242,7 +248,13 @@ pub fn print_connect(r: &ConnectReport) {
             rss(&s.samples.after_close)
         );
         if let Some(b) = s.rss_per_connection_bytes {
-            println!("    RSS per connection {}", fmt_bytes(b));
+            let at_join = s.rss_per_connection_at_join_bytes.map_or(String::new(), |j| {
+                format!(" ({} the moment all had joined)", fmt_bytes(j))
+            });
+            println!(
+                "    RSS per idle connection after the hold {}{at_join}",
+                fmt_bytes(b)
+            );
         }
         if let (Some(a), Some(b)) = (s.cpu_secs_ramp, s.cpu_secs_hold) {
             println!("    CPU seconds: ramp {a:.2}, hold {b:.2}");

@@ -20,7 +20,7 @@ afterEach(closeLpClients);
 
 const STAT_KEYS = [
   'connections', 'longpoll_sessions', 'channels', 'topics', 'messages_in', 'messages_out',
-  'bytes_in', 'bytes_out', 'broadcasts', 'deliveries', 'slow_closed',
+  'bytes_in', 'bytes_out', 'broadcasts', 'deliveries', 'slow_closed', 'parked',
 ];
 
 /**
@@ -266,6 +266,7 @@ e2e('/metrics is Prometheus text (HELP, TYPE, one sample per core) and its count
     ringcast_broadcasts_total: 'counter',
     ringcast_deliveries_total: 'counter',
     ringcast_slow_closed_total: 'counter',
+    ringcast_parked: 'gauge',
   };
   for (const [name, type] of Object.entries(want)) {
     const f = before.families.get(name);

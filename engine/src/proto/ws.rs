@@ -111,6 +111,11 @@ impl FrameReader {
         }
     }
 
+    /// No fragmented message is being reassembled.
+    pub fn is_idle(&self) -> bool {
+        self.fragment.is_none()
+    }
+
     /// Parses at most one frame from the front of `buf`, unmasking it in place.
     ///
     /// ```

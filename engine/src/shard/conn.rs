@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use bytes::Bytes;
+use thin_vec::ThinVec;
 
 use crate::api::channel::DynChannel;
 use crate::api::socket::Socket;
@@ -144,7 +145,7 @@ pub(crate) struct Slot {
 /// Per-connection limits taken from the server config.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConnLimits {
-    pub(crate) max_outbound_bytes: usize,
+    pub(crate) max_outbound_bytes: u32,
     pub(crate) messages_per_sec: u32,
     pub(crate) message_burst: u32,
 }
@@ -167,25 +168,30 @@ pub(crate) struct Conn {
     pub(crate) vsn: Vsn,
     /// A long-poll session rather than a WebSocket.
     pub(crate) long_poll: bool,
-    pub(crate) id: ConnId,
-    pub(crate) out: RefCell<OutQueue>,
     /// The socket to write to directly, or -1 (long-poll, test kit, closed).
     pub(crate) fd: Cell<i32>,
-    pub(crate) limits: ConnLimits,
-    waker: RefCell<Option<Waker>>,
-    pub(crate) mailbox: RefCell<VecDeque<Mail>>,
-    pub(crate) assigns: Rc<dyn Any>,
-    pub(crate) socket_id: Option<Box<str>>,
     /// Milliseconds (wrapping) since the shard's epoch when the client last sent anything.
     pub(crate) last_in: Cell<u32>,
-    pub(crate) channels: RefCell<ChannelTable<Slot>>,
-    /// Presences this connection tracked.
-    pub(crate) tracked: RefCell<Vec<Tracked>>,
-    /// The reason sent with that close, when it is more specific than the code.
-    pub(crate) close_why: Cell<&'static str>,
+    pub(crate) id: ConnId,
+    pub(crate) out: RefCell<OutQueue>,
+    pub(crate) limits: ConnLimits,
     /// Inbound rate limit: tokens left, and when they were last refilled (ms).
     tokens: Cell<f32>,
     refilled: Cell<u32>,
+    /// Non-zero while parked ([`crate::transport::park`]): the sequence of its poll.
+    pub(crate) park_seq: Cell<u32>,
+    waker: RefCell<Option<Waker>>,
+    /// Allocated at the first mail: most connections never get any, and an empty
+    /// boxed queue costs the connection 8 bytes instead of 32.
+    #[allow(clippy::box_collection)]
+    mailbox: RefCell<Option<Box<VecDeque<Mail>>>>,
+    pub(crate) assigns: Rc<dyn Any>,
+    pub(crate) socket_id: Option<Box<str>>,
+    pub(crate) channels: RefCell<ChannelTable<Slot>>,
+    /// Presences this connection tracked.
+    pub(crate) tracked: RefCell<ThinVec<Tracked>>,
+    /// The reason sent with that close, when it is more specific than the code.
+    pub(crate) close_why: Cell<&'static str>,
 }
 
 impl Conn {
@@ -208,13 +214,14 @@ impl Conn {
             out: RefCell::default(),
             mailbox: RefCell::default(),
             channels: RefCell::default(),
-            tracked: RefCell::default(),
+            tracked: RefCell::new(ThinVec::new()),
             close: Cell::new(None),
             dirty: Cell::new(false),
             fd: Cell::new(-1),
             close_why: Cell::new(""),
             tokens: Cell::new(limits.message_burst as f32),
             refilled: Cell::new(now),
+            park_seq: Cell::new(0),
             last_in: Cell::new(now),
             waker: RefCell::new(None),
         }
@@ -241,7 +248,7 @@ impl Conn {
                 out.frames.reserve_exact(1);
             }
             out.frames.push_back(frame);
-            out.bytes > self.limits.max_outbound_bytes
+            out.bytes > self.limits.max_outbound_bytes as usize
         };
         if over {
             self.out.borrow_mut().clear();
@@ -257,9 +264,22 @@ impl Conn {
 
     pub(crate) fn mail(&self, mail: Mail) {
         if self.close.get().is_none() {
-            self.mailbox.borrow_mut().push_back(mail);
+            self.mailbox
+                .borrow_mut()
+                .get_or_insert_with(Box::default)
+                .push_back(mail);
             self.wake();
         }
+    }
+
+    /// The oldest mail, if any.
+    pub(crate) fn next_mail(&self) -> Option<Mail> {
+        self.mailbox.borrow_mut().as_mut()?.pop_front()
+    }
+
+    /// Drops every mail not yet handled.
+    pub(crate) fn clear_mail(&self) {
+        self.mailbox.borrow_mut().take();
     }
 
     /// Takes one message's worth from the inbound token bucket; `false` (and a close
@@ -292,10 +312,23 @@ impl Conn {
         }
     }
 
+    /// Wakes the connection's task, or has a parked connection's task started again.
     pub(crate) fn wake(&self) {
         if let Some(w) = self.waker.borrow().as_ref() {
             w.wake_by_ref();
+        } else if self.park_seq.get() != 0 {
+            crate::transport::park::wake(self.id);
         }
+    }
+
+    /// Forgets the task's waker: the task is ending while the connection lives on.
+    pub(crate) fn clear_waker(&self) {
+        self.waker.borrow_mut().take();
+    }
+
+    /// Whether mail is waiting.
+    pub(crate) fn has_mail(&self) -> bool {
+        self.mailbox.borrow().as_ref().is_some_and(|m| !m.is_empty())
     }
 
     #[cfg(test)]
@@ -307,6 +340,14 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_fits_a_256_byte_allocation() {
+        // `Rc<Conn>` is two counters plus the connection; every idle connection pays
+        // for one, so it stays within one 256-byte allocator size class.
+        let size = std::mem::size_of::<Conn>() + 2 * std::mem::size_of::<usize>();
+        assert!(size <= 256, "Rc<Conn> is {size} bytes");
+    }
 
     #[test]
     fn consume_walks_partial_frames() {

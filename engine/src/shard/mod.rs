@@ -10,6 +10,7 @@ pub mod conn;
 pub(crate) mod inbox;
 pub(crate) mod mesh;
 pub(crate) mod presence;
+pub(crate) mod send_ring;
 pub(crate) mod session;
 pub mod stats;
 
@@ -145,6 +146,8 @@ pub(crate) struct Shard {
     dirty: RefCell<Vec<Rc<Conn>>>,
     flusher: RefCell<Option<std::task::Waker>>,
     flusher_started: Cell<bool>,
+    /// The flusher's batched write path (`None`: one `send` per connection).
+    send_ring: RefCell<Option<send_ring::SendRing>>,
     /// Set once shutdown began; wakes the accept loop.
     stopping: Cell<bool>,
     stop_waker: RefCell<Option<std::task::Waker>>,
@@ -176,11 +179,12 @@ async fn run_flusher() {
         })
         .await;
         let batch = std::mem::take(&mut *shard.dirty.borrow_mut());
-        for (i, conn) in batch.iter().enumerate() {
-            shard.flush_direct(conn);
-            if i % 1024 == 1023 {
-                glommio::yield_if_needed().await;
+        for chunk in batch.chunks(1024) {
+            match shard.send_ring.borrow_mut().as_mut() {
+                Some(ring) => ring.flush(&shard, chunk),
+                None => chunk.iter().for_each(|conn| shard.flush_direct(conn)),
             }
+            glommio::yield_if_needed().await;
         }
         // Keep the allocation for the next batch.
         let mut dirty = shard.dirty.borrow_mut();
@@ -224,6 +228,13 @@ impl Shard {
             dirty: RefCell::default(),
             flusher: RefCell::new(None),
             flusher_started: Cell::new(false),
+            send_ring: RefCell::new(if send_ring::wanted() {
+                send_ring::SendRing::new()
+                    .inspect_err(|e| tracing::warn!("batched writes off on this core: {e}"))
+                    .ok()
+            } else {
+                None
+            }),
             stopping: Cell::new(false),
             stop_waker: RefCell::new(None),
         });
@@ -248,7 +259,7 @@ impl Shard {
         let gen = self.next_gen.get().wrapping_add(1);
         self.next_gen.set(gen);
         let limits = ConnLimits {
-            max_outbound_bytes: self.app.config.max_outbound_bytes,
+            max_outbound_bytes: self.app.config.max_outbound_bytes.min(u32::MAX as usize) as u32,
             messages_per_sec: self.app.config.max_messages_per_sec,
             message_burst: self.app.config.message_burst.max(1),
         };
@@ -272,6 +283,11 @@ impl Shard {
         drop(conns);
         self.stats.connections.add(1);
         conn
+    }
+
+    /// The connection in slab slot `key`, if any (its generation is the caller's to check).
+    pub(crate) fn conn_by_key(&self, key: u32) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(key as usize).cloned()
     }
 
     pub(crate) fn remove_conn(&self, conn: &Conn) {
@@ -634,14 +650,20 @@ impl Shard {
             }
         }
         let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
+        let park_after = crate::transport::park::PARK_AFTER.as_millis() as u32;
+        let can_park = crate::transport::park::available();
         let now = self.now_ms();
         for (_, conn) in self.conns.borrow().iter() {
             // Long-poll sessions expire by their own rule (no poll for 15 s).
             if conn.long_poll {
                 continue;
             }
-            if now.wrapping_sub(conn.last_in.get()) >= limit {
+            let idle = now.wrapping_sub(conn.last_in.get());
+            if idle >= limit {
                 conn.request_close(close_code::GOING_AWAY);
+            } else if can_park && idle >= park_after && conn.park_seq.get() == 0 && conn.fd.get() >= 0 {
+                // Its pump parks the connection if nothing else is in flight.
+                conn.wake();
             }
         }
     }

@@ -132,10 +132,10 @@ impl Shard {
     pub(crate) fn presence_untrack(&self, conn: &Conn, topic: &str, key: Option<&str>) {
         let gone: Vec<Tracked> = {
             let mut tracked = conn.tracked.borrow_mut();
-            let (gone, kept) = tracked
+            let (gone, kept): (Vec<Tracked>, Vec<Tracked>) = tracked
                 .drain(..)
                 .partition(|t| &*t.topic == topic && key.is_none_or(|k| &*t.key == k));
-            *tracked = kept;
+            *tracked = kept.into_iter().collect();
             gone
         };
         if gone.is_empty() {

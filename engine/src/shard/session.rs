@@ -49,8 +49,9 @@ fn poll_caught<T>(fut: &mut LocalFuture<T>, cx: &mut Context<'_>) -> Poll<Option
 
 pub(crate) struct Session {
     pub(crate) conn: Rc<Conn>,
-    shard: Rc<Shard>,
-    pending: Option<Pending>,
+    pub(crate) shard: Rc<Shard>,
+    /// Boxed: only a connection with a handler in flight pays for it.
+    pending: Option<Box<Pending>>,
 }
 
 impl Session {
@@ -135,12 +136,12 @@ impl Session {
                 };
                 let (topic, join_ref) = (socket.topic.clone(), socket.join_ref.clone());
                 let fut = channel.handle_in(msg.event, msg.payload, socket);
-                self.pending = Some(Pending::Run {
+                self.pending = Some(Box::new(Pending::Run {
                     fut,
                     msg_ref: msg.msg_ref,
                     topic,
                     join_ref,
-                });
+                }));
                 self.poll_pending(cx);
             }
         }
@@ -180,20 +181,20 @@ impl Session {
         let topic: Rc<str> = msg.topic.as_str().into();
         let socket = Socket::new(self.conn.clone(), topic.clone(), join_ref.clone());
         let fut = (route.join)(msg.topic, msg.payload, socket);
-        self.pending = Some(Pending::Join {
+        self.pending = Some(Box::new(Pending::Join {
             fut,
             msg_ref: msg.msg_ref,
             replaced,
             intercepts: route.intercepts,
             topic,
             join_ref,
-        });
+        }));
         self.poll_pending(cx);
     }
 
     /// Drives a pending join or handler; returns whether one is still pending.
     pub(crate) fn poll_pending(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(pending) = self.pending.as_mut() else {
+        let Some(pending) = self.pending.as_deref_mut() else {
             return false;
         };
         match pending {
@@ -201,7 +202,7 @@ impl Session {
                 if !self.shard.poll_interest_acked(*ack, cx) {
                     return true;
                 }
-                let Some(Pending::Barrier { frames, .. }) = self.pending.take() else {
+                let Some(Pending::Barrier { frames, .. }) = self.pending.take().map(|p| *p) else {
                     unreachable!("matched above")
                 };
                 for frame in frames {
@@ -219,7 +220,7 @@ impl Session {
                     topic,
                     join_ref,
                     ..
-                }) = self.pending.take()
+                }) = self.pending.take().map(|p| *p)
                 else {
                     unreachable!("matched above")
                 };
@@ -248,7 +249,7 @@ impl Session {
                     topic,
                     join_ref,
                     ..
-                }) = self.pending.take()
+                }) = self.pending.take().map(|p| *p)
                 else {
                     unreachable!("matched above")
                 };
@@ -306,7 +307,7 @@ impl Session {
                 }
                 frames.extend(deferred);
                 match ack {
-                    Some(ack) => self.pending = Some(Pending::Barrier { ack, frames }),
+                    Some(ack) => self.pending = Some(Box::new(Pending::Barrier { ack, frames })),
                     None => frames.into_iter().for_each(|f| self.conn.enqueue_own(f)),
                 }
             }
@@ -403,7 +404,7 @@ impl Session {
     /// is pending.
     pub(crate) fn run_mailbox(&mut self, cx: &mut Context<'_>) {
         while !self.busy() {
-            let Some(mail) = self.conn.mailbox.borrow_mut().pop_front() else {
+            let Some(mail) = self.conn.next_mail() else {
                 return;
             };
             match mail {
@@ -438,12 +439,12 @@ impl Session {
                         continue;
                     };
                     let fut = channel.handle_info(msg, socket);
-                    self.pending = Some(Pending::Run {
+                    self.pending = Some(Box::new(Pending::Run {
                         fut,
                         msg_ref: None,
                         topic,
                         join_ref,
-                    });
+                    }));
                     self.poll_pending(cx);
                 }
             }
@@ -453,7 +454,7 @@ impl Session {
     /// The connection ended: every channel terminates, subscriptions go.
     pub(crate) fn finish(&mut self) {
         self.pending = None;
-        self.conn.mailbox.borrow_mut().clear();
+        self.conn.clear_mail();
         self.shard.presence_untrack_all(&self.conn);
         let joined: Vec<_> = self.conn.channels.borrow_mut().drain().collect();
         for j in joined {

@@ -60,6 +60,8 @@ pub struct CoreStats {
     pub deliveries: Counter,
     /// Connections cut off because their outbound queue passed its bound.
     pub slow_closed: Counter,
+    /// Idle WebSocket connections parked: no task, no pump, one kernel poll.
+    pub parked: Counter,
 }
 
 /// The fields in output order, with Prometheus type and help.
@@ -87,6 +89,11 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
         "counter",
         "Connections closed for not reading (1008).",
     ),
+    (
+        "parked",
+        "gauge",
+        "Idle WebSocket connections parked (no task, one kernel poll).",
+    ),
 ];
 
 impl CoreStats {
@@ -103,6 +110,7 @@ impl CoreStats {
             "broadcasts" => &self.broadcasts,
             "deliveries" => &self.deliveries,
             "slow_closed" => &self.slow_closed,
+            "parked" => &self.parked,
             _ => return 0,
         };
         c.get()

@@ -3,6 +3,7 @@
 
 pub(crate) mod api;
 pub(crate) mod longpoll;
+pub(crate) mod park;
 pub(crate) mod websocket;
 
 use std::rc::Rc;
@@ -160,7 +161,7 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 leftover.shrink_to_fit();
                 // The connection's life goes on in a task of its own, sized for the
                 // pump alone, not for this HTTP state machine.
-                glommio::spawn_local(websocket::Pump::new(stream, shard, session, leftover)).detach();
+                glommio::spawn_local(websocket::Pump::new(stream, session, leftover)).detach();
             }
             return;
         }

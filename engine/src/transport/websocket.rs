@@ -10,7 +10,6 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use crate::proto::ws::{close_code, close_frame, pong_frame, FrameReader, Parsed,
 use crate::proto::ProtocolError;
 use crate::shard::conn::{why, OutFrame};
 use crate::shard::session::Session;
-use crate::shard::Shard;
+use crate::transport::park;
 
 /// Size of the per-core read buffer and of one coalesced write.
 pub(crate) const IO_CHUNK: usize = 64 * 1024;
@@ -51,26 +50,32 @@ enum Phase {
 
 pub(crate) struct Pump {
     stream: TcpStream,
-    shard: Rc<Shard>,
     session: Session,
     reader: FrameReader,
     partial: Vec<u8>,
     phase: Phase,
+    /// Handed over to [`park`]: dropping the pump ends its task, not the connection.
+    parked: bool,
+    /// When this pump started (shard clock, ms): a pump restarted from parking reads
+    /// what woke it before it may park again.
+    started: u32,
     linger: Option<Timer>,
 }
 
 impl Pump {
-    pub(crate) fn new(stream: TcpStream, shard: Rc<Shard>, session: Session, leftover: Vec<u8>) -> Self {
-        let max_frame = shard.app.config.max_frame;
+    pub(crate) fn new(stream: TcpStream, session: Session, leftover: Vec<u8>) -> Self {
+        let max_frame = session.shard.app.config.max_frame;
+        let started = session.shard.now_ms();
         // Broadcasts are written straight to the socket by the core's flusher.
         session.conn.fd.set(stream.as_raw_fd());
         Pump {
             stream,
-            shard,
             session,
             reader: FrameReader::new(max_frame),
             partial: leftover,
             phase: Phase::Open,
+            parked: false,
+            started,
             linger: None,
         }
     }
@@ -182,8 +187,8 @@ impl Pump {
     }
 
     fn touch(&self, bytes: usize) {
-        self.session.conn.last_in.set(self.shard.now_ms());
-        self.shard.stats.bytes_in.add(bytes as u64);
+        self.session.conn.last_in.set(self.session.shard.now_ms());
+        self.session.shard.stats.bytes_in.add(bytes as u64);
     }
 
     /// Writes queued frames until the queue is empty or the socket is full.
@@ -204,8 +209,8 @@ impl Pump {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
                     let frames = out.consume(n);
-                    self.shard.stats.bytes_out.add(n as u64);
-                    self.shard.stats.messages_out.add(frames);
+                    self.session.shard.stats.bytes_out.add(n as u64);
+                    self.session.shard.stats.messages_out.add(frames);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
@@ -218,7 +223,7 @@ impl Pump {
         let mut out = conn.out.borrow_mut();
         let why = conn.close_why.get();
         if why == why::SLOW {
-            self.shard.stats.slow_closed.add(1);
+            self.session.shard.stats.slow_closed.add(1);
             out.clear();
         }
         let reason = match code {
@@ -233,6 +238,43 @@ impl Pump {
         out.frames.push_back(OutFrame::Own(frame));
         self.phase = Phase::Closing;
         self.linger = Some(Timer::new(LINGER));
+    }
+
+    /// Parks the connection if it has been silent for [`park::PARK_AFTER`] and nothing
+    /// is in flight: no handler, no partial input, nothing queued, no mail. The socket
+    /// is duplicated for the parking, since the stream closes its own descriptor.
+    fn try_park(&mut self) -> bool {
+        let conn = &self.session.conn;
+        let now = self.session.shard.now_ms();
+        let after = park::PARK_AFTER.as_millis() as u32;
+        let quiet = now.wrapping_sub(conn.last_in.get()) >= after && now.wrapping_sub(self.started) >= after;
+        if !quiet
+            || self.phase != Phase::Open
+            || self.session.busy()
+            || !self.partial.is_empty()
+            || !self.reader.is_idle()
+            || conn.close.get().is_some()
+            || !conn.out.borrow().frames.is_empty()
+            || conn.has_mail()
+            || !park::available()
+        {
+            return false;
+        }
+        // SAFETY: duplicating an open descriptor; the result is checked.
+        let fd = unsafe { libc::fcntl(self.stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return false;
+        }
+        let own = self.stream.as_raw_fd();
+        if !park::park(&self.session.shard, conn, fd) {
+            // SAFETY: `fd` is the duplicate made above, used by nobody.
+            unsafe { libc::close(fd) };
+            conn.fd.set(own);
+            return false;
+        }
+        conn.clear_waker();
+        self.parked = true;
+        true
     }
 
     /// Reads and discards input while lingering; `Ready` once the peer is gone.
@@ -310,6 +352,9 @@ impl Future for Pump {
                 Poll::Pending => {}
             }
             if !progress {
+                if this.try_park() {
+                    return Poll::Ready(());
+                }
                 return Poll::Pending;
             }
         }
@@ -318,7 +363,9 @@ impl Future for Pump {
 
 impl Drop for Pump {
     fn drop(&mut self) {
-        self.session.conn.fd.set(-1);
-        self.session.finish();
+        if !self.parked {
+            self.session.conn.fd.set(-1);
+            self.session.finish();
+        }
     }
 }

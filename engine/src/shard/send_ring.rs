@@ -1,0 +1,172 @@
+//! The flusher's batched write path: one io_uring submission per batch of dirty
+//! connections instead of one `send` syscall each.
+//!
+//! After a fanout, every subscriber with queued frames gets one `SEND` (one frame) or
+//! `SENDMSG` (several frames, one iovec each, no copy) request, all submitted with a
+//! single `io_uring_enter` that also waits for their completions. Every request carries
+//! `MSG_DONTWAIT`, so the kernel completes each one inline: it takes what the socket has
+//! room for, or answers `EAGAIN`, and never parks a request on a poll. A socket that
+//! could not take everything is left to its connection's own task, which waits for room.
+//!
+//! `RINGCAST_WRITE_PATH=send` selects the plain syscall path instead (for comparison in
+//! benchmarks); a core whose ring cannot be set up uses it too.
+
+use std::rc::Rc;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::shard::conn::Conn;
+use crate::shard::Shard;
+use crate::transport::websocket::IO_CHUNK;
+
+/// Requests per submission.
+const RING_ENTRIES: u32 = 1024;
+/// Frames per `SENDMSG` at most.
+const MAX_IOV: usize = 64;
+
+pub(crate) struct SendRing {
+    ring: IoUring,
+    /// Per request of the batch being submitted; never reallocated while it is in
+    /// flight (capacity reserved up front).
+    msgs: Vec<libc::msghdr>,
+    iovs: Vec<libc::iovec>,
+    /// Per request: the connection (index in the batch) and the bytes asked for.
+    asked: Vec<(usize, usize)>,
+}
+
+/// Whether the batched path is wanted (the default) or the plain syscall one.
+pub(crate) fn wanted() -> bool {
+    std::env::var("RINGCAST_WRITE_PATH").map_or(true, |v| v != "send")
+}
+
+impl SendRing {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        let entries = RING_ENTRIES as usize;
+        Ok(SendRing {
+            ring: IoUring::new(RING_ENTRIES)?,
+            msgs: Vec::with_capacity(entries),
+            iovs: Vec::with_capacity(entries * MAX_IOV),
+            asked: Vec::with_capacity(entries),
+        })
+    }
+
+    /// Writes the queued frames of `batch`; connections that still have frames the
+    /// socket took no part of, or that failed, are woken for their own task to go on.
+    pub(crate) fn flush(&mut self, shard: &Shard, batch: &[Rc<Conn>]) {
+        let mut again: Vec<Rc<Conn>> = Vec::new();
+        let mut round: &[Rc<Conn>] = batch;
+        let mut owned;
+        loop {
+            for chunk in round.chunks(RING_ENTRIES as usize) {
+                self.flush_chunk(shard, chunk, &mut again);
+            }
+            if again.is_empty() {
+                return;
+            }
+            // Connections with more queued than one request carried (many frames).
+            owned = std::mem::take(&mut again);
+            round = &owned;
+        }
+    }
+
+    fn flush_chunk(&mut self, shard: &Shard, chunk: &[Rc<Conn>], again: &mut Vec<Rc<Conn>>) {
+        self.msgs.clear();
+        self.iovs.clear();
+        self.asked.clear();
+        for (i, conn) in chunk.iter().enumerate() {
+            conn.dirty.set(false);
+            let fd = conn.fd.get();
+            if fd < 0 || conn.close.get().is_some() {
+                conn.wake();
+                continue;
+            }
+            let out = conn.out.borrow();
+            let start = self.iovs.len();
+            let mut bytes = 0;
+            for (k, frame) in out.frames.iter().enumerate() {
+                let data = if k == 0 {
+                    &frame.bytes()[out.head_written..]
+                } else {
+                    frame.bytes()
+                };
+                if k > 0 && (k == MAX_IOV || bytes + data.len() > IO_CHUNK) {
+                    break;
+                }
+                self.iovs.push(libc::iovec {
+                    iov_base: data.as_ptr() as *mut libc::c_void,
+                    iov_len: data.len(),
+                });
+                bytes += data.len();
+            }
+            let count = self.iovs.len() - start;
+            if count == 0 {
+                continue;
+            }
+            let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+            let entry = if count == 1 {
+                let iov = self.iovs[start];
+                opcode::Send::new(types::Fd(fd), iov.iov_base as *const u8, iov.iov_len as u32)
+                    .flags(flags)
+                    .build()
+            } else {
+                // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = self.iovs[start..].as_mut_ptr();
+                msg.msg_iovlen = count;
+                self.msgs.push(msg);
+                let msg = self.msgs.last().expect("just pushed");
+                opcode::SendMsg::new(types::Fd(fd), msg)
+                    .flags(flags as u32)
+                    .build()
+            };
+            let entry = entry.user_data(self.asked.len() as u64);
+            self.asked.push((i, bytes));
+            // SAFETY: the frames, iovecs and msghdrs this request points to stay alive
+            // and unmoved until its completion is reaped below (nothing runs between:
+            // no await, and the vectors never grow past the capacity reserved for a
+            // full chunk).
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            debug_assert!(pushed.is_ok(), "a chunk never exceeds the ring");
+        }
+        let n = self.asked.len();
+        if n == 0 {
+            return;
+        }
+        let mut reaped = 0;
+        while reaped < n {
+            match self.ring.submit_and_wait(n - reaped) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Should not happen; the requests still complete, so wait them out.
+                    tracing::warn!("io_uring submit failed: {e}");
+                    std::thread::yield_now();
+                }
+            }
+            for cqe in self.ring.completion() {
+                reaped += 1;
+                let (i, asked) = self.asked[cqe.user_data() as usize];
+                let conn = &chunk[i];
+                let res = cqe.result();
+                if res > 0 {
+                    let sent = res as usize;
+                    let mut out = conn.out.borrow_mut();
+                    let frames = out.consume(sent);
+                    shard.stats.bytes_out.add(sent as u64);
+                    shard.stats.messages_out.add(frames);
+                    if sent < asked {
+                        // The socket is full: the connection's task waits for room.
+                        drop(out);
+                        conn.wake();
+                    } else if !out.frames.is_empty() {
+                        drop(out);
+                        again.push(conn.clone());
+                    }
+                } else {
+                    // EAGAIN, or an error the connection's task will see for itself.
+                    conn.wake();
+                }
+            }
+        }
+    }
+}
