@@ -104,6 +104,16 @@ impl ServerKind {
         }
     }
 
+    /// Names the raw files of this server's runs.
+    fn slug(self) -> &'static str {
+        match self {
+            ServerKind::Ringcast => "ringcast",
+            ServerKind::RingcastSend => "ringcast-send",
+            ServerKind::Floor => "floor",
+            ServerKind::Tokio => "tokio-peer",
+        }
+    }
+
     fn binary(self) -> &'static str {
         match self {
             ServerKind::Ringcast | ServerKind::RingcastSend => "ringcast",
@@ -231,6 +241,9 @@ pub struct PacedSummary {
     pub latency: Option<Lat>,
     #[serde(default)]
     pub floor_write: Option<Lat>,
+    /// Server CPU per delivery while paced (one frame per send), µs.
+    #[serde(default)]
+    pub cpu_us_per_delivery: Option<f64>,
     pub loss: i64,
 }
 
@@ -605,7 +618,7 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
         fanout: None,
         error: None,
     };
-    let tag = format!("{}-c{cores}-n{size}-r{repeat}", kind.binary());
+    let tag = format!("{}-c{cores}-n{size}-r{repeat}", kind.slug());
     let result = (|| -> anyhow::Result<()> {
         let port = ctx.port();
         let (srv_cpus, _, _) = ctx.plan.placement[&cores].clone();
@@ -651,7 +664,7 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
                 "-m".into(),
                 messages.to_string(),
                 "--connect-rate".into(),
-                rate,
+                ctx.plan.connect_rate.to_string(),
                 "--server-pid".into(),
                 pid,
             ],
@@ -677,7 +690,7 @@ fn run_paced(ctx: &mut Ctx, kind: ServerKind, cores: usize, repeat: usize) -> Pa
         floor_write: None,
         error: None,
     };
-    let tag = format!("{}-c{cores}-n{size}-r{repeat}-paced", kind.binary());
+    let tag = format!("{}-c{cores}-n{size}-r{repeat}-paced", kind.slug());
     let server_log = ctx.raw.join(format!("{tag}-server.log"));
     let result = (|| -> anyhow::Result<()> {
         let port = ctx.port();
@@ -807,6 +820,7 @@ fn summarize(plan: &Plan, runs: &[CaseRun], paced: &[PacedRun]) -> (Vec<Summary>
                 runs: ps.len(),
                 latency: median_lat(&ps.iter().map(|f| &f.latency).collect::<Vec<_>>()),
                 floor_write: median_lat(&fw),
+                cpu_us_per_delivery: median(ps.iter().filter_map(|f| f.cpu_us_per_delivery).collect()),
                 loss: ps.iter().map(|f| f.loss).sum(),
             });
         }
