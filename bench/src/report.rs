@@ -185,6 +185,29 @@ pub fn targets_table(r: &Results) -> String {
         opt(rt, |x| format!("{x:.2}")),
         verdict(rt.map(|x| x >= 2.0))
     );
+    for &other in r.plan.cores.iter().filter(|&&c| c != cores) {
+        let at = |k| sum(r, k, other, size).and_then(|s| s.deliveries_per_cpu_sec);
+        let rt = ratio(at(Ringcast), at(Tokio));
+        let _ = writeln!(
+            t,
+            "| (same, vs the tokio peer, at {other} server cores; the loadgen shares a core) | {} | {} | {} | ringcast/tokio {} | ≥ 2x the tokio peer | {} |",
+            opt(at(Ringcast), fmt_rate),
+            opt(at(Floor), fmt_rate),
+            opt(at(Tokio), fmt_rate),
+            opt(rt, |x| format!("{x:.2}")),
+            verdict(rt.map(|x| x >= 2.0))
+        );
+    }
+    let cpu = |k| paced(r, k, cores).and_then(|p| p.cpu_us_per_delivery);
+    let _ = writeln!(
+        t,
+        "| server CPU per delivery, paced (one frame per send) | {} | {} | {} | ringcast/floor {}, tokio/ringcast {} | – | – |",
+        opt(cpu(Ringcast), |v| format!("{v:.2} µs")),
+        opt(cpu(Floor), |v| format!("{v:.2} µs")),
+        opt(cpu(Tokio), |v| format!("{v:.2} µs")),
+        opt(ratio(cpu(Ringcast), cpu(Floor)), |x| format!("{x:.2}")),
+        opt(ratio(cpu(Tokio), cpu(Ringcast)), |x| format!("{x:.2}")),
+    );
     let rp = ratio(p99(Ringcast), p99(Floor));
     let _ = writeln!(
         t,
