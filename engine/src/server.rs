@@ -237,6 +237,10 @@ impl Server {
             // ring, and every idle connection holds one poll.
             let handle = LocalExecutorBuilder::new(Placement::Fixed(cpus[i % cpus.len()]))
                 .ring_depth(4096)
+                // glommio pins 10 MiB of registered I/O buffers per executor by default,
+                // for DMA file I/O ringcast does not do; sockets read into ringcast's own
+                // buffers. A node of a many-node box pays this once per core.
+                .io_memory(IO_MEMORY)
                 .name(&format!("ringcast-{i}"))
                 .spawn(move || async move {
                     let (mesh, receivers) = if cores > 1 {
@@ -283,6 +287,9 @@ impl Server {
         })
     }
 }
+
+/// Registered I/O memory per executor (glommio's default is 10 MiB).
+const IO_MEMORY: usize = 1 << 20;
 
 async fn run_sweeper(shard: std::rc::Rc<Shard>) {
     // A quarter of the timeout keeps the overshoot small without scanning too often;

@@ -11,6 +11,8 @@
 //! reason (a mail, a close request, a full socket), the dispatcher starts a new pump
 //! for it from where it left off. Outbound broadcasts do not unpark anyone: the core's
 //! flusher writes to the socket directly.
+//!
+//! `RINGCAST_PARK=off` turns parking off (for comparisons).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -59,6 +61,10 @@ fn parking() -> Option<Rc<Parking>> {
 /// Sets up this core's parking ring and its dispatcher task. Without one (io_uring
 /// refused, eventfd failed) connections simply never park.
 pub(crate) fn install(shard: Rc<Shard>) {
+    if std::env::var("RINGCAST_PARK").is_ok_and(|v| v == "off") {
+        tracing::info!("RINGCAST_PARK=off: idle connections keep their tasks");
+        return;
+    }
     let parking = match Parking::new() {
         Ok(p) => Rc::new(p),
         Err(e) => {
