@@ -170,3 +170,132 @@ impl SendRing {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::api::endpoint::Endpoint;
+    use crate::proto::Vsn;
+    use crate::server::{App, Config};
+    use crate::shard::conn::OutFrame;
+
+    struct Nobody;
+
+    impl crate::SocketHandler for Nobody {
+        type Assigns = ();
+        fn connect(&self, _: &crate::ConnectInfo) -> Option<()> {
+            None
+        }
+    }
+
+    fn shard() -> Rc<Shard> {
+        let app = Arc::new(App {
+            config: Config {
+                cores: 1,
+                max_outbound_bytes: 64 << 20,
+                ..Config::default()
+            },
+            router: crate::Router::new(),
+            socket: Box::new(Nobody),
+            presence_fetch: None,
+            stats: vec![Default::default()],
+        });
+        Shard::install(0, app, Endpoint::new(Vec::new(), None), None)
+    }
+
+    fn connected(shard: &Shard) -> (Rc<Conn>, UnixStream, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let conn = shard.add_conn(Vsn::V2, Rc::new(()), None, false);
+        conn.fd.set(ours.as_raw_fd());
+        (conn, ours, theirs)
+    }
+
+    fn read_all(mut from: &UnixStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[test]
+    fn queued_frames_go_out_in_order_in_one_request() {
+        let shard = shard();
+        let (conn, _ours, theirs) = connected(&shard);
+        for frame in ["one", "two", "three"] {
+            assert!(conn.push(OutFrame::Own(Bytes::from_static(frame.as_bytes()))));
+        }
+        let mut ring = SendRing::new().expect("io_uring");
+        ring.flush(&shard, std::slice::from_ref(&conn));
+        assert_eq!(read_all(&theirs), b"onetwothree");
+        assert!(conn.out.borrow().frames.is_empty());
+        assert_eq!(conn.out.borrow().bytes, 0);
+        assert_eq!(shard.stats.messages_out.get(), 3);
+    }
+
+    #[test]
+    fn more_frames_than_one_request_carries_go_in_further_rounds_of_the_same_flush() {
+        let shard = shard();
+        let (conn, _ours, theirs) = connected(&shard);
+        let frames: Vec<Bytes> = (0..150u32).map(|i| Bytes::from(format!("<{i}>"))).collect();
+        for f in &frames {
+            assert!(conn.push(OutFrame::Own(f.clone())));
+        }
+        let mut ring = SendRing::new().expect("io_uring");
+        ring.flush(&shard, std::slice::from_ref(&conn));
+        assert_eq!(read_all(&theirs), frames.concat());
+        assert!(conn.out.borrow().frames.is_empty());
+    }
+
+    #[test]
+    fn a_full_socket_keeps_the_rest_queued_from_where_it_stopped() {
+        let shard = shard();
+        let (conn, _ours, theirs) = connected(&shard);
+        let frames: Vec<Bytes> = (0..8u8).map(|i| Bytes::from(vec![b'a' + i; 200_000])).collect();
+        for f in &frames {
+            assert!(conn.push(OutFrame::Own(f.clone())));
+        }
+        let mut ring = SendRing::new().expect("io_uring");
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            ring.flush(&shard, std::slice::from_ref(&conn));
+            got.extend(read_all(&theirs));
+            if conn.out.borrow().frames.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(
+            got,
+            frames.concat(),
+            "every byte once, in order, across partial writes"
+        );
+        assert_eq!(shard.stats.messages_out.get(), 8);
+    }
+
+    #[test]
+    fn connections_without_a_socket_or_closing_are_left_to_their_task() {
+        let shard = shard();
+        let (closing, _ours, theirs) = connected(&shard);
+        let socketless = shard.add_conn(Vsn::V2, Rc::new(()), None, false);
+        for conn in [&closing, &socketless] {
+            assert!(conn.push(OutFrame::Own(Bytes::from_static(b"x"))));
+        }
+        closing.request_close(1000);
+        let mut ring = SendRing::new().expect("io_uring");
+        ring.flush(&shard, &[closing.clone(), socketless.clone()]);
+        assert!(read_all(&theirs).is_empty());
+        assert_eq!(socketless.out.borrow().frames.len(), 1);
+    }
+}
