@@ -70,8 +70,12 @@ fn fanout(c: &mut Criterion) {
 fn mesh_hop(c: &mut Criterion) {
     // A round trip core 0 -> core 1 -> core 0 over glommio's SPSC mesh, carrying what a
     // broadcast carries (an Arc of a finished frame); one hop is half of it.
-    const ROUNDS: u64 = 20_000;
-    c.bench_function("mesh_round_trip", |b| {
+    // Each iteration starts two executors; 2,000 round trips (about 150 ms) amortize
+    // that, and 20 samples keep the bench to seconds.
+    const ROUNDS: u64 = 2_000;
+    let mut g = c.benchmark_group("mesh");
+    g.sample_size(20);
+    g.bench_function("round_trip", |b| {
         b.iter_custom(|iters| {
             let mesh = MeshBuilder::<Arc<Bytes>, _>::full(2, 1024);
             let frame = Arc::new(Bytes::from_static(b"\x81\x05hello"));
@@ -108,6 +112,7 @@ fn mesh_hop(c: &mut Criterion) {
             elapsed / ROUNDS as u32
         })
     });
+    g.finish();
 }
 
 fn presence_state(c: &mut Criterion) {
