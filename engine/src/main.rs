@@ -71,6 +71,25 @@ struct ServeArgs {
     /// This node's name in the cluster (default: host name, port and process id).
     #[arg(long)]
     node_name: Option<String>,
+    /// `off`: idle connections keep their tasks (parking off), for comparisons.
+    #[arg(long, env = "RINGCAST_PARK", default_value = "on", hide = true)]
+    park: Park,
+    /// `send`: one syscall per connection instead of batched io_uring writes, for
+    /// comparisons.
+    #[arg(long, env = "RINGCAST_WRITE_PATH", default_value = "uring", hide = true)]
+    write_path: WritePath,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Park {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WritePath {
+    Uring,
+    Send,
 }
 
 #[derive(clap::Args)]
@@ -144,6 +163,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key,
         demo_token_secret: dev.then(|| secret.clone()),
         cluster,
+        park_idle: args.park == Park::On,
+        batched_writes: args.write_path == WritePath::Uring,
     };
     let cores = config.cores;
     let listen = config.listen;

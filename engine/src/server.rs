@@ -50,6 +50,12 @@ pub struct Config {
     pub demo_token_secret: Option<String>,
     /// Cluster mode: share topics with other nodes through Redis.
     pub cluster: Option<ClusterConfig>,
+    /// Park WebSocket connections silent for a second: their task and I/O source are
+    /// freed until input or a wake-up restarts them. `false` is for comparisons.
+    pub park_idle: bool,
+    /// Write a fanout's frames with one io_uring submission per batch; `false` writes
+    /// with one `send` per connection (for comparisons).
+    pub batched_writes: bool,
 }
 
 impl Default for Config {
@@ -67,6 +73,8 @@ impl Default for Config {
             api_key: None,
             demo_token_secret: None,
             cluster: None,
+            park_idle: true,
+            batched_writes: true,
         }
     }
 }

@@ -228,7 +228,7 @@ impl Shard {
             dirty: RefCell::default(),
             flusher: RefCell::new(None),
             flusher_started: Cell::new(false),
-            send_ring: RefCell::new(if send_ring::wanted() {
+            send_ring: RefCell::new(if app.config.batched_writes {
                 send_ring::SendRing::new()
                     .inspect_err(|e| tracing::warn!("batched writes off on this core: {e}"))
                     .ok()

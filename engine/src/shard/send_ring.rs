@@ -8,8 +8,8 @@
 //! room for, or answers `EAGAIN`, and never parks a request on a poll. A socket that
 //! could not take everything is left to its connection's own task, which waits for room.
 //!
-//! `RINGCAST_WRITE_PATH=send` selects the plain syscall path instead (for comparison in
-//! benchmarks); a core whose ring cannot be set up uses it too.
+//! `Config::batched_writes` (`RINGCAST_WRITE_PATH=send` for the binary) selects the plain
+//! syscall path instead, for comparisons; a core whose ring cannot be set up uses it too.
 
 use std::rc::Rc;
 
@@ -32,11 +32,6 @@ pub(crate) struct SendRing {
     iovs: Vec<libc::iovec>,
     /// Per request: the connection (index in the batch) and the bytes asked for.
     asked: Vec<(usize, usize)>,
-}
-
-/// Whether the batched path is wanted (the default) or the plain syscall one.
-pub(crate) fn wanted() -> bool {
-    std::env::var("RINGCAST_WRITE_PATH").map_or(true, |v| v != "send")
 }
 
 impl SendRing {

@@ -12,7 +12,8 @@
 //! for it from where it left off. Outbound broadcasts do not unpark anyone: the core's
 //! flusher writes to the socket directly.
 //!
-//! `RINGCAST_PARK=off` turns parking off (for comparisons).
+//! `Config::park_idle` (`RINGCAST_PARK=off` for the binary) turns parking off, for
+//! comparisons.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -61,8 +62,8 @@ fn parking() -> Option<Rc<Parking>> {
 /// Sets up this core's parking ring and its dispatcher task. Without one (io_uring
 /// refused, eventfd failed) connections simply never park.
 pub(crate) fn install(shard: Rc<Shard>) {
-    if std::env::var("RINGCAST_PARK").is_ok_and(|v| v == "off") {
-        tracing::info!("RINGCAST_PARK=off: idle connections keep their tasks");
+    if !shard.app.config.park_idle {
+        tracing::info!("parking off: idle connections keep their tasks");
         return;
     }
     let parking = match Parking::new() {
