@@ -528,6 +528,21 @@ impl Ctx<'_> {
     }
 
     /// Runs the loadgen pinned to the loadgen CPUs; returns its JSON report.
+    /// Starts `kind` on the server CPUs of the `cores` placement, logging to
+    /// `<tag>-server.log`.
+    fn start_server(&mut self, kind: ServerKind, cores: usize, tag: &str) -> anyhow::Result<Server> {
+        let port = self.port();
+        let (srv_cpus, _, _) = self.plan.placement[&cores].clone();
+        Server::start(
+            kind,
+            self.cli,
+            &srv_cpus,
+            cores,
+            port,
+            &self.raw.join(format!("{tag}-server.log")),
+        )
+    }
+
     fn loadgen(&self, cores: usize, name: &str, args: &[String]) -> anyhow::Result<Value> {
         let (_, lg_cpus, _) = &self.plan.placement[&cores];
         let json = self.raw.join(format!("{name}.json"));
@@ -620,16 +635,7 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
     };
     let tag = format!("{}-c{cores}-n{size}-r{repeat}", kind.slug());
     let result = (|| -> anyhow::Result<()> {
-        let port = ctx.port();
-        let (srv_cpus, _, _) = ctx.plan.placement[&cores].clone();
-        let server = Server::start(
-            kind,
-            ctx.cli,
-            &srv_cpus,
-            cores,
-            port,
-            &ctx.raw.join(format!("{tag}-server.log")),
-        )?;
+        let server = ctx.start_server(kind, cores, &tag)?;
         let url = format!("ws://127.0.0.1:{}", server.port);
         let pid = server.pid().to_string();
         let rate = ctx.plan.idle_connect_rate.to_string();
@@ -693,16 +699,7 @@ fn run_paced(ctx: &mut Ctx, kind: ServerKind, cores: usize, repeat: usize) -> Pa
     let tag = format!("{}-c{cores}-n{size}-r{repeat}-paced", kind.slug());
     let server_log = ctx.raw.join(format!("{tag}-server.log"));
     let result = (|| -> anyhow::Result<()> {
-        let port = ctx.port();
-        let (srv_cpus, _, _) = ctx.plan.placement[&cores].clone();
-        let server = Server::start(
-            kind,
-            ctx.cli,
-            &srv_cpus,
-            cores,
-            port,
-            &ctx.raw.join(format!("{tag}-server.log")),
-        )?;
+        let server = ctx.start_server(kind, cores, &tag)?;
         let v = ctx.loadgen(
             cores,
             &tag,

@@ -27,21 +27,26 @@ impl crate::SocketHandler for Nobody {
     }
 }
 
+/// A one-core shard with no channels and no sockets of its own, installed on this
+/// thread (no executor needed): for fixtures and unit tests that drive its connections.
+pub(crate) fn lone_shard(config: Config) -> Rc<Shard> {
+    let app = Arc::new(App {
+        config: Config { cores: 1, ..config },
+        router: Router::new(),
+        socket: Box::new(Nobody),
+        presence_fetch: None,
+        stats: vec![Default::default()],
+    });
+    Shard::install(0, app, Endpoint::new(Vec::new(), None), None)
+}
+
 impl FanoutFixture {
     /// Builds the fixture; `v1_every` makes every n-th subscriber a V1 client (0: none).
     pub fn new(subscribers: usize, v1_every: usize) -> Self {
-        let app = Arc::new(App {
-            config: Config {
-                cores: 1,
-                max_outbound_bytes: usize::MAX,
-                ..Config::default()
-            },
-            router: Router::new(),
-            socket: Box::new(Nobody),
-            presence_fetch: None,
-            stats: vec![Default::default()],
+        let shard = lone_shard(Config {
+            max_outbound_bytes: usize::MAX,
+            ..Config::default()
         });
-        let shard = Shard::install(0, app, Endpoint::new(Vec::new(), None), None);
         let topic = "bench:fanout".to_string();
         let conns = (0..subscribers)
             .map(|i| {

@@ -48,19 +48,16 @@ impl SendRing {
     /// Writes the queued frames of `batch`; connections that still have frames the
     /// socket took no part of, or that failed, are woken for their own task to go on.
     pub(crate) fn flush(&mut self, shard: &Shard, batch: &[Rc<Conn>]) {
-        let mut again: Vec<Rc<Conn>> = Vec::new();
-        let mut round: &[Rc<Conn>] = batch;
-        let mut owned;
-        loop {
+        let mut again = Vec::new();
+        for chunk in batch.chunks(RING_ENTRIES as usize) {
+            self.flush_chunk(shard, chunk, &mut again);
+        }
+        // Connections with more queued than one request carried (many frames).
+        while !again.is_empty() {
+            let round = std::mem::take(&mut again);
             for chunk in round.chunks(RING_ENTRIES as usize) {
                 self.flush_chunk(shard, chunk, &mut again);
             }
-            if again.is_empty() {
-                return;
-            }
-            // Connections with more queued than one request carried (many frames).
-            owned = std::mem::take(&mut again);
-            round = &owned;
         }
     }
 
@@ -168,41 +165,22 @@ impl SendRing {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use std::io::Read;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
-    use std::sync::Arc;
-
-    use bytes::Bytes;
 
     use super::*;
-    use crate::api::endpoint::Endpoint;
+    use crate::bench_support::lone_shard;
     use crate::proto::Vsn;
-    use crate::server::{App, Config};
+    use crate::server::Config;
     use crate::shard::conn::OutFrame;
 
-    struct Nobody;
-
-    impl crate::SocketHandler for Nobody {
-        type Assigns = ();
-        fn connect(&self, _: &crate::ConnectInfo) -> Option<()> {
-            None
-        }
-    }
-
     fn shard() -> Rc<Shard> {
-        let app = Arc::new(App {
-            config: Config {
-                cores: 1,
-                max_outbound_bytes: 64 << 20,
-                ..Config::default()
-            },
-            router: crate::Router::new(),
-            socket: Box::new(Nobody),
-            presence_fetch: None,
-            stats: vec![Default::default()],
-        });
-        Shard::install(0, app, Endpoint::new(Vec::new(), None), None)
+        lone_shard(Config {
+            max_outbound_bytes: 64 << 20,
+            ..Config::default()
+        })
     }
 
     fn connected(shard: &Shard) -> (Rc<Conn>, UnixStream, UnixStream) {

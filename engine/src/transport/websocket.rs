@@ -265,11 +265,9 @@ impl Pump {
         if fd < 0 {
             return false;
         }
-        let own = self.stream.as_raw_fd();
         if !park::park(&self.session.shard, conn, fd) {
             // SAFETY: `fd` is the duplicate made above, used by nobody.
             unsafe { libc::close(fd) };
-            conn.fd.set(own);
             return false;
         }
         conn.clear_waker();
