@@ -33,7 +33,7 @@ use serde_json::Value;
 
 use crate::api::endpoint::Endpoint;
 use crate::api::router::{ConnectInfo, Router, SocketHandler};
-use crate::proto::{Message, Payload, Vsn};
+use crate::proto::{Message, Payload, Ref, Vsn};
 use crate::server::{App, Config};
 use crate::shard::conn::Conn;
 use crate::shard::session::Session;
@@ -282,8 +282,8 @@ impl Client {
         self.join_refs.retain(|(t, _)| t != topic);
         self.join_refs.push((topic.to_string(), r.clone()));
         self.send(Message {
-            join_ref: Some(r.clone()),
-            msg_ref: Some(r.clone()),
+            join_ref: Some(Ref::from(r.as_str())),
+            msg_ref: Some(Ref::from(r.as_str())),
             topic: topic.to_string(),
             event: "phx_join".into(),
             payload: payload.into(),
@@ -303,10 +303,10 @@ impl Client {
             .join_refs
             .iter()
             .find(|(t, _)| t == topic)
-            .map(|(_, j)| j.clone());
+            .map(|(_, j)| Ref::from(j.as_str()));
         self.send(Message {
             join_ref,
-            msg_ref: Some(r.clone()),
+            msg_ref: Some(Ref::from(r.as_str())),
             topic: topic.to_string(),
             event: event.to_string(),
             payload: payload.into(),

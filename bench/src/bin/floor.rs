@@ -377,8 +377,8 @@ impl Core {
         let frame = encode(
             Vsn::V2,
             &Outgoing::reply(
-                msg.join_ref.as_deref(),
-                msg.msg_ref.as_deref(),
+                msg.join_ref.as_ref(),
+                msg.msg_ref.as_ref(),
                 &msg.topic,
                 status,
                 response,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use crate::api::endpoint::Endpoint;
 use crate::proto::serializer::{encode, Body, Outgoing};
-use crate::proto::Payload;
+use crate::proto::{Payload, Ref};
 use crate::shard::conn::{Conn, Mail};
 use crate::shard::{self, Broadcast};
 
@@ -18,13 +18,13 @@ use crate::shard::{self, Broadcast};
 pub struct Socket {
     pub(crate) conn: Rc<Conn>,
     pub(crate) topic: Rc<str>,
-    pub(crate) join_ref: Rc<str>,
+    pub(crate) join_ref: Ref,
     /// Pushes made while joining wait here until the join reply has gone out.
     pub(crate) deferred: Option<Vec<Bytes>>,
 }
 
 impl Socket {
-    pub(crate) fn new(conn: Rc<Conn>, topic: Rc<str>, join_ref: Rc<str>) -> Self {
+    pub(crate) fn new(conn: Rc<Conn>, topic: Rc<str>, join_ref: Ref) -> Self {
         Socket {
             conn,
             topic,
@@ -38,8 +38,8 @@ impl Socket {
         &self.topic
     }
 
-    /// The ref of the join that created this channel.
-    pub fn join_ref(&self) -> &str {
+    /// The ref of the join that created this channel, as the client sent it.
+    pub fn join_ref(&self) -> &Ref {
         &self.join_ref
     }
 
@@ -167,7 +167,7 @@ impl Socket {
 pub struct ChannelRef {
     conn: Weak<Conn>,
     topic: Rc<str>,
-    join_ref: Rc<str>,
+    join_ref: Ref,
 }
 
 impl ChannelRef {

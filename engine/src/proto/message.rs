@@ -1,7 +1,13 @@
 //! The Phoenix message: five fields, a payload that is JSON or bytes, and the serializer
 //! version a connection speaks.
 
+use std::borrow::Cow;
+use std::fmt;
+use std::rc::Rc;
+
 use bytes::Bytes;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 
 /// A message payload: a JSON value or raw bytes (V2 binary frames).
@@ -52,13 +58,113 @@ impl From<Bytes> for Payload {
     }
 }
 
+/// A client's `ref` or `join_ref` as it came on the wire: a string, an integer, or null
+/// (PROTOCOL.md §1). It is kept as its JSON text (`"1"` with its quotes, or `1`), so that
+/// it goes back out in the type it came in, is written into a frame as it is, and two
+/// refs are equal exactly when their values are: `"1"` is not `1`.
+///
+/// ```
+/// use ringcast::proto::Ref;
+/// assert_eq!(Ref::from("1").json(), r#""1""#);
+/// assert_eq!(Ref::from(1i64).json(), "1");
+/// assert_ne!(Ref::from("1"), Ref::from(1i64));
+/// assert_eq!(Ref::from(1i64).text(), "1");
+/// assert_eq!(Ref::from("a\"b").text(), "a\"b");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Ref(Rc<str>);
+
+impl Ref {
+    /// The JSON `null` ref: a join that carried neither a `join_ref` nor a `ref`.
+    pub fn null() -> Self {
+        Ref("null".into())
+    }
+
+    /// The ref as JSON text, ready to be written into a text frame.
+    pub fn json(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the client sent this ref as a number.
+    pub fn is_number(&self) -> bool {
+        self.0.starts_with(|c: char| c == '-' || c.is_ascii_digit())
+    }
+
+    /// The ref as plain text, as a V2 binary frame carries it: a string's characters, a
+    /// number's digits, nothing for null.
+    pub fn text(&self) -> Cow<'_, str> {
+        let json = &*self.0;
+        match json.as_bytes().first() {
+            Some(b'"') if !json.contains('\\') => Cow::Borrowed(&json[1..json.len() - 1]),
+            Some(b'"') => Cow::Owned(serde_json::from_str(json).expect("a ref holds valid JSON")),
+            _ if json == "null" => Cow::Borrowed(""),
+            _ => Cow::Borrowed(json),
+        }
+    }
+}
+
+impl fmt::Debug for Ref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for Ref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Ref {
+    fn from(s: &str) -> Self {
+        Ref(serde_json::to_string(s)
+            .expect("a string always serializes")
+            .into())
+    }
+}
+
+impl From<i64> for Ref {
+    fn from(n: i64) -> Self {
+        Ref(n.to_string().into())
+    }
+}
+
+impl From<u64> for Ref {
+    fn from(n: u64) -> Self {
+        Ref(n.to_string().into())
+    }
+}
+
+/// Strings and integers; anything else (a float, an object, an array) is refused.
+impl<'de> Deserialize<'de> for Ref {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Ref;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a ref: a string, an integer or null")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Ref, E> {
+                Ok(Ref::from(s))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Ref, E> {
+                Ok(Ref::from(n))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Ref, E> {
+                Ok(Ref::from(n))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// One Phoenix message, in either direction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     /// The `ref` of the join this message belongs to.
-    pub join_ref: Option<String>,
+    pub join_ref: Option<Ref>,
     /// The client's request id, echoed by the reply.
-    pub msg_ref: Option<String>,
+    pub msg_ref: Option<Ref>,
     /// Topic, e.g. `rooms:lobby`.
     pub topic: String,
     /// Event, e.g. `phx_join` or `new_msg`.

@@ -14,4 +14,4 @@ pub mod token;
 pub mod ws;
 
 pub use error::ProtocolError;
-pub use message::{Message, Payload, Vsn};
+pub use message::{Message, Payload, Ref, Vsn};

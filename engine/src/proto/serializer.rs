@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ProtocolError;
-use super::message::{Message, Payload, Vsn};
+use super::message::{Message, Payload, Ref, Vsn};
 use super::ws::{FrameBuilder, FrameKind};
 
 /// What a server message carries in its payload slot.
@@ -29,9 +29,9 @@ pub enum Body<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Outgoing<'a> {
     /// Channel's join_ref (pushes, replies, close/error), `None` for fastlane broadcasts.
-    pub join_ref: Option<&'a str>,
+    pub join_ref: Option<&'a Ref>,
     /// Request ref (replies, close/error), `None` for pushes and broadcasts.
-    pub msg_ref: Option<&'a str>,
+    pub msg_ref: Option<&'a Ref>,
     /// Topic.
     pub topic: &'a str,
     /// Event (`phx_reply` for replies).
@@ -53,7 +53,7 @@ impl<'a> Outgoing<'a> {
     }
 
     /// A channel push: the channel's join_ref, no ref.
-    pub fn push(join_ref: Option<&'a str>, topic: &'a str, event: &'a str, payload: &'a Payload) -> Self {
+    pub fn push(join_ref: Option<&'a Ref>, topic: &'a str, event: &'a str, payload: &'a Payload) -> Self {
         Outgoing {
             join_ref,
             msg_ref: None,
@@ -65,8 +65,8 @@ impl<'a> Outgoing<'a> {
 
     /// A `phx_reply` to the message `msg_ref`.
     pub fn reply(
-        join_ref: Option<&'a str>,
-        msg_ref: Option<&'a str>,
+        join_ref: Option<&'a Ref>,
+        msg_ref: Option<&'a Ref>,
         topic: &'a str,
         status: &'a str,
         response: &'a Payload,
@@ -120,11 +120,8 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
-fn write_opt(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) => write_str(out, s),
-        None => out.extend_from_slice(b"null"),
-    }
+fn write_ref(out: &mut Vec<u8>, r: Option<&Ref>) {
+    out.extend_from_slice(r.map_or("null", Ref::json).as_bytes());
 }
 
 fn write_json_body(out: &mut Vec<u8>, body: Body<'_>) {
@@ -153,9 +150,9 @@ fn encode_v2(msg: &Outgoing<'_>) -> Bytes {
     let mut frame = FrameBuilder::with_capacity(size_hint(msg));
     let out = frame.payload();
     out.push(b'[');
-    write_opt(out, msg.join_ref);
+    write_ref(out, msg.join_ref);
     out.push(b',');
-    write_opt(out, msg.msg_ref);
+    write_ref(out, msg.msg_ref);
     out.push(b',');
     write_str(out, msg.topic);
     out.push(b',');
@@ -176,7 +173,7 @@ fn encode_v1(msg: &Outgoing<'_>) -> Bytes {
     out.extend_from_slice(b",\"payload\":");
     write_json_body(out, msg.body);
     out.extend_from_slice(b",\"ref\":");
-    write_opt(out, msg.msg_ref);
+    write_ref(out, msg.msg_ref);
     out.push(b'}');
     frame.finish(FrameKind::Text)
 }
@@ -186,8 +183,9 @@ fn len_u8(s: &str) -> Result<u8, EncodeError> {
 }
 
 fn encode_binary(msg: &Outgoing<'_>, data: &Bytes) -> Result<Bytes, EncodeError> {
-    let join_ref = msg.join_ref.unwrap_or("");
-    let msg_ref = msg.msg_ref.unwrap_or("");
+    let join_ref = msg.join_ref.map(Ref::text).unwrap_or_default();
+    let msg_ref = msg.msg_ref.map(Ref::text).unwrap_or_default();
+    let (join_ref, msg_ref) = (&*join_ref, &*msg_ref);
     let mut frame = FrameBuilder::with_capacity(8 + data.len() + size_hint(msg));
     let out = frame.payload();
     match msg.body {
@@ -227,7 +225,7 @@ fn encode_binary(msg: &Outgoing<'_>, data: &Bytes) -> Result<Bytes, EncodeError>
 /// use ringcast::proto::{serializer::decode_text, Vsn};
 /// let mut frame = br#"["1","2","rooms:a","ping",{"n":1}]"#.to_vec();
 /// let msg = decode_text(Vsn::V2, &mut frame).unwrap();
-/// assert_eq!((msg.join_ref.as_deref(), msg.msg_ref.as_deref()), (Some("1"), Some("2")));
+/// assert_eq!((msg.join_ref, msg.msg_ref), (Some("1".into()), Some("2".into())));
 /// assert_eq!((msg.topic.as_str(), msg.event.as_str()), ("rooms:a", "ping"));
 /// ```
 pub fn decode_text(vsn: Vsn, data: &mut [u8]) -> Result<Message, ProtocolError> {
@@ -275,7 +273,7 @@ pub fn decode_binary(vsn: Vsn, data: &[u8]) -> Result<Message, ProtocolError> {
         at = end;
     }
     let [join_ref, msg_ref, topic, event] = fields;
-    let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let opt = |s: &str| (!s.is_empty()).then(|| Ref::from(s));
     Ok(Message {
         join_ref: opt(join_ref),
         msg_ref: opt(msg_ref),
@@ -298,8 +296,8 @@ impl<'de> Deserialize<'de> for V2Frame {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<V2Frame, A::Error> {
                 let short = || de::Error::custom("fewer than five elements");
-                let join_ref: Option<String> = seq.next_element()?.ok_or_else(short)?;
-                let msg_ref: Option<String> = seq.next_element()?.ok_or_else(short)?;
+                let join_ref: Option<Ref> = seq.next_element()?.ok_or_else(short)?;
+                let msg_ref: Option<Ref> = seq.next_element()?.ok_or_else(short)?;
                 let topic: String = seq.next_element()?.ok_or_else(short)?;
                 let event: String = seq.next_element()?.ok_or_else(short)?;
                 let payload: Value = seq.next_element()?.ok_or_else(short)?;
@@ -317,8 +315,8 @@ impl<'de> Deserialize<'de> for V2Frame {
     }
 }
 
-fn required_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Option::<String>::deserialize(d)
+fn required_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ref>, D::Error> {
+    Option::<Ref>::deserialize(d)
 }
 
 /// `{"topic", "event", "payload", "ref", "join_ref"?}`; `ref` must be present (may be null).
@@ -328,15 +326,19 @@ struct V1Frame {
     event: String,
     payload: Value,
     #[serde(rename = "ref", deserialize_with = "required_nullable")]
-    msg_ref: Option<String>,
+    msg_ref: Option<Ref>,
     #[serde(default)]
-    join_ref: Option<String>,
+    join_ref: Option<Ref>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn r(s: &str) -> Ref {
+        Ref::from(s)
+    }
 
     fn frame_body(frame: &Bytes) -> &[u8] {
         let len = frame[1] & 0x7f;
@@ -350,12 +352,13 @@ mod tests {
     #[test]
     fn v2_text_round_trip() {
         let payload = Payload::from(json!({"body": "héllo \"q\"", "n": [1, 2]}));
-        let out = Outgoing::push(Some("1"), "rooms:a", "new_msg", &payload);
+        let one = r("1");
+        let out = Outgoing::push(Some(&one), "rooms:a", "new_msg", &payload);
         let frame = encode(Vsn::V2, &out).unwrap();
         assert_eq!(frame[0], 0x81);
         let mut body = frame_body(&frame).to_vec();
         let msg = decode_text(Vsn::V2, &mut body).unwrap();
-        assert_eq!(msg.join_ref.as_deref(), Some("1"));
+        assert_eq!(msg.join_ref, Some(r("1")));
         assert_eq!(msg.msg_ref, None);
         assert_eq!(msg.topic, "rooms:a");
         assert_eq!(msg.payload, payload);
@@ -366,7 +369,7 @@ mod tests {
         let resp = Payload::from(json!({"n": 1}));
         let frame = encode(
             Vsn::V2,
-            &Outgoing::reply(Some("1"), Some("4"), "rooms:a", "ok", &resp),
+            &Outgoing::reply(Some(&r("1")), Some(&r("4")), "rooms:a", "ok", &resp),
         )
         .unwrap();
         assert_eq!(
@@ -378,22 +381,94 @@ mod tests {
     #[test]
     fn v1_never_emits_join_ref() {
         let p = Payload::empty();
-        let frame = encode(Vsn::V1, &Outgoing::reply(Some("1"), Some("1"), "t", "ok", &p)).unwrap();
+        let one = r("1");
+        let frame = encode(Vsn::V1, &Outgoing::reply(Some(&one), Some(&one), "t", "ok", &p)).unwrap();
         assert_eq!(
             frame_body(&frame),
             br#"{"topic":"t","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"1"}"#
         );
         let mut body = frame_body(&frame).to_vec();
         let msg = decode_text(Vsn::V1, &mut body).unwrap();
-        assert_eq!((msg.join_ref, msg.msg_ref.as_deref()), (None, Some("1")));
+        assert_eq!((msg.join_ref, msg.msg_ref), (None, Some(one)));
     }
 
     #[test]
     fn v1_decode_with_join_ref_and_null_ref() {
         let mut f = br#"{"topic":"a","event":"e","payload":[1],"ref":null,"join_ref":"3"}"#.to_vec();
         let m = decode_text(Vsn::V1, &mut f).unwrap();
-        assert_eq!((m.join_ref.as_deref(), m.msg_ref), (Some("3"), None));
+        assert_eq!((m.join_ref, m.msg_ref), (Some(r("3")), None));
         assert_eq!(m.payload, Payload::from(json!([1])));
+    }
+
+    #[test]
+    fn number_refs_round_trip_as_numbers() {
+        let mut f = br#"[1,2,"rooms:p3","phx_join",{}]"#.to_vec();
+        let m = decode_text(Vsn::V2, &mut f).unwrap();
+        assert_eq!(
+            (m.join_ref.clone(), m.msg_ref.clone()),
+            (Some(Ref::from(1i64)), Some(Ref::from(2i64)))
+        );
+        assert!(m.msg_ref.as_ref().unwrap().is_number());
+        let reply = encode(
+            Vsn::V2,
+            &Outgoing::reply(
+                m.join_ref.as_ref(),
+                m.msg_ref.as_ref(),
+                &m.topic,
+                "ok",
+                &Payload::empty(),
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            frame_body(&reply),
+            br#"[1,2,"rooms:p3","phx_reply",{"status":"ok","response":{}}]"#
+        );
+
+        let mut f = br#"{"event":"heartbeat","topic":"phoenix","ref":0,"payload":{}}"#.to_vec();
+        let m = decode_text(Vsn::V1, &mut f).unwrap();
+        assert_eq!(
+            (m.join_ref.clone(), m.msg_ref.clone()),
+            (None, Some(Ref::from(0i64)))
+        );
+        let reply = encode(
+            Vsn::V1,
+            &Outgoing::reply(None, m.msg_ref.as_ref(), "phoenix", "ok", &Payload::empty()),
+        )
+        .unwrap();
+        assert_eq!(
+            frame_body(&reply),
+            br#"{"topic":"phoenix","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":0}"#
+        );
+
+        let mut f = br#"[-7,18446744073709551615,"t","e",{}]"#.to_vec();
+        let m = decode_text(Vsn::V2, &mut f).unwrap();
+        assert_eq!(m.join_ref.unwrap().json(), "-7");
+        assert_eq!(m.msg_ref.unwrap().json(), "18446744073709551615");
+    }
+
+    #[test]
+    fn string_refs_keep_their_value_through_escapes() {
+        let mut f = br#"["\u0031","a\"b","t","e",{}]"#.to_vec();
+        let m = decode_text(Vsn::V2, &mut f).unwrap();
+        assert_eq!(m.join_ref, Some(r("1")));
+        assert_ne!(m.join_ref, Some(Ref::from(1i64)));
+        let msg_ref = m.msg_ref.unwrap();
+        assert_eq!(msg_ref.json(), r#""a\"b""#);
+        assert_eq!(msg_ref.text(), "a\"b");
+    }
+
+    #[test]
+    fn number_refs_in_binary_frames_are_their_digits() {
+        let data = Payload::Binary(Bytes::from_static(&[9]));
+        let push = encode(Vsn::V2, &Outgoing::push(Some(&Ref::from(12i64)), "t", "e", &data)).unwrap();
+        assert_eq!(frame_body(&push), &[0, 2, 1, 1, b'1', b'2', b't', b'e', 9]);
+        let reply = encode(
+            Vsn::V2,
+            &Outgoing::reply(Some(&Ref::null()), Some(&Ref::from(3i64)), "t", "ok", &data),
+        )
+        .unwrap();
+        assert_eq!(frame_body(&reply), &[1, 0, 1, 1, 2, b'3', b't', b'o', b'k', 9]);
     }
 
     #[test]
@@ -413,7 +488,10 @@ mod tests {
             br#"["1","1","t","e"]"#,
             br#"["1","1",5,"e",{}]"#,
             br#"["1","1","t",null,{}]"#,
-            br#"[1,"1","t","e",{}]"#,
+            br#"[{"r":1},"1","t","e",{}]"#,
+            br#"["1",[1],"t","e",{}]"#,
+            br#"["1",1.5,"t","e",{}]"#,
+            br#"["1",true,"t","e",{}]"#,
             br#"["1","1","t","e",{}"#,
             b"",
         ];
@@ -430,6 +508,9 @@ mod tests {
             br#"{"topic":"t","event":"e","payload":{}}"#,
             br#"{"topic":"t","event":"e","ref":"1"}"#,
             br#"{"topic":1,"event":"e","payload":{},"ref":"1"}"#,
+            br#"{"topic":"t","event":"e","payload":{},"ref":{"n":0}}"#,
+            br#"{"topic":"t","event":"e","payload":{},"ref":2.0}"#,
+            br#"{"topic":"t","event":"e","payload":{},"ref":"1","join_ref":[1]}"#,
         ];
         for bad in v1_bad {
             let mut f = bad.to_vec();
@@ -448,15 +529,15 @@ mod tests {
         ];
         let m = decode_binary(Vsn::V2, &client).unwrap();
         assert_eq!(
-            (m.join_ref.as_deref(), m.msg_ref.as_deref()),
-            (Some("1"), Some("5"))
+            (m.join_ref.clone(), m.msg_ref.clone()),
+            (Some(r("1")), Some(r("5")))
         );
         assert_eq!((m.topic.as_str(), m.event.as_str()), ("rooms:a", "ping"));
         let reply = encode(
             Vsn::V2,
             &Outgoing::reply(
-                m.join_ref.as_deref(),
-                m.msg_ref.as_deref(),
+                m.join_ref.as_ref(),
+                m.msg_ref.as_ref(),
                 &m.topic,
                 "ok",
                 &m.payload,
@@ -473,7 +554,7 @@ mod tests {
     #[test]
     fn binary_push_and_broadcast_headers() {
         let data = Payload::Binary(Bytes::from_static(&[9]));
-        let push = encode(Vsn::V2, &Outgoing::push(Some("2"), "t", "e", &data)).unwrap();
+        let push = encode(Vsn::V2, &Outgoing::push(Some(&r("2")), "t", "e", &data)).unwrap();
         assert_eq!(frame_body(&push), &[0, 1, 1, 1, b'2', b't', b'e', 9]);
         let bcast = encode(Vsn::V2, &Outgoing::broadcast("t", "e", &data)).unwrap();
         assert_eq!(frame_body(&bcast), &[2, 1, 1, b't', b'e', 9]);

@@ -4,6 +4,8 @@
 
 use std::rc::Rc;
 
+use super::message::Ref;
+
 /// Where an incoming message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -29,7 +31,7 @@ pub struct Joined<C> {
     /// The topic (shared with whatever else names it, e.g. the channel's socket).
     pub topic: Rc<str>,
     /// The `ref` of the join that created this channel.
-    pub join_ref: Rc<str>,
+    pub join_ref: Ref,
     /// What the runtime keeps per channel.
     pub state: C,
 }
@@ -52,13 +54,15 @@ impl<C> ChannelTable<C> {
     /// ```
     /// use ringcast::proto::socket::{ChannelTable, Route};
     /// let mut t = ChannelTable::default();
-    /// assert_eq!(t.route(Some("1"), "rooms:a", "phx_join"), Route::Join);
+    /// assert_eq!(t.route(Some(&"1".into()), "rooms:a", "phx_join"), Route::Join);
     /// t.insert("rooms:a".into(), "1".into(), ());
-    /// assert_eq!(t.route(Some("1"), "rooms:a", "new_msg"), Route::Deliver(0));
-    /// assert_eq!(t.route(Some("0"), "rooms:a", "new_msg"), Route::Stale);
+    /// assert_eq!(t.route(Some(&"1".into()), "rooms:a", "new_msg"), Route::Deliver(0));
+    /// assert_eq!(t.route(Some(&"0".into()), "rooms:a", "new_msg"), Route::Stale);
+    /// // A join_ref is compared by value: the number 1 is not the string "1".
+    /// assert_eq!(t.route(Some(&1i64.into()), "rooms:a", "new_msg"), Route::Stale);
     /// assert_eq!(t.route(None, "rooms:b", "new_msg"), Route::Unmatched);
     /// ```
-    pub fn route(&self, join_ref: Option<&str>, topic: &str, event: &str) -> Route {
+    pub fn route(&self, join_ref: Option<&Ref>, topic: &str, event: &str) -> Route {
         if topic == "phoenix" && event == "heartbeat" {
             return Route::Heartbeat;
         }
@@ -68,7 +72,7 @@ impl<C> ChannelTable<C> {
             (None, _) => Route::Unmatched,
             (Some(i), "phx_join") => Route::Rejoin(i),
             (Some(i), _) => match join_ref {
-                Some(jr) if jr != &*self.joined[i].join_ref => Route::Stale,
+                Some(jr) if *jr != self.joined[i].join_ref => Route::Stale,
                 _ => Route::Deliver(i),
             },
         }
@@ -80,7 +84,7 @@ impl<C> ChannelTable<C> {
     }
 
     /// Records a joined channel; returns its index. The topic must not be joined already.
-    pub fn insert(&mut self, topic: Rc<str>, join_ref: Rc<str>, state: C) -> usize {
+    pub fn insert(&mut self, topic: Rc<str>, join_ref: Ref, state: C) -> usize {
         debug_assert!(self.position(&topic).is_none());
         // Most connections join one or two topics: grow one slot at a time rather than
         // keeping room for four.
@@ -144,23 +148,30 @@ pub fn pattern_matches(pattern: &str, topic: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn r(s: &str) -> Ref {
+        Ref::from(s)
+    }
+
     #[test]
     fn routing_table_of_section_seven() {
         let mut t: ChannelTable<u8> = ChannelTable::default();
         assert_eq!(t.route(None, "phoenix", "heartbeat"), Route::Heartbeat);
         assert_eq!(t.route(None, "x", "phx_leave"), Route::LeaveUnjoined);
-        assert_eq!(t.route(Some("9"), "x", "ping"), Route::Unmatched);
+        assert_eq!(t.route(Some(&r("9")), "x", "ping"), Route::Unmatched);
         t.insert("x".into(), "3".into(), 0);
         t.insert("y".into(), "4".into(), 1);
-        assert_eq!(t.route(Some("5"), "y", "phx_join"), Route::Rejoin(1));
+        assert_eq!(t.route(Some(&r("5")), "y", "phx_join"), Route::Rejoin(1));
         assert_eq!(t.route(None, "y", "ping"), Route::Deliver(1));
-        assert_eq!(t.route(Some("4"), "y", "phx_leave"), Route::Deliver(1));
-        assert_eq!(t.route(Some("3"), "y", "ping"), Route::Stale);
+        assert_eq!(t.route(Some(&r("4")), "y", "phx_leave"), Route::Deliver(1));
+        assert_eq!(t.route(Some(&r("3")), "y", "ping"), Route::Stale);
         let removed = t.remove(0);
         assert_eq!((&*removed.topic, removed.state), ("x", 0));
         assert_eq!(t.route(None, "y", "ping"), Route::Deliver(0));
         assert_eq!(t.route(None, "x", "ping"), Route::Unmatched);
-        assert_eq!(t.drain().count(), 1);
+        t.insert("n".into(), 7i64.into(), 2);
+        assert_eq!(t.route(Some(&7i64.into()), "n", "ping"), Route::Deliver(1));
+        assert_eq!(t.route(Some(&r("7")), "n", "ping"), Route::Stale);
+        assert_eq!(t.drain().count(), 2);
         assert!(t.is_empty());
     }
 }

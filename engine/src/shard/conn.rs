@@ -16,7 +16,7 @@ use crate::api::channel::DynChannel;
 use crate::api::socket::Socket;
 use crate::proto::socket::ChannelTable;
 use crate::proto::ws::close_code;
-use crate::proto::Vsn;
+use crate::proto::{Ref, Vsn};
 use crate::shard::presence::Tracked;
 use crate::shard::Broadcast;
 
@@ -131,7 +131,7 @@ pub(crate) enum Mail {
     /// An intercepted broadcast for the channel on its topic.
     Out(Arc<Broadcast>),
     /// A message for `handle_info` of the channel `(topic, join_ref)`.
-    Info(Rc<str>, Rc<str>, Box<dyn Any>),
+    Info(Rc<str>, Ref, Box<dyn Any>),
 }
 
 /// A joined channel's runtime slot. The channel and its socket are moved out while one

@@ -12,7 +12,7 @@ use crate::api::channel::{HandleResult, Handled, Joined, LocalFuture, Reply, Sto
 use crate::api::socket::Socket;
 use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::socket::Route;
-use crate::proto::{Message, Payload};
+use crate::proto::{Message, Payload, Ref};
 use crate::shard::conn::{Conn, Mail, Slot};
 use crate::shard::{Shard, Sub};
 
@@ -24,17 +24,17 @@ enum Pending {
     Barrier { ack: u64, frames: Vec<bytes::Bytes> },
     Join {
         fut: LocalFuture<Joined>,
-        msg_ref: Option<String>,
-        replaced: Option<Rc<str>>,
+        msg_ref: Option<Ref>,
+        replaced: Option<Ref>,
         intercepts: &'static [&'static str],
         topic: Rc<str>,
-        join_ref: Rc<str>,
+        join_ref: Ref,
     },
     Run {
         fut: LocalFuture<Handled>,
-        msg_ref: Option<String>,
+        msg_ref: Option<Ref>,
         topic: Rc<str>,
-        join_ref: Rc<str>,
+        join_ref: Ref,
     },
 }
 
@@ -75,12 +75,12 @@ impl Session {
         }
     }
 
-    fn reply(&self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, reply: &Reply) {
+    fn reply(&self, join_ref: Option<&Ref>, msg_ref: Option<&Ref>, topic: &str, reply: &Reply) {
         let (status, response) = reply.parts();
         self.send(Outgoing::reply(join_ref, msg_ref, topic, status, response));
     }
 
-    fn control(&self, join_ref: &str, topic: &str, event: &str, payload: &Payload) {
+    fn control(&self, join_ref: &Ref, topic: &str, event: &str, payload: &Payload) {
         self.send(Outgoing {
             join_ref: Some(join_ref),
             msg_ref: Some(join_ref),
@@ -102,18 +102,18 @@ impl Session {
             .conn
             .channels
             .borrow()
-            .route(msg.join_ref.as_deref(), &msg.topic, &msg.event);
+            .route(msg.join_ref.as_ref(), &msg.topic, &msg.event);
         match route {
-            Route::Heartbeat => self.reply(None, msg.msg_ref.as_deref(), "phoenix", &Reply::ok()),
+            Route::Heartbeat => self.reply(None, msg.msg_ref.as_ref(), "phoenix", &Reply::ok()),
             Route::LeaveUnjoined => self.reply(
-                msg.join_ref.as_deref(),
-                msg.msg_ref.as_deref(),
+                msg.join_ref.as_ref(),
+                msg.msg_ref.as_ref(),
                 &msg.topic,
                 &Reply::ok(),
             ),
             Route::Unmatched => self.reply(
                 None,
-                msg.msg_ref.as_deref(),
+                msg.msg_ref.as_ref(),
                 &msg.topic,
                 &Reply::error("unmatched topic"),
             ),
@@ -124,8 +124,8 @@ impl Session {
                 self.start_join(msg, Some(old_join_ref), cx);
             }
             Route::Deliver(index) if msg.event == "phx_leave" => {
-                let join_ref: Rc<str> = self.conn.channels.borrow().get(index).join_ref.clone();
-                self.reply(Some(&join_ref), msg.msg_ref.as_deref(), &msg.topic, &Reply::ok());
+                let join_ref = self.conn.channels.borrow().get(index).join_ref.clone();
+                self.reply(Some(&join_ref), msg.msg_ref.as_ref(), &msg.topic, &Reply::ok());
                 let (topic, join_ref) = self.end_channel(index, StopReason::Leave);
                 self.control(&join_ref, &topic, "phx_close", &Payload::empty());
             }
@@ -159,14 +159,14 @@ impl Session {
             .take()
     }
 
-    fn start_join(&mut self, msg: Message, replaced: Option<Rc<str>>, cx: &mut Context<'_>) {
-        let join_ref: Rc<str> = msg
+    fn start_join(&mut self, msg: Message, replaced: Option<Ref>, cx: &mut Context<'_>) {
+        let join_ref = msg
             .join_ref
+            .clone()
             .or_else(|| msg.msg_ref.clone())
-            .unwrap_or_default()
-            .into();
+            .unwrap_or_else(Ref::null);
         let refuse = |this: &Self, reason: &str| {
-            this.reply(None, msg.msg_ref.as_deref(), &msg.topic, &Reply::error(reason));
+            this.reply(None, msg.msg_ref.as_ref(), &msg.topic, &Reply::error(reason));
             if let Some(old) = &replaced {
                 this.control(old, &msg.topic, "phx_close", &Payload::empty());
             }
@@ -230,7 +230,7 @@ impl Session {
                         tracing::warn!(%topic, "join handler crashed");
                         self.reply(
                             Some(&join_ref),
-                            msg_ref.as_deref(),
+                            msg_ref.as_ref(),
                             &topic,
                             &Reply::error("join crashed"),
                         );
@@ -265,8 +265,8 @@ impl Session {
     fn finish_join(
         &mut self,
         (mut socket, result): Joined,
-        msg_ref: Option<String>,
-        replaced: Option<Rc<str>>,
+        msg_ref: Option<Ref>,
+        replaced: Option<Ref>,
         intercepts: &'static [&'static str],
     ) {
         let topic = socket.topic.clone();
@@ -292,7 +292,7 @@ impl Session {
                 let mut frames = Vec::with_capacity(2 + deferred.len());
                 let reply = Reply::Ok(response);
                 let (status, response) = reply.parts();
-                let answer = Outgoing::reply(Some(&join_ref), msg_ref.as_deref(), &topic, status, response);
+                let answer = Outgoing::reply(Some(&join_ref), msg_ref.as_ref(), &topic, status, response);
                 frames.extend(encode(self.conn.vsn, &answer).ok());
                 if let Some(old) = &replaced {
                     let close = Payload::empty();
@@ -312,12 +312,7 @@ impl Session {
                 }
             }
             Err(response) => {
-                self.reply(
-                    Some(&join_ref),
-                    msg_ref.as_deref(),
-                    &topic,
-                    &Reply::Error(response),
-                );
+                self.reply(Some(&join_ref), msg_ref.as_ref(), &topic, &Reply::Error(response));
                 if let Some(old) = &replaced {
                     self.control(old, &topic, "phx_close", &Payload::empty());
                 }
@@ -330,7 +325,7 @@ impl Session {
         channel: Box<dyn crate::api::channel::DynChannel>,
         socket: Socket,
         result: HandleResult,
-        msg_ref: Option<String>,
+        msg_ref: Option<Ref>,
     ) {
         let topic = socket.topic.clone();
         let join_ref = socket.join_ref.clone();
@@ -338,7 +333,7 @@ impl Session {
             let mut channels = self.conn.channels.borrow_mut();
             let index = channels
                 .position(&topic)
-                .filter(|i| *channels.get(*i).join_ref == *join_ref);
+                .filter(|i| channels.get(*i).join_ref == join_ref);
             if let Some(i) = index {
                 channels.get_mut(i).state.running = Some((channel, socket));
             }
@@ -348,13 +343,13 @@ impl Session {
         match result {
             HandleResult::Reply(reply) => {
                 if msg_ref.is_some() {
-                    self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, &reply);
+                    self.reply(Some(&join_ref), msg_ref.as_ref(), &topic, &reply);
                 }
             }
             HandleResult::NoReply => {}
             HandleResult::Stop(reply) => {
                 if let (Some(reply), Some(_)) = (&reply, &msg_ref) {
-                    self.reply(Some(&join_ref), msg_ref.as_deref(), &topic, reply);
+                    self.reply(Some(&join_ref), msg_ref.as_ref(), &topic, reply);
                 }
                 self.end_channel(index, StopReason::Normal);
                 self.control(&join_ref, &topic, "phx_close", &Payload::empty());
@@ -363,11 +358,11 @@ impl Session {
     }
 
     /// Removes the channel at `index`, calls its `terminate`, unsubscribes it.
-    fn end_channel(&mut self, index: usize, reason: StopReason) -> (Rc<str>, Rc<str>) {
+    fn end_channel(&mut self, index: usize, reason: StopReason) -> (Rc<str>, Ref) {
         let joined = self.conn.channels.borrow_mut().remove(index);
         let sub_pos = joined.state.sub_pos.get();
         let topic: Rc<str> = joined.topic;
-        let join_ref: Rc<str> = joined.join_ref;
+        let join_ref = joined.join_ref;
         if let Some((mut channel, mut socket)) = joined.state.running {
             if catch_unwind(AssertUnwindSafe(|| channel.terminate(reason, &mut socket))).is_err() {
                 tracing::warn!(%topic, "terminate crashed");
@@ -380,13 +375,13 @@ impl Session {
     }
 
     /// A handler panicked: drop the channel and tell the client with `phx_error`.
-    fn crash(&mut self, topic: &str, join_ref: &str) {
+    fn crash(&mut self, topic: &str, join_ref: &Ref) {
         tracing::warn!(topic, "channel crashed");
         let index = {
             let channels = self.conn.channels.borrow();
             channels
                 .position(topic)
-                .filter(|i| &*channels.get(*i).join_ref == join_ref)
+                .filter(|i| channels.get(*i).join_ref == *join_ref)
         };
         if let Some(index) = index {
             let joined = self.conn.channels.borrow_mut().remove(index);
@@ -429,7 +424,7 @@ impl Session {
                     let running = {
                         let mut channels = self.conn.channels.borrow_mut();
                         match channels.position(&topic) {
-                            Some(i) if *channels.get(i).join_ref == *join_ref => {
+                            Some(i) if channels.get(i).join_ref == join_ref => {
                                 channels.get_mut(i).state.running.take()
                             }
                             _ => None,
