@@ -28,7 +28,7 @@ if [ ! -f "$e2e/node_modules/.package-lock.json" ] || [ "$e2e/package-lock.json"
   (cd "$e2e" && npm ci --no-audit --no-fund)
 fi
 
-bash scripts/check-proto.sh
+python3 scripts/check-layers.py
 
 echo "==> cargo build -p ringcast"
 cargo build -p ringcast

@@ -4,9 +4,9 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::api::endpoint::Endpoint;
 use crate::proto::{Payload, Vsn};
-use crate::server::{App, Config};
+use crate::shard::api::endpoint::Endpoint;
+use crate::shard::app::{App, Config};
 use crate::shard::conn::Conn;
 use crate::shard::{Broadcast, Shard, Sub};
 use crate::Router;

@@ -5,15 +5,19 @@
 //! out through per-core topic tables. Any app using the `phoenix` JavaScript client can
 //! point at it unchanged.
 //!
-//! The layers, from the wire up:
-//! - [`proto`]: sans-IO protocol (WebSocket frames, HTTP heads, Phoenix serializers,
-//!   channel routing, tokens);
-//! - `shard`: one per core, connections, topic table and fanout, the ring mesh;
-//! - `transport`: accept loop, upgrade, the per-connection pump;
-//! - the API below: [`Channel`], [`Socket`], [`SocketHandler`], [`Router`],
-//!   [`Endpoint`], [`Server`];
-//! - [`seed`]: the seed app that `ringcast serve` runs;
-//! - [`testing`]: an in-process test kit for channels, like Phoenix's `ChannelTest`.
+//! The layers, from the wire up; each uses only the ones before it
+//! (`scripts/check-layers.py` checks it in CI):
+//! 0. [`proto`]: sans-IO protocol (WebSocket frames, HTTP heads, Phoenix serializers,
+//!    channel routing, tokens, presence state);
+//! 1. `shard`: the state of one core, driven by the layers above: connections, topic
+//!    table and fanout, presence replica, mesh routing, and the channel runtime
+//!    ([`api`]: [`Channel`], [`Socket`], [`SocketHandler`], [`Router`], [`Endpoint`];
+//!    [`Config`]; the cluster handle);
+//! 2. `transport` (accept loop, HTTP, the WebSocket pump, long-poll, parking, the
+//!    flusher) and [`cluster`] (the Redis link): the I/O around the shard;
+//! 3. [`server`]: executors, the core mesh, listeners ([`Server`]);
+//! 4. [`seed`], the seed app that `ringcast serve` runs, and [`testing`], an in-process
+//!    test kit for channels like Phoenix's `ChannelTest`.
 //!
 //! ```no_run
 //! use ringcast::{Channel, Config, HandleResult, Payload, Reply, Router, Server, Socket};
@@ -36,7 +40,6 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod api;
 #[doc(hidden)]
 pub mod bench_support;
 pub mod cluster;
@@ -47,10 +50,12 @@ pub(crate) mod shard;
 pub mod testing;
 pub(crate) mod transport;
 
-pub use api::channel::{Channel, HandleResult, Reply, StopReason};
-pub use api::endpoint::Endpoint;
-pub use api::router::{ConnectInfo, Router, SocketHandler};
-pub use api::socket::{ChannelRef, Socket};
+pub use shard::api;
+
 pub use proto::Payload;
 pub use server::{Config, RunningServer, Server, ShutdownHandle};
+pub use shard::api::channel::{Channel, HandleResult, Reply, StopReason};
+pub use shard::api::endpoint::Endpoint;
+pub use shard::api::router::{ConnectInfo, Router, SocketHandler};
+pub use shard::api::socket::{ChannelRef, Socket};
 pub use shard::stats::CoreStats;

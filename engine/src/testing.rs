@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::api::endpoint::Endpoint;
-use crate::api::router::{ConnectInfo, Router, SocketHandler};
 use crate::proto::{Message, Payload, Ref, Vsn};
-use crate::server::{App, Config};
+use crate::shard::api::endpoint::Endpoint;
+use crate::shard::api::router::{ConnectInfo, Router, SocketHandler};
+use crate::shard::app::{App, Config};
 use crate::shard::conn::Conn;
 use crate::shard::session::Session;
 use crate::shard::Shard;

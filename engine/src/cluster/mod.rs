@@ -16,13 +16,15 @@
 pub mod envelope;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
-use crate::proto::presence::{Delta, Owner, PresenceState};
+use crate::proto::presence::{owner_node, PresenceState};
+use crate::shard::cluster::LinkCmd;
+pub use crate::shard::cluster::{ClusterConfig, ClusterHandle, ClusterStats};
 use crate::shard::inbox::{CoreCommand, CoreInbox};
 use crate::shard::Broadcast;
 use envelope::Envelope;
@@ -42,72 +44,6 @@ const HEARTBEAT_CHANNEL: &str = "ringcast:hb";
 /// `ringcast:d:<topic>`, which every node listens to.
 const DISCONNECT_PATTERN: &str = "ringcast:d:*";
 
-/// Counters of the Redis link, shown in `/metrics` and `/api/stats`.
-#[derive(Debug, Default)]
-pub struct ClusterStats {
-    /// Whether the link to Redis is up.
-    pub connected: AtomicBool,
-    /// Other nodes heard from recently.
-    pub peers: AtomicU64,
-    /// Messages for other nodes that could not be published.
-    pub lost: AtomicU64,
-    /// Messages published to Redis.
-    pub published: AtomicU64,
-    /// Messages received from other nodes.
-    pub received: AtomicU64,
-}
-
-enum LinkCmd {
-    Interest { core: usize, topic: Arc<str>, on: bool },
-    Publish(Arc<Broadcast>),
-    Presence(Arc<str>, Arc<Delta>),
-}
-
-/// How cores reach the Redis link (`Send + Clone`).
-#[derive(Clone)]
-pub struct ClusterHandle {
-    tx: Sender<LinkCmd>,
-    node: u32,
-    stats: Arc<ClusterStats>,
-}
-
-impl ClusterHandle {
-    pub(crate) fn interest(&self, core: usize, topic: &str, on: bool) {
-        let _ = self.tx.send(LinkCmd::Interest {
-            core,
-            topic: topic.into(),
-            on,
-        });
-    }
-
-    pub(crate) fn publish(&self, broadcast: &Arc<Broadcast>) {
-        let _ = self.tx.send(LinkCmd::Publish(broadcast.clone()));
-    }
-
-    pub(crate) fn presence(&self, topic: &str, delta: &Arc<Delta>) {
-        let _ = self.tx.send(LinkCmd::Presence(topic.into(), delta.clone()));
-    }
-
-    /// This node's id (the high half of its presence owners).
-    pub fn node(&self) -> u32 {
-        self.node
-    }
-
-    /// The link's counters.
-    pub fn stats(&self) -> &ClusterStats {
-        &self.stats
-    }
-}
-
-/// Cluster settings.
-#[derive(Debug, Clone)]
-pub struct ClusterConfig {
-    /// `redis://host:port`.
-    pub redis_url: String,
-    /// This node's name, unique in the cluster.
-    pub node_name: String,
-}
-
 /// Creates the handle now; the link thread starts with [`Link::spawn`] once the cores'
 /// inboxes exist.
 pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), redis::RedisError> {
@@ -115,11 +51,7 @@ pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), re
     let (tx, rx) = crossbeam_channel::unbounded();
     let node = envelope::node_id(&config.node_name);
     let stats = Arc::new(ClusterStats::default());
-    let handle = ClusterHandle {
-        tx,
-        node,
-        stats: stats.clone(),
-    };
+    let handle = ClusterHandle::new(tx, node, stats.clone());
     let link = Link {
         client,
         rx,
@@ -358,7 +290,7 @@ impl Link {
     /// Publishes this node's full presence on `topic` and asks the others for theirs.
     fn announce_presence(&self, conn: &mut redis::Connection, topic: &str) -> redis::RedisResult<()> {
         let node = self.node;
-        let entries = self.own.entries(topic, |o| (o >> 32) as u32 == node);
+        let entries = self.own.entries(topic, |o| owner_node(o) == node);
         if !entries.is_empty() {
             self.publish(
                 conn,
@@ -476,7 +408,7 @@ impl Link {
                     return Ok(());
                 };
                 let node = self.node;
-                let entries = self.own.entries(topic, |o| (o >> 32) as u32 == node);
+                let entries = self.own.entries(topic, |o| owner_node(o) == node);
                 self.publish(
                     publish,
                     channel.to_string(),
@@ -504,9 +436,4 @@ impl Link {
         }
         self.stats.peers.store(self.peers.len() as u64, Ordering::Relaxed);
     }
-}
-
-/// The node id of a presence owner.
-pub(crate) fn owner_node(owner: Owner) -> u32 {
-    (owner >> 32) as u32
 }

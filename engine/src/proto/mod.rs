@@ -2,7 +2,7 @@
 //! serializers, the per-connection channel state machine and socket tokens.
 //!
 //! Nothing here knows of glommio, sockets or clocks (callers pass `now`); everything is
-//! tested in memory. `scripts/check-proto.sh` keeps it that way.
+//! tested in memory. `scripts/check-layers.py` keeps it that way.
 
 pub mod error;
 pub mod http;

@@ -11,9 +11,28 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
-/// Who owns an entry: (origin, connection) packed by the caller. Only the owner may
+/// Who owns an entry: (origin, connection), packed by [`owner`]. Only the owner may
 /// issue deltas about it; when an origin dies its entries can be dropped together.
 pub type Owner = u64;
+
+/// The owner of a presence tracked by connection slot `conn` on `core` of `node`: the
+/// node id in the high half (0 outside a cluster), then the core in 8 bits and the
+/// slot in 24. The one place that knows the layout.
+///
+/// ```
+/// use ringcast::proto::presence::{owner, owner_node};
+/// let o = owner(7, 1, 3);
+/// assert_eq!(owner_node(o), 7);
+/// assert_ne!(owner(7, 0, 3), o);
+/// ```
+pub fn owner(node: u32, core: usize, conn: u32) -> Owner {
+    (u64::from(node) << 32) | ((core as u64 & 0xff) << 24) | (u64::from(conn) & 0x00ff_ffff)
+}
+
+/// The node an owner belongs to.
+pub fn owner_node(owner: Owner) -> u32 {
+    (owner >> 32) as u32
+}
 
 /// One tracked meta.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,11 +12,11 @@ use std::task::Waker;
 use bytes::Bytes;
 use thin_vec::ThinVec;
 
-use crate::api::channel::DynChannel;
-use crate::api::socket::Socket;
 use crate::proto::socket::ChannelTable;
 use crate::proto::ws::close_code;
 use crate::proto::{Ref, Vsn};
+use crate::shard::api::channel::DynChannel;
+use crate::shard::api::socket::Socket;
 use crate::shard::presence::Tracked;
 use crate::shard::Broadcast;
 
@@ -124,6 +124,44 @@ impl OutQueue {
             self.head_written = 0;
         }
     }
+}
+
+/// Parked connections (no task, no waker) that something woke, for the transport's
+/// parking dispatcher to start again, and that dispatcher's waker. Per core thread, as
+/// connections are.
+#[derive(Default)]
+struct Unparks {
+    ids: Vec<ConnId>,
+    waker: Option<Waker>,
+}
+
+thread_local! {
+    static UNPARKS: RefCell<Unparks> = RefCell::default();
+}
+
+fn request_unpark(id: ConnId) {
+    UNPARKS.with(|u| {
+        let mut u = u.borrow_mut();
+        u.ids.push(id);
+        if let Some(w) = &u.waker {
+            w.wake_by_ref();
+        }
+    });
+}
+
+/// Sets the waker of the task that restarts parked connections ([`take_unparks`]).
+pub(crate) fn set_unpark_waker(waker: &Waker) {
+    UNPARKS.with(|u| {
+        let mut u = u.borrow_mut();
+        if !u.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            u.waker = Some(waker.clone());
+        }
+    });
+}
+
+/// The parked connections woken since the last call, oldest first.
+pub(crate) fn take_unparks() -> Vec<ConnId> {
+    UNPARKS.with(|u| std::mem::take(&mut u.borrow_mut().ids))
 }
 
 /// Work for the channel layer of a connection, run by its driver task.
@@ -317,7 +355,7 @@ impl Conn {
         if let Some(w) = self.waker.borrow().as_ref() {
             w.wake_by_ref();
         } else if self.park_seq.get() != 0 {
-            crate::transport::park::wake(self.id);
+            request_unpark(self.id);
         }
     }
 

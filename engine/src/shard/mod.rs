@@ -6,11 +6,13 @@
 //! whose (non-atomic) clones go to every local subscriber's queue. Nothing here is
 //! shared between threads except that `Arc` and the per-core inboxes.
 
+pub mod api;
+pub mod app;
+pub mod cluster;
 pub mod conn;
 pub(crate) mod inbox;
 pub(crate) mod mesh;
 pub(crate) mod presence;
-pub(crate) mod send_ring;
 pub(crate) mod session;
 pub mod stats;
 
@@ -23,13 +25,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use slab::Slab;
 
-use crate::api::endpoint::Endpoint;
-use crate::proto::http::{Request, Response};
 use crate::proto::serializer::{encode, Body, EncodeError, Outgoing};
 use crate::proto::ws::close_code;
 use crate::proto::{Payload, Vsn};
-use crate::server::App;
-use crate::transport::longpoll::{self, LpSession as LongPollSession};
+use crate::shard::api::endpoint::Endpoint;
+use app::App;
 use conn::{Conn, ConnId, ConnLimits, Mail, OutFrame};
 use mesh::{Mesh, MeshMsg};
 
@@ -124,6 +124,9 @@ pub(crate) struct Sub {
     pub(crate) intercepts: &'static [&'static str],
 }
 
+/// How long a WebSocket must have sent nothing before its pump parks it.
+pub(crate) const PARK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The event that closes every connection whose socket id is the topic.
 pub(crate) const DISCONNECT: &str = "disconnect";
 
@@ -138,16 +141,9 @@ pub(crate) struct Shard {
     topics: RefCell<HashMap<Box<str>, Vec<Sub>>>,
     mesh: Option<Mesh>,
     presence: presence::PresenceHub,
-    longpoll: RefCell<HashMap<Box<str>, Rc<LongPollSession>>>,
-    /// Long-poll requests forwarded to another core, waiting for its answer.
-    forwarded: RefCell<HashMap<u64, glommio::channels::local_channel::LocalSender<Response>>>,
-    next_forward: Cell<u64>,
     /// Connections with broadcast frames for the flusher, and the flusher's waker.
     dirty: RefCell<Vec<Rc<Conn>>>,
     flusher: RefCell<Option<std::task::Waker>>,
-    flusher_started: Cell<bool>,
-    /// The flusher's batched write path (`None`: one `send` per connection).
-    send_ring: RefCell<Option<send_ring::SendRing>>,
     /// Set once shutdown began; wakes the accept loop.
     stopping: Cell<bool>,
     stop_waker: RefCell<Option<std::task::Waker>>,
@@ -163,37 +159,6 @@ fn record_position(sub: &Sub, topic: &str, pos: u32) {
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
-}
-
-/// The core's flusher: writes the connections that fanout left with queued frames.
-async fn run_flusher() {
-    let Some(shard) = current() else { return };
-    loop {
-        std::future::poll_fn(|cx| {
-            if shard.dirty.borrow().is_empty() {
-                *shard.flusher.borrow_mut() = Some(cx.waker().clone());
-                std::task::Poll::Pending
-            } else {
-                std::task::Poll::Ready(())
-            }
-        })
-        .await;
-        let batch = std::mem::take(&mut *shard.dirty.borrow_mut());
-        for chunk in batch.chunks(1024) {
-            match shard.send_ring.borrow_mut().as_mut() {
-                Some(ring) => ring.flush(&shard, chunk),
-                None => chunk.iter().for_each(|conn| shard.flush_direct(conn)),
-            }
-            glommio::yield_if_needed().await;
-        }
-        // Keep the allocation for the next batch.
-        let mut dirty = shard.dirty.borrow_mut();
-        if dirty.is_empty() {
-            let mut batch = batch;
-            batch.clear();
-            *dirty = batch;
-        }
-    }
 }
 
 /// The shard of the current thread, if it runs one.
@@ -222,19 +187,8 @@ impl Shard {
             topics: RefCell::default(),
             mesh,
             presence: presence::PresenceHub::new(),
-            longpoll: RefCell::default(),
-            forwarded: RefCell::default(),
-            next_forward: Cell::new(0),
             dirty: RefCell::default(),
             flusher: RefCell::new(None),
-            flusher_started: Cell::new(false),
-            send_ring: RefCell::new(if app.config.batched_writes {
-                send_ring::SendRing::new()
-                    .inspect_err(|e| tracing::warn!("batched writes off on this core: {e}"))
-                    .ok()
-            } else {
-                None
-            }),
             stopping: Cell::new(false),
             stop_waker: RefCell::new(None),
         });
@@ -386,59 +340,30 @@ impl Shard {
         if !conn.dirty.replace(true) {
             self.dirty.borrow_mut().push(conn.clone());
         }
-        let waker = self.flusher.borrow_mut().take();
-        match waker {
-            Some(w) => w.wake(),
-            None if !self.flusher_started.replace(true) => {
-                glommio::spawn_local(run_flusher()).detach();
-            }
-            None => {}
+        if let Some(w) = self.flusher.borrow_mut().take() {
+            w.wake();
         }
     }
 
-    /// Writes a connection's queued frames straight to its socket; anything the socket
-    /// cannot take now is left to the connection's own task, which waits for room.
-    fn flush_direct(&self, conn: &Conn) {
-        conn.dirty.set(false);
-        let fd = conn.fd.get();
-        if fd < 0 || conn.close.get().is_some() {
-            conn.wake();
-            return;
+    /// The connections that fanout left with queued frames, for the flusher to write
+    /// (each one's `dirty` flag still set; the writer clears it). Pending, with `cx`'s
+    /// waker kept, while there are none. Hand the emptied batch back with
+    /// [`Shard::recycle_dirty`] so that its allocation serves the next one.
+    pub(crate) fn poll_dirty(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Vec<Rc<Conn>>> {
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            *self.flusher.borrow_mut() = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
         }
-        loop {
-            let mut out = conn.out.borrow_mut();
-            let sent = crate::transport::websocket::WRITE_BUF.with(|buf| {
-                out.next_write(
-                    &mut buf.borrow_mut(),
-                    crate::transport::websocket::IO_CHUNK,
-                    |bytes| {
-                        // SAFETY: `fd` is the connection's open socket (its pump resets it to -1
-                        // before the socket closes) and `bytes` is a live, initialised slice.
-                        unsafe {
-                            libc::send(
-                                fd,
-                                bytes.as_ptr().cast(),
-                                bytes.len(),
-                                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                            )
-                        }
-                    },
-                )
-            });
-            match sent {
-                None => return,
-                Some(n) if n > 0 => {
-                    let frames = out.consume(n as usize);
-                    self.stats.bytes_out.add(n as u64);
-                    self.stats.messages_out.add(frames);
-                }
-                Some(_) => {
-                    // Full (EAGAIN) or failing: the pump waits for room or sees the error.
-                    drop(out);
-                    conn.wake();
-                    return;
-                }
-            }
+        std::task::Poll::Ready(std::mem::take(&mut *dirty))
+    }
+
+    /// Gives a written batch's allocation back for the next one.
+    pub(crate) fn recycle_dirty(&self, mut batch: Vec<Rc<Conn>>) {
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            batch.clear();
+            *dirty = batch;
         }
     }
 
@@ -552,30 +477,13 @@ impl Shard {
         }
     }
 
-    pub(crate) fn on_mesh(&self, msg: MeshMsg) {
+    /// Handles a message from another core. Long-poll requests and answers are the
+    /// transport's: they are handed back.
+    pub(crate) fn handle_mesh(&self, msg: MeshMsg) -> Option<MeshMsg> {
         match msg {
             MeshMsg::Broadcast(b) => self.deliver_local(&b),
             MeshMsg::Presence { topic, delta } => self.presence_apply(&topic, &delta),
-            MeshMsg::LongPoll {
-                origin,
-                id,
-                req,
-                body,
-            } => {
-                let shard = current().expect("mesh messages arrive on a shard");
-                glommio::spawn_local(async move {
-                    let response = longpoll::handle(&shard, req, body).await;
-                    if let Some(mesh) = &shard.mesh {
-                        mesh.send_to(origin, MeshMsg::LongPollReply { id, response });
-                    }
-                })
-                .detach();
-            }
-            MeshMsg::LongPollReply { id, response } => {
-                if let Some(tx) = self.forwarded.borrow_mut().remove(&id) {
-                    let _ = tx.try_send(response);
-                }
-            }
+            msg @ (MeshMsg::LongPoll { .. } | MeshMsg::LongPollReply { .. }) => return Some(msg),
             MeshMsg::Interest { topic, core, on, ack } => {
                 if let Some(mesh) = &self.mesh {
                     mesh.set_interest(&topic, core, on);
@@ -590,68 +498,20 @@ impl Shard {
                 }
             }
         }
+        None
     }
 
-    pub(crate) fn longpoll_get(&self, token: &str) -> Option<Rc<LongPollSession>> {
-        self.longpoll.borrow().get(token).cloned()
+    /// The ring mesh to the other cores (`None` on a one-core server).
+    pub(crate) fn mesh(&self) -> Option<&Mesh> {
+        self.mesh.as_ref()
     }
 
-    pub(crate) fn longpoll_insert(&self, token: Box<str>, lp: Rc<LongPollSession>) {
-        self.longpoll.borrow_mut().insert(token, lp);
-        self.stats.longpoll_sessions.add(1);
-    }
-
-    pub(crate) fn longpoll_remove(&self, token: &str) {
-        if self.longpoll.borrow_mut().remove(token).is_some() {
-            self.stats.longpoll_sessions.sub(1);
-        }
-    }
-
-    /// Answers a long-poll request on the core that owns its session: here, or over
-    /// the mesh.
-    pub(crate) async fn longpoll_route(
-        self: &Rc<Self>,
-        core: Option<usize>,
-        req: Request,
-        body: Vec<u8>,
-    ) -> Response {
-        let remote = core.filter(|c| *c != self.index && self.mesh.as_ref().is_some_and(|m| *c < m.peers()));
-        let (Some(core), Some(mesh)) = (remote, &self.mesh) else {
-            return longpoll::handle(self, req, body).await;
-        };
-        let id = self.next_forward.get() + 1;
-        self.next_forward.set(id);
-        let (tx, rx) = glommio::channels::local_channel::new_bounded(1);
-        self.forwarded.borrow_mut().insert(id, tx);
-        mesh.send_to(
-            core,
-            MeshMsg::LongPoll {
-                origin: self.index,
-                id,
-                req,
-                body,
-            },
-        );
-        let answer = futures_lite::future::or(async { rx.recv().await }, async {
-            glommio::timer::sleep(longpoll::POLL_WINDOW * 2).await;
-            None
-        })
-        .await;
-        self.forwarded.borrow_mut().remove(&id);
-        answer.unwrap_or_else(|| Response::json(504, r#"{"error":"the session's core did not answer"}"#))
-    }
-
-    /// Asks connections silent for longer than the idle timeout to close.
-    pub(crate) fn sweep_idle(&self) {
-        let now = std::time::Instant::now();
-        for lp in self.longpoll.borrow().values() {
-            if lp.expired(now) {
-                lp.expire();
-            }
-        }
+    /// Asks connections silent for longer than the idle timeout to close, and (with
+    /// `can_park`, when this core can park connections) wakes the ones silent for
+    /// [`PARK_AFTER`], so that their pumps park them.
+    pub(crate) fn sweep_idle(&self, can_park: bool) {
         let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
-        let park_after = crate::transport::park::PARK_AFTER.as_millis() as u32;
-        let can_park = crate::transport::park::available();
+        let park_after = PARK_AFTER.as_millis() as u32;
         let now = self.now_ms();
         for (_, conn) in self.conns.borrow().iter() {
             // Long-poll sessions expire by their own rule (no poll for 15 s).

@@ -13,9 +13,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::owner_node;
-use crate::proto::presence::{Delta, Diff, Meta, Owner, PresenceState};
-use crate::shard::conn::{Conn, ConnId};
+use crate::proto::presence::{owner, owner_node, Delta, Diff, Meta, PresenceState};
+use crate::shard::conn::Conn;
 use crate::shard::{Broadcast, Shard};
 
 /// How long diffs to one topic are merged after one was sent.
@@ -66,11 +65,6 @@ impl PresenceHub {
     }
 }
 
-/// Node id in the high half (0 outside a cluster), core and connection slot below.
-fn owner(node: u32, core: usize, id: ConnId) -> Owner {
-    ((node as u64) << 32) | ((core as u64 & 0xff) << 24) | (id.key as u64 & 0x00ff_ffff)
-}
-
 impl Shard {
     /// Tracks `conn` under `key` on `topic` with the application's `fields`.
     pub(crate) fn presence_track(&self, conn: &Conn, topic: &Rc<str>, key: &str, fields: serde_json::Value) {
@@ -79,7 +73,7 @@ impl Shard {
             fields,
             phx_ref.clone(),
             None,
-            owner(self.node_id(), self.index, conn.id),
+            owner(self.node_id(), self.index, conn.id.key),
         );
         conn.tracked.borrow_mut().push(Tracked {
             topic: topic.clone(),
@@ -116,7 +110,7 @@ impl Shard {
             fields,
             phx_ref,
             Some(&prev),
-            owner(self.node_id(), self.index, conn.id),
+            owner(self.node_id(), self.index, conn.id.key),
         );
         self.presence_issue(
             topic,

@@ -8,11 +8,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
-use crate::api::channel::{HandleResult, Handled, Joined, LocalFuture, Reply, StopReason};
-use crate::api::socket::Socket;
 use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::socket::Route;
 use crate::proto::{Message, Payload, Ref};
+use crate::shard::api::channel::{HandleResult, Handled, Joined, LocalFuture, Reply, StopReason};
+use crate::shard::api::socket::Socket;
 use crate::shard::conn::{Conn, Mail, Slot};
 use crate::shard::{Shard, Sub};
 
@@ -149,7 +149,10 @@ impl Session {
 
     /// Moves the channel at `index` and its socket out of their slot while a handler
     /// runs (`None` if a handler already has them).
-    fn take_running(&self, index: usize) -> Option<(Box<dyn crate::api::channel::DynChannel>, Socket)> {
+    fn take_running(
+        &self,
+        index: usize,
+    ) -> Option<(Box<dyn crate::shard::api::channel::DynChannel>, Socket)> {
         self.conn
             .channels
             .borrow_mut()
@@ -322,7 +325,7 @@ impl Session {
 
     fn finish_run(
         &mut self,
-        channel: Box<dyn crate::api::channel::DynChannel>,
+        channel: Box<dyn crate::shard::api::channel::DynChannel>,
         socket: Socket,
         result: HandleResult,
         msg_ref: Option<Ref>,

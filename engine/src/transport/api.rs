@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use subtle::ConstantTimeEq;
 
-use crate::cluster::ClusterStats;
+use crate::shard::cluster::ClusterStats;
 
 use crate::proto::http::{Request, Response};
 use crate::proto::{token, Payload};
@@ -40,7 +40,7 @@ pub(crate) async fn route(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Res
         (_, "/socket/longpoll") => {
             let session = longpoll::session_candidate(&req, &req.query_params());
             let core = session.as_deref().and_then(longpoll::token_core);
-            shard.longpoll_route(core, req, body).await
+            longpoll::route(shard, core, req, body).await
         }
         (_, "/api/broadcast") | (_, "/api/stats") if !authorized(&req, app.config.api_key.as_deref()) => {
             error(401, "missing or wrong bearer key").header("www-authenticate", "Bearer")

@@ -7,7 +7,7 @@
 //! their payloads as JSON strings.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use crate::api::router::ConnectInfo;
 use crate::proto::http::{Request, Response};
 use crate::proto::serializer::{decode_binary, decode_text};
 use crate::proto::{Message, Vsn};
+use crate::shard::api::router::ConnectInfo;
 use crate::shard::conn::Conn;
+use crate::shard::mesh::MeshMsg;
 use crate::shard::session::Session;
 use crate::shard::Shard;
 
@@ -31,6 +32,109 @@ pub(crate) const POLL_WINDOW: Duration = Duration::from_secs(10);
 pub(crate) const SESSION_EXPIRY: Duration = Duration::from_secs(15);
 /// Lines of one POST handled; the rest are ignored, as Phoenix does.
 const MAX_LINES: usize = 100;
+
+/// This core's long-poll sessions by token, and the requests it forwarded to other
+/// cores, waiting for their answers. Transport state of the core's thread, beside the
+/// shard (which knows sessions only as connections).
+#[derive(Default)]
+struct Hub {
+    sessions: HashMap<Box<str>, Rc<LpSession>>,
+    forwarded: HashMap<u64, glommio::channels::local_channel::LocalSender<Response>>,
+    next_forward: u64,
+}
+
+thread_local! {
+    static HUB: RefCell<Hub> = RefCell::default();
+}
+
+fn session(token: &str) -> Option<Rc<LpSession>> {
+    HUB.with(|h| h.borrow().sessions.get(token).cloned())
+}
+
+fn insert_session(shard: &Shard, token: Box<str>, lp: Rc<LpSession>) {
+    HUB.with(|h| h.borrow_mut().sessions.insert(token, lp));
+    shard.stats.longpoll_sessions.add(1);
+}
+
+fn remove_session(shard: &Shard, token: &str) {
+    if HUB.with(|h| h.borrow_mut().sessions.remove(token)).is_some() {
+        shard.stats.longpoll_sessions.sub(1);
+    }
+}
+
+/// Closes the sessions that went unpolled past [`SESSION_EXPIRY`], like dropped
+/// WebSockets.
+pub(crate) fn sweep(now: Instant) {
+    HUB.with(|h| {
+        for lp in h.borrow().sessions.values() {
+            if lp.expired(now) {
+                lp.expire();
+            }
+        }
+    });
+}
+
+/// Answers a long-poll request on the core that owns its session: here, or over the
+/// mesh.
+pub(crate) async fn route(shard: &Rc<Shard>, core: Option<usize>, req: Request, body: Vec<u8>) -> Response {
+    let mesh = shard.mesh();
+    let remote = core.filter(|c| *c != shard.index && mesh.is_some_and(|m| *c < m.peers()));
+    let (Some(core), Some(mesh)) = (remote, mesh) else {
+        return handle(shard, req, body).await;
+    };
+    let (tx, rx) = glommio::channels::local_channel::new_bounded(1);
+    let id = HUB.with(|h| {
+        let mut hub = h.borrow_mut();
+        hub.next_forward += 1;
+        let id = hub.next_forward;
+        hub.forwarded.insert(id, tx);
+        id
+    });
+    mesh.send_to(
+        core,
+        MeshMsg::LongPoll {
+            origin: shard.index,
+            id,
+            req,
+            body,
+        },
+    );
+    let answer = futures_lite::future::or(async { rx.recv().await }, async {
+        glommio::timer::sleep(POLL_WINDOW * 2).await;
+        None
+    })
+    .await;
+    HUB.with(|h| h.borrow_mut().forwarded.remove(&id));
+    answer.unwrap_or_else(|| Response::json(504, r#"{"error":"the session's core did not answer"}"#))
+}
+
+/// A long-poll message from another core ([`Shard::handle_mesh`] hands them back): a
+/// request for a session of this core, or the answer to one this core forwarded.
+pub(crate) fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
+    match msg {
+        MeshMsg::LongPoll {
+            origin,
+            id,
+            req,
+            body,
+        } => {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                let response = handle(&shard, req, body).await;
+                if let Some(mesh) = shard.mesh() {
+                    mesh.send_to(origin, MeshMsg::LongPollReply { id, response });
+                }
+            })
+            .detach();
+        }
+        MeshMsg::LongPollReply { id, response } => {
+            if let Some(tx) = HUB.with(|h| h.borrow_mut().forwarded.remove(&id)) {
+                let _ = tx.try_send(response);
+            }
+        }
+        _ => debug_assert!(false, "not a long-poll message"),
+    }
+}
 
 /// One long-poll session on its core.
 pub(crate) struct LpSession {
@@ -77,7 +181,7 @@ impl Future for Driver {
             if this.lp.conn.close.get().is_some() {
                 this.lp.gone.set(true);
                 this.lp.wake_poller();
-                this.shard.longpoll_remove(&this.lp.token);
+                remove_session(&this.shard, &this.lp.token);
                 this.session.finish();
                 return Poll::Ready(());
             }
@@ -149,7 +253,7 @@ pub(crate) async fn handle(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Re
             .header("access-control-allow-methods", "get, post, options")
             .header("access-control-max-age", "3600");
     }
-    let live = session_candidate(&req, &params).and_then(|t| shard.longpoll_get(&t));
+    let live = session_candidate(&req, &params).and_then(|t| session(&t));
     match (req.method.as_str(), live) {
         ("GET", Some(lp)) => poll(lp).await,
         ("GET", None) => open(shard, &req, params),
@@ -196,7 +300,7 @@ fn open(shard: &Rc<Shard>, req: &Request, params: Vec<(String, String)>) -> Resp
         polling: Cell::new(false),
         gone: Cell::new(false),
     });
-    shard.longpoll_insert(token.clone(), lp.clone());
+    insert_session(shard, token.clone(), lp.clone());
     glommio::spawn_local(Driver {
         lp,
         session: Session::new(shard.clone(), conn),

@@ -2,8 +2,10 @@
 //! connection, and the WebSocket upgrade into a [`websocket::Pump`].
 
 pub(crate) mod api;
+pub(crate) mod flusher;
 pub(crate) mod longpoll;
 pub(crate) mod park;
+pub(crate) mod send_ring;
 pub(crate) mod websocket;
 
 use std::rc::Rc;
@@ -12,9 +14,9 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use crate::api::router::ConnectInfo;
 use crate::proto::http::{self, Request, MAX_HEAD};
 use crate::proto::Vsn;
+use crate::shard::api::router::ConnectInfo;
 use crate::shard::session::Session;
 use crate::shard::Shard;
 
@@ -256,7 +258,7 @@ mod memory {
         use std::sync::Arc;
         let ex = glommio::LocalExecutorBuilder::default().make().unwrap();
         ex.run(async {
-            let app = Arc::new(crate::server::App {
+            let app = Arc::new(crate::shard::app::App {
                 config: crate::Config::default(),
                 router: crate::Router::new(),
                 socket: Box::new(crate::seed::UserSocket::new("x")),

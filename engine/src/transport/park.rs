@@ -20,20 +20,18 @@ use std::future::Future;
 use std::os::fd::{FromRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::task::{Context, Poll};
 
 use glommio::io::BufferedFile;
 use glommio::net::TcpStream;
 use io_uring::{opcode, types, IoUring};
 
-use crate::shard::conn::{Conn, ConnId};
+use crate::shard::conn::{self, Conn, ConnId};
 use crate::shard::session::Session;
 use crate::shard::Shard;
 use crate::transport::websocket::Pump;
 
-/// How long a connection must have sent nothing before it parks.
-pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
+pub(crate) use crate::shard::PARK_AFTER;
 /// Submission queue depth of a parking ring (its completion queue is twice that; the
 /// kernel keeps overflowing completions and hands them over as the queue drains).
 const RING_ENTRIES: u32 = 1024;
@@ -47,8 +45,6 @@ pub(crate) struct Parking {
     ring: RefCell<IoUring>,
     notify: Rc<BufferedFile>,
     next_seq: Cell<u32>,
-    wanted: RefCell<Vec<ConnId>>,
-    dispatcher: RefCell<Option<Waker>>,
 }
 
 thread_local! {
@@ -107,16 +103,6 @@ pub(crate) fn park(shard: &Shard, conn: &Conn, fd: RawFd) -> bool {
     true
 }
 
-/// Asks the dispatcher to unpark `conn` (called when a parked connection is woken).
-pub(crate) fn wake(conn: ConnId) {
-    if let Some(parking) = parking() {
-        parking.wanted.borrow_mut().push(conn);
-        if let Some(w) = parking.dispatcher.borrow().as_ref() {
-            w.wake_by_ref();
-        }
-    }
-}
-
 fn user_data(id: ConnId, seq: u32) -> u64 {
     (u64::from(id.key) << 32) | u64::from(seq)
 }
@@ -142,8 +128,6 @@ impl Parking {
             ring: RefCell::new(ring),
             notify,
             next_seq: Cell::new(0),
-            wanted: RefCell::new(Vec::new()),
-            dispatcher: RefCell::new(None),
         })
     }
 
@@ -226,8 +210,7 @@ fn dispatch(shard: &Rc<Shard>, parking: &Parking) {
             unpark(shard, parking, conn, true);
         }
     }
-    let wanted = std::mem::take(&mut *parking.wanted.borrow_mut());
-    for id in wanted {
+    for id in conn::take_unparks() {
         if let Some(conn) = shard.conn_by_key(id.key).filter(|c| c.id == id) {
             unpark(shard, parking, conn, false);
         }
@@ -239,12 +222,7 @@ impl Future for Dispatcher {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        {
-            let mut slot = this.parking.dispatcher.borrow_mut();
-            if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *slot = Some(cx.waker().clone());
-            }
-        }
+        conn::set_unpark_waker(cx.waker());
         loop {
             dispatch(&this.shard, &this.parking);
             let wait = this.wait.get_or_insert_with(|| {

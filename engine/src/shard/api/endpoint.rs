@@ -3,8 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::cluster::ClusterHandle;
 use crate::proto::Payload;
+use crate::shard::cluster::ClusterHandle;
 use crate::shard::inbox::{CoreCommand, CoreInbox};
 use crate::shard::{self, Broadcast};
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::api::endpoint::Endpoint;
 use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::{Payload, Ref};
+use crate::shard::api::endpoint::Endpoint;
 use crate::shard::conn::{Conn, Mail};
 use crate::shard::{self, Broadcast};
 

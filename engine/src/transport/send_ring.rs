@@ -173,7 +173,7 @@ mod tests {
     use super::*;
     use crate::bench_support::lone_shard;
     use crate::proto::Vsn;
-    use crate::server::Config;
+    use crate::shard::app::Config;
     use crate::shard::conn::OutFrame;
 
     fn shard() -> Rc<Shard> {

@@ -4,8 +4,8 @@ use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::api::socket::Socket;
 use crate::proto::Payload;
+use crate::shard::api::socket::Socket;
 
 /// What a channel answers to a client message (Phoenix's `{:reply, {status, payload}, socket}`).
 #[derive(Debug, Clone, PartialEq)]

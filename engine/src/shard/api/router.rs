@@ -5,10 +5,10 @@ use std::any::Any;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use crate::api::channel::{join_erased, Channel, Joined, LocalFuture};
-use crate::api::socket::Socket;
 use crate::proto::socket::pattern_matches;
 use crate::proto::Payload;
+use crate::shard::api::channel::{join_erased, Channel, Joined, LocalFuture};
+use crate::shard::api::socket::Socket;
 
 /// What a connecting client presented: its connect params and where it came from.
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,96 @@
+//! The application a server runs, as every core sees it: its settings ([`Config`]), its
+//! router and socket handler, the presence hook and the per-core counters.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::shard::api::router::{DynSocketHandler, Router};
+use crate::shard::cluster::ClusterConfig;
+use crate::shard::stats::CoreStats;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on (one port serves everything).
+    pub listen: SocketAddr,
+    /// Number of cores (executors), each pinned to one CPU.
+    pub cores: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest inbound frame or message, in bytes.
+    pub max_frame: usize,
+    /// Origins allowed to upgrade; empty allows every origin.
+    pub allowed_origins: Vec<String>,
+    /// Bytes a connection may have queued before it is cut off (1008).
+    pub max_outbound_bytes: usize,
+    /// Client messages a connection may send per second on average ...
+    pub max_messages_per_sec: u32,
+    /// ... and in a burst; past that it is closed with 1008.
+    pub message_burst: u32,
+    /// Open connections the whole server accepts (split evenly over the cores); past
+    /// that, upgrades and long-poll opens are answered 503. Keep it under the process's
+    /// open-file limit.
+    pub max_connections: usize,
+    /// Bearer key of the HTTP server API; `None` answers 401 to every API request.
+    pub api_key: Option<String>,
+    /// Secret with which `GET /demo/token` mints tokens for the demo page. Only set
+    /// when running on the development secret.
+    pub demo_token_secret: Option<String>,
+    /// Cluster mode: share topics with other nodes through Redis.
+    pub cluster: Option<ClusterConfig>,
+    /// Park WebSocket connections silent for a second: their task and I/O source are
+    /// freed until input or a wake-up restarts them. `false` is for comparisons.
+    pub park_idle: bool,
+    /// Write a fanout's frames with one io_uring submission per batch; `false` writes
+    /// with one `send` per connection (for comparisons).
+    pub batched_writes: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:4000".parse().expect("valid address"),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            idle_timeout: Duration::from_secs(60),
+            max_frame: 1 << 20,
+            allowed_origins: Vec::new(),
+            max_outbound_bytes: 4 << 20,
+            max_messages_per_sec: 5_000,
+            message_burst: 10_000,
+            max_connections: default_max_connections(),
+            api_key: None,
+            demo_token_secret: None,
+            cluster: None,
+            park_idle: true,
+            batched_writes: true,
+        }
+    }
+}
+
+/// Enriches presence payloads before they are sent (Phoenix's `fetch/2`): called with
+/// the topic and a map `{key: {"metas": [...]}}` to change in place.
+pub type PresenceFetch = Box<dyn Fn(&str, &mut serde_json::Value) + Send + Sync>;
+
+/// The open-file limit less a margin for listeners, rings and the odd file.
+fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    if ok {
+        (limit.rlim_cur as usize).saturating_sub(256).max(64)
+    } else {
+        1024
+    }
+}
+
+pub(crate) struct App {
+    pub(crate) config: Config,
+    pub(crate) router: Router,
+    pub(crate) socket: Box<dyn DynSocketHandler>,
+    pub(crate) presence_fetch: Option<PresenceFetch>,
+    pub(crate) stats: Vec<Arc<CoreStats>>,
+}
