@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use ringcast_loadgen::report::{ConnectReport, FanoutReport};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -267,26 +268,6 @@ fn read_trim(path: &str) -> String {
         .unwrap_or_default()
         .trim()
         .to_string()
-}
-
-fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit on a plain struct.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 1024;
-        }
-        if r.rlim_cur < r.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: r.rlim_max,
-                rlim_max: r.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return r.rlim_max;
-            }
-        }
-        r.rlim_cur
-    }
 }
 
 fn machine(nofile: u64) -> Machine {
@@ -543,7 +524,13 @@ impl Ctx<'_> {
         )
     }
 
-    fn loadgen(&self, cores: usize, name: &str, args: &[String]) -> anyhow::Result<Value> {
+    /// Runs one loadgen command and reads its JSON report as the loadgen's own type.
+    fn loadgen<R: serde::de::DeserializeOwned>(
+        &self,
+        cores: usize,
+        name: &str,
+        args: &[String],
+    ) -> anyhow::Result<R> {
         let (_, lg_cpus, _) = &self.plan.placement[&cores];
         let json = self.raw.join(format!("{name}.json"));
         let log = File::create(self.raw.join(format!("{name}.log")))?;
@@ -570,7 +557,7 @@ impl Ctx<'_> {
             .context("running ringcast-loadgen")?;
         let text = std::fs::read_to_string(&json)
             .with_context(|| format!("loadgen {name} wrote no JSON ({status}); see raw/{name}.log"))?;
-        Ok(serde_json::from_str(&text)?)
+        serde_json::from_str(&text).with_context(|| format!("loadgen {name}'s report (raw/{name}.json)"))
     }
 }
 
@@ -582,44 +569,38 @@ fn f(v: &Value, path: &[&str]) -> Option<f64> {
     v.as_f64()
 }
 
-fn problems(v: &Value) -> Vec<String> {
-    v.get("problems")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
-        .unwrap_or_default()
-}
-
-fn connect_fig(v: &Value) -> ConnectFig {
+fn connect_fig(r: &ConnectReport) -> ConnectFig {
+    let server = r.server.as_ref();
     ConnectFig {
-        joined: f(v, &["joined"]).unwrap_or(0.0) as u64,
-        failed: f(v, &["failed"]).unwrap_or(0.0) as u64,
-        rss_before: f(v, &["server", "before", "rss_bytes"]).map(|x| x as u64),
-        rss_full: f(v, &["server", "full", "rss_bytes"]).map(|x| x as u64),
-        rss_per_connection: f(v, &["server", "rss_per_connection_bytes"]),
-        problems: problems(v),
+        joined: r.joined,
+        failed: r.failed,
+        rss_before: server.and_then(|s| s.samples.before).map(|x| x.rss_bytes),
+        rss_full: server.and_then(|s| s.samples.full).map(|x| x.rss_bytes),
+        rss_per_connection: server.and_then(|s| s.rss_per_connection_bytes),
+        problems: r.problems.clone(),
     }
 }
 
-fn fanout_fig(v: &Value) -> FanoutFig {
-    let lat = |k: &str| f(v, &["latency", k]).unwrap_or(0.0);
-    let cpu_us = f(v, &["server", "cpu_us_per_delivery"]).filter(|&x| x > 0.0);
+fn fanout_fig(r: &FanoutReport) -> FanoutFig {
+    let server = r.server.as_ref();
+    let cpu_us = server.and_then(|s| s.cpu_us_per_delivery).filter(|&x| x > 0.0);
     FanoutFig {
-        joined: f(v, &["subscribers_joined"]).unwrap_or(0.0) as u64,
-        messages: f(v, &["sent"]).unwrap_or(0.0) as u64,
-        deliveries: f(v, &["deliveries"]).unwrap_or(0.0) as u64,
-        loss: f(v, &["loss"]).unwrap_or(0.0) as i64,
-        deliveries_per_sec: f(v, &["deliveries_per_sec"]).unwrap_or(0.0),
-        cpu_secs: f(v, &["server", "cpu_secs_publish"]),
+        joined: r.subscribers_joined,
+        messages: r.sent,
+        deliveries: r.deliveries,
+        loss: r.loss,
+        deliveries_per_sec: r.deliveries_per_sec,
+        cpu_secs: server.and_then(|s| s.cpu_secs_publish),
         cpu_us_per_delivery: cpu_us,
         deliveries_per_cpu_sec: cpu_us.map(|us| 1e6 / us),
         latency: Lat {
-            p50: lat("p50_us"),
-            p90: lat("p90_us"),
-            p99: lat("p99_us"),
-            p999: lat("p999_us"),
-            max: lat("max_us"),
+            p50: r.latency.p50_us,
+            p90: r.latency.p90_us,
+            p99: r.latency.p99_us,
+            p999: r.latency.p999_us,
+            max: r.latency.max_us,
         },
-        problems: problems(v),
+        problems: r.problems.clone(),
     }
 }
 
@@ -639,7 +620,7 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
         let url = format!("ws://127.0.0.1:{}", server.port);
         let pid = server.pid().to_string();
         let rate = ctx.plan.idle_connect_rate.to_string();
-        let v = ctx.loadgen(
+        let v: ConnectReport = ctx.loadgen(
             cores,
             &format!("{tag}-connect"),
             &[
@@ -658,7 +639,7 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
         )?;
         run.connect = Some(connect_fig(&v));
         let messages = (ctx.plan.delivery_budget / size).clamp(20, 2000);
-        let v = ctx.loadgen(
+        let v: FanoutReport = ctx.loadgen(
             cores,
             &format!("{tag}-fanout"),
             &[
@@ -700,7 +681,7 @@ fn run_paced(ctx: &mut Ctx, kind: ServerKind, cores: usize, repeat: usize) -> Pa
     let server_log = ctx.raw.join(format!("{tag}-server.log"));
     let result = (|| -> anyhow::Result<()> {
         let server = ctx.start_server(kind, cores, &tag)?;
-        let v = ctx.loadgen(
+        let v: FanoutReport = ctx.loadgen(
             cores,
             &tag,
             &[
@@ -903,7 +884,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("redrawn {}", dir.display());
         return Ok(());
     }
-    let nofile = raise_nofile();
+    let (nofile, _) = ringcast_loadgen::sys::raise_nofile();
     let m = machine(nofile);
     let (plan, _) = plan(&cli, &m)?;
     let started = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();

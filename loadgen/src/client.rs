@@ -10,7 +10,7 @@ use glommio::net::TcpStream;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::phx;
-use crate::ws::{self, opcode, MaskGen, Parsed};
+use ringcast::proto::ws::client::{self as ws, opcode, MaskGen, Parsed};
 
 /// Bytes of read buffer a connection starts with; it grows only for larger frames.
 const INITIAL_BUF: usize = 1024;

@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::run::{self, HistData, Job, Pace, PubShared, SliceReport};
 use crate::sys::ProcSample;
 use crate::{ChurnArgs, ConnectArgs, FanoutArgs, RoomsArgs};
 
 /// Percentiles of a histogram of nanoseconds, in microseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     pub count: u64,
     pub mean_us: f64,
@@ -77,7 +77,7 @@ fn fmt_bytes(b: f64) -> String {
 }
 
 /// Samples of the server process.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerFigures {
     pub pid: u32,
     pub before: Option<ProcSample>,
@@ -88,7 +88,7 @@ pub struct ServerFigures {
     pub after_publish: Option<ProcSample>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerConnect {
     #[serde(flatten)]
     pub samples: ServerFigures,
@@ -101,9 +101,9 @@ pub struct ServerConnect {
     pub cpu_secs_hold: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectReport {
-    pub command: &'static str,
+    pub command: String,
     pub url: String,
     pub topic: String,
     pub topics: u64,
@@ -178,7 +178,7 @@ impl ConnectReport {
             }
         });
         ConnectReport {
-            command: "connect",
+            command: "connect".into(),
             url: a.url.clone(),
             topic: a.topic.clone(),
             topics: a.topics,
@@ -269,7 +269,7 @@ fn print_problems(p: &[String]) {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerFanout {
     #[serde(flatten)]
     pub samples: ServerFigures,
@@ -278,9 +278,9 @@ pub struct ServerFanout {
     pub cpu_us_per_delivery: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FanoutReport {
-    pub command: &'static str,
+    pub command: String,
     pub url: String,
     pub topic: String,
     pub processes: usize,
@@ -339,7 +339,7 @@ impl FanoutReport {
         let expected = m.joined * sent;
         let server = server.map(|s| ServerFanout::of(s, m.deliveries));
         FanoutReport {
-            command: "fanout",
+            command: "fanout".into(),
             url: a.url.clone(),
             topic: a.topic.clone(),
             processes,
@@ -478,9 +478,9 @@ pub fn print_fanout(r: &FanoutReport) {
     print_problems(&r.problems);
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoomsReport {
-    pub command: &'static str,
+    pub command: String,
     pub url: String,
     pub topic_prefix: String,
     pub rooms: u64,
@@ -533,7 +533,7 @@ impl RoomsReport {
         let expected = m.room_expected();
         let duration = span(m.first_send_nanos, m.last_recv_nanos);
         RoomsReport {
-            command: "rooms",
+            command: "rooms".into(),
             url: a.url.clone(),
             topic_prefix: a.topic_prefix.clone(),
             rooms: a.rooms,
@@ -597,7 +597,7 @@ pub fn print_rooms(r: &RoomsReport) {
     print_problems(&r.problems);
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerChurn {
     #[serde(flatten)]
     pub samples: ServerFigures,
@@ -608,9 +608,9 @@ pub struct ServerChurn {
     pub cpu_secs: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChurnReport {
-    pub command: &'static str,
+    pub command: String,
     pub url: String,
     pub topic: String,
     pub topics: u64,
@@ -657,7 +657,7 @@ impl ChurnReport {
             }
         });
         ChurnReport {
-            command: "churn",
+            command: "churn".into(),
             url: a.url.clone(),
             topic: a.topic.clone(),
             topics: a.topics,

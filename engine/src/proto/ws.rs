@@ -1,10 +1,12 @@
 //! WebSocket framing, sans-IO: parses client frames out of caller-owned bytes and builds
-//! finished server frames.
+//! finished server frames; [`client`] is the other role, for ringcast's own load clients.
 //!
 //! Header parsing is tungstenite's ([`FrameHeader::parse`]); this module adds what a
 //! server needs around it: unmasking in place, fragment reassembly, control-frame rules,
 //! the size limit and UTF-8 checks. It never touches a socket or a clock, and keeps no
 //! buffer of its own between messages unless a message arrives in fragments.
+
+pub mod client;
 
 use std::io::Cursor;
 
@@ -301,6 +303,50 @@ fn finish_frame(mut buf: Vec<u8>, first_byte: u8) -> Bytes {
     };
     buf[start] = first_byte;
     Bytes::from(buf).slice(start..)
+}
+
+/// Frame opcodes (RFC 6455 §5.2).
+pub mod opcode {
+    /// Continuation of a fragmented message.
+    pub const CONTINUATION: u8 = 0x0;
+    /// Text frame.
+    pub const TEXT: u8 = 0x1;
+    /// Binary frame.
+    pub const BINARY: u8 = 0x2;
+    /// Close.
+    pub const CLOSE: u8 = 0x8;
+    /// Ping.
+    pub const PING: u8 = 0x9;
+    /// Pong.
+    pub const PONG: u8 = 0xA;
+}
+
+/// A finished (unmasked, unfragmented) server frame split into its opcode and payload:
+/// how long-poll and the test kit read back the frames the shard queued. `None` if
+/// `frame` is shorter than its header says.
+///
+/// ```
+/// use ringcast::proto::ws::{opcode, split_frame, FrameBuilder, FrameKind};
+/// let mut f = FrameBuilder::with_capacity(300);
+/// f.payload().extend_from_slice(&[b'x'; 300]);
+/// let frame = f.finish(FrameKind::Text);
+/// assert_eq!(split_frame(&frame), Some((opcode::TEXT, &[b'x'; 300][..])));
+/// assert_eq!(split_frame(&frame[..3]), None);
+/// ```
+pub fn split_frame(frame: &[u8]) -> Option<(u8, &[u8])> {
+    let (first, len) = (*frame.first()?, *frame.get(1)? & 0x7f);
+    let (start, len) = match len {
+        126 => (
+            4usize,
+            u16::from_be_bytes(frame.get(2..4)?.try_into().ok()?) as usize,
+        ),
+        127 => (
+            10,
+            u64::from_be_bytes(frame.get(2..10)?.try_into().ok()?) as usize,
+        ),
+        n => (2, n as usize),
+    };
+    Some((first & 0x0f, frame.get(start..start.checked_add(len)?)?))
 }
 
 /// A finished close frame with `code` and a short `reason`.

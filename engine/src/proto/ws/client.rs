@@ -1,23 +1,19 @@
-//! Minimal client-side WebSocket framing (RFC 6455): masked client frames out,
-//! unmasked server frames in. Sans-IO: works on byte slices only.
+//! The client role of WebSocket framing (RFC 6455): masked client frames out, unmasked
+//! server frames in, on byte slices. The loadgen and the benchmark clients speak it;
+//! the server side is [`super::FrameReader`] and [`super::FrameBuilder`].
 
-/// Frame opcodes the loadgen deals with.
-pub mod opcode {
-    pub const CONTINUATION: u8 = 0x0;
-    pub const TEXT: u8 = 0x1;
-    pub const BINARY: u8 = 0x2;
-    pub const CLOSE: u8 = 0x8;
-    pub const PING: u8 = 0x9;
-    pub const PONG: u8 = 0xA;
-}
+pub use super::opcode;
 
 /// Header of one server frame found at the start of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame {
+    /// The frame ends its message.
     pub fin: bool,
+    /// Its opcode ([`opcode`]).
     pub opcode: u8,
     /// Bytes of header (2, 4 or 10 for unmasked frames).
     pub header_len: usize,
+    /// Bytes of payload after the header.
     pub payload_len: usize,
 }
 
@@ -120,18 +116,9 @@ pub fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Parsed, FrameError>
     Ok(Parsed::Frame(frame))
 }
 
-/// XORs `data` with the 4-byte `mask`, starting at mask offset 0.
-pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
-    let m = u32::from_ne_bytes(mask);
-    let mut chunks = data.chunks_exact_mut(4);
-    for c in &mut chunks {
-        let v = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) ^ m;
-        c.copy_from_slice(&v.to_ne_bytes());
-    }
-    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
-        *b ^= mask[i];
-    }
-}
+/// XORs `data` with the 4-byte `mask`, starting at mask offset 0 (masking and unmasking
+/// are the same operation).
+pub use super::unmask as apply_mask;
 
 /// Appends one complete (FIN) masked client frame to `out`.
 pub fn encode_client_frame(out: &mut Vec<u8>, op: u8, payload: &[u8], mask: [u8; 4]) {
@@ -167,10 +154,12 @@ pub fn close_code(payload: &[u8]) -> u16 {
 pub struct MaskGen(u32);
 
 impl MaskGen {
+    /// A generator seeded with `seed` (any value; zero is made odd).
     pub fn new(seed: u32) -> Self {
         MaskGen(seed | 1)
     }
 
+    /// The next mask key.
     pub fn next_mask(&mut self) -> [u8; 4] {
         let mut x = self.0;
         x ^= x << 13;
