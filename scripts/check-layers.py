@@ -4,7 +4,8 @@
 The engine's top-level modules (folders and files directly under engine/src) form layers;
 a module may use only modules of a lower layer:
 
-    0  proto                          sans-IO protocol: frames, heads, serializers, tokens
+    0  proto, clock                   sans-IO protocol: frames, heads, serializers, tokens;
+                                      the wall clock, read in one place
     1  shard                          per-core state and the channel runtime (api/, app,
                                       the cluster handle); no sockets, io_uring or Redis
     2  transport, cluster             I/O around the shard: HTTP, WebSocket, long-poll,
@@ -25,7 +26,7 @@ import re
 import sys
 
 LAYERS = [
-    ["proto"],
+    ["proto", "clock"],
     ["shard"],
     ["transport", "cluster"],
     ["server"],

@@ -27,8 +27,8 @@ impl crate::SocketHandler for Nobody {
     }
 }
 
-/// A one-core shard with no channels and no sockets of its own, installed on this
-/// thread (no executor needed): for fixtures and unit tests that drive its connections.
+/// A one-core shard with no channels and no sockets of its own, not entered anywhere
+/// (no executor needed): for fixtures and unit tests that drive its connections.
 pub(crate) fn lone_shard(config: Config) -> Rc<Shard> {
     let app = Arc::new(App {
         config: Config { cores: 1, ..config },
@@ -37,7 +37,7 @@ pub(crate) fn lone_shard(config: Config) -> Rc<Shard> {
         presence_fetch: None,
         stats: vec![Default::default()],
     });
-    Shard::install(0, app, Endpoint::new(Vec::new(), None), None)
+    Shard::new(0, app, Endpoint::new(Vec::new(), None), None)
 }
 
 impl FanoutFixture {

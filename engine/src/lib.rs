@@ -42,6 +42,7 @@
 
 #[doc(hidden)]
 pub mod bench_support;
+pub mod clock;
 pub mod cluster;
 pub mod proto;
 pub mod seed;

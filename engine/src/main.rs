@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ringcast::clock::unix_now;
 use ringcast::proto::token;
 use ringcast::seed::{self, UserSocket};
 use ringcast::{Config, Server};
@@ -105,12 +106,6 @@ struct TokenArgs {
 fn parse_size(s: &str) -> Result<usize, String> {
     let size: bytesize::ByteSize = s.parse()?;
     usize::try_from(size.as_u64()).map_err(|e| e.to_string())
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn main() -> anyhow::Result<()> {

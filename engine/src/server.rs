@@ -173,7 +173,8 @@ impl Server {
                         (None, None)
                     };
                     let index = mesh.as_ref().map_or(0, Mesh::index);
-                    let shard = Shard::install(index, app, endpoint, mesh);
+                    let shard = Shard::new(index, app, endpoint, mesh);
+                    let _entered = shard.enter();
                     glommio::spawn_local(transport::flusher::run(shard.clone())).detach();
                     if let Some(mut receivers) = receivers {
                         for (_, rx) in receivers.streams() {
@@ -224,7 +225,7 @@ async fn run_sweeper(shard: std::rc::Rc<Shard>) {
         (shard.app.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
     loop {
         glommio::timer::sleep(period).await;
-        shard.sweep_idle(transport::park::available());
+        shard.sweep_idle(shard.now_ms(), transport::park::available());
         transport::longpoll::sweep(std::time::Instant::now());
         crate::transport::park::poll_now(&shard);
     }

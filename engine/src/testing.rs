@@ -31,12 +31,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::proto::ws::{opcode, split_frame};
 use crate::proto::{Message, Payload, Ref, Vsn};
 use crate::shard::api::endpoint::Endpoint;
 use crate::shard::api::router::{ConnectInfo, Router, SocketHandler};
 use crate::shard::app::{App, Config};
 use crate::shard::conn::Conn;
-use crate::shard::session::Session;
+use crate::shard::session::{Session, Turn};
 use crate::shard::Shard;
 use crate::Reply;
 
@@ -44,11 +45,7 @@ use crate::Reply;
 pub const ASSERT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Seconds since the Unix epoch (for minting tokens in tests).
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::clock::unix_now;
 
 /// Runs `test` on a fresh single-core shard serving `socket` and `router`.
 pub fn run<H, F, Fut>(socket: H, router: Router, test: F) -> Fut::Output
@@ -72,7 +69,8 @@ where
         .make()
         .expect("a glommio executor for the test");
     executor.run(async move {
-        let shard = Shard::install(0, app, Endpoint::new(Vec::new(), None), None);
+        let shard = Shard::new(0, app, Endpoint::new(Vec::new(), None), None);
+        let _entered = shard.enter();
         test(Kit { shard }).await
     })
 }
@@ -132,25 +130,17 @@ impl Future for TestPump {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         this.session.conn.set_waker(cx.waker());
-        loop {
-            if this.closed.get() || this.session.conn.close.get().is_some() {
-                this.closed.set(true);
-                this.session.finish();
-                return Poll::Ready(());
-            }
-            if this.session.poll_pending(cx) {
-                return Poll::Pending;
-            }
-            this.session.run_mailbox(cx);
-            if this.session.busy() {
-                return Poll::Pending;
-            }
-            let next = this.inbound.borrow_mut().pop_front();
-            match next {
-                Some(msg) => this.session.handle_message(msg, cx),
-                None => return Poll::Pending,
-            }
+        let closing = this.closed.get()
+            || matches!(
+                this.session.turn(cx, || this.inbound.borrow_mut().pop_front()),
+                Turn::Closing(_)
+            );
+        if !closing {
+            return Poll::Pending;
         }
+        this.closed.set(true);
+        this.session.finish();
+        Poll::Ready(())
     }
 }
 
@@ -170,13 +160,8 @@ pub struct Frame {
 }
 
 fn decode_frame(frame: &[u8]) -> Frame {
-    let len = frame[1] & 0x7f;
-    let body = match len {
-        126 => &frame[4..],
-        127 => &frame[10..],
-        _ => &frame[2..],
-    };
-    if frame[0] & 0x0f == 0x2 {
+    let (kind, body) = split_frame(frame).expect("the shard queues whole frames");
+    if kind == opcode::BINARY {
         let lens = |n: usize| body[1..1 + n].iter().map(|&l| l as usize).collect::<Vec<_>>();
         let fields = |header: usize, lens: &[usize]| {
             let mut at = header;

@@ -341,12 +341,7 @@ mod tests {
     }
 
     fn frame_body(frame: &Bytes) -> &[u8] {
-        let len = frame[1] & 0x7f;
-        match len {
-            126 => &frame[4..],
-            127 => &frame[10..],
-            _ => &frame[2..],
-        }
+        crate::proto::ws::split_frame(frame).expect("a whole frame").1
     }
 
     #[test]

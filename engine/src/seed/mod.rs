@@ -4,6 +4,7 @@
 
 use serde_json::json;
 
+use crate::clock::unix_now;
 use crate::proto::token;
 use crate::{Channel, ConnectInfo, HandleResult, Payload, Reply, Router, Socket, SocketHandler};
 
@@ -29,12 +30,6 @@ impl UserSocket {
             secret: secret.as_bytes().to_vec(),
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl SocketHandler for UserSocket {

@@ -6,6 +6,7 @@
 //! whose (non-atomic) clones go to every local subscriber's queue. Nothing here is
 //! shared between threads except that `Arc` and the per-core inboxes.
 
+pub(crate) mod admission;
 pub mod api;
 pub mod app;
 pub mod cluster;
@@ -131,6 +132,7 @@ pub(crate) const PARK_AFTER: std::time::Duration = std::time::Duration::from_sec
 pub(crate) const DISCONNECT: &str = "disconnect";
 
 pub(crate) struct Shard {
+    me: std::rc::Weak<Shard>,
     pub(crate) index: usize,
     pub(crate) app: Arc<App>,
     pub(crate) endpoint: Endpoint,
@@ -158,25 +160,42 @@ fn record_position(sub: &Sub, topic: &str, pos: u32) {
 }
 
 thread_local! {
+    /// The shard whose core runs on this thread, while one is entered ([`Shard::enter`]).
     static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
 }
 
-/// The shard of the current thread, if it runs one.
-pub(crate) fn current() -> Option<Rc<Shard>> {
-    CURRENT.with(|c| c.borrow().clone())
+/// Code that needs a shard ran on a thread that runs none (not a core of a running
+/// server, nor a test kit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not on a core of a running ringcast server")]
+pub struct NotOnACore;
+
+/// The shard entered on this thread.
+pub(crate) fn current() -> Result<Rc<Shard>, NotOnACore> {
+    CURRENT.with(|c| c.borrow().clone()).ok_or(NotOnACore)
 }
 
-/// Publishes on the current shard. Outside any shard there is nobody to deliver to.
-pub(crate) fn publish(broadcast: Broadcast) {
-    match current() {
-        Some(shard) => shard.publish(broadcast),
-        None => tracing::warn!("broadcast outside a ringcast core dropped"),
+/// While it lives, [`current`] answers its shard on this thread; dropping it restores
+/// whatever was entered before (tokio's `SetCurrentGuard` pattern).
+#[must_use = "the shard is current only while the guard lives"]
+pub(crate) struct Entered {
+    previous: Option<Rc<Shard>>,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        CURRENT.with(|c| *c.borrow_mut() = previous);
     }
 }
 
 impl Shard {
-    pub(crate) fn install(index: usize, app: Arc<App>, endpoint: Endpoint, mesh: Option<Mesh>) -> Rc<Shard> {
-        let shard = Rc::new(Shard {
+    /// A core's state. Nothing is installed anywhere: the caller drives it, and enters
+    /// it ([`Shard::enter`]) on the thread that runs it if code there must find it
+    /// without a handle (the [`Endpoint`]'s on-core fast path).
+    pub(crate) fn new(index: usize, app: Arc<App>, endpoint: Endpoint, mesh: Option<Mesh>) -> Rc<Shard> {
+        Rc::new_cyclic(|me| Shard {
+            me: me.clone(),
             index,
             app: app.clone(),
             endpoint,
@@ -191,9 +210,18 @@ impl Shard {
             flusher: RefCell::new(None),
             stopping: Cell::new(false),
             stop_waker: RefCell::new(None),
-        });
-        CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
-        shard
+        })
+    }
+
+    /// Makes this the thread's current shard until the guard drops.
+    pub(crate) fn enter(self: &Rc<Self>) -> Entered {
+        let previous = CURRENT.with(|c| c.borrow_mut().replace(self.clone()));
+        Entered { previous }
+    }
+
+    /// This shard as an `Rc`, for tasks it starts.
+    pub(crate) fn rc(&self) -> Rc<Shard> {
+        self.me.upgrade().expect("a shard is only reached through its Rc")
     }
 
     /// Milliseconds since this shard started, wrapping (clock for idle timeouts;
@@ -508,11 +536,11 @@ impl Shard {
 
     /// Asks connections silent for longer than the idle timeout to close, and (with
     /// `can_park`, when this core can park connections) wakes the ones silent for
-    /// [`PARK_AFTER`], so that their pumps park them.
-    pub(crate) fn sweep_idle(&self, can_park: bool) {
+    /// [`PARK_AFTER`], so that their pumps park them. `now` is the shard's clock
+    /// ([`Shard::now_ms`]) as the caller read it.
+    pub(crate) fn sweep_idle(&self, now: u32, can_park: bool) {
         let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
         let park_after = PARK_AFTER.as_millis() as u32;
-        let now = self.now_ms();
         for (_, conn) in self.conns.borrow().iter() {
             // Long-poll sessions expire by their own rule (no poll for 15 s).
             if conn.long_poll {
@@ -526,5 +554,154 @@ impl Shard {
                 conn.wake();
             }
         }
+    }
+}
+
+/// The shard driven in memory, without a socket or an executor: fanout hands the
+/// flusher its dirty connections, wake-ups reach tasks or the parking dispatcher, the
+/// idle sweep runs on the time it is given.
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use super::*;
+    use crate::bench_support::lone_shard;
+    use crate::proto::Ref;
+    use crate::shard::app::Config;
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counting() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count::default());
+        (count.clone(), Waker::from(count))
+    }
+
+    fn woken(count: &Count) -> usize {
+        count.0.load(Ordering::Relaxed)
+    }
+
+    fn subscriber(shard: &Shard, topic: &str, fd: i32) -> Rc<Conn> {
+        let conn = shard.add_conn(Vsn::V2, Rc::new(()), None, false);
+        conn.fd.set(fd);
+        let sub = Sub {
+            conn: conn.clone(),
+            vsn: Vsn::V2,
+            intercepts: &[],
+        };
+        shard.subscribe(topic, sub);
+        conn
+    }
+
+    fn dirty(shard: &Shard, cx: &mut Context<'_>) -> Vec<ConnId> {
+        match shard.poll_dirty(cx) {
+            Poll::Ready(batch) => batch.iter().map(|c| c.id).collect(),
+            Poll::Pending => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn fanout_hands_the_flusher_each_socket_once_and_wakes_the_others() {
+        let shard = lone_shard(Config::default());
+        let (flusher, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        assert!(shard.poll_dirty(&mut cx).is_pending(), "nothing to write yet");
+        let a = subscriber(&shard, "t", 100);
+        let b = subscriber(&shard, "t", 101);
+        let socketless = subscriber(&shard, "t", -1);
+        let (task, task_waker) = counting();
+        socketless.set_waker(&task_waker);
+
+        shard.publish(Broadcast::new("t", "e", Payload::empty(), None));
+        shard.publish(Broadcast::new("t", "e", Payload::empty(), None));
+        assert_eq!(
+            woken(&flusher),
+            1,
+            "the flusher is woken once, on the first frame"
+        );
+        assert_eq!(
+            dirty(&shard, &mut cx),
+            vec![a.id, b.id],
+            "each socket once, in order"
+        );
+        assert_eq!(a.out.borrow().frames.len(), 2, "both frames queued for one write");
+        assert_eq!(
+            woken(&task),
+            2,
+            "a connection without a socket is woken per frame"
+        );
+        assert!(shard.poll_dirty(&mut cx).is_pending());
+
+        // The flusher clears the flag when it writes; until then no duplicate entry.
+        shard.publish(Broadcast::new("t", "e", Payload::empty(), Some((0, a.id))));
+        assert_eq!(
+            dirty(&shard, &mut cx),
+            Vec::<ConnId>::new(),
+            "flags still set: no entry"
+        );
+        a.dirty.set(false);
+        b.dirty.set(false);
+        shard.publish(Broadcast::new("t", "e", Payload::empty(), Some((0, a.id))));
+        assert_eq!(
+            dirty(&shard, &mut cx),
+            vec![b.id],
+            "broadcast_from skips its sender"
+        );
+        assert_eq!(a.out.borrow().frames.len(), 2);
+        assert_eq!(b.out.borrow().frames.len(), 4);
+    }
+
+    #[test]
+    fn a_parked_connection_is_handed_to_the_dispatcher_when_woken() {
+        let shard = lone_shard(Config::default());
+        let (dispatcher, waker) = counting();
+        conn::set_unpark_waker(&waker);
+        let parked = subscriber(&shard, "t", 100);
+        let running = subscriber(&shard, "t", 101);
+        let (task, task_waker) = counting();
+        running.set_waker(&task_waker);
+        parked.park_seq.set(7);
+
+        running.request_close(1000);
+        parked.mail(Mail::Info("t".into(), Ref::null(), Box::new(())));
+        assert_eq!(woken(&task), 1, "a running connection's own task is woken");
+        assert_eq!(woken(&dispatcher), 1);
+        assert_eq!(conn::take_unparks(), vec![parked.id]);
+        assert!(conn::take_unparks().is_empty());
+
+        // Broadcasts to a parked connection go to the flusher, not the dispatcher.
+        shard.publish(Broadcast::new("t", "e", Payload::empty(), None));
+        assert!(conn::take_unparks().is_empty());
+        assert_eq!(woken(&dispatcher), 1);
+    }
+
+    #[test]
+    fn the_idle_sweep_runs_on_the_time_it_is_given() {
+        let shard = lone_shard(Config {
+            idle_timeout: std::time::Duration::from_secs(60),
+            ..Config::default()
+        });
+        let conn = subscriber(&shard, "t", 100);
+        let (task, waker) = counting();
+        conn.set_waker(&waker);
+        let start = conn.last_in.get();
+        let park_after = PARK_AFTER.as_millis() as u32;
+
+        shard.sweep_idle(start + park_after - 1, true);
+        assert_eq!(woken(&task), 0, "not silent for long enough");
+        shard.sweep_idle(start + park_after, false);
+        assert_eq!(woken(&task), 0, "a core that cannot park wakes nobody to park");
+        shard.sweep_idle(start + park_after, true);
+        assert_eq!(woken(&task), 1, "woken so that its pump parks it");
+        assert_eq!(conn.close.get(), None);
+        shard.sweep_idle(start + 60_000, true);
+        assert_eq!(conn.close.get(), Some(close_code::GOING_AWAY));
     }
 }

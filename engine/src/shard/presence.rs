@@ -222,11 +222,10 @@ impl Shard {
 
     fn presence_schedule_flush(&self, topic: &str) {
         let topic: Box<str> = topic.into();
+        let shard = self.rc();
         glommio::spawn_local(async move {
             glommio::timer::sleep(DIFF_WINDOW).await;
-            if let Some(shard) = crate::shard::current() {
-                shard.presence_flush(&topic);
-            }
+            shard.presence_flush(&topic);
         })
         .detach();
     }

@@ -47,6 +47,20 @@ fn poll_caught<T>(fut: &mut LocalFuture<T>, cx: &mut Context<'_>) -> Poll<Option
     }
 }
 
+/// How a [`Session::turn`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// A handler is pending; it wakes the driver when it can go on.
+    Busy,
+    /// Nothing left to do until the driver is woken (new input, mail, a close).
+    Idle,
+    /// The connection is to close with this code.
+    Closing(u16),
+}
+
+/// A channel as the connection's table holds it.
+type ChannelEntry = crate::proto::socket::Joined<Slot>;
+
 pub(crate) struct Session {
     pub(crate) conn: Rc<Conn>,
     pub(crate) shard: Rc<Shard>,
@@ -60,6 +74,39 @@ impl Session {
             conn,
             shard,
             pending: None,
+        }
+    }
+
+    /// One turn of the session, in the order every driver keeps (the WebSocket pump,
+    /// long-poll and the test kit all go through here):
+    /// 1. poll the pending handler (join, `handle_in` or `handle_info`), if any;
+    /// 2. while none is pending, run the mailbox (intercepted broadcasts, `handle_info`);
+    /// 3. a close requested by anyone ends the turn: [`Turn::Closing`];
+    /// 4. while no handler is pending, hand it the client's next messages from `next`,
+    ///    one at a time, until `next` has none: [`Turn::Idle`].
+    ///
+    /// A turn that leaves a handler pending answers [`Turn::Busy`]; the waker of `cx`
+    /// is woken when it can go on. The driver registers that waker with the connection
+    /// ([`Conn::set_waker`]) before the turn, and runs [`Session::finish`] once it is
+    /// done with a closing connection.
+    pub(crate) fn turn(&mut self, cx: &mut Context<'_>, mut next: impl FnMut() -> Option<Message>) -> Turn {
+        loop {
+            if self.busy() {
+                self.poll_pending(cx);
+            }
+            if !self.busy() {
+                self.run_mailbox(cx);
+            }
+            if let Some(code) = self.conn.close.get() {
+                return Turn::Closing(code);
+            }
+            if self.busy() {
+                return Turn::Busy;
+            }
+            match next() {
+                Some(msg) => self.handle_message(msg, cx),
+                None => return Turn::Idle,
+            }
         }
     }
 
@@ -88,6 +135,22 @@ impl Session {
             event,
             body: Body::Payload(payload),
         });
+    }
+
+    /// Answers a join that did not make a channel with the error `reply`; the channel it
+    /// was to replace (ended when the rejoin began) gets its `phx_close`.
+    fn refuse_join(
+        &self,
+        join_ref: Option<&Ref>,
+        msg_ref: Option<&Ref>,
+        topic: &str,
+        reply: &Reply,
+        replaced: Option<&Ref>,
+    ) {
+        self.reply(join_ref, msg_ref, topic, reply);
+        if let Some(old) = replaced {
+            self.control(old, topic, "phx_close", &Payload::empty());
+        }
     }
 
     /// Handles one decoded client message; a handler that does not finish at once stays
@@ -169,10 +232,8 @@ impl Session {
             .or_else(|| msg.msg_ref.clone())
             .unwrap_or_else(Ref::null);
         let refuse = |this: &Self, reason: &str| {
-            this.reply(None, msg.msg_ref.as_ref(), &msg.topic, &Reply::error(reason));
-            if let Some(old) = &replaced {
-                this.control(old, &msg.topic, "phx_close", &Payload::empty());
-            }
+            let reply = Reply::error(reason);
+            this.refuse_join(None, msg.msg_ref.as_ref(), &msg.topic, &reply, replaced.as_ref());
         };
         let app = self.shard.app.clone();
         let Some(route) = app.router.find(&msg.topic) else {
@@ -182,7 +243,12 @@ impl Session {
             return refuse(self, "too many channels joined");
         }
         let topic: Rc<str> = msg.topic.as_str().into();
-        let socket = Socket::new(self.conn.clone(), topic.clone(), join_ref.clone());
+        let socket = Socket::new(
+            self.conn.clone(),
+            self.shard.clone(),
+            topic.clone(),
+            join_ref.clone(),
+        );
         let fut = (route.join)(msg.topic, msg.payload, socket);
         self.pending = Some(Box::new(Pending::Join {
             fut,
@@ -231,15 +297,14 @@ impl Session {
                     Some(joined) => self.finish_join(joined, msg_ref, replaced, intercepts),
                     None => {
                         tracing::warn!(%topic, "join handler crashed");
-                        self.reply(
+                        let reply = Reply::error("join crashed");
+                        self.refuse_join(
                             Some(&join_ref),
                             msg_ref.as_ref(),
                             &topic,
-                            &Reply::error("join crashed"),
+                            &reply,
+                            replaced.as_ref(),
                         );
-                        if let Some(old) = &replaced {
-                            self.control(old, &topic, "phx_close", &Payload::empty());
-                        }
                     }
                 }
             }
@@ -315,10 +380,14 @@ impl Session {
                 }
             }
             Err(response) => {
-                self.reply(Some(&join_ref), msg_ref.as_ref(), &topic, &Reply::Error(response));
-                if let Some(old) = &replaced {
-                    self.control(old, &topic, "phx_close", &Payload::empty());
-                }
+                let reply = Reply::Error(response);
+                self.refuse_join(
+                    Some(&join_ref),
+                    msg_ref.as_ref(),
+                    &topic,
+                    &reply,
+                    replaced.as_ref(),
+                );
             }
         }
     }
@@ -363,18 +432,22 @@ impl Session {
     /// Removes the channel at `index`, calls its `terminate`, unsubscribes it.
     fn end_channel(&mut self, index: usize, reason: StopReason) -> (Rc<str>, Ref) {
         let joined = self.conn.channels.borrow_mut().remove(index);
+        self.release(joined, Some(reason))
+    }
+
+    /// Lets go of a channel taken out of the table: its `terminate` with `reason` (none
+    /// for a channel that crashed), its presences on the topic, its subscription.
+    fn release(&self, joined: ChannelEntry, reason: Option<StopReason>) -> (Rc<str>, Ref) {
         let sub_pos = joined.state.sub_pos.get();
-        let topic: Rc<str> = joined.topic;
-        let join_ref = joined.join_ref;
-        if let Some((mut channel, mut socket)) = joined.state.running {
+        if let (Some(reason), Some((mut channel, mut socket))) = (reason, joined.state.running) {
             if catch_unwind(AssertUnwindSafe(|| channel.terminate(reason, &mut socket))).is_err() {
-                tracing::warn!(%topic, "terminate crashed");
+                tracing::warn!(topic = %joined.topic, "terminate crashed");
             }
         }
-        self.shard.presence_untrack(&self.conn, &topic, None);
-        self.shard.unsubscribe(&topic, self.conn.id, sub_pos);
+        self.shard.presence_untrack(&self.conn, &joined.topic, None);
+        self.shard.unsubscribe(&joined.topic, self.conn.id, sub_pos);
         self.shard.stats.channels.sub(1);
-        (topic, join_ref)
+        (joined.topic, joined.join_ref)
     }
 
     /// A handler panicked: drop the channel and tell the client with `phx_error`.
@@ -388,11 +461,7 @@ impl Session {
         };
         if let Some(index) = index {
             let joined = self.conn.channels.borrow_mut().remove(index);
-            let sub_pos = joined.state.sub_pos.get();
-            drop(joined);
-            self.shard.presence_untrack(&self.conn, topic, None);
-            self.shard.unsubscribe(topic, self.conn.id, sub_pos);
-            self.shard.stats.channels.sub(1);
+            self.release(joined, None);
         }
         let payload = Payload::Json(serde_json::json!({"reason": "channel_crash"}));
         self.control(join_ref, topic, "phx_error", &payload);
@@ -456,14 +525,7 @@ impl Session {
         self.shard.presence_untrack_all(&self.conn);
         let joined: Vec<_> = self.conn.channels.borrow_mut().drain().collect();
         for j in joined {
-            if let Some((mut channel, mut socket)) = j.state.running {
-                let _ = catch_unwind(AssertUnwindSafe(|| {
-                    channel.terminate(StopReason::Closed, &mut socket)
-                }));
-            }
-            self.shard
-                .unsubscribe(&j.topic, self.conn.id, j.state.sub_pos.get());
-            self.shard.stats.channels.sub(1);
+            self.release(j, Some(StopReason::Closed));
         }
         self.shard.remove_conn(&self.conn);
     }

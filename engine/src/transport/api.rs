@@ -73,9 +73,7 @@ pub(crate) async fn route(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Res
                     .iter()
                     .find(|(k, _)| k == "user")
                     .map_or("demo", |(_, v)| v.as_str());
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
+                let now = crate::clock::unix_now();
                 Response::new(200, "text/plain", token::sign(secret.as_bytes(), user, now))
             }
             None => error(404, "demo tokens exist only with the development secret"),

@@ -19,11 +19,13 @@ use base64::Engine;
 
 use crate::proto::http::{Request, Response};
 use crate::proto::serializer::{decode_binary, decode_text};
+use crate::proto::ws::{opcode, split_frame};
 use crate::proto::{Message, Vsn};
+use crate::shard::admission::Refused;
 use crate::shard::api::router::ConnectInfo;
 use crate::shard::conn::Conn;
 use crate::shard::mesh::MeshMsg;
-use crate::shard::session::Session;
+use crate::shard::session::{Session, Turn};
 use crate::shard::Shard;
 
 /// How long a poll is held when there is nothing to send.
@@ -177,26 +179,13 @@ impl Future for Driver {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         this.lp.conn.set_waker(cx.waker());
-        loop {
-            if this.lp.conn.close.get().is_some() {
-                this.lp.gone.set(true);
-                this.lp.wake_poller();
-                remove_session(&this.shard, &this.lp.token);
-                this.session.finish();
-                return Poll::Ready(());
-            }
-            if this.session.poll_pending(cx) {
-                break;
-            }
-            this.session.run_mailbox(cx);
-            if this.session.busy() {
-                break;
-            }
-            let next = this.lp.inbound.borrow_mut().pop_front();
-            match next {
-                Some(msg) => this.session.handle_message(msg, cx),
-                None => break,
-            }
+        let lp = &this.lp;
+        if let Turn::Closing(_) = this.session.turn(cx, || lp.inbound.borrow_mut().pop_front()) {
+            this.lp.gone.set(true);
+            this.lp.wake_poller();
+            remove_session(&this.shard, &this.lp.token);
+            this.session.finish();
+            return Poll::Ready(());
         }
         if !this.lp.conn.out.borrow().frames.is_empty() {
             this.lp.wake_poller();
@@ -255,42 +244,35 @@ pub(crate) async fn handle(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Re
     }
     let live = session_candidate(&req, &params).and_then(|t| session(&t));
     match (req.method.as_str(), live) {
-        ("GET", Some(lp)) => poll(lp).await,
+        ("GET", Some(lp)) => poll(shard, lp).await,
         ("GET", None) => open(shard, &req, params),
-        ("POST", Some(lp)) => publish(&lp, &req, &body),
+        ("POST", Some(lp)) => publish(shard, &lp, &req, &body),
         ("POST", None) => status(410, None, None),
         _ => Response::json(400, r#"{"error":"long-poll takes GET, POST and OPTIONS"}"#),
     }
 }
 
 fn open(shard: &Rc<Shard>, req: &Request, params: Vec<(String, String)>) -> Response {
-    let vsn = Vsn::from_param(params.iter().find(|(k, _)| k == "vsn").map(|(_, v)| v.as_str()));
     let info = ConnectInfo {
         params,
         peer_addr: None,
         origin: req.header("origin").map(str::to_string),
     };
-    let app = shard.app.clone();
-    let accepted = match vsn {
-        Some(vsn) if super::origin_allowed(&app.config.allowed_origins, info.origin.as_deref()) => {
-            app.socket.connect(&info).map(|(assigns, id)| (vsn, assigns, id))
+    let admitted = match shard.admit(&info) {
+        Ok(admitted) => admitted,
+        Err(Refused::Forbidden) => return status(403, None, None),
+        Err(Refused::ShuttingDown | Refused::Full) => {
+            return Response::json(
+                503,
+                r#"{"error":"server at its connection limit or shutting down"}"#,
+            )
         }
-        _ => None,
     };
-    let Some((vsn, assigns, socket_id)) = accepted else {
-        return status(403, None, None);
-    };
-    if shard.is_stopping() || shard.full() {
-        return Response::json(
-            503,
-            r#"{"error":"server at its connection limit or shutting down"}"#,
-        );
-    }
     let mut random = [0u8; 16];
     getrandom::fill(&mut random).expect("the OS random source");
     let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
     let token: Box<str> = format!("{}.{hex}", shard.index).into();
-    let conn = shard.add_conn(vsn, assigns, socket_id, true);
+    let conn = shard.add_conn(admitted.vsn, admitted.assigns, admitted.socket_id, true);
     let lp = Rc::new(LpSession {
         token: token.clone(),
         conn: conn.clone(),
@@ -317,20 +299,15 @@ fn take_messages(lp: &LpSession) -> (String, u64, u64) {
     let (mut frames, mut bytes) = (0, 0);
     for frame in out.frames.iter() {
         let data = frame.bytes();
-        let payload = match data[1] & 0x7f {
-            126 => &data[4..],
-            127 => &data[10..],
-            _ => &data[2..],
-        };
         bytes += data.len() as u64;
         frames += 1;
         // Binary frames have no long-poll representation (Phoenix has none either).
+        let Some((opcode::TEXT, payload)) = split_frame(data) else {
+            continue;
+        };
         let Ok(text) = std::str::from_utf8(payload) else {
             continue;
         };
-        if data[0] & 0x0f != 1 {
-            continue;
-        }
         if json.len() > 1 {
             json.push(',');
         }
@@ -341,7 +318,7 @@ fn take_messages(lp: &LpSession) -> (String, u64, u64) {
     (json, frames, bytes)
 }
 
-async fn poll(lp: Rc<LpSession>) -> Response {
+async fn poll(shard: &Shard, lp: Rc<LpSession>) -> Response {
     lp.polling.set(true);
     let ready = std::future::poll_fn(|cx| {
         if lp.gone.get() || !lp.conn.out.borrow().frames.is_empty() {
@@ -360,10 +337,8 @@ async fn poll(lp: Rc<LpSession>) -> Response {
         return status(204, Some(&lp.token), Some("[]"));
     }
     let (messages, frames, bytes) = take_messages(&lp);
-    if let Some(shard) = crate::shard::current() {
-        shard.stats.messages_out.add(frames);
-        shard.stats.bytes_out.add(bytes);
-    }
+    shard.stats.messages_out.add(frames);
+    shard.stats.bytes_out.add(bytes);
     status(200, Some(&lp.token), Some(&messages))
 }
 
@@ -397,7 +372,7 @@ fn decode_body(vsn: Vsn, ndjson: bool, body: &[u8]) -> Result<Vec<Message>, Stri
     Ok(messages)
 }
 
-fn publish(lp: &LpSession, req: &Request, body: &[u8]) -> Response {
+fn publish(shard: &Shard, lp: &LpSession, req: &Request, body: &[u8]) -> Response {
     if lp.gone.get() {
         return status(410, None, None);
     }
@@ -407,9 +382,7 @@ fn publish(lp: &LpSession, req: &Request, body: &[u8]) -> Response {
     match decode_body(lp.conn.vsn, ndjson, body) {
         Ok(messages) => {
             lp.inbound.borrow_mut().extend(messages);
-            lp.conn
-                .last_in
-                .set(crate::shard::current().map_or(0, |s| s.now_ms()));
+            lp.conn.last_in.set(shard.now_ms());
             lp.conn.wake();
             status(200, None, None)
         }

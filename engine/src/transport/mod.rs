@@ -15,7 +15,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::proto::http::{self, Request, MAX_HEAD};
-use crate::proto::Vsn;
+use crate::shard::admission::Refused;
 use crate::shard::api::router::ConnectInfo;
 use crate::shard::session::Session;
 use crate::shard::Shard;
@@ -178,20 +178,6 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     }
 }
 
-fn forbidden() -> Vec<u8> {
-    http::response(403, "text/plain", b"")
-}
-
-pub(crate) fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
-    match origin {
-        None => true,
-        Some(_) if allowed.is_empty() => true,
-        Some(origin) => allowed
-            .iter()
-            .any(|a| a.trim_end_matches('/') == origin.trim_end_matches('/')),
-    }
-}
-
 /// Answers the upgrade request; on success the connection is registered and its
 /// session returned.
 async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Option<Session> {
@@ -200,53 +186,28 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Opt
         let _ = stream.write_all(&response).await;
         return None;
     };
-    let params = req.query_params();
-    let vsn = Vsn::from_param(params.iter().find(|(k, _)| k == "vsn").map(|(_, v)| v.as_str()));
-    let origin = req.header("origin").map(str::to_string);
-    let app = shard.app.clone();
     let info = ConnectInfo {
-        params,
+        params: req.query_params(),
         peer_addr: stream.peer_addr().ok(),
-        origin,
+        origin: req.header("origin").map(str::to_string),
     };
-    let accepted = match vsn {
-        Some(vsn) if origin_allowed(&app.config.allowed_origins, info.origin.as_deref()) => {
-            app.socket.connect(&info).map(|(assigns, id)| (vsn, assigns, id))
+    let admitted = match shard.admit(&info) {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            let response = match refused {
+                Refused::Forbidden => http::response(403, "text/plain", b""),
+                Refused::ShuttingDown => http::response(503, "text/plain", b"shutting down\n"),
+                Refused::Full => http::response(503, "text/plain", b"connection limit reached\n"),
+            };
+            let _ = stream.write_all(&response).await;
+            return None;
         }
-        _ => None,
     };
-    let Some((vsn, assigns, socket_id)) = accepted else {
-        let _ = stream.write_all(&forbidden()).await;
-        return None;
-    };
-    if shard.is_stopping() || shard.full() {
-        let why: &[u8] = if shard.is_stopping() {
-            b"shutting down\n"
-        } else {
-            b"connection limit reached\n"
-        };
-        let _ = stream.write_all(&http::response(503, "text/plain", why)).await;
-        return None;
-    }
     let core = shard.index.to_string();
     let response = http::upgrade_response(&key, &[("x-ringcast-core", &core)]);
     stream.write_all(&response).await.ok()?;
-    let conn = shard.add_conn(vsn, assigns, socket_id, false);
+    let conn = shard.add_conn(admitted.vsn, admitted.assigns, admitted.socket_id, false);
     Some(Session::new(shard.clone(), conn))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn origin_rules() {
-        let allowed = vec!["http://good.example".to_string()];
-        assert!(origin_allowed(&allowed, None));
-        assert!(origin_allowed(&allowed, Some("http://good.example")));
-        assert!(!origin_allowed(&allowed, Some("http://evil.example")));
-        assert!(origin_allowed(&[], Some("http://anything")));
-    }
 }
 
 #[cfg(test)]
@@ -265,7 +226,7 @@ mod memory {
                 presence_fetch: None,
                 stats: vec![Default::default()],
             });
-            let shard = crate::shard::Shard::install(0, app, crate::Endpoint::new(vec![], None), None);
+            let shard = crate::shard::Shard::new(0, app, crate::Endpoint::new(vec![], None), None);
             let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
             let _c = std::net::TcpStream::connect(addr).unwrap();

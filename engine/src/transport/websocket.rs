@@ -23,7 +23,7 @@ use crate::proto::serializer::{decode_binary, decode_text};
 use crate::proto::ws::{close_code, close_frame, pong_frame, FrameReader, Parsed, WsMessage};
 use crate::proto::ProtocolError;
 use crate::shard::conn::{why, OutFrame};
-use crate::shard::session::Session;
+use crate::shard::session::{Session, Turn};
 use crate::transport::park;
 
 /// Size of the per-core read buffer and of one coalesced write.
@@ -299,18 +299,20 @@ impl Future for Pump {
         let mut reads = 0;
         loop {
             let mut progress = false;
-            if this.session.busy() {
-                this.session.poll_pending(cx);
-            }
-            if !this.session.busy() && this.phase == Phase::Open {
-                this.session.run_mailbox(cx);
-            }
-            if this.phase == Phase::Open {
-                if let Some(code) = this.session.conn.close.get() {
-                    this.begin_close(code);
+            // Client messages come from the socket below (`read_once`), not from the
+            // turn; a closing connection only finishes the handler it has pending.
+            let turn = if this.phase == Phase::Open {
+                this.session.turn(cx, || None)
+            } else {
+                if this.session.busy() {
+                    this.session.poll_pending(cx);
                 }
+                Turn::Busy
+            };
+            if let Turn::Closing(code) = turn {
+                this.begin_close(code);
             }
-            if this.phase == Phase::Open && !this.session.busy() {
+            if turn == Turn::Idle {
                 if reads == READS_PER_POLL {
                     // Let other connections on this core run.
                     cx.waker().wake_by_ref();

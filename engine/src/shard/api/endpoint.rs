@@ -56,7 +56,7 @@ impl Endpoint {
     pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
         let broadcast = Broadcast::new(topic, event, payload.into(), None);
         match shard::current() {
-            Some(shard) if shard.endpoint.id() == self.id() => shard.publish(broadcast),
+            Ok(shard) if shard.endpoint.id() == self.id() => shard.publish(broadcast),
             _ => {
                 let broadcast = Arc::new(broadcast);
                 if let Some(cluster) = &self.inner.cluster {

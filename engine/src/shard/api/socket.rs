@@ -12,11 +12,12 @@ use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::{Payload, Ref};
 use crate::shard::api::endpoint::Endpoint;
 use crate::shard::conn::{Conn, Mail};
-use crate::shard::{self, Broadcast};
+use crate::shard::{Broadcast, Shard};
 
 /// One channel's view of its connection.
 pub struct Socket {
     pub(crate) conn: Rc<Conn>,
+    pub(crate) shard: Rc<Shard>,
     pub(crate) topic: Rc<str>,
     pub(crate) join_ref: Ref,
     /// Pushes made while joining wait here until the join reply has gone out.
@@ -24,9 +25,10 @@ pub struct Socket {
 }
 
 impl Socket {
-    pub(crate) fn new(conn: Rc<Conn>, topic: Rc<str>, join_ref: Ref) -> Self {
+    pub(crate) fn new(conn: Rc<Conn>, shard: Rc<Shard>, topic: Rc<str>, join_ref: Ref) -> Self {
         Socket {
             conn,
+            shard,
             topic,
             join_ref,
             deferred: Some(Vec::new()),
@@ -91,45 +93,42 @@ impl Socket {
     /// message the join sent itself), so that this connection sees its own diff.
     /// Leaving, crashing or disconnecting untracks.
     pub fn track(&self, key: &str, meta: serde_json::Value) {
-        let shard = shard::current().expect("a socket lives on a shard");
-        shard.presence_track(&self.conn, &self.topic, key, meta);
+        self.shard.presence_track(&self.conn, &self.topic, key, meta);
     }
 
     /// Replaces this connection's meta under `key`; `false` if it tracked no such key.
     pub fn update_presence(&self, key: &str, meta: serde_json::Value) -> bool {
-        let shard = shard::current().expect("a socket lives on a shard");
-        shard.presence_update(&self.conn, &self.topic, key, meta)
+        self.shard.presence_update(&self.conn, &self.topic, key, meta)
     }
 
     /// Stops tracking this connection under `key`.
     pub fn untrack(&self, key: &str) {
-        let shard = shard::current().expect("a socket lives on a shard");
-        shard.presence_untrack(&self.conn, &self.topic, Some(key));
+        self.shard.presence_untrack(&self.conn, &self.topic, Some(key));
     }
 
     /// Every presence on this topic, on every core: `{key: {"metas": [...]}}`.
     pub fn presence_list(&self) -> serde_json::Value {
-        let shard = shard::current().expect("a socket lives on a shard");
-        serde_json::from_str(&shard.presence_state_json(&self.topic)).unwrap_or_default()
+        serde_json::from_str(&self.shard.presence_state_json(&self.topic)).unwrap_or_default()
     }
 
     /// Pushes `presence_state` (the current list) to this client.
     pub fn push_presence_state(&mut self) {
-        let shard = shard::current().expect("a socket lives on a shard");
-        let json = shard.presence_state_json(&self.topic);
+        let json = self.shard.presence_state_json(&self.topic);
         self.push_json_text("presence_state", &json);
     }
 
     /// Broadcasts `event` to every subscriber of this topic, on every core, this one
     /// included.
     pub fn broadcast(&self, event: &str, payload: impl Into<Payload>) {
-        shard::publish(Broadcast::new(&self.topic, event, payload.into(), None));
+        self.shard
+            .publish(Broadcast::new(&self.topic, event, payload.into(), None));
     }
 
     /// Broadcasts `event` to every subscriber of this topic but this channel.
     pub fn broadcast_from(&self, event: &str, payload: impl Into<Payload>) {
-        let from = shard::current().map(|s| (s.index, self.conn.id));
-        shard::publish(Broadcast::new(&self.topic, event, payload.into(), from));
+        let from = Some((self.shard.index, self.conn.id));
+        self.shard
+            .publish(Broadcast::new(&self.topic, event, payload.into(), from));
     }
 
     /// A handle that sends messages to this channel's `handle_info` later, from any task
@@ -154,10 +153,7 @@ impl Socket {
 
     /// The endpoint of the server this channel runs in.
     pub fn endpoint(&self) -> Endpoint {
-        shard::current()
-            .expect("a socket lives on a shard")
-            .endpoint
-            .clone()
+        self.shard.endpoint.clone()
     }
 }
 
