@@ -33,6 +33,11 @@ python3 scripts/check-layers.py
 echo "==> cargo build -p ringcast"
 cargo build -p ringcast
 
+# The fuzz targets are a workspace of their own (they need libFuzzer to run); checking
+# that they still build keeps them in step with the engine's API.
+echo "==> cargo check (engine/fuzz)"
+cargo check --manifest-path engine/fuzz/Cargo.toml --bins
+
 echo "==> cargo test --workspace"
 cargo test --workspace
 

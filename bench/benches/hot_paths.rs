@@ -117,14 +117,14 @@ fn mesh_hop(c: &mut Criterion) {
 
 fn presence_state(c: &mut Criterion) {
     // What a joiner of a 20,000-member topic costs its core: building presence_state.
-    use ringcast::proto::presence::{Delta, Meta, PresenceState};
+    use ringcast::proto::presence::{Delta, Meta, Owner, PresenceState};
     let mut state = PresenceState::default();
     for i in 0..20_000u64 {
         let meta = Meta::new(
             json!({"name": format!("user {i}"), "online_at": "1732300000"}),
             format!("F{i:x}").into(),
             None,
-            i,
+            Owner::from_raw(i),
         );
         state.apply(
             "rooms:big",

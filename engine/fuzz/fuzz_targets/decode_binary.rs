@@ -13,8 +13,8 @@ fuzz_target!(|data: &[u8]| {
     let lens: Vec<usize> = data[1..5].iter().map(|&b| b as usize).collect();
     let header = 5 + lens.iter().sum::<usize>();
     assert!(header <= data.len());
-    assert_eq!(msg.join_ref.as_deref().map_or(0, str::len), lens[0]);
-    assert_eq!(msg.msg_ref.as_deref().map_or(0, str::len), lens[1]);
+    assert_eq!(msg.join_ref.as_ref().map_or(0, |r| r.text().len()), lens[0]);
+    assert_eq!(msg.msg_ref.as_ref().map_or(0, |r| r.text().len()), lens[1]);
     assert_eq!(msg.topic.len(), lens[2]);
     assert_eq!(msg.event.len(), lens[3]);
     match &msg.payload {

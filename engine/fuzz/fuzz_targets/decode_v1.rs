@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = data.to_vec();
     if let Ok(msg) = decode_text(Vsn::V1, &mut buf) {
         for vsn in [Vsn::V1, Vsn::V2] {
-            let out = Outgoing::push(msg.join_ref.as_deref(), &msg.topic, &msg.event, &msg.payload);
+            let out = Outgoing::push(msg.join_ref.as_ref(), &msg.topic, &msg.event, &msg.payload);
             let _ = encode(vsn, &out);
         }
     }

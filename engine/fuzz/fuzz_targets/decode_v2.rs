@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(msg) = decode_text(Vsn::V2, &mut buf) else { return };
     // A push frame is [join_ref, null, topic, event, payload]: it decodes back (msg_ref
     // aside) to what was decoded here.
-    let out = Outgoing::push(msg.join_ref.as_deref(), &msg.topic, &msg.event, &msg.payload);
+    let out = Outgoing::push(msg.join_ref.as_ref(), &msg.topic, &msg.event, &msg.payload);
     let Ok(bytes) = encode(Vsn::V2, &out) else { return };
     // The server's own frames carry an unmasked WebSocket header; the JSON text follows.
     assert_eq!(bytes[0], 0x81, "a JSON push is one final text frame");

@@ -104,7 +104,7 @@ fuzz_target!(|input: Input| {
             let key: Box<str> = format!("u{}", key % 4).into();
             let phx_ref: Box<str> = format!("o{owner}r{serial}").into();
             let prev = (name % 3 == 0).then(|| format!("o{owner}r{}", serial.saturating_sub(1)));
-            let meta = Meta::new(serde_json::json!({"name": format!("n{name}")}), phx_ref.clone(), prev.as_deref(), owner as Owner);
+            let meta = Meta::new(serde_json::json!({"name": format!("n{name}")}), phx_ref.clone(), prev.as_deref(), Owner::from_raw(owner as u64));
             model.insert((TOPICS[t].into(), key.to_string(), phx_ref.to_string()));
             mine.push((key.clone(), phx_ref));
             delta.joins.push((key, meta));
@@ -147,12 +147,12 @@ fuzz_target!(|input: Input| {
     }
 
     // Owner 0's origin dies: both replicas drop the same entries.
-    let da = a.drop_owner(|o| o == 0);
-    let db = b.drop_owner(|o| o == 0);
+    let da = a.drop_owner(|o| o == Owner::from_raw(0));
+    let db = b.drop_owner(|o| o == Owner::from_raw(0));
     assert_eq!(da.len(), db.len());
     for topic in TOPICS {
         assert_eq!(canonical(&a.list_json(topic)), canonical(&b.list_json(topic)));
-        assert!(a.entries(topic, |o| o == 0).is_empty());
+        assert!(a.entries(topic, |o| o == Owner::from_raw(0)).is_empty());
     }
     let expected: Model = model.iter().filter(|(_, _, r)| !r.starts_with("o0r")).cloned().collect();
     assert_eq!(model_of(&a), expected);

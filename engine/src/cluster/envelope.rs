@@ -49,7 +49,7 @@ pub enum Envelope {
     },
 }
 
-/// FNV-1a of a node name: the node's id in presence owners (`owner >> 32`).
+/// FNV-1a of a node name: the node's id in presence owners ([`Owner::node`]).
 ///
 /// ```
 /// use ringcast::cluster::envelope::node_id;
@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let meta = Meta::new(json!({"name": "ada"}), "r1".into(), None, (7u64 << 32) | 3);
+        let meta = Meta::new(json!({"name": "ada"}), "r1".into(), None, Owner::new(7, 0, 3));
         let cases = vec![
             Envelope::Broadcast {
                 node: 7,

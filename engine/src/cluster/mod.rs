@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use crate::proto::presence::{owner_node, PresenceState};
+use crate::proto::presence::PresenceState;
 use crate::shard::cluster::LinkCmd;
 pub use crate::shard::cluster::{ClusterConfig, ClusterHandle, ClusterStats};
 use crate::shard::inbox::{CoreCommand, CoreInbox};
@@ -290,7 +290,7 @@ impl Link {
     /// Publishes this node's full presence on `topic` and asks the others for theirs.
     fn announce_presence(&self, conn: &mut redis::Connection, topic: &str) -> redis::RedisResult<()> {
         let node = self.node;
-        let entries = self.own.entries(topic, |o| owner_node(o) == node);
+        let entries = self.own.entries(topic, |o| o.node() == node);
         if !entries.is_empty() {
             self.publish(
                 conn,
@@ -408,7 +408,7 @@ impl Link {
                     return Ok(());
                 };
                 let node = self.node;
-                let entries = self.own.entries(topic, |o| owner_node(o) == node);
+                let entries = self.own.entries(topic, |o| o.node() == node);
                 self.publish(
                     publish,
                     channel.to_string(),

@@ -11,27 +11,42 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
-/// Who owns an entry: (origin, connection), packed by [`owner`]. Only the owner may
-/// issue deltas about it; when an origin dies its entries can be dropped together.
-pub type Owner = u64;
-
-/// The owner of a presence tracked by connection slot `conn` on `core` of `node`: the
-/// node id in the high half (0 outside a cluster), then the core in 8 bits and the
-/// slot in 24. The one place that knows the layout.
+/// Who owns an entry: the connection that tracked it, on its core of its node. Only the
+/// owner may issue deltas about it; when a node dies its entries are dropped together.
+/// The one place that knows how the three are packed (node id in the high half, 0
+/// outside a cluster; then the core in 8 bits and the connection slot in 24).
 ///
 /// ```
-/// use ringcast::proto::presence::{owner, owner_node};
-/// let o = owner(7, 1, 3);
-/// assert_eq!(owner_node(o), 7);
-/// assert_ne!(owner(7, 0, 3), o);
+/// use ringcast::proto::presence::Owner;
+/// let o = Owner::new(7, 1, 3);
+/// assert_eq!(o.node(), 7);
+/// assert_ne!(Owner::new(7, 0, 3), o);
+/// assert_eq!(Owner::from_raw(o.raw()), o);
 /// ```
-pub fn owner(node: u32, core: usize, conn: u32) -> Owner {
-    (u64::from(node) << 32) | ((core as u64 & 0xff) << 24) | (u64::from(conn) & 0x00ff_ffff)
-}
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Owner(u64);
 
-/// The node an owner belongs to.
-pub fn owner_node(owner: Owner) -> u32 {
-    (owner >> 32) as u32
+impl Owner {
+    /// The owner of a presence tracked by connection slot `conn` on `core` of `node`.
+    pub fn new(node: u32, core: usize, conn: u32) -> Owner {
+        Owner((u64::from(node) << 32) | ((core as u64 & 0xff) << 24) | (u64::from(conn) & 0x00ff_ffff))
+    }
+
+    /// The node the owner belongs to.
+    pub fn node(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    /// The packed form, as the cluster's envelopes carry it.
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// An owner from its packed form.
+    pub fn from_raw(raw: u64) -> Owner {
+        Owner(raw)
+    }
 }
 
 /// One tracked meta.
@@ -50,8 +65,8 @@ impl Meta {
     /// and, after an update, `phx_ref_prev`.
     ///
     /// ```
-    /// use ringcast::proto::presence::Meta;
-    /// let m = Meta::new(serde_json::json!({"name": "ada"}), "r1".into(), Some("r0"), 7);
+    /// use ringcast::proto::presence::{Meta, Owner};
+    /// let m = Meta::new(serde_json::json!({"name": "ada"}), "r1".into(), Some("r0"), Owner::new(0, 0, 7));
     /// assert_eq!(&*m.json, r#"{"name":"ada","phx_ref":"r1","phx_ref_prev":"r0"}"#);
     /// ```
     pub fn new(fields: serde_json::Value, phx_ref: Box<str>, prev: Option<&str>, owner: Owner) -> Meta {
@@ -165,9 +180,9 @@ impl PresenceState {
     /// Applies `delta` on `topic`; returns what actually changed.
     ///
     /// ```
-    /// use ringcast::proto::presence::{Delta, Meta, PresenceState};
+    /// use ringcast::proto::presence::{Delta, Meta, Owner, PresenceState};
     /// let mut state = PresenceState::default();
-    /// let meta = Meta::new(serde_json::json!({}), "a".into(), None, 1);
+    /// let meta = Meta::new(serde_json::json!({}), "a".into(), None, Owner::new(0, 0, 1));
     /// let delta = Delta { joins: vec![("42".into(), meta)], leaves: vec![] };
     /// assert!(!state.apply("rooms:x", &delta).is_empty());
     /// assert!(state.apply("rooms:x", &delta).is_empty(), "a replayed delta changes nothing");
@@ -326,8 +341,8 @@ mod tests {
     #[test]
     fn track_untrack_and_one_key_with_several_metas() {
         let mut s = PresenceState::default();
-        s.apply("t", &join("1", meta("a", 1)));
-        s.apply("t", &join("1", meta("b", 2)));
+        s.apply("t", &join("1", meta("a", Owner::from_raw(1))));
+        s.apply("t", &join("1", meta("b", Owner::from_raw(2))));
         assert_eq!(s.get("t", "1").len(), 2);
         let diff = s.apply("t", &leave("1", "a"));
         assert_eq!(
@@ -346,8 +361,13 @@ mod tests {
     #[test]
     fn update_is_a_leave_plus_a_join_with_prev_ref() {
         let mut s = PresenceState::default();
-        s.apply("t", &join("1", meta("a", 1)));
-        let updated = Meta::new(json!({"status": "away"}), "a2".into(), Some("a"), 1);
+        s.apply("t", &join("1", meta("a", Owner::from_raw(1))));
+        let updated = Meta::new(
+            json!({"status": "away"}),
+            "a2".into(),
+            Some("a"),
+            Owner::from_raw(1),
+        );
         let diff = s.apply(
             "t",
             &Delta {
@@ -366,14 +386,14 @@ mod tests {
     fn replicas_converge_whatever_the_interleaving_of_owners() {
         // Two owners' delta streams, each in order, interleaved differently.
         let a = [
-            join("x", meta("a1", 1)),
-            join("y", meta("a2", 1)),
+            join("x", meta("a1", Owner::from_raw(1))),
+            join("y", meta("a2", Owner::from_raw(1))),
             leave("x", "a1"),
         ];
         let b = [
-            join("x", meta("b1", 2)),
+            join("x", meta("b1", Owner::from_raw(2))),
             leave("x", "b1"),
-            join("z", meta("b2", 2)),
+            join("z", meta("b2", Owner::from_raw(2))),
         ];
         let mut r1 = PresenceState::default();
         let mut r2 = PresenceState::default();
@@ -393,7 +413,10 @@ mod tests {
 
     #[test]
     fn metas_of_one_key_list_alike_whatever_the_arrival_order() {
-        let (a, b) = (join("k", meta("r2", 1)), join("k", meta("r1", 2)));
+        let (a, b) = (
+            join("k", meta("r2", Owner::from_raw(1))),
+            join("k", meta("r1", Owner::from_raw(2))),
+        );
         let mut r1 = PresenceState::default();
         let mut r2 = PresenceState::default();
         r1.apply("t", &a);
@@ -406,7 +429,7 @@ mod tests {
     #[test]
     fn replayed_deltas_are_idempotent() {
         let mut s = PresenceState::default();
-        let d = join("1", meta("a", 1));
+        let d = join("1", meta("a", Owner::from_raw(1)));
         assert!(!s.apply("t", &d).is_empty());
         assert!(s.apply("t", &d).is_empty());
         let l = leave("1", "a");
@@ -417,8 +440,8 @@ mod tests {
     #[test]
     fn merged_diffs_cancel_a_join_that_left_in_the_same_window() {
         let mut s = PresenceState::default();
-        let mut acc = s.apply("t", &join("1", meta("a", 1)));
-        acc.merge(s.apply("t", &join("2", meta("b", 1))));
+        let mut acc = s.apply("t", &join("1", meta("a", Owner::from_raw(1))));
+        acc.merge(s.apply("t", &join("2", meta("b", Owner::from_raw(1)))));
         acc.merge(s.apply("t", &leave("1", "a")));
         assert_eq!(
             acc.to_json(),
@@ -429,10 +452,10 @@ mod tests {
     #[test]
     fn dropping_an_owner_reports_its_leaves() {
         let mut s = PresenceState::default();
-        s.apply("t", &join("1", meta("a", 1)));
-        s.apply("t", &join("1", meta("b", 2)));
-        s.apply("u", &join("2", meta("c", 2)));
-        let mut diffs = s.drop_owner(|o| o == 2);
+        s.apply("t", &join("1", meta("a", Owner::from_raw(1))));
+        s.apply("t", &join("1", meta("b", Owner::from_raw(2))));
+        s.apply("u", &join("2", meta("c", Owner::from_raw(2))));
+        let mut diffs = s.drop_owner(|o| o == Owner::from_raw(2));
         diffs.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(diffs.len(), 2);
         assert_eq!(
@@ -445,14 +468,17 @@ mod tests {
     #[test]
     fn replacing_an_origins_state_reports_the_difference() {
         let mut s = PresenceState::default();
-        s.apply("t", &join("1", meta("a", 1 << 32)));
-        s.apply("t", &join("2", meta("b", 1 << 32)));
-        s.apply("t", &join("3", meta("c", 2 << 32)));
-        let from_one = |o: Owner| o >> 32 == 1;
+        s.apply("t", &join("1", meta("a", Owner::from_raw(1 << 32))));
+        s.apply("t", &join("2", meta("b", Owner::from_raw(1 << 32))));
+        s.apply("t", &join("3", meta("c", Owner::from_raw(2 << 32))));
+        let from_one = |o: Owner| o.node() == 1;
         let diff = s.replace_origin(
             "t",
             from_one,
-            &[("2".into(), meta("b", 1 << 32)), ("4".into(), meta("d", 1 << 32))],
+            &[
+                ("2".into(), meta("b", Owner::from_raw(1 << 32))),
+                ("4".into(), meta("d", Owner::from_raw(1 << 32))),
+            ],
         );
         assert_eq!(
             diff.to_json(),
@@ -465,7 +491,7 @@ mod tests {
     #[test]
     fn keys_are_json_escaped() {
         let mut s = PresenceState::default();
-        s.apply("t", &join("a\"b", meta("r", 1)));
+        s.apply("t", &join("a\"b", meta("r", Owner::from_raw(1))));
         assert_eq!(
             s.list_json("t"),
             r#"{"a\"b":{"metas":[{"name":"r","phx_ref":"r"}]}}"#

@@ -21,7 +21,7 @@ pub(crate) enum CoreCommand {
     Presence(Arc<str>, Arc<Delta>),
     /// Another node's complete presence on a topic (after it (re)joined the cluster).
     PresenceState(Arc<str>, u32, Arc<Vec<(Box<str>, Meta)>>),
-    /// Every entry owned by these owners' node is gone (`proto::presence::owner_node(owner) == node`).
+    /// Every entry owned by these owners' node is gone ([`crate::proto::presence::Owner::node`]).
     DropNode(u32),
     /// Stop accepting, close every connection with 1001, drain, stop.
     Shutdown,

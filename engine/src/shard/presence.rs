@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::proto::presence::{owner, owner_node, Delta, Diff, Meta, PresenceState};
+use crate::proto::presence::{Delta, Diff, Meta, Owner, PresenceState};
 use crate::shard::conn::Conn;
 use crate::shard::{Broadcast, Shard};
 
@@ -73,7 +73,7 @@ impl Shard {
             fields,
             phx_ref.clone(),
             None,
-            owner(self.node_id(), self.index, conn.id.key),
+            Owner::new(self.node_id(), self.index, conn.id.key),
         );
         conn.tracked.borrow_mut().push(Tracked {
             topic: topic.clone(),
@@ -110,7 +110,7 @@ impl Shard {
             fields,
             phx_ref,
             Some(&prev),
-            owner(self.node_id(), self.index, conn.id.key),
+            Owner::new(self.node_id(), self.index, conn.id.key),
         );
         self.presence_issue(
             topic,
@@ -176,7 +176,7 @@ impl Shard {
             .presence
             .state
             .borrow_mut()
-            .replace_origin(topic, |o| owner_node(o) == node, entries);
+            .replace_origin(topic, |o| o.node() == node, entries);
         if !diff.is_empty() {
             self.presence_queue_diff(topic, diff);
         }
@@ -184,11 +184,7 @@ impl Shard {
 
     /// A node died: its presences leave.
     pub(crate) fn presence_drop_node(&self, node: u32) {
-        let diffs = self
-            .presence
-            .state
-            .borrow_mut()
-            .drop_owner(|o| owner_node(o) == node);
+        let diffs = self.presence.state.borrow_mut().drop_owner(|o| o.node() == node);
         for (topic, diff) in diffs {
             self.presence_queue_diff(&topic, diff);
         }
