@@ -40,9 +40,14 @@ struct ServeArgs {
     /// Cores to run on, one pinned executor each (default: all).
     #[arg(long)]
     cores: Option<usize>,
-    /// Key that signs and verifies socket tokens.
+    /// Key that signs and verifies socket tokens (required unless --dev).
     #[arg(long, env = "RINGCAST_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// Development mode: without a --secret, sign tokens with the fixed development
+    /// secret that anyone can read in the source; serve GET /demo/token, which mints a
+    /// token for any user. Never on a server others can reach.
+    #[arg(long)]
+    dev: bool,
     /// Bearer key of the HTTP server API.
     #[arg(long, env = "RINGCAST_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -129,11 +134,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .init();
     // A channel handler that panics is a channel crash, not a server fault: one log line.
     std::panic::set_hook(Box::new(|info| tracing::warn!("handler panicked: {info}")));
-    let dev = args.secret.is_none();
-    let secret = args.secret.unwrap_or_else(|| {
-        tracing::warn!("NO --secret GIVEN: using the fixed development secret; anyone can mint tokens (GET /demo/token too). Never run like this in production.");
-        seed::DEV_SECRET.to_string()
-    });
+    let secret = match (args.secret, args.dev) {
+        (Some(secret), _) => secret,
+        (None, true) => {
+            tracing::warn!("--dev without --secret: tokens are signed with the public development secret; anyone can mint them (GET /demo/token too). Never run like this where others can connect.");
+            seed::DEV_SECRET.to_string()
+        }
+        (None, false) => anyhow::bail!(
+            "ringcast serve needs --secret (or RINGCAST_SECRET) to sign socket tokens; pass --dev to try it locally on the public development secret"
+        ),
+    };
+    if args.dev {
+        tracing::warn!("--dev: GET /demo/token mints a token for any user");
+    }
     if args.api_key.is_none() {
         tracing::info!("no --api-key: the HTTP server API answers 401 to everything");
     }
@@ -156,7 +169,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         message_burst: args.max_rate.saturating_mul(2),
         max_connections: args.max_connections.unwrap_or(defaults.max_connections),
         api_key: args.api_key,
-        demo_token_secret: dev.then(|| secret.clone()),
+        demo_token_secret: args.dev.then(|| secret.clone()),
         cluster,
         park_idle: args.park == Park::On,
         batched_writes: args.write_path == WritePath::Uring,

@@ -7,6 +7,7 @@ import crypto from 'node:crypto';
 import {
   e2e, startServer, connect, join, push, runCli, mintToken, upgradeStatus, rawConnect, nowSecs, SECRET,
 } from './lib.mjs';
+import { request } from './httplib.mjs';
 
 describe('tokens and versions', () => {
   let server;
@@ -134,10 +135,36 @@ describe('secret from RINGCAST_SECRET', () => {
   });
 });
 
-describe('no secret configured', () => {
+describe('no secret and no --dev', () => {
+  e2e('serve refuses to start, naming --secret and --dev', async () => {
+    const out = await runCli(['serve', '--listen', '127.0.0.1:0', '--cores', '1']);
+    assert.notEqual(out.code, 0, `serve started without a secret: ${out.stderr}`);
+    assert.match(out.stderr, /--secret/);
+    assert.match(out.stderr, /--dev/);
+  });
+
+  e2e('with a secret but without --dev, GET /demo/token is 404', async () => {
+    const server = await startServer();
+    try {
+      const res = await request(server.port, { path: '/demo/token?user=7' });
+      assert.equal(res.status, 404);
+      assert.equal(await upgradeStatus(server.port, { token: mintToken('7') }), 101, 'the server itself works');
+    } finally {
+      await server.stop();
+    }
+  });
+});
+
+describe('--dev without a secret', () => {
   let server;
-  before(async () => { server = await startServer({ secret: null }); });
+  before(async () => { server = await startServer({ secret: null, args: ['--dev'] }); });
   after(async () => { await server.stop(); });
+
+  e2e('GET /demo/token mints a token the server accepts', async () => {
+    const res = await request(server.port, { path: '/demo/token?user=8' });
+    assert.equal(res.status, 200);
+    assert.equal(await upgradeStatus(server.port, { token: res.text.trim() }), 101);
+  });
 
   e2e('server and `ringcast token` share the development secret', async () => {
     const out = await runCli(['token', '--user', '6']);

@@ -377,6 +377,58 @@ e2e('a flooding client is closed with 1008 "message rate over its limit" (--max-
   }
 }, { timeout: 30000 });
 
+e2e('pings count against --max-rate: a ping flood is closed with 1008 while a bystander goes on', async () => {
+  const server = await startServer({ cores: 1, args: ['--max-rate', '200'] });
+  try {
+    const by = await bystanders(server, 'rooms:pingflood');
+    const flood = await rawWs(server.port, 'pinger');
+    // Each ping asks for a pong: 5,000 in one go is 12 times the burst of 400.
+    const ping = encodeClientFrame(0x9, 'p');
+    flood.sock.write(Buffer.concat(Array.from({ length: 5000 }, () => ping)));
+    const { code, reason } = await flood.closeCode(5000);
+    assert.deepEqual({ code, reason }, { code: 1008, reason: 'message rate over its limit' });
+    const pongs = flood.frames().filter((f) => f.op === 0xa).length;
+    assert.ok(pongs <= 400 + 50, `${pongs} pongs answered before the cut-off (burst 400)`);
+    // A few pings a second stay welcome.
+    const calm = await rawWs(server.port, 'calm-pinger');
+    for (let i = 0; i < 5; i++) {
+      calm.frame(0x9, `c${i}`);
+      await sleep(50);
+    }
+    await waitFor(() => calm.frames().filter((f) => f.op === 0xa).length === 5, { what: 'five pongs for five pings' });
+    assert.equal(calm.isEnded(), false);
+    await assertUnharmed(server, by, 'rooms:pingflood');
+  } finally {
+    await server.stop();
+  }
+});
+
+e2e('a close frame with a code RFC 6455 forbids is answered with 1002; allowed codes close normally', async () => {
+  const server = await startServer({ cores: 1 });
+  try {
+    const by = await bystanders(server, 'rooms:closecodes');
+    for (const bad of [1005, 1006, 1015, 999, 2000, 5000]) {
+      const c = await rawWs(server.port, `bad${bad}`);
+      const payload = Buffer.alloc(2);
+      payload.writeUInt16BE(bad);
+      c.frame(0x8, payload);
+      const got = await c.closeCode();
+      assert.equal(got.code, 1002, `close code ${bad}: the server answers ${JSON.stringify(got)}`);
+    }
+    for (const good of [1000, 1001, 3000, 4999]) {
+      const c = await rawWs(server.port, `good${good}`);
+      const payload = Buffer.alloc(2);
+      payload.writeUInt16BE(good);
+      c.frame(0x8, payload);
+      const got = await c.closeCode();
+      assert.equal(got.code, 1000, `close code ${good}: ${JSON.stringify(got)}`);
+    }
+    await assertUnharmed(server, by, 'rooms:closecodes');
+  } finally {
+    await server.stop();
+  }
+});
+
 // ---------------------------------------------------------------------------
 // Channel cap
 // ---------------------------------------------------------------------------

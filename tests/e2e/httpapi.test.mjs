@@ -479,6 +479,32 @@ e2e('a body over 1 MiB: 413, connection closed; a WebSocket client carries on', 
   await assertUnharmed(by);
 });
 
+e2e('a repeated or non-digit Content-Length: 400, connection closed, nothing broadcast; a WebSocket client carries on', async () => {
+  const by = await bystander('rooms:http-smuggle');
+  const seen = collect(by.chan, 'new_msg');
+  const post = (lengths, body) => `POST /api/broadcast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${API_KEY}\r\n`
+    + `Content-Type: application/json\r\n${lengths.map((l) => `Content-Length: ${l}\r\n`).join('')}\r\n${body}`;
+  const body = JSON.stringify({ topic: 'rooms:http-smuggle', event: 'new_msg', payload: { body: 'smuggled' } });
+  const n = Buffer.byteLength(body);
+  await expectRefusal(post([n, n], body), 400, 'two equal Content-Length headers');
+  await expectRefusal(post([n, 2], body), 400, 'two different Content-Length headers');
+  await expectRefusal(post([`+${n}`], body), 400, 'a signed Content-Length');
+  await expectRefusal(post([`${n}, ${n}`], body), 400, 'a list as Content-Length');
+  await expectRefusal(post([`0x${n.toString(16)}`], body), 400, 'a hex Content-Length');
+  await expectRefusal(post([''], body), 400, 'an empty Content-Length');
+  // The same request with one plain header goes through: the refusals were the headers'.
+  const ok = await request(server.port, {
+    method: 'POST', path: '/api/broadcast', headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ topic: 'rooms:http-smuggle', event: 'new_msg', payload: { body: 'plain' } }),
+  });
+  assert.equal(ok.status, 202);
+  const [first] = await seen.waitFor(1);
+  seen.stop();
+  assert.equal(first.body, 'plain', 'the first broadcast the bystander sees is the plain one: none was smuggled');
+  assert.equal(seen.items.length, 1);
+  await assertUnharmed(by);
+});
+
 e2e('transfer-encoding: chunked: 411, connection closed; a WebSocket client carries on', async () => {
   const by = await bystander('rooms:http-bad3');
   await expectRefusal(

@@ -20,6 +20,9 @@ pub enum ProtocolError {
     /// A message the serializer cannot decode.
     #[error("malformed message: {0}")]
     BadMessage(String),
+    /// A close frame with a code RFC 6455 §7.4 does not let an endpoint send.
+    #[error("close code {0} is not one a peer may send")]
+    BadCloseCode(u16),
 }
 
 impl ProtocolError {
@@ -29,10 +32,12 @@ impl ProtocolError {
     /// use ringcast::proto::ProtocolError;
     /// assert_eq!(ProtocolError::TooBig.close_code(), 1009);
     /// assert_eq!(ProtocolError::BadUtf8.close_code(), 1007);
+    /// assert_eq!(ProtocolError::BadCloseCode(1005).close_code(), 1002);
     /// ```
     pub fn close_code(&self) -> u16 {
         match self {
             ProtocolError::TooBig => close_code::TOO_BIG,
+            ProtocolError::BadCloseCode(_) => close_code::PROTOCOL_ERROR,
             _ => close_code::INVALID_PAYLOAD,
         }
     }

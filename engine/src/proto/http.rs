@@ -30,6 +30,9 @@ pub enum HttpError {
     /// Head over [`MAX_HEAD`] or too many headers.
     #[error("request head too large")]
     TooLarge,
+    /// A repeated `Content-Length`, or one that is not all digits.
+    #[error("bad content-length")]
+    BadContentLength,
 }
 
 impl Request {
@@ -91,6 +94,30 @@ impl Request {
             .filter(|(n, _)| n == name)
             .flat_map(|(_, v)| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// The body length the request announces: `Ok(0)` without a `Content-Length`, an
+    /// error when the header is repeated, empty or not all ASCII digits (`+5`, `5, 5`,
+    /// ` 5x`): a request that two parsers could read with two lengths is refused
+    /// rather than guessed at (request smuggling).
+    ///
+    /// ```
+    /// use ringcast::proto::http::Request;
+    /// let req = |head: &str| Request::parse(head.as_bytes()).unwrap().unwrap().0;
+    /// assert_eq!(req("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n").content_length(), Ok(12));
+    /// assert_eq!(req("GET / HTTP/1.1\r\n\r\n").content_length(), Ok(0));
+    /// assert!(req("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n").content_length().is_err());
+    /// assert!(req("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").content_length().is_err());
+    /// ```
+    pub fn content_length(&self) -> Result<u64, HttpError> {
+        let mut values = self.headers.iter().filter(|(n, _)| n == "content-length");
+        let Some((_, value)) = values.next() else {
+            return Ok(0);
+        };
+        if values.next().is_some() || value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(HttpError::BadContentLength);
+        }
+        value.parse().map_err(|_| HttpError::BadContentLength)
     }
 
     /// Decoded query parameters, in order (repeated keys kept).

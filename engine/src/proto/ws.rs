@@ -22,6 +22,8 @@ pub mod close_code {
     pub const NORMAL: u16 = 1000;
     /// Going away: server shutdown, `disconnect` broadcast, idle timeout.
     pub const GOING_AWAY: u16 = 1001;
+    /// Protocol error: a close frame with a code no endpoint may send.
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// Malformed frame or message.
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// The client does not read; its outbound queue passed its bound.
@@ -220,12 +222,29 @@ fn parse_close(payload: &[u8]) -> Result<Option<u16>, ProtocolError> {
         0 => Ok(None),
         1 => Err(ProtocolError::BadFrame("close frame with a one-byte payload")),
         _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !close_code_allowed(code) {
+                return Err(ProtocolError::BadCloseCode(code));
+            }
             if std::str::from_utf8(&payload[2..]).is_err() {
                 return Err(ProtocolError::BadUtf8);
             }
-            Ok(Some(u16::from_be_bytes([payload[0], payload[1]])))
+            Ok(Some(code))
         }
     }
+}
+
+/// Whether a peer may send close `code` (RFC 6455 §7.4): the defined codes an endpoint
+/// sends (1000-1003, 1007-1011, and 1012-1014 registered since), and the ranges for
+/// libraries and applications (3000-4999). 1004-1006 and 1015 are reserved, never sent.
+///
+/// ```
+/// use ringcast::proto::ws::close_code_allowed;
+/// assert!(close_code_allowed(1000) && close_code_allowed(4000));
+/// assert!(!close_code_allowed(1005) && !close_code_allowed(999) && !close_code_allowed(2000));
+/// ```
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// XORs `data` with the 4-byte `mask`, eight bytes at a time.
@@ -490,7 +509,39 @@ mod tests {
                 client_frame(0x88, &[3], [0; 4]),
                 ProtocolError::BadFrame("close frame with a one-byte payload"),
             ),
+            // Close codes no endpoint may send (RFC 6455 §7.4).
+            (
+                client_frame(0x88, &1005u16.to_be_bytes(), [1, 2, 3, 4]),
+                ProtocolError::BadCloseCode(1005),
+            ),
+            (
+                client_frame(0x88, &1006u16.to_be_bytes(), [0; 4]),
+                ProtocolError::BadCloseCode(1006),
+            ),
+            (
+                client_frame(0x88, &999u16.to_be_bytes(), [0; 4]),
+                ProtocolError::BadCloseCode(999),
+            ),
+            (
+                client_frame(0x88, &2500u16.to_be_bytes(), [0; 4]),
+                ProtocolError::BadCloseCode(2500),
+            ),
+            (
+                client_frame(0x88, &5000u16.to_be_bytes(), [0; 4]),
+                ProtocolError::BadCloseCode(5000),
+            ),
         ];
+        for code in [1000u16, 1001, 1003, 1011, 3000, 4999] {
+            let mut frame = client_frame(0x88, &code.to_be_bytes(), [9, 8, 7, 6]);
+            let parsed = FrameReader::new(1024).read(&mut frame).map(|p| match p {
+                Parsed::Frame {
+                    message: Some(WsMessage::Close(c)),
+                    ..
+                } => c,
+                _ => None,
+            });
+            assert_eq!(parsed, Ok(Some(code)), "close code {code} is allowed");
+        }
         for (mut frame, want) in cases {
             let mut reader = FrameReader::new(1024);
             assert_eq!(reader.read(&mut frame).unwrap_err(), want);

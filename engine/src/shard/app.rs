@@ -34,8 +34,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Bearer key of the HTTP server API; `None` answers 401 to every API request.
     pub api_key: Option<String>,
-    /// Secret with which `GET /demo/token` mints tokens for the demo page. Only set
-    /// when running on the development secret.
+    /// Secret with which `GET /demo/token` mints tokens for the demo page; `None`
+    /// (the default) answers that path 404. `ringcast serve` sets it only with `--dev`.
     pub demo_token_secret: Option<String>,
     /// Cluster mode: share topics with other nodes through Redis.
     pub cluster: Option<ClusterConfig>,

@@ -76,7 +76,7 @@ pub(crate) async fn route(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Res
                 let now = crate::clock::unix_now();
                 Response::new(200, "text/plain", token::sign(secret.as_bytes(), user, now))
             }
-            None => error(404, "demo tokens exist only with the development secret"),
+            None => error(404, "demo tokens exist only with --dev"),
         },
         (_, "/api/broadcast") | (_, "/api/stats") | (_, "/metrics") | (_, "/healthz") | (_, "/") => {
             error(405, "method not allowed")

@@ -103,17 +103,22 @@ async fn read_request(
             b"send a content-length body\n",
         )));
     }
-    let length = match req.header("content-length").map(str::parse::<usize>) {
-        None => 0,
-        Some(Ok(n)) if n <= MAX_BODY => n,
-        Some(Ok(_)) => {
+    let length = match req.content_length() {
+        Ok(n) if n <= MAX_BODY as u64 => n as usize,
+        Ok(_) => {
             return Err(Some(http::response(
                 413,
                 "text/plain",
                 b"request body too large\n",
             )))
         }
-        Some(Err(_)) => return Err(Some(http::response(400, "text/plain", b"bad content-length\n"))),
+        Err(_) => {
+            return Err(Some(http::response(
+                400,
+                "text/plain",
+                b"bad content-length: one header, all digits\n",
+            )))
+        }
     };
     while buf.len() < head_len + length {
         read_more(stream, buf).await.map_err(|_| None)?;

@@ -99,6 +99,10 @@ impl Pump {
             let decoded = match message {
                 None | Some(WsMessage::Pong) => continue,
                 Some(WsMessage::Ping(payload)) => {
+                    // Pings cost a pong each: they count against the message rate.
+                    if !conn.take_token(self.session.shard.now_ms()) {
+                        break;
+                    }
                     conn.enqueue_own(pong_frame(payload));
                     continue;
                 }
@@ -231,6 +235,7 @@ impl Pump {
             close_code::GOING_AWAY => "going away",
             close_code::INVALID_PAYLOAD => "malformed frame or message",
             close_code::TOO_BIG => "frame too large",
+            close_code::PROTOCOL_ERROR => "protocol error",
             _ => "",
         };
         let frame = close_frame(code, reason);
