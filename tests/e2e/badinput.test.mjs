@@ -91,6 +91,29 @@ describe('malformed frames (default limits)', () => {
     assertAlive(server);
   });
 
+  e2e('a topic over 255 bytes, or an event, ref or join_ref over 64, closes with 1007; at the limits all works', async () => {
+    const by = await bystanders(server, 'rooms:lengths');
+    const long = (n) => 'x'.repeat(n);
+    await expectClose(server, ['1', '2', `rooms:${long(250)}`, 'phx_join', {}], 1007);
+    await expectClose(server, ['1', '2', 'rooms:victim', long(65), {}], 1007);
+    await expectClose(server, ['1', long(65), 'rooms:victim', 'ping', {}], 1007);
+    await expectClose(server, [long(65), '2', 'rooms:victim', 'ping', {}], 1007);
+    await expectClose(server, { topic: `rooms:${long(250)}`, event: 'phx_join', payload: {}, ref: '3' }, 1007, { vsn: '1.0.0' });
+    await expectClose(server, encodeBinaryPush('1', '2', 'rooms:victim', long(65), [1]), 1007);
+    // A message at every limit at once is served: a 255-byte topic, 64-byte event and refs.
+    const ws = await rawConnect(server.port, { userId: 'edge' });
+    const topic = `rooms:${long(249)}`;
+    const ref = long(64);
+    ws.send([ref, ref, topic, 'phx_join', {}]);
+    assert.equal((await ws.reply(ref)).payload.status, 'ok');
+    ws.send([ref, 'p', topic, 'ping', { at: 'the limits' }]);
+    assert.deepEqual((await ws.reply('p')).payload, { status: 'ok', response: { at: 'the limits' } });
+    ws.send([ref, 'e', topic, long(64), {}]);
+    assert.deepEqual((await ws.reply('e')).payload, { status: 'error', response: { reason: 'unknown event' } });
+    await ws.close();
+    await assertUnharmed(server, by, 'rooms:lengths');
+  });
+
   e2e('garbage bytes instead of an HTTP request: that socket is closed, others unaffected', async () => {
     const by = await bystanders(server, 'rooms:bad4');
     const tcp = await rawTcp(server.port);

@@ -1,5 +1,5 @@
 //! V2 text decoding (JSON arrays) on arbitrary bytes: no panic; a decoded message
-//! re-encodes and decodes again to the same fields (round trip).
+//! is within the length limits and re-encodes and decodes again to the same fields (round trip).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,6 +9,7 @@ use ringcast::proto::{Payload, Vsn};
 fuzz_target!(|data: &[u8]| {
     let mut buf = data.to_vec();
     let Ok(msg) = decode_text(Vsn::V2, &mut buf) else { return };
+    assert_within_limits(&msg);
     // A push frame is [join_ref, null, topic, event, payload]: it decodes back (msg_ref
     // aside) to what was decoded here.
     let out = Outgoing::push(msg.join_ref.as_ref(), &msg.topic, &msg.event, &msg.payload);
@@ -35,3 +36,13 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(back.event, msg.event);
     assert_eq!(back.payload, msg.payload);
 });
+
+/// What decodes is within the limits of seed-app.md ("Limits").
+fn assert_within_limits(msg: &ringcast::proto::Message) {
+    use ringcast::proto::serializer::{MAX_NAME, MAX_TOPIC};
+    assert!(msg.topic.len() <= MAX_TOPIC, "topic of {} bytes decoded", msg.topic.len());
+    assert!(msg.event.len() <= MAX_NAME, "event of {} bytes decoded", msg.event.len());
+    for r in [&msg.msg_ref, &msg.join_ref].into_iter().flatten() {
+        assert!(r.text().len() <= MAX_NAME, "ref {r} decoded");
+    }
+}

@@ -219,7 +219,31 @@ fn encode_binary(msg: &Outgoing<'_>, data: &Bytes) -> Result<Bytes, EncodeError>
     Ok(frame.finish(FrameKind::Binary))
 }
 
-/// Decodes a client text frame. `data` is parsed in place by simd-json.
+/// Longest topic a client message may name, in bytes (`seed-app.md`, "Limits"): a topic
+/// is copied into the topic table, every core's interest table and a Redis channel name.
+pub const MAX_TOPIC: usize = 255;
+/// Longest event, ref or join_ref a client message may carry, in bytes.
+pub const MAX_NAME: usize = 64;
+
+/// Refuses a decoded message whose topic, event or refs are over their limits.
+fn within_limits(msg: Message) -> Result<Message, ProtocolError> {
+    let long_ref = |r: &Option<Ref>| r.as_ref().is_some_and(|r| r.text().len() > MAX_NAME);
+    let why = if msg.topic.len() > MAX_TOPIC {
+        "topic longer than 255 bytes"
+    } else if msg.event.len() > MAX_NAME {
+        "event longer than 64 bytes"
+    } else if long_ref(&msg.msg_ref) {
+        "ref longer than 64 bytes"
+    } else if long_ref(&msg.join_ref) {
+        "join_ref longer than 64 bytes"
+    } else {
+        return Ok(msg);
+    };
+    Err(ProtocolError::BadMessage(why.into()))
+}
+
+/// Decodes a client text frame. `data` is parsed in place by simd-json. A topic over
+/// [`MAX_TOPIC`] bytes, or an event, ref or join_ref over [`MAX_NAME`], is an error.
 ///
 /// ```
 /// use ringcast::proto::{serializer::decode_text, Vsn};
@@ -230,24 +254,26 @@ fn encode_binary(msg: &Outgoing<'_>, data: &Bytes) -> Result<Bytes, EncodeError>
 /// ```
 pub fn decode_text(vsn: Vsn, data: &mut [u8]) -> Result<Message, ProtocolError> {
     let bad = |e: simd_json::Error| ProtocolError::BadMessage(e.to_string());
-    match vsn {
+    let msg = match vsn {
         Vsn::V2 => simd_json::serde::from_slice::<V2Frame>(data)
             .map(|f| f.0)
-            .map_err(bad),
+            .map_err(bad)?,
         Vsn::V1 => {
             let f: V1Frame = simd_json::serde::from_slice(data).map_err(bad)?;
-            Ok(Message {
+            Message {
                 join_ref: f.join_ref,
                 msg_ref: f.msg_ref,
                 topic: f.topic,
                 event: f.event,
                 payload: Payload::Json(f.payload),
-            })
+            }
         }
-    }
+    };
+    within_limits(msg)
 }
 
-/// Decodes a client binary frame (V2 kind 0, push). Binary frames on V1 are malformed.
+/// Decodes a client binary frame (V2 kind 0, push). Binary frames on V1 are malformed;
+/// the limits of [`decode_text`] hold.
 pub fn decode_binary(vsn: Vsn, data: &[u8]) -> Result<Message, ProtocolError> {
     let bad = |why: &str| ProtocolError::BadMessage(why.to_string());
     if vsn == Vsn::V1 {
@@ -274,7 +300,7 @@ pub fn decode_binary(vsn: Vsn, data: &[u8]) -> Result<Message, ProtocolError> {
     }
     let [join_ref, msg_ref, topic, event] = fields;
     let opt = |s: &str| (!s.is_empty()).then(|| Ref::from(s));
-    Ok(Message {
+    within_limits(Message {
         join_ref: opt(join_ref),
         msg_ref: opt(msg_ref),
         topic: topic.to_string(),
@@ -464,6 +490,42 @@ mod tests {
         )
         .unwrap();
         assert_eq!(frame_body(&reply), &[1, 0, 1, 1, 2, b'3', b't', b'o', b'k', 9]);
+    }
+
+    #[test]
+    fn topics_events_and_refs_over_their_limits_are_refused() {
+        let frame = |topic: &str, event: &str, r: &str, jr: &str| {
+            serde_json::to_vec(&json!([jr, r, topic, event, {}])).unwrap()
+        };
+        let (t255, t256) = ("t".repeat(255), "t".repeat(256));
+        let (n64, n65) = ("n".repeat(64), "n".repeat(65));
+        let ok = |mut f: Vec<u8>| decode_text(Vsn::V2, &mut f).is_ok();
+        assert!(ok(frame(&t255, &n64, &n64, &n64)), "at the limits");
+        for (f, what) in [
+            (frame(&t256, "e", "1", "1"), "topic longer than 255 bytes"),
+            (frame("t", &n65, "1", "1"), "event longer than 64 bytes"),
+            (frame("t", "e", &n65, "1"), "ref longer than 64 bytes"),
+            (frame("t", "e", "1", &n65), "join_ref longer than 64 bytes"),
+        ] {
+            let mut f = f;
+            assert_eq!(
+                decode_text(Vsn::V2, &mut f),
+                Err(ProtocolError::BadMessage(what.into()))
+            );
+        }
+        let mut v1 =
+            serde_json::to_vec(&json!({"topic": t256, "event": "e", "payload": {}, "ref": null})).unwrap();
+        assert!(decode_text(Vsn::V1, &mut v1).is_err());
+        // Number refs count by their digits; a huge one is still 20 at most.
+        let mut num = br#"[18446744073709551615,1,"t","e",{}]"#.to_vec();
+        assert!(decode_text(Vsn::V2, &mut num).is_ok());
+        // Binary frames: the event's length byte may say up to 255.
+        let mut bin = vec![0, 1, 1, 1, 65, b'1', b'2', b't'];
+        bin.extend_from_slice(n65.as_bytes());
+        assert_eq!(
+            decode_binary(Vsn::V2, &bin),
+            Err(ProtocolError::BadMessage("event longer than 64 bytes".into()))
+        );
     }
 
     #[test]
