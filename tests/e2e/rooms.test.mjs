@@ -209,6 +209,46 @@ e2e('new_msg with a non-string body replies error {"reason":"invalid"}', async (
   assert.deepEqual(await push(chan, 'ping', { after: 1 }), { status: 'ok', response: { after: 1 } });
 });
 
+e2e('a body over 8,192 bytes in new_msg, shout or whisper replies error {"reason":"invalid"} and reaches nobody', async () => {
+  const a = await connect(server.port, 'big1');
+  const b = await connect(server.port, 'big2');
+  const chan = await a.joined('rooms:bigbody');
+  const chB = await b.joined('rooms:bigbody');
+  const got = { new_msg: collect(chB, 'new_msg'), shout: collect(chB, 'shout'), whisper: collect(chB, 'whisper') };
+  const invalid = { status: 'error', response: { reason: 'invalid' } };
+  const over = 'x'.repeat(8193);
+  // An attacker's burst of big messages: none is broadcast.
+  for (let i = 0; i < 20; i++) assert.deepEqual(await push(chan, 'new_msg', { body: over }), invalid);
+  assert.deepEqual(await push(chan, 'shout', { body: over }), invalid);
+  assert.deepEqual(await push(chan, 'whisper', { to: 'big2', body: over }), invalid);
+  // At the limit all three go through.
+  const at = 'y'.repeat(8192);
+  chan.push('new_msg', { body: at });
+  assert.deepEqual(await push(chan, 'shout', { body: at }), { status: 'ok', response: {} });
+  assert.deepEqual(await push(chan, 'whisper', { to: 'big2', body: at }), { status: 'ok', response: {} });
+  await got.whisper.waitFor(1);
+  await got.new_msg.waitFor(1);
+  await got.shout.waitFor(1);
+  assert.deepEqual(got.new_msg.items.map((m) => m.body.length), [8192], 'only the message at the limit was broadcast');
+  assert.deepEqual(got.shout.items.map((m) => m.body.length), [8192]);
+  assert.deepEqual(got.whisper.items.map((m) => m.body.length), [8192]);
+  assert.deepEqual(b.closes, [], 'the member was never cut off');
+});
+
+e2e('a join name that is not a string or is over 256 bytes replies error {"reason":"invalid"}; 256 bytes joins', async () => {
+  const c = await connect(server.port, 'namer');
+  const invalid = { status: 'error', response: { reason: 'invalid' } };
+  assert.deepEqual(await join(c.channel('rooms:names', { name: 'n'.repeat(257) })), invalid);
+  assert.deepEqual(await join(c.channel('rooms:names2', { name: 42 })), invalid);
+  assert.deepEqual(await join(c.channel('rooms:names3', { name: { a: 1 } })), invalid);
+  const ok = c.channel('rooms:names4', { name: 'n'.repeat(256) });
+  const welcome = nextEvent(ok, 'welcome');
+  const diff = nextEvent(ok, 'presence_diff');
+  assert.deepEqual(await join(ok), { status: 'ok', response: {} });
+  await welcome;
+  assert.equal((await diff).joins.namer.metas[0].name, 'n'.repeat(256));
+});
+
 e2e('shout without a body replies error {"reason":"invalid"}', async () => {
   const c = await connect(server.port, 'u1');
   const chan = await c.joined('rooms:shoutbad');

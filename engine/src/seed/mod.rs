@@ -57,6 +57,18 @@ fn body(payload: &Payload) -> Option<&str> {
     payload.str_field("body")
 }
 
+/// Longest `body` a room message may carry, in bytes: a room's members each queue
+/// every message, so one client must not fill their queues with a few big ones.
+pub const MAX_BODY: usize = 8192;
+/// Longest presence `name` a room join may carry, in bytes: it goes into every
+/// member's `presence_diff` and every joiner's `presence_state`.
+pub const MAX_NAME: usize = 256;
+
+/// A room message's `body`: a string of at most [`MAX_BODY`] bytes.
+fn room_body(payload: &Payload) -> Option<&str> {
+    body(payload).filter(|b| b.len() <= MAX_BODY)
+}
+
 fn invalid() -> HandleResult {
     HandleResult::Reply(Reply::error("invalid"))
 }
@@ -81,11 +93,15 @@ impl Channel for RoomChannel {
         if topic == "rooms:locked" {
             return Err(json!({"reason": "unauthorized"}).into());
         }
+        let user = socket.assigns::<User>().id.clone();
+        let name = match payload.json().and_then(|p| p.get("name")) {
+            None | Some(serde_json::Value::Null) => user.clone(),
+            Some(serde_json::Value::String(name)) if name.len() <= MAX_NAME => name.clone(),
+            Some(_) => return Err(json!({"reason": "invalid"}).into()),
+        };
         let room = topic.strip_prefix("rooms:").unwrap_or(topic);
         socket.push("welcome", json!({"msg": format!("Welcome to room {room}!")}));
         socket.channel_ref().send(AfterJoin);
-        let user = socket.assigns::<User>().id.clone();
-        let name = payload.str_field("name").unwrap_or(&user).to_string();
         Ok((RoomChannel { user, name }, Payload::empty()))
     }
 
@@ -100,21 +116,21 @@ impl Channel for RoomChannel {
 
     async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> HandleResult {
         match event {
-            "new_msg" => match body(&payload) {
+            "new_msg" => match room_body(&payload) {
                 Some(body) => {
                     socket.broadcast("new_msg", json!({"body": body, "user": self.user}));
                     HandleResult::NoReply
                 }
                 None => invalid(),
             },
-            "shout" => match body(&payload) {
+            "shout" => match room_body(&payload) {
                 Some(body) => {
                     socket.broadcast_from("shout", json!({"body": body, "user": self.user}));
                     HandleResult::Reply(Reply::ok())
                 }
                 None => invalid(),
             },
-            "whisper" => match (payload.str_field("to"), body(&payload)) {
+            "whisper" => match (payload.str_field("to"), room_body(&payload)) {
                 (Some(to), Some(body)) => {
                     socket.broadcast("whisper", json!({"to": to, "body": body, "from": self.user}));
                     HandleResult::Reply(Reply::ok())
