@@ -57,8 +57,9 @@ struct ServeArgs {
     /// Close connections that send nothing for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
-    /// Largest inbound frame or message.
-    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    /// Largest inbound frame or message (kept well under --max-outbound, so that no
+    /// single message can fill another client's queue).
+    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
     max_frame: usize,
     /// Bytes a connection may have queued before it is cut off (1008).
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
@@ -67,10 +68,17 @@ struct ServeArgs {
     /// past it the connection is closed with 1008.
     #[arg(long, default_value_t = 5_000)]
     max_rate: u32,
-    /// Connections the server accepts in all (default: the open-file limit less 256);
-    /// past it upgrades get 503.
+    /// Connections the server accepts in all (default: the open-file limit less 256
+    /// and less what the cores may hold in their HTTP phase); past it upgrades get 503.
     #[arg(long)]
     max_connections: Option<usize>,
+    /// TCP connections one core may hold before they upgrade or finish a request;
+    /// past it new ones are closed at once.
+    #[arg(long, default_value_t = ringcast::server::DEFAULT_MAX_HTTP_CONNECTIONS)]
+    max_http_connections: usize,
+    /// How long a request (head and body) may take to arrive, however slowly.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
     /// Cluster mode: share topics with other nodes through this Redis server.
     #[arg(long, value_name = "redis://HOST:PORT")]
     redis: Option<String>,
@@ -132,8 +140,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    // A channel handler that panics is a channel crash, not a server fault: one log line.
-    std::panic::set_hook(Box::new(|info| tracing::warn!("handler panicked: {info}")));
+    // A channel handler that panics is a channel crash, not a server fault: one log line,
+    // with the backtrace when RUST_BACKTRACE asks for one (a client can make the seed's
+    // handlers panic at will, so capturing one every time would be a cost it controls).
+    std::panic::set_hook(Box::new(|info| {
+        let backtrace = std::backtrace::Backtrace::capture();
+        match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => tracing::warn!("panicked: {info}\n{backtrace}"),
+            _ => tracing::warn!("panicked: {info} (RUST_BACKTRACE=1 for a backtrace)"),
+        }
+    }));
     let secret = match (args.secret, args.dev) {
         (Some(secret), _) => secret,
         (None, true) => {
@@ -158,16 +174,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
     });
     let defaults = Config::default();
+    let cores = args.cores.unwrap_or(defaults.cores);
     let config = Config {
         listen: args.listen,
-        cores: args.cores.unwrap_or(defaults.cores),
+        cores,
         idle_timeout: args.idle_timeout,
         max_frame: args.max_frame,
         allowed_origins: args.allowed_origins,
         max_outbound_bytes: args.max_outbound,
         max_messages_per_sec: args.max_rate,
         message_burst: args.max_rate.saturating_mul(2),
-        max_connections: args.max_connections.unwrap_or(defaults.max_connections),
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(|| Config::max_connections_for(cores, args.max_http_connections)),
+        max_http_connections: args.max_http_connections,
+        request_timeout: args.request_timeout,
         api_key: args.api_key,
         demo_token_secret: args.dev.then(|| secret.clone()),
         cluster,

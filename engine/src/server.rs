@@ -15,7 +15,7 @@ use crate::cluster;
 use crate::shard::api::endpoint::Endpoint;
 use crate::shard::api::router::{Router, SocketHandler};
 use crate::shard::app::App;
-pub use crate::shard::app::{Config, PresenceFetch};
+pub use crate::shard::app::{Config, PresenceFetch, DEFAULT_MAX_HTTP_CONNECTIONS};
 use crate::shard::inbox::{self, InboxReceiver};
 use crate::shard::mesh::{Mesh, MeshMsg};
 use crate::shard::Shard;
@@ -226,7 +226,7 @@ async fn run_sweeper(shard: std::rc::Rc<Shard>) {
     loop {
         glommio::timer::sleep(period).await;
         shard.sweep_idle(shard.now_ms(), transport::park::available());
-        transport::longpoll::sweep(std::time::Instant::now());
+        transport::longpoll::sweep(&shard, std::time::Instant::now());
         crate::transport::park::poll_now(&shard);
     }
 }
@@ -273,9 +273,33 @@ impl RunningServer {
     }
 
     /// Blocks until every core has stopped.
+    ///
+    /// A core whose thread died (a panic outside any handler, which ringcast isolates)
+    /// leaves its connections unserved and the other cores waiting on it: the process
+    /// then ends at once with status 70 and a log line naming the core, so that a
+    /// supervisor restarts it, rather than limping on.
     pub fn join(self) {
-        for h in self.handles {
-            let _ = h.join();
+        let (done_tx, done) = mpsc::channel();
+        let cores = self.handles.len();
+        for (core, handle) in self.handles.into_iter().enumerate() {
+            let done_tx = done_tx.clone();
+            std::thread::spawn(move || {
+                let _ = done_tx.send((core, handle.join()));
+            });
+        }
+        drop(done_tx);
+        for _ in 0..cores {
+            match done.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((core, Err(e))) => {
+                    tracing::error!(core, "core {core} died ({e}): ending the process");
+                    eprintln!(
+                        "ringcast: core {core} died ({e}); exiting so that a supervisor restarts the server"
+                    );
+                    std::process::exit(70);
+                }
+                Err(_) => return,
+            }
         }
     }
 }

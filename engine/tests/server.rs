@@ -136,3 +136,56 @@ fn handshake_refusals() {
         }
     }
 }
+
+/// The seed's socket, except that a `boom` token makes `connect` panic.
+struct Fragile(seed::UserSocket);
+
+impl ringcast::SocketHandler for Fragile {
+    type Assigns = seed::User;
+    fn connect(&self, info: &ringcast::ConnectInfo) -> Option<seed::User> {
+        if info.param("token") == Some("boom") {
+            panic!("a connect hook that fails");
+        }
+        ringcast::SocketHandler::connect(&self.0, info)
+    }
+    fn id(&self, user: &seed::User) -> Option<String> {
+        ringcast::SocketHandler::id(&self.0, user)
+    }
+}
+
+#[test]
+fn a_connect_that_panics_refuses_its_client_and_nobody_else() {
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cores: 1,
+        ..Config::default()
+    };
+    let server = Server::bind(config, Fragile(seed::UserSocket::new(SECRET)), seed::router()).unwrap();
+    let running = server.start().unwrap();
+    let addr = running.local_addr();
+    std::mem::forget(running);
+    let mut bystander = connect(addr, "by");
+    bystander.join("rooms:fragile");
+    for _ in 0..3 {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let url = format!("ws://{addr}/socket/websocket?token=boom&vsn=2.0.0");
+        match tungstenite::client(url.as_str(), stream) {
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+                assert_eq!(response.status(), 500)
+            }
+            other => panic!("expected HTTP 500, got {other:?}"),
+        }
+    }
+    // The core that ran the panicking hook still serves: the bystander and a newcomer.
+    bystander.send(json!(["1", "2", "rooms:fragile", "ping", {"still": "here"}]));
+    let reply = loop {
+        let m = bystander.next();
+        if m[3] == "phx_reply" {
+            break m;
+        }
+    };
+    assert_eq!(reply[4]["response"]["still"], "here");
+    let mut newcomer = connect(addr, "new");
+    newcomer.join("rooms:fragile");
+}

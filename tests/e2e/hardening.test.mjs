@@ -16,7 +16,7 @@ import http from 'node:http';
 import net from 'node:net';
 import {
   e2e, startServer, connect, rawConnect, push, nextEvent, assertAlive, upgradeStatus, within, sleep, waitFor,
-  mintToken, WebSocket,
+  mintToken, WebSocket, rawTcp,
   bystanders, assertUnharmed,
 } from './lib.mjs';
 import { API_KEY, request, apiBroadcast } from './httplib.mjs';
@@ -243,11 +243,21 @@ e2e(`a client that never reads is cut off with 1008 while ${HEALTHY} healthy sub
     // (through the HTTP API, so no healthy socket has to carry them) fill its queue fast.
     // It is a raw TCP socket that upgrades, joins, then stops reading (a `ws` client would
     // resume its paused socket by itself once its parser drains).
-    const slow = await rawWs(server.port, 'slowpoke');
-    slow.frame(0x1, JSON.stringify(['1', '1', 'bench:slow', 'phx_join', {}]));
-    slow.frame(0x1, JSON.stringify(['2', '2', 'bench:slow:big', 'phx_join', {}]));
-    await waitFor(() => slow.frames().filter((f) => f.op === 0x1 && f.payload.includes('"phx_reply"')).length === 2, { what: 'the slow client\'s joins' });
-    slow.sock.pause();
+    //
+    // Two of them: `slow` stops reading and resumes once it has been cut off, to show the
+    // stream it then finds; `stuck` never reads again, to show that the server lets go of
+    // it. (A client that reads nothing cannot be handed its close frame: what the kernel
+    // buffers cannot take stays unsent when the server lets go.)
+    const slowClient = async (user, big) => {
+      const c = await rawWs(server.port, user);
+      c.frame(0x1, JSON.stringify(['1', '1', 'bench:slow', 'phx_join', {}]));
+      c.frame(0x1, JSON.stringify(['2', '2', big, 'phx_join', {}]));
+      await waitFor(() => c.frames().filter((f) => f.op === 0x1 && f.payload.includes('"phx_reply"')).length === 2, { what: `${user}'s joins` });
+      c.sock.pause();
+      return c;
+    };
+    const slow = await slowClient('slowpoke', 'bench:slow:big');
+    const stuck = await slowClient('stuck', 'bench:slow:big2');
     const publisher = new Light(server.port, 'pub', ['bench:slow']);
     await publisher.ready;
     const connsBefore = await metric(server.port, 'ringcast_connections');
@@ -258,24 +268,28 @@ e2e(`a client that never reads is cut off with 1008 while ${HEALTHY} healthy sub
     let sent = 0;
     let bigBytes = 0;
     let slowClosed = 0;
-    // Interleave the shared stream with big broadcasts until the server cuts the slow
-    // one off (bounded: at most 64 MiB of big broadcasts).
-    while (bigBytes < 64 * 1024 * 1024) {
-      if (sent < STREAM) publisher.ws.send(JSON.stringify([null, null, 'bench:slow', 'new_msg', { body: String(sent++) }]));
-      const res = await request(server.port, {
-        method: 'POST', path: '/api/broadcast', agent,
-        headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
-        body: { topic: 'bench:slow:big', event: 'new_msg', payload: { body: big } },
-      });
-      assert.equal(res.status, 202);
-      bigBytes += big.length;
-      if (bigBytes % (16 * big.length) === 0) {
-        slowClosed = await metric(server.port, 'ringcast_slow_closed_total');
-        if (slowClosed >= 1 && sent >= STREAM) break;
+    // Interleave the shared stream with big broadcasts to one slow client, then to the
+    // other, until the server has cut both off (bounded: at most 64 MiB of big
+    // broadcasts). `slow` resumes reading as soon as it is cut off.
+    for (const [target, cutOff] of [['bench:slow:big', 1], ['bench:slow:big2', 2]]) {
+      while (bigBytes < 64 * 1024 * 1024) {
+        if (sent < STREAM) publisher.ws.send(JSON.stringify([null, null, 'bench:slow', 'new_msg', { body: String(sent++) }]));
+        const res = await request(server.port, {
+          method: 'POST', path: '/api/broadcast', agent,
+          headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+          body: { topic: target, event: 'new_msg', payload: { body: big } },
+        });
+        assert.equal(res.status, 202);
+        bigBytes += big.length;
+        if (bigBytes % (4 * big.length) === 0) {
+          slowClosed = await metric(server.port, 'ringcast_slow_closed_total');
+          if (slowClosed >= cutOff) break;
+        }
       }
+      if (cutOff === 1) slow.sock.resume();
     }
     agent.destroy();
-    assert.equal(slowClosed, 1, `slow_closed_total after ${bigBytes >> 20} MiB to the slow client`);
+    assert.equal(slowClosed, 2, `slow_closed_total after ${bigBytes >> 20} MiB to the slow clients`);
     while (sent < STREAM) publisher.ws.send(JSON.stringify([null, null, 'bench:slow', 'new_msg', { body: String(sent++) }]));
 
     // Every healthy subscriber (and the publisher) gets every broadcast, in order.
@@ -287,19 +301,20 @@ e2e(`a client that never reads is cut off with 1008 while ${HEALTHY} healthy sub
       assert.deepEqual(s.errors, [], `order at ${s.userId}`);
       assert.equal(s.close, null, `${s.userId} was never closed`);
     }
-    assert.equal(await metric(server.port, 'ringcast_slow_closed_total'), 1, 'only the slow client was cut off');
+    assert.equal(await metric(server.port, 'ringcast_slow_closed_total'), 2, 'only the slow clients were cut off');
 
     // Checked together so that one failure does not hide the other.
     const problems = [];
-    // The server lets go of the slow connection: its connection count drops.
-    const dropped = await waitFor(async () => (await metric(server.port, 'ringcast_connections')) <= connsBefore - 1, {
+    // The server lets go of both slow connections, the one that never reads again too:
+    // the connection count drops by two.
+    const dropped = await waitFor(async () => (await metric(server.port, 'ringcast_connections')) <= connsBefore - 2, {
       timeout: 5000, interval: 200, what: '',
     }).catch(() => false);
     if (!dropped) {
-      problems.push(`ringcast_connections still ${await metric(server.port, 'ringcast_connections')} (was ${connsBefore}) 5 s after the slow client was cut off: the server keeps the connection while the client does not read`);
+      problems.push(`ringcast_connections still ${await metric(server.port, 'ringcast_connections')} (was ${connsBefore}) 5 s after the slow clients were cut off: the server keeps a connection while the client does not read`);
     }
-    // Once it reads again it finds whole frames, then the close frame: 1008 with the reason.
-    slow.sock.resume();
+    // Reading again, the slow client finds whole frames, then the close frame: 1008 with
+    // the reason.
     await within(slow.ended, 15000, '', { onTimeout: null });
     const stream = slow.stream();
     const close = stream.frames.find((f) => f.op === 0x8);
@@ -428,6 +443,72 @@ e2e('a close frame with a code RFC 6455 forbids is answered with 1002; allowed c
     await server.stop();
   }
 });
+
+// ---------------------------------------------------------------------------
+// Slowloris: requests that never finish
+// ---------------------------------------------------------------------------
+
+e2e('a request head trickling in a byte at a time is closed at the request timeout (408), however slowly it comes; bystanders carry on', async () => {
+  const server = await startServer({ cores: 1, args: ['--request-timeout', '2s'] });
+  try {
+    const by = await bystanders(server, 'rooms:slowloris');
+    const slow = await rawTcp(server.port);
+    const t0 = Date.now();
+    const head = 'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: yes\r\n';
+    let sent = 0;
+    const trickle = setInterval(() => {
+      if (sent < head.length && !slow.isClosed()) slow.sock.write(head[sent++]);
+    }, 150);
+    try {
+      await within(slow.closed, 6000, 'the trickling connection to be closed');
+    } finally {
+      clearInterval(trickle);
+    }
+    const took = Date.now() - t0;
+    assert.match(slow.data().toString('latin1'), /^HTTP\/1\.1 408 /);
+    // A timer that restarted on every byte would never fire: bytes came every 150 ms.
+    assert.ok(took >= 1900 && took < 5000, `closed after ${took} ms (request timeout 2 s)`);
+    assert.ok(sent < head.length, 'the head never completed');
+
+    // On a kept-alive connection the timeout runs from the first byte of the next request.
+    const keep = await rawTcp(server.port);
+    keep.sock.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n');
+    await waitFor(() => keep.data().toString('latin1').includes('ok'), { what: 'the first answer' });
+    await sleep(2500);
+    assert.equal(keep.isClosed(), false, 'idle between requests is not the request timeout');
+    keep.sock.write('GET /healthz HTTP/1.1\r\n');
+    await within(keep.closed, 6000, 'the half-sent second request to be closed');
+    assert.match(keep.data().toString('latin1'), /408/);
+    assert.ok((await metric(server.port, 'ringcast_http_timeouts_total')) >= 2);
+    await assertUnharmed(server, by, 'rooms:slowloris');
+  } finally {
+    await server.stop();
+  }
+}, { timeout: 20000 });
+
+e2e('past --max-http-connections per core, new TCP connections are closed at once; upgraded clients are unharmed and the cap frees up', async () => {
+  const server = await startServer({ cores: 1, args: ['--max-http-connections', '40', '--request-timeout', '2s'] });
+  try {
+    const by = await bystanders(server, 'rooms:httpcap');
+    // Forty connections that send nothing hold the cap (the bystanders upgraded: they
+    // are out of their HTTP phase).
+    const idle = [];
+    for (let i = 0; i < 40; i++) idle.push(await rawTcp(server.port));
+    await sleep(100);
+    const extra = await rawTcp(server.port);
+    await within(extra.closed, 1000, 'the connection past the cap to be closed at once');
+    assert.equal(extra.data().length, 0, 'closed without reading anything from it');
+    // Upgraded connections go on meanwhile.
+    assert.deepEqual(await push(by.chan, 'ping', { during: 'the attack' }), { status: 'ok', response: { during: 'the attack' } });
+    // The idle ones reach their request timeout; then new connections are served again.
+    await Promise.all(idle.map((c) => within(c.closed, 6000, 'an idle connection to reach its request timeout')));
+    assert.ok((await metric(server.port, 'ringcast_http_refused_total')) >= 1);
+    assert.equal(await metric(server.port, 'ringcast_http_connections'), 1, 'only the /metrics request itself');
+    await assertUnharmed(server, by, 'rooms:httpcap');
+  } finally {
+    await server.stop();
+  }
+}, { timeout: 20000 });
 
 // ---------------------------------------------------------------------------
 // Channel cap

@@ -281,6 +281,48 @@ e2e('a malformed ndjson line: HTTP 400 with a clear error; the session works aft
   assertAlive(server);
 });
 
+e2e('a session that closes with messages queued hands them to the next poll before it answers 410', async () => {
+  const lp = await new RawLongPoll(server.port, 'lpqueued').open();
+  assert.deepEqual(await lp.join('rooms:lpqueued'), { status: 'ok', response: {} });
+  // Drain what the join queued (welcome, presence), then, while no poll is outstanding,
+  // a broadcast reaches the session and a disconnect closes it.
+  await lp.until((m) => m.event === 'presence_diff', { what: 'the join\'s presence_diff' });
+  const sent = await apiBroadcast(server.port, { topic: 'rooms:lpqueued', event: 'new_msg', payload: { body: 'last words' } });
+  assert.equal(sent.status, 202);
+  await sleep(100);
+  const bye = await apiBroadcast(server.port, { topic: 'user_socket:lpqueued', event: 'disconnect', payload: {} });
+  assert.equal(bye.status, 202);
+  await sleep(100);
+  const last = await lp.poll();
+  assert.equal(last.json?.status, 200, `the poll after the close: ${last.text}`);
+  assert.ok(lp.received.some((m) => m.event === 'new_msg' && m.payload.body === 'last words'), `queued broadcast delivered: ${JSON.stringify(lp.received)}`);
+  const after = await lp.poll();
+  assert.equal(after.json?.status, 410, `then the session is gone: ${after.text}`);
+  assert.notEqual(after.json.token, lp.session, 'a poll of the gone session is a fresh connect');
+});
+
+e2e('a binary reply to a long-poll client is answered as an error reply and counted; nothing is dropped unseen', async () => {
+  const lp = await new RawLongPoll(server.port, 'lpbin').open();
+  assert.deepEqual(await lp.join('rooms:lpbin'), { status: 'ok', response: {} });
+  const before = await metricSum('ringcast_longpoll_binary_total');
+  // The seed's ping answers a binary payload with a binary reply.
+  const bin = encodeBinaryPush('j1', 'b1', 'rooms:lpbin', 'ping', Buffer.from([1, 2, 3]));
+  assert.deepEqual((await lp.post([bin.toString('base64')])).json, { status: 200 });
+  const reply = await lp.reply('b1');
+  assert.deepEqual(reply.payload, { status: 'error', response: { reason: 'binary payloads need the WebSocket transport' } });
+  assert.equal(reply.join_ref, 'j1');
+  assert.equal(await metricSum('ringcast_longpoll_binary_total'), before + 1);
+  // The session goes on with JSON.
+  assert.deepEqual((await lp.post([['j1', 'p2', 'rooms:lpbin', 'ping', { json: true }]])).json, { status: 200 });
+  assert.deepEqual((await lp.reply('p2')).payload, { status: 'ok', response: { json: true } });
+});
+
+/** The sum over cores of one `/metrics` sample. */
+async function metricSum(name) {
+  const res = await request(server.port, { path: '/metrics' });
+  return res.text.split('\n').filter((l) => l.startsWith(`${name}{`)).reduce((a, l) => a + Number(l.split(' ').pop()), 0);
+}
+
 e2e('a session with no poll for ~15 s expires: presence untracked, POST answers 410', async () => {
   const watcher = await connect(server.port, 'expwatch');
   const wChan = watcher.channel('rooms:lpexp');

@@ -4,6 +4,7 @@
 //! (shutting down, full). The transport turns the answer into its own wire form.
 
 use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 
 use crate::proto::Vsn;
@@ -27,6 +28,8 @@ pub(crate) enum Refused {
     ShuttingDown,
     /// This core holds as many connections as it may (503).
     Full,
+    /// The application's `connect` panicked (500); the core goes on.
+    Crashed,
 }
 
 impl Shard {
@@ -38,7 +41,15 @@ impl Shard {
         if !origin_allowed(&self.app.config.allowed_origins, info.origin.as_deref()) {
             return Err(Refused::Forbidden);
         }
-        let (assigns, socket_id) = self.app.socket.connect(info).ok_or(Refused::Forbidden)?;
+        // `connect` is application code, isolated like the channel handlers: a panic
+        // there refuses this client and nothing else.
+        let connected = catch_unwind(AssertUnwindSafe(|| self.app.socket.connect(info)));
+        let (assigns, socket_id) = connected
+            .map_err(|_| {
+                tracing::warn!(core = self.index, "the socket handler's connect panicked");
+                Refused::Crashed
+            })?
+            .ok_or(Refused::Forbidden)?;
         if self.is_stopping() {
             return Err(Refused::ShuttingDown);
         }
@@ -79,12 +90,15 @@ mod tests {
         assert!(origin_allowed(&[], Some("http://anything")));
     }
 
-    /// Accepts a client whose `token` param is "ok".
+    /// Accepts a client whose `token` param is "ok"; panics on "boom".
     struct TokenOk;
 
     impl crate::SocketHandler for TokenOk {
         type Assigns = ();
         fn connect(&self, info: &ConnectInfo) -> Option<()> {
+            if info.param("token") == Some("boom") {
+                panic!("connect blew up");
+            }
             (info.param("token") == Some("ok")).then_some(())
         }
     }
@@ -136,6 +150,11 @@ mod tests {
         assert_eq!(
             refused(&info(&[("token", "bad")], None)),
             Some(Refused::Forbidden)
+        );
+        assert_eq!(refused(&info(&[("token", "boom")], None)), Some(Refused::Crashed));
+        assert!(
+            shard.admit(&ok).is_ok(),
+            "the core goes on after a connect panicked"
         );
 
         let _conn = shard.add_conn(admitted.vsn, admitted.assigns, admitted.socket_id, false);

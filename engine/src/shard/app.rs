@@ -32,6 +32,14 @@ pub struct Config {
     /// that, upgrades and long-poll opens are answered 503. Keep it under the process's
     /// open-file limit.
     pub max_connections: usize,
+    /// TCP connections one core may hold in their HTTP phase (before an upgrade, or
+    /// between keep-alive requests); past it new ones are closed at accept, so that
+    /// connections that never finish a request cannot use up the file limit.
+    pub max_http_connections: usize,
+    /// How long a request may take to arrive whole, head and body, however slowly its
+    /// bytes trickle in: from the connection's accept for its first request, from the
+    /// first byte for later keep-alive ones.
+    pub request_timeout: Duration,
     /// Bearer key of the HTTP server API; `None` answers 401 to every API request.
     pub api_key: Option<String>,
     /// Secret with which `GET /demo/token` mints tokens for the demo page; `None`
@@ -47,18 +55,25 @@ pub struct Config {
     pub batched_writes: bool,
 }
 
+/// Per core: TCP connections in their HTTP phase (being read, answered, held by a
+/// long-poll, or idle between keep-alive requests).
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 1024;
+
 impl Default for Config {
     fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Config {
             listen: "127.0.0.1:4000".parse().expect("valid address"),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cores,
             idle_timeout: Duration::from_secs(60),
-            max_frame: 1 << 20,
+            max_frame: 256 << 10,
             allowed_origins: Vec::new(),
             max_outbound_bytes: 4 << 20,
             max_messages_per_sec: 5_000,
             message_burst: 10_000,
-            max_connections: default_max_connections(),
+            max_connections: default_max_connections(cores, DEFAULT_MAX_HTTP_CONNECTIONS),
+            max_http_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
+            request_timeout: Duration::from_secs(10),
             api_key: None,
             demo_token_secret: None,
             cluster: None,
@@ -72,18 +87,30 @@ impl Default for Config {
 /// the topic and a map `{key: {"metas": [...]}}` to change in place.
 pub type PresenceFetch = Box<dyn Fn(&str, &mut serde_json::Value) + Send + Sync>;
 
-/// The open-file limit less a margin for listeners, rings and the odd file.
-fn default_max_connections() -> usize {
+/// Descriptors kept for listeners, rings, eventfds, Redis and the odd file.
+const FD_RESERVE: usize = 256;
+
+/// What the open-file limit leaves for upgraded connections: the limit less a reserve
+/// and less what `cores` cores may hold in their HTTP phase.
+fn default_max_connections(cores: usize, max_http_connections: usize) -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the struct we pass and nothing else.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    if ok {
-        (limit.rlim_cur as usize).saturating_sub(256).max(64)
-    } else {
-        1024
+    let nofile = if ok { limit.rlim_cur as usize } else { 1024 };
+    nofile
+        .saturating_sub(FD_RESERVE + cores * max_http_connections)
+        .max(64)
+}
+
+impl Config {
+    /// The default of [`Config::max_connections`] for `cores` cores that each hold at
+    /// most `max_http_connections` in their HTTP phase: the process's open-file limit
+    /// less those and a reserve of 256, so that accepting never runs out of files.
+    pub fn max_connections_for(cores: usize, max_http_connections: usize) -> usize {
+        default_max_connections(cores, max_http_connections)
     }
 }
 

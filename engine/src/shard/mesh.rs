@@ -52,10 +52,14 @@ struct Inner {
     pumping: Vec<Cell<bool>>,
     /// Topic -> bit set of the other cores with subscribers.
     interest: RefCell<HashMap<Box<str>, u64>>,
-    /// Interest announcements waiting for acks: id -> (acks missing, waiter).
-    acks: RefCell<HashMap<u64, (usize, Option<Waker>)>>,
+    /// Interest announcements waiting for acks, by id.
+    acks: RefCell<HashMap<u64, PendingAck>>,
     next_ack: Cell<u64>,
 }
+
+/// An interest announcement waiting for acks: how many are missing, who waits, and
+/// when it was announced (the shard's clock, ms).
+type PendingAck = (usize, Option<Waker>, u32);
 
 pub(crate) struct Mesh(Rc<Inner>);
 
@@ -104,13 +108,13 @@ impl Mesh {
     /// Tells the other cores whether this core has subscribers for `topic`. A first
     /// subscription returns an ack id: until every core acked ([`Mesh::poll_acked`]),
     /// a broadcast published elsewhere might not be forwarded here yet.
-    pub(crate) fn announce(&self, topic: &str, on: bool) -> Option<u64> {
+    pub(crate) fn announce(&self, topic: &str, on: bool, now_ms: u32) -> Option<u64> {
         let topic: Arc<str> = topic.into();
         let peers = self.0.backlog.len() - 1;
         let ack = (on && peers > 0).then(|| {
             let id = self.0.next_ack.get() + 1;
             self.0.next_ack.set(id);
-            self.0.acks.borrow_mut().insert(id, (peers, None));
+            self.0.acks.borrow_mut().insert(id, (peers, None, now_ms));
             id
         });
         for peer in (0..self.0.backlog.len()).filter(|p| *p != self.0.index) {
@@ -128,7 +132,7 @@ impl Mesh {
     /// Counts one ack of an interest announcement.
     pub(crate) fn acked(&self, id: u64) {
         let mut acks = self.0.acks.borrow_mut();
-        if let Some((missing, waiter)) = acks.get_mut(&id) {
+        if let Some((missing, waiter, _)) = acks.get_mut(&id) {
             *missing -= 1;
             if *missing == 0 {
                 if let Some(w) = waiter.take() {
@@ -142,15 +146,38 @@ impl Mesh {
     pub(crate) fn poll_acked(&self, id: u64, cx: &mut Context<'_>) -> bool {
         let mut acks = self.0.acks.borrow_mut();
         match acks.get_mut(&id) {
-            Some((0, _)) | None => {
+            Some((0, _, _)) | None => {
                 acks.remove(&id);
                 true
             }
-            Some((_, waiter)) => {
+            Some((_, waiter, _)) => {
                 *waiter = Some(cx.waker().clone());
                 false
             }
         }
+    }
+
+    /// Gives up on announcements older than `limit_ms` at `now_ms` (a core that does
+    /// not answer, because it died or is wedged, must not hold first joins forever):
+    /// their waiters go on as if acked. Returns how many were given up.
+    pub(crate) fn expire_acks(&self, now_ms: u32, limit_ms: u32) -> usize {
+        let mut expired = 0;
+        for (id, (missing, waiter, since)) in self.0.acks.borrow_mut().iter_mut() {
+            if *missing > 0 && now_ms.wrapping_sub(*since) >= limit_ms {
+                tracing::warn!(
+                    core = self.0.index,
+                    ack = id,
+                    missing = *missing,
+                    "interest not acked by every core within {limit_ms} ms; answering the join anyway"
+                );
+                *missing = 0;
+                if let Some(w) = waiter.take() {
+                    w.wake();
+                }
+                expired += 1;
+            }
+        }
+        expired
     }
 
     /// Every core keeps a full presence replica, so deltas go to all of them.

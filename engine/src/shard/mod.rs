@@ -125,6 +125,10 @@ pub(crate) struct Sub {
     pub(crate) intercepts: &'static [&'static str],
 }
 
+/// How long a first join waits for every core to ack its interest before it is answered
+/// anyway (a core that died or is wedged must not hold joins forever).
+pub(crate) const INTEREST_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a WebSocket must have sent nothing before its pump parks it.
 pub(crate) const PARK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -306,7 +310,10 @@ impl Shard {
         if let Some(cluster) = self.endpoint.cluster() {
             cluster.interest(self.index, topic, true);
         }
-        self.mesh.as_ref().and_then(|mesh| mesh.announce(topic, true))
+        let now = self.now_ms();
+        self.mesh
+            .as_ref()
+            .and_then(|mesh| mesh.announce(topic, true, now))
     }
 
     /// Removes `conn`'s subscription at `pos` (found by a scan if `pos` is stale).
@@ -335,7 +342,7 @@ impl Shard {
         };
         if last {
             if let Some(mesh) = &self.mesh {
-                mesh.announce(topic, false);
+                mesh.announce(topic, false, self.now_ms());
             }
             if let Some(cluster) = self.endpoint.cluster() {
                 cluster.interest(self.index, topic, false);
@@ -534,11 +541,15 @@ impl Shard {
         self.mesh.as_ref()
     }
 
-    /// Asks connections silent for longer than the idle timeout to close, and (with
+    /// Gives up on interest acks older than [`INTEREST_ACK_TIMEOUT`]; asks connections
+    /// silent for longer than the idle timeout to close, and (with
     /// `can_park`, when this core can park connections) wakes the ones silent for
     /// [`PARK_AFTER`], so that their pumps park them. `now` is the shard's clock
     /// ([`Shard::now_ms`]) as the caller read it.
     pub(crate) fn sweep_idle(&self, now: u32, can_park: bool) {
+        if let Some(mesh) = &self.mesh {
+            mesh.expire_acks(now, INTEREST_ACK_TIMEOUT.as_millis() as u32);
+        }
         let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
         let park_after = PARK_AFTER.as_millis() as u32;
         for (_, conn) in self.conns.borrow().iter() {

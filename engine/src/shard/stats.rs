@@ -62,6 +62,17 @@ pub struct CoreStats {
     pub slow_closed: Counter,
     /// Idle WebSocket connections parked: no task, no pump, one kernel poll.
     pub parked: Counter,
+    /// TCP connections still in their HTTP phase (not upgraded).
+    pub http_connections: Counter,
+    /// TCP connections closed at accept: the core's HTTP-phase cap was reached.
+    pub http_refused: Counter,
+    /// Requests closed for not sending a complete head and body in time.
+    pub http_timeouts: Counter,
+    /// Accepts that failed (out of file descriptors or memory).
+    pub accept_errors: Counter,
+    /// Binary frames for long-poll clients, which have no representation there:
+    /// replies answered as errors, pushes and broadcasts left out.
+    pub longpoll_binary: Counter,
 }
 
 /// The fields in output order, with Prometheus type and help.
@@ -94,6 +105,31 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
         "gauge",
         "Idle WebSocket connections parked (no task, one kernel poll).",
     ),
+    (
+        "http_connections",
+        "gauge",
+        "TCP connections in their HTTP phase (not upgraded).",
+    ),
+    (
+        "http_refused",
+        "counter",
+        "TCP connections closed at accept: the per-core HTTP-phase cap was reached.",
+    ),
+    (
+        "http_timeouts",
+        "counter",
+        "Requests closed for not arriving whole within the request timeout.",
+    ),
+    (
+        "accept_errors",
+        "counter",
+        "Accepts that failed (file descriptors, memory).",
+    ),
+    (
+        "longpoll_binary",
+        "counter",
+        "Binary frames for long-poll clients (replies answered as errors, pushes left out).",
+    ),
 ];
 
 impl CoreStats {
@@ -111,6 +147,11 @@ impl CoreStats {
             "deliveries" => &self.deliveries,
             "slow_closed" => &self.slow_closed,
             "parked" => &self.parked,
+            "http_connections" => &self.http_connections,
+            "http_refused" => &self.http_refused,
+            "http_timeouts" => &self.http_timeouts,
+            "accept_errors" => &self.accept_errors,
+            "longpoll_binary" => &self.longpoll_binary,
             _ => return 0,
         };
         c.get()

@@ -66,14 +66,26 @@ fn remove_session(shard: &Shard, token: &str) {
 
 /// Closes the sessions that went unpolled past [`SESSION_EXPIRY`], like dropped
 /// WebSockets.
-pub(crate) fn sweep(now: Instant) {
-    HUB.with(|h| {
-        for lp in h.borrow().sessions.values() {
-            if lp.expired(now) {
+/// Closed sessions whose last messages were never polled go too.
+pub(crate) fn sweep(shard: &Shard, now: Instant) {
+    let abandoned: Vec<Box<str>> = HUB.with(|h| {
+        let hub = h.borrow();
+        let mut abandoned = Vec::new();
+        for lp in hub.sessions.values() {
+            if !lp.expired(now) {
+                continue;
+            }
+            if lp.gone.get() {
+                abandoned.push(lp.token.clone());
+            } else {
                 lp.expire();
             }
         }
+        abandoned
     });
+    for token in abandoned {
+        remove_session(shard, &token);
+    }
 }
 
 /// Answers a long-poll request on the core that owns its session: here, or over the
@@ -182,9 +194,13 @@ impl Future for Driver {
         let lp = &this.lp;
         if let Turn::Closing(_) = this.session.turn(cx, || lp.inbound.borrow_mut().pop_front()) {
             this.lp.gone.set(true);
-            this.lp.wake_poller();
-            remove_session(&this.shard, &this.lp.token);
             this.session.finish();
+            // What was queued before the close (a last reply, `phx_close`) is still
+            // the client's: the session stays until a poll takes it (or it expires).
+            if this.lp.conn.out.borrow().frames.is_empty() {
+                remove_session(&this.shard, &this.lp.token);
+            }
+            this.lp.wake_poller();
             return Poll::Ready(());
         }
         if !this.lp.conn.out.borrow().frames.is_empty() {
@@ -261,6 +277,7 @@ fn open(shard: &Rc<Shard>, req: &Request, params: Vec<(String, String)>) -> Resp
     let admitted = match shard.admit(&info) {
         Ok(admitted) => admitted,
         Err(Refused::Forbidden) => return status(403, None, None),
+        Err(Refused::Crashed) => return status(500, None, None),
         Err(Refused::ShuttingDown | Refused::Full) => {
             return Response::json(
                 503,
@@ -293,29 +310,70 @@ fn open(shard: &Rc<Shard>, req: &Request, params: Vec<(String, String)>) -> Resp
 }
 
 /// The JSON text of every queued text frame, as a JSON array of strings.
-fn take_messages(lp: &LpSession) -> (String, u64, u64) {
+/// Also returns how many binary frames had to be answered or left out: binary has no
+/// long-poll representation (Phoenix has none either), so a binary reply becomes an
+/// error reply the client can see, and a binary push or broadcast is counted in
+/// `/metrics` (`ringcast_longpoll_binary_total`).
+fn take_messages(lp: &LpSession) -> (String, u64, u64, u64) {
     let mut out = lp.conn.out.borrow_mut();
     let mut json = String::from("[");
-    let (mut frames, mut bytes) = (0, 0);
-    for frame in out.frames.iter() {
-        let data = frame.bytes();
-        bytes += data.len() as u64;
-        frames += 1;
-        // Binary frames have no long-poll representation (Phoenix has none either).
-        let Some((opcode::TEXT, payload)) = split_frame(data) else {
-            continue;
-        };
-        let Ok(text) = std::str::from_utf8(payload) else {
-            continue;
-        };
+    let (mut frames, mut bytes, mut binary) = (0, 0, 0);
+    let add = |json: &mut String, text: &str| {
         if json.len() > 1 {
             json.push(',');
         }
         json.push_str(&serde_json::Value::from(text).to_string());
+    };
+    for frame in out.frames.iter() {
+        let data = frame.bytes();
+        bytes += data.len() as u64;
+        frames += 1;
+        match split_frame(data) {
+            Some((opcode::TEXT, payload)) => {
+                if let Ok(text) = std::str::from_utf8(payload) {
+                    add(&mut json, text);
+                }
+            }
+            Some((opcode::BINARY, payload)) => {
+                binary += 1;
+                if let Some(reply) = binary_reply_as_error(payload) {
+                    add(&mut json, &reply);
+                }
+            }
+            _ => {}
+        }
     }
     json.push(']');
     out.clear();
-    (json, frames, bytes)
+    (json, frames, bytes, binary)
+}
+
+/// A V2 binary reply (kind 1: join_ref, ref, topic, status) as the JSON text of an error
+/// reply to the same ref, so that the long-poll client's push is answered.
+fn binary_reply_as_error(frame: &[u8]) -> Option<String> {
+    let (&kind, lens) = frame.split_first()?;
+    if kind != 1 {
+        return None;
+    }
+    let lens = lens.get(..4)?;
+    let mut at = 5;
+    let mut fields = Vec::with_capacity(3);
+    for &len in &lens[..3] {
+        let end = at + len as usize;
+        fields.push(std::str::from_utf8(frame.get(at..end)?).ok()?);
+        at = end;
+    }
+    fn opt(s: &str) -> Option<&str> {
+        (!s.is_empty()).then_some(s)
+    }
+    let reply = serde_json::json!([
+        opt(fields[0]),
+        opt(fields[1]),
+        fields[2],
+        "phx_reply",
+        {"status": "error", "response": {"reason": "binary payloads need the WebSocket transport"}}
+    ]);
+    Some(reply.to_string())
 }
 
 async fn poll(shard: &Shard, lp: Rc<LpSession>) -> Response {
@@ -330,15 +388,21 @@ async fn poll(shard: &Shard, lp: Rc<LpSession>) -> Response {
     futures_lite::future::or(ready, glommio::timer::sleep(POLL_WINDOW)).await;
     lp.polling.set(false);
     lp.last_poll.set(Instant::now());
+    let queued = !lp.conn.out.borrow().frames.is_empty();
     if lp.gone.get() {
-        return status(410, None, None);
-    }
-    if lp.conn.out.borrow().frames.is_empty() {
+        // A closed session hands out what it still holds, then is forgotten: the next
+        // poll is a fresh connect (410 with a new token).
+        remove_session(shard, &lp.token);
+        if !queued {
+            return status(410, None, None);
+        }
+    } else if !queued {
         return status(204, Some(&lp.token), Some("[]"));
     }
-    let (messages, frames, bytes) = take_messages(&lp);
+    let (messages, frames, bytes, binary) = take_messages(&lp);
     shard.stats.messages_out.add(frames);
     shard.stats.bytes_out.add(bytes);
+    shard.stats.longpoll_binary.add(binary);
     status(200, Some(&lp.token), Some(&messages))
 }
 
@@ -420,6 +484,23 @@ mod tests {
         );
         let v1 = br#"{"topic":"t","event":"e","payload":{},"ref":"1"}"#;
         assert_eq!(decode_body(Vsn::V1, false, v1).unwrap()[0].event, "e");
+    }
+
+    #[test]
+    fn a_binary_reply_becomes_an_error_reply_to_its_ref() {
+        let reply = [
+            1, 1, 1, 7, 2, b'1', b'5', b'r', b'o', b'o', b'm', b's', b':', b'a', b'o', b'k', 9, 9,
+        ];
+        assert_eq!(
+            binary_reply_as_error(&reply).unwrap(),
+            r#"["1","5","rooms:a","phx_reply",{"response":{"reason":"binary payloads need the WebSocket transport"},"status":"error"}]"#
+        );
+        assert_eq!(
+            binary_reply_as_error(&[0, 1, 1, 1, b'1', b't', b'e']),
+            None,
+            "a push is not a reply"
+        );
+        assert_eq!(binary_reply_as_error(&[1, 9, 9, 9, 9, b'x']), None, "truncated");
     }
 
     #[test]

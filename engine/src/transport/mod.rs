@@ -20,9 +20,6 @@ use crate::shard::api::router::ConnectInfo;
 use crate::shard::session::Session;
 use crate::shard::Shard;
 
-/// How long a client may take to send its request head.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// How long a shutting-down core waits for its connections to drain.
 pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -42,18 +39,63 @@ pub(crate) async fn run_core(shard: Rc<Shard>, listener: TcpListener) {
     }
 }
 
+/// Longest pause of the accept loop after failed accepts.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one log line about failed accepts in this long.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let mut backoff = Duration::ZERO;
+    let mut logged: Option<std::time::Instant> = None;
+    let mut unlogged = 0u64;
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                backoff = Duration::ZERO;
+                let stats = &shard.stats;
+                if stats.http_connections.get() >= shard.app.config.max_http_connections as u64 {
+                    // Connections that never finish a request hold this many already:
+                    // close at once rather than spend a file on one more.
+                    stats.http_refused.add(1);
+                    drop(stream);
+                    continue;
+                }
                 glommio::spawn_local(serve(shard.clone(), stream)).detach();
             }
             Err(e) => {
-                // Out of file descriptors or memory: back off instead of spinning.
-                tracing::warn!(core = shard.index, "accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(50)).await;
+                // Out of file descriptors or memory: back off (doubling, up to a second)
+                // instead of spinning, and say so once in a while, not per attempt.
+                shard.stats.accept_errors.add(1);
+                unlogged += 1;
+                if logged.is_none_or(|t| t.elapsed() >= ACCEPT_LOG_EVERY) {
+                    tracing::warn!(
+                        core = shard.index,
+                        failures = unlogged,
+                        "accept failed: {e}; backing off"
+                    );
+                    logged = Some(std::time::Instant::now());
+                    unlogged = 0;
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
+                glommio::timer::sleep(backoff).await;
             }
         }
+    }
+}
+
+/// Counts a connection in its HTTP phase for as long as it lives.
+struct HttpPhase(Rc<Shard>);
+
+impl HttpPhase {
+    fn new(shard: &Rc<Shard>) -> Self {
+        shard.stats.http_connections.add(1);
+        HttpPhase(shard.clone())
+    }
+}
+
+impl Drop for HttpPhase {
+    fn drop(&mut self) {
+        self.0.stats.http_connections.sub(1);
     }
 }
 
@@ -141,21 +183,45 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result
 }
 
 /// One TCP connection: HTTP requests (kept alive, pipelined in order) until one of
-/// them upgrades to a WebSocket.
+/// them upgrades to a WebSocket. Each request must arrive whole within the request
+/// timeout, counted from the accept for the first one and from its first byte for
+/// later ones; between requests a connection may stay idle for [`KEEP_ALIVE`].
 async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let phase = HttpPhase::new(&shard);
     let _ = stream.set_nodelay(true);
-    let mut timeout = HANDSHAKE_TIMEOUT;
+    let request_timeout = shard.app.config.request_timeout;
     let mut buf = Vec::new();
+    let mut first = true;
     loop {
-        let _ = stream.set_read_timeout(Some(timeout));
+        if !first && buf.is_empty() {
+            let _ = stream.set_read_timeout(Some(KEEP_ALIVE));
+            if read_more(&mut stream, &mut buf).await.is_err() {
+                return;
+            }
+        }
+        first = false;
+        // The deadline below bounds the whole request; a per-read timeout (which glommio
+        // restarts on every read) would only race it.
+        let _ = stream.set_read_timeout(None);
         // Boxed: a request is read once, and its buffers must not stay in the
         // connection's task for a WebSocket's whole life.
-        let (req, body) = match Box::pin(read_request(&mut stream, &mut buf)).await {
-            Ok(request) => request,
-            Err(response) => {
+        let read = Box::pin(read_request(&mut stream, &mut buf));
+        let timed = futures_lite::future::or(async { Some(read.await) }, async {
+            glommio::timer::sleep(request_timeout).await;
+            None
+        });
+        let (req, body) = match timed.await {
+            Some(Ok(request)) => request,
+            Some(Err(response)) => {
                 if let Some(response) = response {
                     let _ = stream.write_all(&response).await;
                 }
+                return;
+            }
+            None => {
+                shard.stats.http_timeouts.add(1);
+                let response = http::response(408, "text/plain", b"request not received in time\n");
+                let _ = stream.write_all(&response).await;
                 return;
             }
         };
@@ -163,6 +229,7 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         if req.path == "/socket/websocket" {
             let upgraded = Box::pin(upgrade(&shard, &mut stream, req)).await;
             if let Some(session) = upgraded {
+                drop(phase);
                 // Only bytes that followed the head stay with the connection.
                 let mut leftover = std::mem::take(&mut buf);
                 leftover.shrink_to_fit();
@@ -179,7 +246,6 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         if stream.write_all(&response.to_bytes(keep_alive)).await.is_err() || !keep_alive {
             return;
         }
-        timeout = KEEP_ALIVE;
     }
 }
 
@@ -203,6 +269,7 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Opt
                 Refused::Forbidden => http::response(403, "text/plain", b""),
                 Refused::ShuttingDown => http::response(503, "text/plain", b"shutting down\n"),
                 Refused::Full => http::response(503, "text/plain", b"connection limit reached\n"),
+                Refused::Crashed => http::response(500, "text/plain", b"connect failed\n"),
             };
             let _ = stream.write_all(&response).await;
             return None;
