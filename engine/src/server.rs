@@ -18,6 +18,7 @@ use crate::shard::app::App;
 pub use crate::shard::app::{Config, PresenceFetch, DEFAULT_MAX_HTTP_CONNECTIONS};
 use crate::shard::inbox::{self, InboxReceiver};
 use crate::shard::mesh::{Mesh, MeshMsg};
+use crate::shard::stats::CoreStats;
 use crate::shard::Shard;
 use crate::transport;
 
@@ -88,10 +89,11 @@ impl Server {
         for _ in 1..cores {
             listeners.push(bind_listener(local_addr)?);
         }
+        let stats: Vec<Arc<CoreStats>> = (0..cores).map(|_| Arc::default()).collect();
         let mut inboxes = Vec::new();
         let mut core_inboxes = Vec::new();
-        for _ in 0..cores {
-            let (tx, rx) = inbox::inbox()?;
+        for core_stats in &stats {
+            let (tx, rx) = inbox::inbox(inbox::INBOX_BOUND, core_stats.clone())?;
             core_inboxes.push(tx);
             inboxes.push(rx);
         }
@@ -112,7 +114,7 @@ impl Server {
                 router,
                 socket: Box::new(socket),
                 presence_fetch: None,
-                stats: (0..cores).map(|_| Arc::default()).collect(),
+                stats,
             }),
             endpoint: Endpoint::new(core_inboxes, cluster),
             inboxes,
@@ -168,7 +170,8 @@ impl Server {
                 .spawn(move || async move {
                     let (mesh, receivers) = if cores > 1 {
                         let (senders, receivers) = mesh.join().await.expect("core mesh");
-                        (Some(Mesh::new(senders)), Some(receivers))
+                        let stats = app.stats[senders.peer_id() % app.stats.len()].clone();
+                        (Some(Mesh::new(senders, stats)), Some(receivers))
                     } else {
                         (None, None)
                     };

@@ -48,7 +48,7 @@ const DISCONNECT_PATTERN: &str = "ringcast:d:*";
 /// inboxes exist.
 pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), redis::RedisError> {
     let client = redis::Client::open(config.redis_url.as_str())?;
-    let (tx, rx) = crossbeam_channel::unbounded();
+    let (tx, rx) = crossbeam_channel::bounded(crate::shard::cluster::LINK_QUEUE_BOUND);
     let node = envelope::node_id(&config.node_name);
     let stats = Arc::new(ClusterStats::default());
     let handle = ClusterHandle::new(tx, node, stats.clone());

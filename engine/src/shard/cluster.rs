@@ -2,7 +2,7 @@
 //! that queues broadcasts, interest changes and presence deltas for the link thread,
 //! the link's counters and its settings. The link itself is I/O and lives above.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
@@ -23,7 +23,13 @@ pub struct ClusterStats {
     pub published: AtomicU64,
     /// Messages received from other nodes.
     pub received: AtomicU64,
+    /// Commands dropped because the link's queue was full.
+    pub dropped: AtomicU64,
 }
+
+/// Commands the link's queue holds; past it new ones are dropped and counted (a slow or
+/// absent Redis must not grow the cores' memory, nor block them).
+pub(crate) const LINK_QUEUE_BOUND: usize = 65_536;
 
 pub(crate) enum LinkCmd {
     Interest { core: usize, topic: Arc<str>, on: bool },
@@ -44,8 +50,18 @@ impl ClusterHandle {
         ClusterHandle { tx, node, stats }
     }
 
+    /// Queues `cmd` for the link; a full queue drops it and counts the drop.
+    fn queue(&self, cmd: LinkCmd) {
+        if let Err(crossbeam_channel::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if let LinkCmd::Interest { topic, .. } = cmd {
+                tracing::error!(%topic, "the Redis link's queue is full: an interest change was dropped");
+            }
+        }
+    }
+
     pub(crate) fn interest(&self, core: usize, topic: &str, on: bool) {
-        let _ = self.tx.send(LinkCmd::Interest {
+        self.queue(LinkCmd::Interest {
             core,
             topic: topic.into(),
             on,
@@ -53,11 +69,11 @@ impl ClusterHandle {
     }
 
     pub(crate) fn publish(&self, broadcast: &Arc<Broadcast>) {
-        let _ = self.tx.send(LinkCmd::Publish(broadcast.clone()));
+        self.queue(LinkCmd::Publish(broadcast.clone()));
     }
 
     pub(crate) fn presence(&self, topic: &str, delta: &Arc<Delta>) {
-        let _ = self.tx.send(LinkCmd::Presence(topic.into(), delta.clone()));
+        self.queue(LinkCmd::Presence(topic.into(), delta.clone()));
     }
 
     /// This node's id (the high half of its presence owners).
@@ -78,4 +94,24 @@ pub struct ClusterConfig {
     pub redis_url: String,
     /// This node's name, unique in the cluster.
     pub node_name: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Payload;
+
+    #[test]
+    fn a_full_link_queue_drops_and_counts() {
+        let (tx, rx) = crossbeam_channel::bounded(3);
+        let stats = Arc::new(ClusterStats::default());
+        let handle = ClusterHandle::new(tx, 1, stats.clone());
+        let b = Arc::new(Broadcast::new("t", "e", Payload::empty(), None));
+        for _ in 0..5 {
+            handle.publish(&b);
+        }
+        handle.interest(0, "t", true);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(rx.len(), 3);
+    }
 }

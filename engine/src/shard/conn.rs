@@ -164,6 +164,9 @@ pub(crate) fn take_unparks() -> Vec<ConnId> {
     UNPARKS.with(|u| std::mem::take(&mut u.borrow_mut().ids))
 }
 
+/// Mails a connection may hold; past it the connection is closed with 1008.
+pub(crate) const MAILBOX_BOUND: usize = 1024;
+
 /// Work for the channel layer of a connection, run by its driver task.
 pub(crate) enum Mail {
     /// An intercepted broadcast for the channel on its topic.
@@ -192,6 +195,7 @@ pub(crate) struct ConnLimits {
 pub(crate) mod why {
     pub(crate) const SLOW: &str = "outbound queue over its bound";
     pub(crate) const FLOOD: &str = "message rate over its limit";
+    pub(crate) const MAILBOX: &str = "mailbox over its bound";
 }
 
 /// Field order is deliberate (`repr(C)`): what fanout touches for every subscriber
@@ -300,14 +304,27 @@ impl Conn {
         self.enqueue(OutFrame::Own(frame));
     }
 
-    pub(crate) fn mail(&self, mail: Mail) {
-        if self.close.get().is_none() {
-            self.mailbox
-                .borrow_mut()
-                .get_or_insert_with(Box::default)
-                .push_back(mail);
-            self.wake();
+    /// Queues work for the channel layer; a mailbox over [`MAILBOX_BOUND`] (a channel
+    /// whose handler does not finish while broadcasts or messages pile up) closes the
+    /// connection with 1008 instead. `false` when the mail was not queued.
+    pub(crate) fn mail(&self, mail: Mail) -> bool {
+        if self.close.get().is_some() {
+            return false;
         }
+        let over = {
+            let mut mailbox = self.mailbox.borrow_mut();
+            let mailbox = mailbox.get_or_insert_with(Box::default);
+            mailbox.push_back(mail);
+            mailbox.len() > MAILBOX_BOUND
+        };
+        if over {
+            self.clear_mail();
+            self.close_why.set(why::MAILBOX);
+            self.request_close(close_code::POLICY);
+            return false;
+        }
+        self.wake();
+        true
     }
 
     /// The oldest mail, if any.

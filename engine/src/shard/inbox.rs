@@ -11,6 +11,7 @@ use std::sync::Arc;
 use futures_lite::AsyncReadExt;
 
 use crate::proto::presence::{Delta, Meta};
+use crate::shard::stats::CoreStats;
 use crate::shard::{Broadcast, Shard};
 
 /// Work handed to a core from outside.
@@ -27,16 +28,34 @@ pub(crate) enum CoreCommand {
     Shutdown,
 }
 
+/// Commands a core's inbox holds; past it new ones are dropped and counted
+/// (`ringcast_inbox_dropped_total`), except a shutdown, which waits for room.
+pub(crate) const INBOX_BOUND: usize = 65_536;
+
 /// The sending side of one core's inbox (`Send + Clone`).
 #[derive(Clone)]
 pub(crate) struct CoreInbox {
     tx: crossbeam_channel::Sender<CoreCommand>,
     wake: Arc<UnixStream>,
+    stats: Arc<CoreStats>,
 }
 
 impl CoreInbox {
+    /// Hands `cmd` to the core; a full inbox drops it (a core that far behind must not
+    /// make its senders' memory grow) and counts the drop.
     pub(crate) fn send(&self, cmd: CoreCommand) {
-        if self.tx.send(cmd).is_ok() {
+        let sent = match cmd {
+            CoreCommand::Shutdown => self.tx.send(cmd).is_ok(),
+            cmd => match self.tx.try_send(cmd) {
+                Ok(()) => true,
+                Err(crossbeam_channel::TrySendError::Full(_)) => {
+                    self.stats.inbox_dropped.add_shared(1);
+                    false
+                }
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
+            },
+        };
+        if sent {
             // A full wake socket means a wake-up is pending already.
             let _ = (&*self.wake).write(&[1]);
         }
@@ -49,15 +68,17 @@ pub(crate) struct InboxReceiver {
     wake: UnixStream,
 }
 
-/// A new inbox.
-pub(crate) fn inbox() -> std::io::Result<(CoreInbox, InboxReceiver)> {
-    let (tx, rx) = crossbeam_channel::unbounded();
+/// A new inbox holding at most `bound` commands, counting its drops in `stats` (the
+/// core's own).
+pub(crate) fn inbox(bound: usize, stats: Arc<CoreStats>) -> std::io::Result<(CoreInbox, InboxReceiver)> {
+    let (tx, rx) = crossbeam_channel::bounded(bound);
     let (wake_tx, wake_rx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
     Ok((
         CoreInbox {
             tx,
             wake: Arc::new(wake_tx),
+            stats,
         },
         InboxReceiver { rx, wake: wake_rx },
     ))
@@ -78,5 +99,32 @@ impl InboxReceiver {
                 Ok(_) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Payload;
+
+    #[test]
+    fn a_full_inbox_drops_and_counts_but_keeps_a_shutdown() {
+        let stats = Arc::new(CoreStats::default());
+        let (tx, rx) = inbox(4, stats.clone()).unwrap();
+        let deliver = || CoreCommand::Deliver(Arc::new(Broadcast::new("t", "e", Payload::empty(), None)));
+        for _ in 0..6 {
+            tx.send(deliver());
+        }
+        assert_eq!(stats.inbox_dropped.get(), 2, "two over the bound of four");
+        assert_eq!(rx.rx.len(), 4);
+        // A shutdown waits for room instead of being dropped.
+        let sender = std::thread::spawn(move || tx.send(CoreCommand::Shutdown));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(rx.rx.try_recv().is_ok());
+        sender.join().unwrap();
+        let left: Vec<_> = rx.rx.try_iter().collect();
+        assert_eq!(left.len(), 4);
+        assert!(matches!(left.last(), Some(CoreCommand::Shutdown)));
+        assert_eq!(stats.inbox_dropped.get(), 2);
     }
 }

@@ -13,6 +13,7 @@ use std::task::{Context, Waker};
 use glommio::channels::channel_mesh::Senders;
 use glommio::{GlommioError, ResourceType};
 
+use super::stats::CoreStats;
 use super::Broadcast;
 use crate::proto::http::{Request, Response};
 use crate::proto::presence::Delta;
@@ -54,8 +55,13 @@ struct Inner {
     interest: RefCell<HashMap<Box<str>, u64>>,
     /// Interest announcements waiting for acks, by id.
     acks: RefCell<HashMap<u64, PendingAck>>,
+    stats: Arc<CoreStats>,
     next_ack: Cell<u64>,
 }
+
+/// Messages one core holds for another whose ring is full; past it broadcasts are
+/// dropped and counted (`ringcast_mesh_dropped_total`).
+pub(crate) const MESH_BACKLOG_BOUND: usize = 65_536;
 
 /// An interest announcement waiting for acks: how many are missing, who waits, and
 /// when it was announced (the shard's clock, ms).
@@ -64,7 +70,7 @@ type PendingAck = (usize, Option<Waker>, u32);
 pub(crate) struct Mesh(Rc<Inner>);
 
 impl Mesh {
-    pub(crate) fn new(senders: Senders<MeshMsg>) -> Self {
+    pub(crate) fn new(senders: Senders<MeshMsg>, stats: Arc<CoreStats>) -> Self {
         let peers = senders.nr_consumers();
         assert!(peers <= 64, "at most 64 cores");
         Mesh(Rc::new(Inner {
@@ -75,6 +81,7 @@ impl Mesh {
             interest: RefCell::default(),
             acks: RefCell::default(),
             next_ack: Cell::new(0),
+            stats,
         }))
     }
 
@@ -219,6 +226,13 @@ fn send(inner: &Rc<Inner>, peer: usize, msg: MeshMsg) {
     } else {
         msg
     };
+    // Broadcasts are the volume and may be dropped, at most once like any delivery:
+    // past the bound they are, and counted. Interest, acks, presence and long-poll
+    // messages are few and keep the cores' tables right: they always queue.
+    if backlog.len() >= MESH_BACKLOG_BOUND && matches!(msg, MeshMsg::Broadcast(_)) {
+        inner.stats.mesh_dropped.add(1);
+        return;
+    }
     backlog.push_back(msg);
     drop(backlog);
     if !inner.pumping[peer].replace(true) {

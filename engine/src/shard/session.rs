@@ -520,6 +520,9 @@ impl Session {
 
     /// The connection ended: every channel terminates, subscriptions go.
     pub(crate) fn finish(&mut self) {
+        if self.conn.close_why.get() == crate::shard::conn::why::MAILBOX {
+            self.shard.stats.mailbox_closed.add(1);
+        }
         self.pending = None;
         self.conn.clear_mail();
         self.shard.presence_untrack_all(&self.conn);

@@ -29,6 +29,12 @@ impl Counter {
         self.0.store(n, Ordering::Relaxed);
     }
 
+    /// Adds `n` from any thread: for the few counters that more than one thread
+    /// writes (drops at a core's inbox, counted by its senders).
+    pub fn add_shared(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// The current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -73,6 +79,17 @@ pub struct CoreStats {
     /// Binary frames for long-poll clients, which have no representation there:
     /// replies answered as errors, pushes and broadcasts left out.
     pub longpoll_binary: Counter,
+    /// Commands for this core dropped at its full inbox (written by the senders).
+    pub inbox_dropped: Counter,
+    /// Broadcasts for another core dropped because the ring to it and its backlog
+    /// were full.
+    pub mesh_dropped: Counter,
+    /// Connections closed (1008) because their mailbox of intercepted broadcasts and
+    /// `handle_info` messages passed its bound.
+    pub mailbox_closed: Counter,
+    /// Long-poll sessions closed because their queue of posted messages passed its
+    /// bound.
+    pub longpoll_inbound_closed: Counter,
 }
 
 /// The fields in output order, with Prometheus type and help.
@@ -130,6 +147,26 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
         "counter",
         "Binary frames for long-poll clients (replies answered as errors, pushes left out).",
     ),
+    (
+        "inbox_dropped",
+        "counter",
+        "Commands dropped at this core's full inbox.",
+    ),
+    (
+        "mesh_dropped",
+        "counter",
+        "Broadcasts for another core dropped: its ring and backlog were full.",
+    ),
+    (
+        "mailbox_closed",
+        "counter",
+        "Connections closed (1008) for a mailbox over its bound.",
+    ),
+    (
+        "longpoll_inbound_closed",
+        "counter",
+        "Long-poll sessions closed for posted messages over their bound.",
+    ),
 ];
 
 impl CoreStats {
@@ -152,6 +189,10 @@ impl CoreStats {
             "http_timeouts" => &self.http_timeouts,
             "accept_errors" => &self.accept_errors,
             "longpoll_binary" => &self.longpoll_binary,
+            "inbox_dropped" => &self.inbox_dropped,
+            "mesh_dropped" => &self.mesh_dropped,
+            "mailbox_closed" => &self.mailbox_closed,
+            "longpoll_inbound_closed" => &self.longpoll_inbound_closed,
             _ => return 0,
         };
         c.get()

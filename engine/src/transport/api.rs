@@ -85,7 +85,7 @@ pub(crate) async fn route(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Res
     }
 }
 
-fn cluster_figures(c: &ClusterStats) -> [(&'static str, &'static str, &'static str, u64); 5] {
+fn cluster_figures(c: &ClusterStats) -> [(&'static str, &'static str, &'static str, u64); 6] {
     [
         (
             "connected",
@@ -116,6 +116,12 @@ fn cluster_figures(c: &ClusterStats) -> [(&'static str, &'static str, &'static s
             "counter",
             "Messages received from other nodes.",
             c.received.load(Relaxed),
+        ),
+        (
+            "dropped",
+            "counter",
+            "Commands dropped at the Redis link's full queue (the link is behind).",
+            c.dropped.load(Relaxed),
         ),
     ]
 }

@@ -32,6 +32,8 @@ use crate::shard::Shard;
 pub(crate) const POLL_WINDOW: Duration = Duration::from_secs(10);
 /// A session with no poll for this long is closed like a dropped WebSocket.
 pub(crate) const SESSION_EXPIRY: Duration = Duration::from_secs(15);
+/// Posted messages a session holds before it handles them; past it the session closes.
+const INBOUND_BOUND: usize = 1000;
 /// Lines of one POST handled; the rest are ignored, as Phoenix does.
 const MAX_LINES: usize = 100;
 
@@ -444,6 +446,14 @@ fn publish(shard: &Shard, lp: &LpSession, req: &Request, body: &[u8]) -> Respons
         .header("content-type")
         .is_some_and(|t| t.starts_with("application/x-ndjson"));
     match decode_body(lp.conn.vsn, ndjson, body) {
+        Ok(messages) if lp.inbound.borrow().len() + messages.len() > INBOUND_BOUND => {
+            // Posted faster than the session handles them: close it, as a WebSocket
+            // that floods is closed.
+            lp.conn.close_why.set("long-poll messages over their bound");
+            lp.conn.request_close(crate::proto::ws::close_code::POLICY);
+            shard.stats.longpoll_inbound_closed.add(1);
+            status(410, None, None)
+        }
         Ok(messages) => {
             lp.inbound.borrow_mut().extend(messages);
             lp.conn.last_in.set(shard.now_ms());
