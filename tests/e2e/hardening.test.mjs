@@ -336,6 +336,43 @@ e2e(`a client that never reads is cut off with 1008 while ${HEALTHY} healthy sub
 }, { timeout: 60000 });
 
 // ---------------------------------------------------------------------------
+// Presence of a big room
+// ---------------------------------------------------------------------------
+
+e2e('a joiner of a 1,500-member room gets the whole presence_state, many times --max-outbound; no reading member is cut off', async (t) => {
+  const server = await startServer({ cores: 1, args: ['--max-outbound', '32KiB'] });
+  try {
+    const watcher = await rawConnect(server.port, { userId: 'watcher' });
+    await watcher.join('rooms:crowd');
+    const members = await openLights(server.port, 1500, ['rooms:crowd'], { prefix: 'm' });
+    // Every member is tracked once the watcher's diffs name them all.
+    const seen = new Set();
+    await waitFor(() => {
+      for (const m of watcher.drain()) {
+        if (m.event === 'presence_diff') Object.keys(m.payload.joins).forEach((k) => seen.add(k));
+      }
+      return seen.size >= 1501;
+    }, { timeout: 30000, interval: 50, what: `all members in presence (${seen.size})` });
+    const joiner = await rawConnect(server.port, { userId: 'late' });
+    joiner.send(['1', '1', 'rooms:crowd', 'phx_join', {}]);
+    const state = await joiner.event('rooms:crowd', 'presence_state', 10000);
+    const keys = Object.keys(state.payload);
+    t.diagnostic(`presence_state of ${keys.length} members, ${state.text.length} bytes, with --max-outbound 32 KiB`);
+    assert.equal(keys.length, 1501, 'every member and the watcher');
+    assert.ok(state.text.length > 4 * 32 * 1024, `the state (${state.text.length} bytes) is several times the bound`);
+    // The joiner's own diff comes after it: the connection goes on.
+    await joiner.next((m) => m.event === 'presence_diff' && 'late' in m.payload.joins, 5000, 'the joiner\'s own presence_diff');
+    assert.equal(joiner.closeInfo, null, 'the joiner was not cut off');
+    assert.equal(watcher.closeInfo, null);
+    assert.deepEqual(members.filter((m) => m.close).map((m) => m.close), [], 'no member was cut off');
+    assert.equal(await metric(server.port, 'ringcast_slow_closed_total'), 0);
+    assertAlive(server);
+  } finally {
+    await server.stop();
+  }
+}, { timeout: 90000 });
+
+// ---------------------------------------------------------------------------
 // Flood
 // ---------------------------------------------------------------------------
 

@@ -35,16 +35,32 @@ pub(crate) enum OutFrame {
     Shared(Rc<Bytes>),
     /// A frame for this connection alone.
     Own(Bytes),
+    /// Presence the server made (`presence_diff` shared by subscribers): counted
+    /// against its own, larger bound, so that a reading client is never cut off for
+    /// presence traffic.
+    PresenceShared(Rc<Bytes>),
+    /// A `presence_state` for this connection alone (a big room's is big).
+    PresenceOwn(Bytes),
 }
 
 impl OutFrame {
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
-            OutFrame::Shared(b) => b,
-            OutFrame::Own(b) => b,
+            OutFrame::Shared(b) | OutFrame::PresenceShared(b) => b,
+            OutFrame::Own(b) | OutFrame::PresenceOwn(b) => b,
         }
     }
+
+    /// Server-made presence, under [`PRESENCE_BOUND_FACTOR`] times the usual bound.
+    pub(crate) fn is_presence(&self) -> bool {
+        matches!(self, OutFrame::PresenceShared(_) | OutFrame::PresenceOwn(_))
+    }
 }
+
+/// Presence frames may fill a queue this many times the connection's outbound bound
+/// (`--max-outbound`, 4 MiB by default: 64 MiB) before they cut it off: a joiner of a
+/// room of a hundred thousand members gets its whole `presence_state`.
+pub(crate) const PRESENCE_BOUND_FACTOR: usize = 16;
 
 /// The outbound queue: frames in order, the bytes they hold, and how much of the first
 /// frame is already written.
@@ -52,7 +68,10 @@ impl OutFrame {
 pub(crate) struct OutQueue {
     pub(crate) frames: VecDeque<OutFrame>,
     pub(crate) bytes: usize,
-    pub(crate) head_written: usize,
+    /// Bytes of the first frame already written (frames are far below 4 GiB).
+    pub(crate) head_written: u32,
+    /// Bytes of the presence frames queued, counted whole until each is written.
+    pub(crate) presence_bytes: u32,
 }
 
 impl OutQueue {
@@ -67,14 +86,16 @@ impl OutQueue {
                 .expect("consumed more than queued")
                 .bytes()
                 .len();
-            let left = head - self.head_written;
+            let left = head - self.head_written as usize;
             if n >= left {
                 n -= left;
                 self.head_written = 0;
-                self.frames.pop_front();
+                if let Some(frame) = self.frames.pop_front().filter(OutFrame::is_presence) {
+                    self.presence_bytes -= frame.bytes().len() as u32;
+                }
                 done += 1;
             } else {
-                self.head_written += n;
+                self.head_written += n as u32;
                 n = 0;
             }
         }
@@ -95,7 +116,7 @@ impl OutQueue {
         write: impl FnOnce(&[u8]) -> R,
     ) -> Option<R> {
         let head = self.frames.front()?;
-        let head_rest = &head.bytes()[self.head_written..];
+        let head_rest = &head.bytes()[self.head_written as usize..];
         if self.frames.len() == 1 || head_rest.len() >= limit / 2 {
             return Some(write(head_rest));
         }
@@ -117,8 +138,12 @@ impl OutQueue {
         let started = (self.head_written > 0).then(|| self.frames.pop_front()).flatten();
         self.frames = VecDeque::new();
         self.bytes = 0;
+        self.presence_bytes = 0;
         if let Some(head) = started {
-            self.bytes = head.bytes().len() - self.head_written;
+            self.bytes = head.bytes().len() - self.head_written as usize;
+            if head.is_presence() {
+                self.presence_bytes = head.bytes().len() as u32;
+            }
             self.frames.push_back(head);
         } else {
             self.head_written = 0;
@@ -284,13 +309,20 @@ impl Conn {
         }
         let over = {
             let mut out = self.out.borrow_mut();
-            out.bytes += frame.bytes().len();
+            let len = frame.bytes().len();
+            out.bytes += len;
+            if frame.is_presence() {
+                out.presence_bytes = out.presence_bytes.saturating_add(len as u32);
+            }
             if out.frames.capacity() == 0 {
                 // An idle connection keeps room for one frame, not the default four.
                 out.frames.reserve_exact(1);
             }
             out.frames.push_back(frame);
-            out.bytes > self.limits.max_outbound_bytes as usize
+            let bound = self.limits.max_outbound_bytes as usize;
+            let presence = out.presence_bytes as usize;
+            out.bytes - presence.min(out.bytes) > bound
+                || presence > bound.saturating_mul(PRESENCE_BOUND_FACTOR)
         };
         if over {
             self.out.borrow_mut().clear();
@@ -395,6 +427,61 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presence_frames_have_their_own_bound_and_leave_it_as_they_are_written() {
+        let conn = Conn::new(
+            ConnId { key: 0, gen: 1 },
+            Vsn::V2,
+            Rc::new(()),
+            None,
+            ConnLimits {
+                max_outbound_bytes: 100,
+                messages_per_sec: 10,
+                message_burst: 10,
+            },
+            0,
+            false,
+        );
+        let frame = |n: usize| Bytes::from(vec![b'p'; n]);
+        // A presence_state ten times the bound queues; so do ordinary frames up to it.
+        assert!(conn.push(OutFrame::PresenceOwn(frame(1000))));
+        assert!(conn.push(OutFrame::Own(frame(100))));
+        assert_eq!(conn.out.borrow().presence_bytes, 1000);
+        // Written, the presence leaves its count: only then would more ordinary bytes fit.
+        conn.out.borrow_mut().consume(600);
+        assert_eq!(
+            conn.out.borrow().presence_bytes,
+            1000,
+            "counted whole until written"
+        );
+        conn.out.borrow_mut().consume(400);
+        assert_eq!(conn.out.borrow().presence_bytes, 0);
+        // Past its own bound (16 times), presence cuts a connection off too.
+        assert!(conn.push(OutFrame::PresenceShared(Rc::new(frame(1500)))));
+        assert!(!conn.push(OutFrame::PresenceShared(Rc::new(frame(200)))));
+        assert_eq!(conn.close.get(), Some(close_code::POLICY));
+    }
+
+    #[test]
+    fn ordinary_frames_over_the_bound_cut_off_even_beside_presence() {
+        let conn = Conn::new(
+            ConnId { key: 0, gen: 1 },
+            Vsn::V2,
+            Rc::new(()),
+            None,
+            ConnLimits {
+                max_outbound_bytes: 100,
+                messages_per_sec: 10,
+                message_burst: 10,
+            },
+            0,
+            false,
+        );
+        assert!(conn.push(OutFrame::PresenceOwn(Bytes::from(vec![0; 500]))));
+        assert!(!conn.push(OutFrame::Own(Bytes::from(vec![0; 101]))));
+        assert_eq!(conn.close_why.get(), why::SLOW);
+    }
 
     #[test]
     fn a_connection_fits_a_256_byte_allocation() {

@@ -424,6 +424,8 @@ impl Shard {
         };
         let skip = b.from.filter(|(core, _)| *core == self.index).map(|(_, id)| id);
         let mut shared: [Option<Rc<Bytes>>; 2] = [None, None];
+        // Built as JSON text: server-made presence (`presence_diff`), under its own bound.
+        let presence = b.raw.is_some();
         let mut delivered = 0u64;
         for sub in subs {
             if Some(sub.conn.id) == skip {
@@ -439,7 +441,12 @@ impl Shard {
                 *slot = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
             }
             if let Some(frame) = slot {
-                if conn.push(OutFrame::Shared(frame.clone())) {
+                let frame = if presence {
+                    OutFrame::PresenceShared(frame.clone())
+                } else {
+                    OutFrame::Shared(frame.clone())
+                };
+                if conn.push(frame) {
                     if conn.fd.get() >= 0 {
                         self.mark_dirty(conn);
                     } else {

@@ -13,7 +13,7 @@ use crate::proto::socket::Route;
 use crate::proto::{Message, Payload, Ref};
 use crate::shard::api::channel::{HandleResult, Handled, Joined, LocalFuture, Reply, StopReason};
 use crate::shard::api::socket::Socket;
-use crate::shard::conn::{Conn, Mail, Slot};
+use crate::shard::conn::{Conn, Mail, OutFrame, Slot};
 use crate::shard::{Shard, Sub};
 
 /// Most channels one connection may join (Phoenix's default).
@@ -21,7 +21,7 @@ pub(crate) const MAX_CHANNELS: usize = 100;
 
 enum Pending {
     /// A join is done but its answer waits until every core forwards the topic here.
-    Barrier { ack: u64, frames: Vec<bytes::Bytes> },
+    Barrier { ack: u64, frames: Vec<OutFrame> },
     Join {
         fut: LocalFuture<Joined>,
         msg_ref: Option<Ref>,
@@ -275,7 +275,7 @@ impl Session {
                     unreachable!("matched above")
                 };
                 for frame in frames {
-                    self.conn.enqueue_own(frame);
+                    self.conn.enqueue(frame);
                 }
             }
             Pending::Join { fut, .. } => {
@@ -361,7 +361,7 @@ impl Session {
                 let reply = Reply::Ok(response);
                 let (status, response) = reply.parts();
                 let answer = Outgoing::reply(Some(&join_ref), msg_ref.as_ref(), &topic, status, response);
-                frames.extend(encode(self.conn.vsn, &answer).ok());
+                frames.extend(encode(self.conn.vsn, &answer).ok().map(OutFrame::Own));
                 if let Some(old) = &replaced {
                     let close = Payload::empty();
                     let msg = Outgoing {
@@ -371,12 +371,12 @@ impl Session {
                         event: "phx_close",
                         body: Body::Payload(&close),
                     };
-                    frames.extend(encode(self.conn.vsn, &msg).ok());
+                    frames.extend(encode(self.conn.vsn, &msg).ok().map(OutFrame::Own));
                 }
                 frames.extend(deferred);
                 match ack {
                     Some(ack) => self.pending = Some(Box::new(Pending::Barrier { ack, frames })),
-                    None => frames.into_iter().for_each(|f| self.conn.enqueue_own(f)),
+                    None => frames.into_iter().for_each(|f| self.conn.enqueue(f)),
                 }
             }
             Err(response) => {

@@ -77,7 +77,7 @@ impl SendRing {
             let mut bytes = 0;
             for (k, frame) in out.frames.iter().enumerate() {
                 let data = if k == 0 {
-                    &frame.bytes()[out.head_written..]
+                    &frame.bytes()[out.head_written as usize..]
                 } else {
                     frame.bytes()
                 };

@@ -6,12 +6,10 @@ use std::any::Any;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::{Payload, Ref};
 use crate::shard::api::endpoint::Endpoint;
-use crate::shard::conn::{Conn, Mail};
+use crate::shard::conn::{Conn, Mail, OutFrame};
 use crate::shard::{Broadcast, Shard};
 
 /// One channel's view of its connection.
@@ -21,7 +19,7 @@ pub struct Socket {
     pub(crate) topic: Rc<str>,
     pub(crate) join_ref: Ref,
     /// Pushes made while joining wait here until the join reply has gone out.
-    pub(crate) deferred: Option<Vec<Bytes>>,
+    pub(crate) deferred: Option<Vec<OutFrame>>,
 }
 
 impl Socket {
@@ -64,7 +62,7 @@ impl Socket {
         let msg = Outgoing::push(Some(&self.join_ref), &self.topic, event, &payload);
         match encode(self.conn.vsn, &msg) {
             Ok(frame) => match self.deferred.as_mut() {
-                Some(deferred) => deferred.push(frame),
+                Some(deferred) => deferred.push(OutFrame::Own(frame)),
                 None => self.conn.enqueue_own(frame),
             },
             Err(e) => tracing::debug!(topic = %self.topic, event, "push dropped: {e}"),
@@ -81,8 +79,8 @@ impl Socket {
         };
         if let Ok(frame) = encode(self.conn.vsn, &msg) {
             match self.deferred.as_mut() {
-                Some(deferred) => deferred.push(frame),
-                None => self.conn.enqueue_own(frame),
+                Some(deferred) => deferred.push(OutFrame::PresenceOwn(frame)),
+                None => self.conn.enqueue(OutFrame::PresenceOwn(frame)),
             }
         }
     }
