@@ -155,8 +155,11 @@ pub struct Frame {
     pub topic: String,
     /// Event.
     pub event: String,
-    /// Payload (replies: `{"status","response"}`; binary replies keep only the bytes).
+    /// Payload (replies: `{"status","response"}`; binary replies: the response bytes,
+    /// their status in [`Frame::status`]).
     pub payload: Payload,
+    /// The status of a binary reply (`ok`, `error`); `None` for every other frame.
+    pub status: Option<String>,
 }
 
 fn decode_frame(frame: &[u8]) -> Frame {
@@ -181,6 +184,7 @@ fn decode_frame(frame: &[u8]) -> Frame {
                     topic: f[1].clone(),
                     event: f[2].clone(),
                     payload: Payload::Binary(data),
+                    status: None,
                 }
             }
             1 => {
@@ -191,6 +195,7 @@ fn decode_frame(frame: &[u8]) -> Frame {
                     topic: f[2].clone(),
                     event: "phx_reply".into(),
                     payload: Payload::Binary(data),
+                    status: Some(f[3].clone()),
                 }
             }
             _ => {
@@ -201,6 +206,7 @@ fn decode_frame(frame: &[u8]) -> Frame {
                     topic: f[0].clone(),
                     event: f[1].clone(),
                     payload: Payload::Binary(data),
+                    status: None,
                 }
             }
         };
@@ -213,6 +219,7 @@ fn decode_frame(frame: &[u8]) -> Frame {
         topic: s(2).unwrap_or_default(),
         event: s(3).unwrap_or_default(),
         payload: Payload::Json(v[4].clone()),
+        status: None,
     }
 }
 
@@ -383,6 +390,9 @@ fn to_reply(frame: &Frame) -> Reply {
                 _ => Reply::Error(response),
             }
         }
-        Payload::Binary(_) => Reply::Ok(frame.payload.clone()),
+        Payload::Binary(_) => match frame.status.as_deref() {
+            Some("ok") => Reply::Ok(frame.payload.clone()),
+            _ => Reply::Error(frame.payload.clone()),
+        },
     }
 }

@@ -16,9 +16,10 @@ fn client(kit: &Kit, user: &str) -> Client {
     kit.socket(&[("token", &t)]).expect("token accepted")
 }
 
-/// Applies presence_state / presence_diff frames the way phoenix.js does, by phx_ref.
+/// Applies presence_state / presence_diff frames the way phoenix.js does, by phx_ref,
+/// keeping each meta as it came (`metas`, by phx_ref).
 #[derive(Default)]
-struct View(BTreeMap<String, Vec<String>>);
+struct View(BTreeMap<String, Vec<String>>, BTreeMap<String, Value>);
 
 impl View {
     fn apply_state(&mut self, state: &Value) {
@@ -30,6 +31,9 @@ impl View {
         for (key, entry) in side.as_object().unwrap() {
             for meta in entry["metas"].as_array().unwrap() {
                 let r = meta["phx_ref"].as_str().unwrap().to_string();
+                if join {
+                    self.1.insert(r.clone(), meta.clone());
+                }
                 let refs = self.0.entry(key.clone()).or_default();
                 if join {
                     if !refs.contains(&r) {
@@ -69,10 +73,34 @@ impl View {
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(String::as_str).collect()
     }
-}
 
-async fn settle() {
-    glommio::timer::sleep(Duration::from_millis(120)).await;
+    /// The metas of `key`, as the last frames that named them carried them.
+    fn metas(&self, key: &str) -> Vec<&Value> {
+        self.0
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|r| &self.1[r])
+            .collect()
+    }
+
+    /// Absorbs `c`'s presence frames until `done` holds, waiting for them as they come
+    /// (at most the kit's assertion timeout); returns the diffs absorbed.
+    async fn absorb_until(&mut self, c: &mut Client, topic: &str, done: impl Fn(&View) -> bool) -> usize {
+        let deadline = std::time::Instant::now() + testing::ASSERT_TIMEOUT;
+        let mut diffs = self.absorb(c, topic);
+        while !done(self) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "presence view of {topic} still {:?} after {:?}",
+                self.keys(),
+                testing::ASSERT_TIMEOUT
+            );
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+            diffs += self.absorb(c, topic);
+        }
+        diffs
+    }
 }
 
 #[test]
@@ -90,8 +118,11 @@ fn joiner_gets_state_then_everyone_gets_its_diff() {
         assert!(meta["online_at"].as_str().unwrap().parse::<u64>().is_ok());
         assert!(meta["phx_ref"].is_string());
         assert_eq!(diff["leaves"], json!({}));
+        // Ada's view so far: the empty state she got, then her own diff.
+        let mut va = View::default();
+        va.apply_state(&json!({}));
+        va.apply_side(&diff["joins"], true);
 
-        settle().await;
         let mut b = client(&kit, "2");
         b.subscribe_and_join("rooms:p", json!({})).await;
         let state = b.expect("state", |f| f.event == "presence_state").await;
@@ -103,16 +134,17 @@ fn joiner_gets_state_then_everyone_gets_its_diff() {
             state.get("2").is_none(),
             "the state holds the presences before this one"
         );
-        settle().await;
-        let (mut va, mut vb) = (View::default(), View::default());
+        let mut vb = View::default();
         vb.apply_state(&state);
-        va.0.insert("1".into(), vec![meta["phx_ref"].as_str().unwrap().into()]);
-        va.absorb(&mut a, "rooms:p");
-        vb.absorb(&mut b, "rooms:p");
-        assert_eq!(va.keys(), ["1", "2"]);
-        assert_eq!(vb.keys(), ["1", "2"]);
-        // Bob's meta defaults its name to the user id.
-        assert_eq!(b.frames().len(), 0);
+        va.absorb_until(&mut a, "rooms:p", |v| v.keys() == ["1", "2"])
+            .await;
+        vb.absorb_until(&mut b, "rooms:p", |v| v.keys() == ["1", "2"])
+            .await;
+        // Bob joined without a name: his meta's name defaults to his user id, and
+        // both see the same metas.
+        assert_eq!(va.metas("2")[0]["name"], "2");
+        assert_eq!(va.metas("2"), vb.metas("2"));
+        assert_eq!(vb.metas("1")[0]["name"], "ada");
     });
 }
 
@@ -129,24 +161,24 @@ fn leave_crash_and_disconnect_untrack() {
         for x in [&mut l, &mut c, &mut d] {
             x.subscribe_and_join("rooms:u", json!({})).await;
         }
-        settle().await;
-        view.absorb(&mut watcher, "rooms:u");
-        assert_eq!(view.keys(), ["crasher", "dropper", "leaver", "w"]);
+        view.absorb_until(&mut watcher, "rooms:u", |v| {
+            v.keys() == ["crasher", "dropper", "leaver", "w"]
+        })
+        .await;
 
         l.push("rooms:u", "leave", json!({}));
-        settle().await;
-        view.absorb(&mut watcher, "rooms:u");
-        assert_eq!(view.keys(), ["crasher", "dropper", "w"]);
+        view.absorb_until(&mut watcher, "rooms:u", |v| {
+            v.keys() == ["crasher", "dropper", "w"]
+        })
+        .await;
 
         c.push("rooms:u", "crash", json!({}));
-        settle().await;
-        view.absorb(&mut watcher, "rooms:u");
-        assert_eq!(view.keys(), ["dropper", "w"]);
+        view.absorb_until(&mut watcher, "rooms:u", |v| v.keys() == ["dropper", "w"])
+            .await;
 
         d.disconnect();
-        settle().await;
-        view.absorb(&mut watcher, "rooms:u");
-        assert_eq!(view.keys(), ["w"]);
+        view.absorb_until(&mut watcher, "rooms:u", |v| v.keys() == ["w"])
+            .await;
     });
 }
 
@@ -157,14 +189,14 @@ fn one_user_on_two_connections_is_one_key_with_two_metas() {
         let mut a2 = client(&kit, "7");
         a.subscribe_and_join("rooms:m", json!({})).await;
         a2.subscribe_and_join("rooms:m", json!({})).await;
-        settle().await;
         let mut view = View::default();
-        view.absorb(&mut a2, "rooms:m");
-        assert_eq!(view.0["7"].len(), 2);
+        view.absorb_until(&mut a2, "rooms:m", |v| v.metas("7").len() == 2)
+            .await;
+        assert_eq!(view.keys(), ["7"], "one key");
         a.leave("rooms:m").await;
-        settle().await;
-        view.absorb(&mut a2, "rooms:m");
-        assert_eq!(view.0["7"].len(), 1);
+        view.absorb_until(&mut a2, "rooms:m", |v| v.metas("7").len() == 1)
+            .await;
+        assert_eq!(view.keys(), ["7"]);
     });
 }
 
@@ -213,7 +245,6 @@ fn update_sends_leave_and_join_with_phx_ref_prev() {
             panic!()
         };
         let old_ref = first["joins"]["me"]["metas"][0]["phx_ref"].clone();
-        settle().await;
         let r = c.push("status:x", "set", json!({"status": "away"}));
         c.assert_reply(&r, Reply::ok()).await;
         let diff = c.expect("update diff", |f| f.event == "presence_diff").await;
@@ -235,7 +266,6 @@ fn update_sends_leave_and_join_with_phx_ref_prev() {
         assert_eq!(listed["response"]["me"]["metas"].as_array().unwrap().len(), 1);
         assert_eq!(listed["response"]["me"]["metas"][0]["status"], "away");
 
-        settle().await;
         let r = c.push("status:x", "untrack", json!({}));
         c.assert_reply(&r, Reply::ok()).await;
         let gone = c.expect("untrack diff", |f| f.event == "presence_diff").await;
@@ -251,19 +281,18 @@ fn a_join_storm_is_batched_into_few_diffs() {
     testing::run(seed::UserSocket::new(SECRET), seed::router(), |kit| async move {
         let mut watcher = client(&kit, "watcher");
         watcher.subscribe_and_join("rooms:storm", json!({})).await;
-        settle().await;
-        watcher.frames();
+        let mut view = View::default();
+        view.absorb_until(&mut watcher, "rooms:storm", |v| v.keys() == ["watcher"])
+            .await;
         let mut others = Vec::new();
         for i in 0..300 {
             let mut c = client(&kit, &format!("u{i}"));
             c.push("rooms:storm", "phx_join", json!({}));
             others.push(c);
         }
-        glommio::timer::sleep(Duration::from_millis(300)).await;
-        let mut view = View::default();
-        view.0.insert("watcher".into(), vec!["x".into()]);
-        let diffs = view.absorb(&mut watcher, "rooms:storm");
-        assert_eq!(view.keys().len(), 301, "every join is in some diff");
+        let diffs = view
+            .absorb_until(&mut watcher, "rooms:storm", |v| v.keys().len() == 301)
+            .await;
         assert!(diffs <= 10, "300 joins came as {diffs} diffs");
     });
 }

@@ -59,10 +59,27 @@ fn room_join_welcome_and_locked_room() {
 fn welcome_follows_the_join_reply() {
     run(|kit| async move {
         let mut c = client(&kit, "1");
-        c.subscribe_and_join("rooms:a", json!({})).await;
-        // subscribe_and_join consumed the reply; the welcome came after it.
-        let frames = c.frames();
-        assert_eq!(frames[0].event, "welcome");
+        // A join pushed by hand, so that every frame it brings is seen in arrival order.
+        let r = c.push("rooms:a", "phx_join", json!({}));
+        let deadline = std::time::Instant::now() + testing::ASSERT_TIMEOUT;
+        let mut frames = Vec::new();
+        while !frames.iter().any(|f: &testing::Frame| f.event == "welcome") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no welcome; got {frames:#?}"
+            );
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+            frames.extend(c.frames());
+        }
+        let reply = frames
+            .iter()
+            .position(|f| f.event == "phx_reply" && f.msg_ref.as_deref() == Some(r.as_str()));
+        let welcome = frames.iter().position(|f| f.event == "welcome");
+        assert_eq!(
+            (reply, welcome),
+            (Some(0), Some(1)),
+            "the join reply, then the welcome: {frames:#?}"
+        );
     });
 }
 
@@ -195,15 +212,21 @@ fn disconnect_broadcast_closes_every_socket_of_the_user() {
         let a = client(&kit, "9");
         let a2 = client(&kit, "9");
         let b = client(&kit, "10");
+        // On its own core a broadcast is delivered before `broadcast` returns: the close
+        // requests are made by then, no wait needed.
         kit.broadcast("user_socket:9", "disconnect", json!({}));
-        glommio::timer::sleep(Duration::from_millis(10)).await;
         assert_eq!(a.close_code(), Some(1001));
         assert_eq!(a2.close_code(), Some(1001));
         assert_eq!(b.close_code(), None);
         // Other events on the socket id are ignored.
         kit.broadcast("user_socket:10", "other", json!({}));
-        glommio::timer::sleep(Duration::from_millis(10)).await;
         assert_eq!(b.close_code(), None);
+        kit.broadcast("user_socket:10", "disconnect", json!({}));
+        assert_eq!(
+            b.close_code(),
+            Some(1001),
+            "the same socket id does close on disconnect"
+        );
     });
 }
 

@@ -333,8 +333,11 @@ e2e('presence lists agree on all nodes (keys and phx_refs) after joins and after
 
     // a member on node 1 leaves; the twin's socket on node 2 leaves (its other meta stays)
     const leaver = members.find((m) => m.node === 1);
-    await new Promise((resolve) => leaver.chan.leave().receive('ok', resolve).receive('timeout', resolve));
-    await new Promise((resolve) => twinChanB.leave().receive('ok', resolve).receive('timeout', resolve));
+    const leave = (chan, who) => new Promise((resolve, reject) => chan.leave()
+      .receive('ok', resolve)
+      .receive('timeout', () => reject(new Error(`no reply to the leave of ${who}`))));
+    await leave(leaver.chan, leaver.user);
+    await leave(twinChanB, 'the twin on node 2');
     const rest = members.filter((m) => m !== leaver);
     const after = await presenceAgrees(rest, all.filter((u) => u !== leaver.user), { what: 'presence lists to agree after the leaves' });
     const twinAfter = after.find(([k]) => k === 'twin');
@@ -423,7 +426,6 @@ e2e('Redis restart: local delivery goes on while it is away; afterwards cross-no
     const downMs = 1000;
     await sleep(downMs);
     redis = await startRedis(redisPort);
-    const back = Date.now();
     await Promise.all(nodes.map((n) => waitFor(() => linkUps(n) >= 2, {
       timeout: 6000, what: `node on port ${n.port} to log "Redis link up" again`,
     })));
@@ -439,7 +441,6 @@ e2e('Redis restart: local delivery goes on while it is away; afterwards cross-no
       probes += 1;
       return false;
     }, { timeout: 6000, interval: 200, what: 'cross-node delivery to work again after the Redis restart' });
-    const recoveredMs = Date.now() - back;
     await sleep(300);
     for (const m of everyone) m.msgs.items.length = 0;
     a0.chan.push('new_msg', { body: 'after from node 0' });
@@ -449,7 +450,6 @@ e2e('Redis restart: local delivery goes on while it is away; afterwards cross-no
     ]);
     // Presence lists agree again, the member who joined during the outage included.
     await presenceAgrees(everyone, everyone.map((m) => m.user), { timeout: 5000, what: 'presence lists to agree after the Redis restart' });
-    assert.ok(recoveredMs < 6000, `cross-node delivery back ${recoveredMs} ms after Redis restarted`);
     for (const n of nodes) assertAlive(n);
   });
 }, { timeout: 25000 });

@@ -315,7 +315,7 @@ e2e('/metrics is Prometheus text (HELP, TYPE, one sample per core) and its count
   assert.equal(lp.core === '0' || lp.core === '1', true);
 }, { timeout: 15000 });
 
-e2e('the Prometheus parser is strict', () => {
+e2e('test helper, not the server: parsePrometheus (which the /metrics tests rely on) refuses malformed exposition text', () => {
   const ok = '# HELP a_total A.\n# TYPE a_total counter\na_total{core="0"} 1\na_total{core="1"} 2\n';
   assert.equal(parsePrometheus(ok).sum('a_total'), 3);
   for (const bad of [

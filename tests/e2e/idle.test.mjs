@@ -12,7 +12,9 @@ after(async () => { await server.stop(); });
 e2e('a connection that sends nothing is closed by the server after --idle-timeout 1s', async () => {
   const ws = await rawConnect(server.port, { userId: 'idle' });
   const opened = Date.now();
-  const { at } = await ws.waitClosed(4000);
+  const { at, code, reason } = await ws.waitClosed(4000);
+  assert.deepEqual({ code, reason }, { code: 1001, reason: 'going away' }, 'an idle close is a going-away close, so that clients reconnect');
+  // A lower bound only: a loaded machine makes the close later, never earlier.
   const after = at - opened;
   assert.ok(after >= 900, `closed after ${after} ms, before the idle timeout of 1 s`);
 });

@@ -8,7 +8,7 @@ import { before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import {
-  e2e, startServer, connect, join, push, nextEvent, collect, waitFor, mintToken, nowSecs, sleep, assertAlive, encodeBinaryPush,
+  e2e, startServer, connect, join, push, nextEvent, collect, waitFor, mintToken, nowSecs, sleep, assertAlive, encodeBinaryPush, within,
 } from './lib.mjs';
 import {
   API_KEY, request, lpPath, RawLongPoll, lpConnect, closeLpClients, LongPoll, Presence, presenceKeys, apiBroadcast,
@@ -59,9 +59,10 @@ e2e('phoenix LongPoll client: join, welcome, push replies, new_msg, presence', a
   const replies = await Promise.all([1, 2, 3, 4, 5].map((n) => push(chan, 'ping', { n }, 3000)));
   assert.deepEqual(replies.map((r) => r.response.n), [1, 2, 3, 4, 5]);
 
-  // the heartbeat topic answers over long-poll too
-  const hb = await new Promise((resolve) => lp.socket.ping((rtt) => resolve(rtt)));
-  assert.ok(hb >= 0);
+  // the heartbeat topic answers over long-poll too: the client's ping callback runs on
+  // the reply (it never runs without one)
+  const hb = await within(new Promise((resolve) => lp.socket.ping((rtt) => resolve(rtt))), 3000, 'a heartbeat reply over long-poll');
+  assert.ok(Number.isFinite(hb), `round trip ${hb}`);
   assert.deepEqual(lp.closes, [], 'the long-poll transport never closed');
   assertAlive(server);
 }, { timeout: 10000 });
@@ -92,14 +93,21 @@ e2e('a long-poll client and a WebSocket client in one room see each other', asyn
   assert.deepEqual(atLp.items, [{ body: 'from ws', user: 'wsm' }, { body: 'from lp', user: 'lpm' }]);
   assert.deepEqual(atWs.items, [{ body: 'from ws', user: 'wsm' }, { body: 'from lp', user: 'lpm' }]);
 
-  // a whisper from the WebSocket user reaches only the long-poll user
+  // a whisper from the WebSocket user reaches only the long-poll user, not its sender
   const whispers = collect(lpChan, 'whisper');
+  const atSender = collect(wsChan, 'whisper');
   assert.deepEqual(await push(wsChan, 'whisper', { to: 'lpm', body: 'psst' }), { status: 'ok', response: {} });
   await whispers.waitFor(1, 3000);
   assert.deepEqual(whispers.items, [{ to: 'lpm', body: 'psst', from: 'wsm' }]);
+  // A broadcast after it reaches the sender in order: had the whisper been pushed to the
+  // sender, it would have come first.
+  const marker = collect(wsChan, 'new_msg');
+  lpChan.push('new_msg', { body: 'after the whisper' });
+  await marker.waitFor(1, 3000);
+  assert.deepEqual(atSender.items, [], 'the whisper was not pushed to its sender');
 
   // the long-poll user leaves: the WebSocket user's presence drops it
-  await new Promise((resolve) => lpChan.leave(3000).receive('ok', resolve).receive('timeout', resolve));
+  await new Promise((resolve, reject) => lpChan.leave(3000).receive('ok', resolve).receive('timeout', () => reject(new Error('no reply to the leave within 3 s'))));
   await waitFor(() => presenceKeys(wsPresence).join() === 'wsm', { timeout: 3000, what: 'lpm to leave the WebSocket presence' });
   assert.deepEqual(lp.closes, [], 'the long-poll transport never closed');
 }, { timeout: 12000 });
