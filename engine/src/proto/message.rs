@@ -117,9 +117,19 @@ impl fmt::Display for Ref {
 
 impl From<&str> for Ref {
     fn from(s: &str) -> Self {
-        Ref(serde_json::to_string(s)
-            .expect("a string always serializes")
-            .into())
+        // Refs are short (64 bytes at most on the wire) and rarely need escaping: quote
+        // them on the stack and allocate once, as decoding a plain string would.
+        let plain = !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+        let mut buf = [0u8; 130];
+        if plain && s.len() + 2 <= buf.len() {
+            buf[0] = b'"';
+            buf[1..=s.len()].copy_from_slice(s.as_bytes());
+            buf[s.len() + 1] = b'"';
+            let quoted = std::str::from_utf8(&buf[..s.len() + 2]).expect("quotes around UTF-8");
+            return Ref(quoted.into());
+        }
+        let escaped = serde_json::to_string(s).expect("a string always serializes");
+        Ref(escaped.into())
     }
 }
 
