@@ -387,23 +387,12 @@ pub fn pong_frame(payload: &[u8]) -> Bytes {
 mod tests {
     use super::*;
 
-    /// Builds a masked client frame.
+    /// Builds a masked client frame whose first byte is `first` (FIN, RSV and opcode
+    /// bits as given), with the client role's own framing.
     fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![first];
-        let len = payload.len();
-        if len < 126 {
-            out.push(0x80 | len as u8);
-        } else if len <= 65535 {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        out.extend_from_slice(&mask);
-        let mut body = payload.to_vec();
-        unmask(&mut body, mask);
-        out.extend_from_slice(&body);
+        let mut out = Vec::new();
+        client::encode_client_frame(&mut out, first & 0x0f, payload, mask);
+        out[0] = first;
         out
     }
 

@@ -428,21 +428,27 @@ impl Conn {
 mod tests {
     use super::*;
 
-    #[test]
-    fn presence_frames_have_their_own_bound_and_leave_it_as_they_are_written() {
-        let conn = Conn::new(
+    /// A connection with these limits, in no shard.
+    fn conn(max_outbound_bytes: u32, messages_per_sec: u32, message_burst: u32) -> Conn {
+        let limits = ConnLimits {
+            max_outbound_bytes,
+            messages_per_sec,
+            message_burst,
+        };
+        Conn::new(
             ConnId { key: 0, gen: 1 },
             Vsn::V2,
             Rc::new(()),
             None,
-            ConnLimits {
-                max_outbound_bytes: 100,
-                messages_per_sec: 10,
-                message_burst: 10,
-            },
+            limits,
             0,
             false,
-        );
+        )
+    }
+
+    #[test]
+    fn presence_frames_have_their_own_bound_and_leave_it_as_they_are_written() {
+        let conn = conn(100, 10, 10);
         let frame = |n: usize| Bytes::from(vec![b'p'; n]);
         // A presence_state ten times the bound queues; so do ordinary frames up to it.
         assert!(conn.push(OutFrame::PresenceOwn(frame(1000))));
@@ -465,19 +471,7 @@ mod tests {
 
     #[test]
     fn ordinary_frames_over_the_bound_cut_off_even_beside_presence() {
-        let conn = Conn::new(
-            ConnId { key: 0, gen: 1 },
-            Vsn::V2,
-            Rc::new(()),
-            None,
-            ConnLimits {
-                max_outbound_bytes: 100,
-                messages_per_sec: 10,
-                message_burst: 10,
-            },
-            0,
-            false,
-        );
+        let conn = conn(100, 10, 10);
         assert!(conn.push(OutFrame::PresenceOwn(Bytes::from(vec![0; 500]))));
         assert!(!conn.push(OutFrame::Own(Bytes::from(vec![0; 101]))));
         assert_eq!(conn.close_why.get(), why::SLOW);
@@ -528,19 +522,7 @@ mod tests {
 
     #[test]
     fn overflow_closes_with_policy_code() {
-        let conn = Conn::new(
-            ConnId { key: 0, gen: 0 },
-            Vsn::V2,
-            Rc::new(()),
-            None,
-            ConnLimits {
-                max_outbound_bytes: 5,
-                messages_per_sec: 10,
-                message_burst: 3,
-            },
-            0,
-            false,
-        );
+        let conn = conn(5, 10, 3);
         conn.enqueue_own(Bytes::from_static(b"1234"));
         assert_eq!(conn.close.get(), None);
         conn.enqueue_own(Bytes::from_static(b"56"));
@@ -553,20 +535,7 @@ mod tests {
 
     #[test]
     fn token_bucket_allows_the_burst_then_the_rate() {
-        let limits = ConnLimits {
-            max_outbound_bytes: 1 << 20,
-            messages_per_sec: 10,
-            message_burst: 3,
-        };
-        let conn = Conn::new(
-            ConnId { key: 0, gen: 0 },
-            Vsn::V2,
-            Rc::new(()),
-            None,
-            limits,
-            0,
-            false,
-        );
+        let conn = conn(1 << 20, 10, 3);
         assert!(conn.take_token(0) && conn.take_token(0) && conn.take_token(0));
         // 100 ms later: one more token at 10/s.
         assert!(conn.take_token(100));
