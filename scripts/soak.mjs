@@ -10,7 +10,12 @@
 //   - slow readers: every 20 s three connections join a topic that gets big broadcasts
 //     and never read; the server should cut each off (1008) and they go away after 30 s;
 //   - reconnect storms: every 30 s `ringcast-loadgen connect` opens 2,000 connections at
-//     4,000/s, holds them 3 s and drops them.
+//     4,000/s, holds them 3 s and drops them;
+//   - attacks (issue 12), a round every 15 s, each checked for its answer: request heads
+//     trickled a byte a second and TCP connections that send nothing (closed at the
+//     request timeout), a repeated Content-Length (400), a topic over 255 bytes (1007),
+//     a 9 KB room message (error invalid), a forbidden close code (1002), a ping flood
+//     (1008), and abandoned long-poll sessions (expired).
 // It samples the server's VmRSS every 2 s. At the end it writes results/soak-<date>.json
 // and prints RSS first/after warm-up/last/max, healthy-client loss and p99 per minute.
 // Exit status: 0 when RSS stayed flat (last ≤ 1.2 × the value after warm-up) and no
@@ -335,6 +340,111 @@ const slowLoop = (async () => {
   }
 })();
 
+// Attacks: each round opens a bounded set of hostile connections and records how the
+// server answered; the healthy clients above are the bystanders.
+const attacks = { rounds: 0, answered: {}, unexpected: [] };
+const tally = (what, got, want) => {
+  const key = `${what}: ${got}`;
+  attacks.answered[key] = (attacks.answered[key] || 0) + 1;
+  if (got !== want && attacks.unexpected.length < 20) attacks.unexpected.push({ what, got, want, at_s: +(since() / 1000).toFixed(1) });
+};
+function rawSocket() {
+  const sock = net.connect(port, '127.0.0.1');
+  const chunks = [];
+  sock.on('data', (d) => chunks.push(d));
+  sock.on('error', () => {});
+  const closed = new Promise((resolve) => sock.on('close', resolve));
+  return { sock, closed, data: () => Buffer.concat(chunks) };
+}
+/** Upgrades a raw socket; resolves once the 101 came (the bytes after it are frames). */
+async function rawUpgrade(userId) {
+  const c = rawSocket();
+  await new Promise((resolve) => c.sock.once('connect', resolve));
+  const qs = new URLSearchParams({ token: mintToken(userId), vsn: '2.0.0' });
+  c.sock.write(`GET /socket/websocket?${qs} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n`
+    + `Sec-WebSocket-Key: ${crypto.randomBytes(16).toString('base64')}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+  for (let i = 0; i < 100 && c.data().indexOf('\r\n\r\n') < 0; i++) await sleep(20);
+  c.body = () => c.data().subarray(c.data().indexOf('\r\n\r\n') + 4);
+  return c;
+}
+function maskedFrame(op, payload) {
+  const data = Buffer.from(payload);
+  const head = data.length < 126 ? Buffer.from([0x80 | op, 0x80 | data.length])
+    : Buffer.from([0x80 | op, 0x80 | 126, data.length >> 8, data.length & 0xff]);
+  const key = crypto.randomBytes(4);
+  return Buffer.concat([head, key, Buffer.from(data.map((b, i) => b ^ key[i % 4]))]);
+}
+/** The close code the server sent on `c` (the first close frame after the 101), or null. */
+function closeCodeOf(c) {
+  const buf = c.body();
+  for (let o = 0; o + 2 <= buf.length;) {
+    let len = buf[o + 1] & 0x7f;
+    let h = 2;
+    if (len === 126) { len = buf.readUInt16BE(o + 2); h = 4; }
+    if ((buf[o] & 0x0f) === 0x8) return len >= 2 ? buf.readUInt16BE(o + h) : null;
+    o += h + len;
+  }
+  return null;
+}
+const attackLoop = (async () => {
+  await sleep(5000);
+  let round = 0;
+  while (!stopping && left() > 25_000) {
+    const r = round++;
+    attacks.rounds++;
+    const jobs = [];
+    // Slowloris: 10 heads trickled a byte a second, 20 connections that send nothing.
+    for (let i = 0; i < 30; i++) {
+      jobs.push((async () => {
+        const c = rawSocket();
+        const head = 'GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n';
+        let k = 0;
+        const timer = i < 10 ? setInterval(() => { if (k < head.length) c.sock.write(head[k++]); }, 1000) : null;
+        const how = await Promise.race([c.closed.then(() => 'closed'), sleep(14_000).then(() => 'open')]);
+        if (timer) clearInterval(timer);
+        c.sock.destroy();
+        tally('slow request', how === 'closed' ? (c.data().toString('latin1').match(/^HTTP\/1\.1 (\d+)/)?.[1] ?? 'closed') : 'still open after 14 s', '408');
+      })());
+    }
+    // A repeated Content-Length.
+    jobs.push((async () => {
+      const c = rawSocket();
+      c.sock.write(`POST /api/broadcast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${API_KEY}\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}`);
+      await Promise.race([c.closed, sleep(3000)]);
+      c.sock.destroy();
+      tally('repeated content-length', c.data().toString('latin1').match(/^HTTP\/1\.1 (\d+)/)?.[1] ?? 'no answer', '400');
+    })());
+    // WebSocket abuse: a long topic, a big room body, a forbidden close code, a ping flood.
+    const wsAttack = async (what, frames, want, settle = 3000) => {
+      const c = await rawUpgrade(`attacker${r}`);
+      c.sock.write(Buffer.concat(frames));
+      await Promise.race([c.closed, sleep(settle)]);
+      tally(what, String(closeCodeOf(c) ?? (what === 'big room body' ? 'open' : 'no close')), want);
+      c.sock.destroy();
+    };
+    jobs.push(wsAttack('topic over 255 bytes', [maskedFrame(1, JSON.stringify(['1', '1', `rooms:${'x'.repeat(300)}`, 'phx_join', {}]))], '1007'));
+    jobs.push(wsAttack('forbidden close code', [maskedFrame(8, Buffer.from([0x03, 0xed]))], '1002'));
+    jobs.push(wsAttack('ping flood', Array.from({ length: 12_000 }, () => maskedFrame(9, 'p')), '1008', 5000));
+    jobs.push((async () => {
+      const c = await rawUpgrade(`bigbody${r}`);
+      c.sock.write(maskedFrame(1, JSON.stringify(['1', '1', 'rooms:soak:attack', 'phx_join', {}])));
+      await sleep(300);
+      c.sock.write(maskedFrame(1, JSON.stringify(['1', '2', 'rooms:soak:attack', 'new_msg', { body: 'y'.repeat(9000) }])));
+      await sleep(500);
+      tally('big room body', c.body().toString('latin1').includes('"2","rooms:soak:attack","phx_reply",{"status":"error","response":{"reason":"invalid"}}') ? 'invalid' : 'no error reply', 'invalid');
+      c.sock.destroy();
+    })());
+    // Abandoned long-poll sessions (they expire after 15 s without a poll).
+    for (let i = 0; i < 5; i++) {
+      jobs.push(httpReq(port, { path: `/socket/longpoll?token=${encodeURIComponent(mintToken(`lp${r}_${i}`))}&vsn=2.0.0` })
+        .then((res) => tally('long-poll open', String(JSON.parse(res.text).status), '410'))
+        .catch((e) => tally('long-poll open', e.message, '410')));
+    }
+    await Promise.all(jobs);
+    await sleep(1000);
+  }
+})();
+
 // Reconnect storms
 const storms = [];
 const stormLoop = (async () => {
@@ -398,7 +508,7 @@ clearInterval(pubTimer);
 clearInterval(heartbeatTimer);
 clearInterval(progress);
 log('stopping');
-await Promise.race([Promise.all([fanLoop, stormLoop, bigLoop, slowLoop, ...churnLoops]), sleep(90_000)]);
+await Promise.race([Promise.all([fanLoop, stormLoop, bigLoop, slowLoop, attackLoop, ...churnLoops]), sleep(90_000)]);
 await sleep(1500); // last deliveries of the Node publisher
 const hold = await holdRun;
 bigAgent.destroy();
@@ -451,6 +561,8 @@ if (hold.code !== 0) problems.push(`held connections: loadgen exit ${hold.code}:
 if (holdClosedByServer > 0) problems.push(`held connections ended by the server: ${JSON.stringify(holdEnds)}`);
 if ((hold.json?.joined ?? HOLD) < HOLD) problems.push(`only ${hold.json?.joined} of ${HOLD} held connections joined`);
 for (const s of storms) if (s.code !== 0) problems.push(`reconnect storm at ${s.at_s}s: loadgen exit ${s.code}`);
+if (attacks.rounds === 0) problems.push('no attack round ran');
+for (const u of attacks.unexpected) problems.push(`attack "${u.what}" at ${u.at_s}s: answered ${u.got}, expected ${u.want}`);
 if (slow.opened > 0 && !(finalMetrics.ringcast_slow_closed_total > 0)) problems.push('no slow reader was cut off (slow_closed_total 0)');
 
 const perMinute = [];
@@ -488,6 +600,7 @@ const result = {
   churn,
   slow_readers: { ...slow, slow_closed_total: finalMetrics.ringcast_slow_closed_total ?? null },
   storms,
+  attacks,
   hold: hold.json ? { joined: hold.json.joined, failures: hold.json.failures, ends: hold.json.ends, problems: hold.json.problems } : { code: hold.code, tail: hold.tail.slice(-1000) },
   final_metrics: finalMetrics,
   problems,
