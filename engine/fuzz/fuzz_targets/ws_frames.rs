@@ -1,7 +1,9 @@
 //! FrameReader on arbitrary bytes, fed in chunks the way a connection's read loop does:
 //! append what arrived, parse frames off the front until NeedMore, keep the rest.
 //! Invariants: no panic; `consumed` is within the buffer and never 0; a Text message is
-//! valid UTF-8; no message (or reassembly) exceeds the limit; a Ping payload ≤ 125 bytes.
+//! valid UTF-8; no message (or reassembly) exceeds the limit; a Ping payload ≤ 125 bytes;
+//! errors close with 1007 or 1009, or 1002 for a close code no peer may send; a Close
+//! message carries only codes a peer may send.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -38,13 +40,18 @@ fuzz_target!(|data: &[u8]| {
                         }
                         Some(WsMessage::Binary(b)) => assert!(b.as_slice().len() <= max, "binary over the limit"),
                         Some(WsMessage::Ping(p)) => assert!(p.len() <= 125, "ping over 125 bytes"),
-                        Some(WsMessage::Pong) | Some(WsMessage::Close(_)) | None => {}
+                        Some(WsMessage::Close(Some(code))) => {
+                            assert!(ringcast::proto::ws::close_code_allowed(code), "close code {code} accepted")
+                        }
+                        Some(WsMessage::Pong) | Some(WsMessage::Close(None)) | None => {}
                     }
                     consumed
                 }
                 Err(e) => {
                     let code = e.close_code();
-                    assert!(code == 1007 || code == 1009, "close code {code} for {e:?}");
+                    // 1002 only for a close frame's forbidden code (RFC 6455 §7.4).
+                    let protocol = matches!(e, ringcast::proto::ProtocolError::BadCloseCode(c) if !ringcast::proto::ws::close_code_allowed(c));
+                    assert!(code == 1007 || code == 1009 || (code == 1002 && protocol), "close code {code} for {e:?}");
                     break 'outer;
                 }
             };
