@@ -366,6 +366,12 @@ mod tests {
         Ref::from(s)
     }
 
+    /// The ok reply to `m` with `response`, as the server would send it.
+    fn ok_reply(vsn: Vsn, m: &Message, response: &Payload) -> Bytes {
+        let out = Outgoing::reply(m.join_ref.as_ref(), m.msg_ref.as_ref(), &m.topic, "ok", response);
+        encode(vsn, &out).unwrap()
+    }
+
     fn frame_body(frame: &Bytes) -> &[u8] {
         crate::proto::ws::split_frame(frame).expect("a whole frame").1
     }
@@ -430,17 +436,7 @@ mod tests {
             (Some(Ref::from(1i64)), Some(Ref::from(2i64)))
         );
         assert!(m.msg_ref.as_ref().unwrap().is_number());
-        let reply = encode(
-            Vsn::V2,
-            &Outgoing::reply(
-                m.join_ref.as_ref(),
-                m.msg_ref.as_ref(),
-                &m.topic,
-                "ok",
-                &Payload::empty(),
-            ),
-        )
-        .unwrap();
+        let reply = ok_reply(Vsn::V2, &m, &Payload::empty());
         assert_eq!(
             frame_body(&reply),
             br#"[1,2,"rooms:p3","phx_reply",{"status":"ok","response":{}}]"#
@@ -590,17 +586,7 @@ mod tests {
             (Some(r("1")), Some(r("5")))
         );
         assert_eq!((m.topic.as_str(), m.event.as_str()), ("rooms:a", "ping"));
-        let reply = encode(
-            Vsn::V2,
-            &Outgoing::reply(
-                m.join_ref.as_ref(),
-                m.msg_ref.as_ref(),
-                &m.topic,
-                "ok",
-                &m.payload,
-            ),
-        )
-        .unwrap();
+        let reply = ok_reply(Vsn::V2, &m, &m.payload);
         assert_eq!(reply[0], 0x82);
         assert_eq!(
             frame_body(&reply),
