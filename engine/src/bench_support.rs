@@ -28,7 +28,8 @@ impl crate::SocketHandler for Nobody {
 }
 
 /// A one-core shard with no channels and no sockets of its own, not entered anywhere
-/// (no executor needed): for fixtures and unit tests that drive its connections.
+/// (no executor needed), on a manual clock (`shard.clock().advance(ms)`): for fixtures
+/// and unit tests that drive its connections and timers.
 pub(crate) fn lone_shard(config: Config) -> Rc<Shard> {
     let app = Arc::new(App {
         config: Config { cores: 1, ..config },
@@ -37,7 +38,7 @@ pub(crate) fn lone_shard(config: Config) -> Rc<Shard> {
         presence_fetch: None,
         stats: vec![Default::default()],
     });
-    Shard::new(0, app, Endpoint::new(Vec::new(), None), None)
+    Shard::new(0, app, Endpoint::new(Vec::new(), None), None, crate::clock::Clock::manual())
 }
 
 impl FanoutFixture {

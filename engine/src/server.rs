@@ -176,9 +176,10 @@ impl Server {
                         (None, None)
                     };
                     let index = mesh.as_ref().map_or(0, Mesh::index);
-                    let shard = Shard::new(index, app, endpoint, mesh);
+                    let shard = Shard::new(index, app, endpoint, mesh, crate::clock::Clock::system());
                     let _entered = shard.enter();
                     glommio::spawn_local(transport::flusher::run(shard.clone())).detach();
+                    glommio::spawn_local(transport::timers::run(shard.clone())).detach();
                     if let Some(mut receivers) = receivers {
                         for (_, rx) in receivers.streams() {
                             let shard = shard.clone();

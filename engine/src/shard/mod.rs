@@ -16,16 +16,18 @@ pub(crate) mod mesh;
 pub(crate) mod presence;
 pub(crate) mod session;
 pub mod stats;
+pub(crate) mod timers;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::Duration;
 
 use bytes::Bytes;
 use slab::Slab;
 
+use crate::clock::Clock;
 use crate::proto::serializer::{encode, Body, EncodeError, Outgoing};
 use crate::proto::ws::close_code;
 use crate::proto::{Payload, Vsn};
@@ -136,12 +138,12 @@ pub(crate) const PARK_AFTER: std::time::Duration = std::time::Duration::from_sec
 pub(crate) const DISCONNECT: &str = "disconnect";
 
 pub(crate) struct Shard {
-    me: std::rc::Weak<Shard>,
     pub(crate) index: usize,
     pub(crate) app: Arc<App>,
     pub(crate) endpoint: Endpoint,
     pub(crate) stats: Arc<stats::CoreStats>,
-    epoch: Instant,
+    clock: Clock,
+    timers: timers::Timers,
     next_gen: Cell<u32>,
     conns: RefCell<Slab<Rc<Conn>>>,
     topics: RefCell<HashMap<Box<str>, Vec<Sub>>>,
@@ -197,14 +199,20 @@ impl Shard {
     /// A core's state. Nothing is installed anywhere: the caller drives it, and enters
     /// it ([`Shard::enter`]) on the thread that runs it if code there must find it
     /// without a handle (the [`Endpoint`]'s on-core fast path).
-    pub(crate) fn new(index: usize, app: Arc<App>, endpoint: Endpoint, mesh: Option<Mesh>) -> Rc<Shard> {
-        Rc::new_cyclic(|me| Shard {
-            me: me.clone(),
+    pub(crate) fn new(
+        index: usize,
+        app: Arc<App>,
+        endpoint: Endpoint,
+        mesh: Option<Mesh>,
+        clock: Clock,
+    ) -> Rc<Shard> {
+        Rc::new(Shard {
             index,
             app: app.clone(),
             endpoint,
             stats: app.stats[index % app.stats.len()].clone(),
-            epoch: Instant::now(),
+            clock,
+            timers: timers::Timers::default(),
             next_gen: Cell::new(0),
             conns: RefCell::default(),
             topics: RefCell::default(),
@@ -223,15 +231,48 @@ impl Shard {
         Entered { previous }
     }
 
-    /// This shard as an `Rc`, for tasks it starts.
-    pub(crate) fn rc(&self) -> Rc<Shard> {
-        self.me.upgrade().expect("a shard is only reached through its Rc")
-    }
-
-    /// Milliseconds since this shard started, wrapping (clock for idle timeouts;
+    /// The shard's clock in milliseconds, wrapping (idle timeouts and rate limits;
     /// compare with `wrapping_sub`).
     pub(crate) fn now_ms(&self) -> u32 {
-        self.epoch.elapsed().as_millis() as u32
+        self.clock.now_ms() as u32
+    }
+
+    /// The clock this shard was given.
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Runs `action` on this shard once `delay` has passed on its clock, when the
+    /// driver next calls [`Shard::handle_timeout`].
+    pub(crate) fn after(&self, delay: Duration, action: timers::Action) {
+        self.timers
+            .add(self.clock.now_ms() + delay.as_millis() as u64, action);
+    }
+
+    /// The earliest timer deadline (the shard's clock, ms), if any. `waker` is woken
+    /// when an earlier one is added.
+    ///
+    /// The call order for a timer driver: `poll_timeout`; sleep until the deadline or
+    /// the wake-up; `handle_timeout(now)`; again.
+    pub(crate) fn poll_timeout(&self, waker: &std::task::Waker) -> Option<u64> {
+        self.timers.poll_timeout(waker)
+    }
+
+    /// Fires every timer due at `now_ms`; returns how many ran. Timers their actions
+    /// add run at the next call, even if already due.
+    pub(crate) fn handle_timeout(&self, now_ms: u64) -> usize {
+        let due = self.timers.take_due(now_ms);
+        let n = due.len();
+        for action in due {
+            action(self);
+        }
+        n
+    }
+
+    /// Timers waiting to fire.
+    #[cfg(test)]
+    pub(crate) fn timers_pending(&self) -> usize {
+        self.timers.len()
     }
 
     /// Registers a connection that passed its handshake.
@@ -698,6 +739,67 @@ mod tests {
         shard.publish(Broadcast::new("t", "e", Payload::empty(), None));
         assert!(conn::take_unparks().is_empty());
         assert_eq!(woken(&dispatcher), 1);
+    }
+
+    #[test]
+    fn presence_diffs_batch_in_windows_on_the_clock_the_shard_is_given() {
+        let shard = lone_shard(Config::default());
+        let topic: Rc<str> = "rooms:x".into();
+        let watcher = subscriber(&shard, &topic, 100);
+        let frames = || watcher.out.borrow().frames.len();
+        let window = presence::DIFF_WINDOW.as_millis() as u64;
+
+        // A quiet topic: the first change goes out at once and opens a window.
+        shard.presence_track(&watcher, &topic, "a", serde_json::json!({}));
+        assert_eq!(frames(), 1, "the first diff is not delayed");
+        assert_eq!(shard.timers_pending(), 1, "a window is open");
+        shard.presence_track(&watcher, &topic, "b", serde_json::json!({}));
+        shard.presence_track(&watcher, &topic, "c", serde_json::json!({}));
+        assert_eq!(frames(), 1, "changes inside the window wait");
+
+        shard.clock().advance(window - 1);
+        assert_eq!(shard.handle_timeout(shard.clock().now_ms()), 0, "not due yet");
+        assert_eq!(frames(), 1);
+        shard.clock().advance(1);
+        assert_eq!(shard.handle_timeout(shard.clock().now_ms()), 1);
+        assert_eq!(frames(), 2, "one diff for both joins of the window");
+        assert_eq!(shard.timers_pending(), 1, "and a new window");
+
+        // A window with nothing in it closes: the next change goes out at once again.
+        shard.clock().advance(window);
+        assert_eq!(shard.handle_timeout(shard.clock().now_ms()), 1);
+        assert_eq!(frames(), 2);
+        assert_eq!(shard.timers_pending(), 0, "the quiet topic has no timer");
+        shard.presence_track(&watcher, &topic, "d", serde_json::json!({}));
+        assert_eq!(frames(), 3);
+    }
+
+    #[test]
+    fn timers_fire_in_deadline_order_and_wake_the_driver_for_an_earlier_one() {
+        let shard = lone_shard(Config::default());
+        let (driver, waker) = counting();
+        let fired = Rc::new(RefCell::new(Vec::new()));
+        let add = |delay: u64, name: &'static str| {
+            let fired = fired.clone();
+            shard.after(
+                Duration::from_millis(delay),
+                Box::new(move |_| fired.borrow_mut().push(name)),
+            );
+        };
+        assert_eq!(shard.poll_timeout(&waker), None);
+        add(30, "late");
+        assert_eq!(woken(&driver), 1, "the first timer wakes the driver");
+        assert_eq!(shard.poll_timeout(&waker), Some(30));
+        add(40, "last");
+        assert_eq!(woken(&driver), 1, "a later deadline does not");
+        add(10, "early");
+        add(10, "early too");
+        assert_eq!(woken(&driver), 2, "an earlier one does, once");
+        assert_eq!(shard.poll_timeout(&waker), Some(10));
+        shard.clock().advance(30);
+        assert_eq!(shard.handle_timeout(shard.clock().now_ms()), 3);
+        assert_eq!(*fired.borrow(), ["early", "early too", "late"]);
+        assert_eq!(shard.poll_timeout(&waker), Some(40));
     }
 
     #[test]

@@ -43,9 +43,7 @@ pub(crate) struct PresenceHub {
 
 impl PresenceHub {
     pub(crate) fn new() -> Self {
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let nonce = crate::clock::unix_nanos();
         PresenceHub {
             state: RefCell::default(),
             outbox: RefCell::default(),
@@ -218,12 +216,7 @@ impl Shard {
 
     fn presence_schedule_flush(&self, topic: &str) {
         let topic: Box<str> = topic.into();
-        let shard = self.rc();
-        glommio::spawn_local(async move {
-            glommio::timer::sleep(DIFF_WINDOW).await;
-            shard.presence_flush(&topic);
-        })
-        .detach();
+        self.after(DIFF_WINDOW, Box::new(move |shard| shard.presence_flush(&topic)));
     }
 
     /// End of a window: send what accumulated and open a new window, or close it.

@@ -142,11 +142,7 @@ impl Socket {
     /// Sends `msg` to this channel's `handle_info` after `delay`.
     pub fn send_after(&self, msg: impl Any, delay: Duration) {
         let target = self.channel_ref();
-        glommio::spawn_local(async move {
-            glommio::timer::sleep(delay).await;
-            target.send(msg);
-        })
-        .detach();
+        self.shard.after(delay, Box::new(move |_| target.send(msg)));
     }
 
     /// The endpoint of the server this channel runs in.
