@@ -3,7 +3,8 @@
 // connection with and without a tracked presence, and how long one more join takes to
 // reach every member as a presence_diff.
 //
-//   node scripts/measure-presence.mjs [--members N (<= 12000, default 10000)] [--batch B (250)] [--quiet-ms MS (1000)]
+//   node scripts/measure-presence.mjs [--members N (<= 19000, default 10000)] [--batch B (250)] [--quiet-ms MS (1000)]
+//                                     [--max-outbound SIZE] [--time-limit S (170)] [--rooms-only]
 //   RINGCAST_BIN=/path/to/ringcast node scripts/measure-presence.mjs
 //
 // For `rooms:measure` (presence) and then `bench:measure` (no presence; same member
@@ -19,9 +20,13 @@
 // Members answer nothing; each sends a heartbeat every 20 s. Everything is on 127.0.0.1.
 // A presence room of N members moves ~N^2 metas over the ramp (each joiner gets the whole
 // state, every member gets every later join): ~10 GB for N = 10000, which takes ~1.5 min
-// with a debug build. If the rooms ramp passes 110 s it stops there and measures with the
-// members it has. The JSON report goes to stdout, progress to stderr. Exits by itself
-// (hard limit 170 s).
+// with a debug build. If the rooms ramp passes 65 % of --time-limit it stops there and
+// measures with the members it has. The newcomer parses its `presence_state` and checks
+// that every member is in it (state_keys, state_has_every_member, state_bytes).
+// --max-outbound is passed to the server: below the state's size it shows that
+// server-made presence frames do not get a reading joiner cut off. --rooms-only skips the
+// bench phase. The JSON report goes to stdout, progress to stderr. Exits by itself (hard
+// limit --time-limit).
 //
 // Uses `ws` from tests/e2e/node_modules (run `npm ci` there first).
 
@@ -43,12 +48,11 @@ const WebSocket = require('ws');
 // Options
 // ---------------------------------------------------------------------------
 
-const MAX_MEMBERS = 12000; // this process may hold at most 20,000 open files
-const HARD_LIMIT_MS = 170_000;
+const MAX_MEMBERS = 19000; // this process may hold at most 20,000 open files
 const HEARTBEAT_MS = 20_000;
 
 function parseArgs(argv) {
-  const opts = { members: 10000, batch: 250, quietMs: 1000, settleMaxMs: 25_000, diffWaitMs: 10_000 };
+  const opts = { members: 10000, batch: 250, quietMs: 1000, settleMaxMs: 25_000, diffWaitMs: 10_000, timeLimitS: 170, maxOutbound: null, roomsOnly: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const val = () => {
@@ -59,8 +63,11 @@ function parseArgs(argv) {
     if (a === '--members') opts.members = Number(val());
     else if (a === '--batch') opts.batch = Number(val());
     else if (a === '--quiet-ms') opts.quietMs = Number(val());
+    else if (a === '--time-limit') opts.timeLimitS = Number(val());
+    else if (a === '--max-outbound') opts.maxOutbound = val();
+    else if (a === '--rooms-only') opts.roomsOnly = true;
     else if (a === '-h' || a === '--help') {
-      process.stderr.write('usage: node scripts/measure-presence.mjs [--members N (<= 12000)] [--batch B] [--quiet-ms MS]\n');
+      process.stderr.write('usage: node scripts/measure-presence.mjs [--members N (<= 19000)] [--batch B] [--quiet-ms MS] [--max-outbound SIZE] [--time-limit S] [--rooms-only]\n');
       process.exit(0);
     } else throw new Error(`unknown argument ${a}`);
   }
@@ -68,6 +75,7 @@ function parseArgs(argv) {
     throw new Error(`--members must be an integer in 1..${MAX_MEMBERS}`);
   }
   if (!Number.isInteger(opts.batch) || opts.batch < 1) throw new Error('--batch must be a positive integer');
+  if (!(opts.timeLimitS > 0)) throw new Error('--time-limit must be a positive number of seconds');
   return opts;
 }
 
@@ -105,9 +113,10 @@ function freePort() {
 
 const liveProcs = new Set();
 
-async function startServer(bin) {
+async function startServer(bin, maxOutbound) {
   const port = await freePort();
   const argv = ['serve', '--listen', `127.0.0.1:${port}`, '--cores', '2', '--secret', SECRET];
+  if (maxOutbound) argv.push('--max-outbound', maxOutbound);
   const env = { ...process.env, NO_COLOR: '1' };
   delete env.RINGCAST_SECRET;
   delete env.RINGCAST_API_KEY;
@@ -222,7 +231,10 @@ class Member {
         }
       } catch { /* not ours */ }
     }
-    if (this.isProbe && this.stateAt === undefined && data.subarray(0, 80).includes('"presence_state"')) this.stateAt = now;
+    if (this.isProbe && this.stateAt === undefined && data.subarray(0, 80).includes('"presence_state"')) {
+      this.stateAt = now;
+      this.state = data;
+    }
     if (this.sawAt === null && this.stats.watchFor && data.includes(this.stats.watchFor)) {
       this.sawAt = now;
       const text = data.toString('utf8');
@@ -247,9 +259,9 @@ async function quiet(stats, quietMs, maxMs) {
 
 const pct = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 
-async function runPhase({ bin, topic, members: n, batch, quietMs, settleMaxMs, diffWaitMs, rampDeadline }) {
-  log(`${topic}: starting ${bin} --cores 2`);
-  const server = await startServer(bin);
+async function runPhase({ bin, topic, members: n, batch, quietMs, settleMaxMs, diffWaitMs, rampDeadline, maxOutbound }) {
+  log(`${topic}: starting ${bin} --cores 2${maxOutbound ? ` --max-outbound ${maxOutbound}` : ''}`);
+  const server = await startServer(bin, maxOutbound);
   const pid = server.proc.pid;
   const stats = { frames: 0, bytes: 0, lastAt: performance.now(), closed: 0, closeCodes: {}, watchFor: null };
   const members = [];
@@ -334,7 +346,14 @@ async function runPhase({ bin, topic, members: n, batch, quietMs, settleMaxMs, d
         for (const m of members) if (m.sawAt !== null) byCore[m.core] = Math.max(byCore[m.core] || 0, m.sawAt - from);
         result[`${pre}_last_ms_by_core`] = Object.fromEntries(Object.entries(byCore).map(([k, v]) => [k, +v.toFixed(2)]));
       }
-      if (probe.stateAt !== undefined) result.join_to_own_presence_state_ms = +(probe.stateAt - sent).toFixed(2);
+      if (probe.stateAt !== undefined) {
+        result.join_to_own_presence_state_ms = +(probe.stateAt - sent).toFixed(2);
+        const [, , , , state] = JSON.parse(probe.state.toString('utf8'));
+        result.state_bytes = probe.state.length;
+        result.state_keys = Object.keys(state).length;
+        result.state_has_every_member = members.every((m) => state[m.userId]?.metas?.length >= 1);
+      }
+      result.probe_closed = probe.closed;
       if (probe.sawAt !== null) result[`${pre}_own_ms`] = +(probe.sawAt - from).toFixed(2);
     }
     members.push(probe);
@@ -356,13 +375,16 @@ async function runPhase({ bin, topic, members: n, batch, quietMs, settleMaxMs, d
 
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
+  armHardLimit(opts.timeLimitS);
   const bin = defaultBin();
   if (!fs.existsSync(bin)) throw new Error(`no ringcast binary at ${bin} (set RINGCAST_BIN)`);
   // rooms first: it is the slow one (every join sends the whole state to the joiner and a
   // diff to everyone); if its ramp has to stop early, bench uses the same member count.
   const started = performance.now();
-  const rooms = await runPhase({ ...opts, bin, topic: 'rooms:measure', rampDeadline: started + 110_000 });
-  const bench = await runPhase({ ...opts, members: rooms.members, settleMaxMs: 10_000, bin, topic: 'bench:measure', rampDeadline: Infinity });
+  const rooms = await runPhase({ ...opts, bin, topic: 'rooms:measure', rampDeadline: started + opts.timeLimitS * 650 });
+  const bench = opts.roomsOnly
+    ? {}
+    : await runPhase({ ...opts, members: rooms.members, settleMaxMs: 10_000, bin, topic: 'bench:measure', rampDeadline: Infinity });
   const n = rooms.members;
   const report = {
     binary: bin,
@@ -377,6 +399,10 @@ async function main() {
     join_to_first_diff_ms: rooms.join_to_first_ms,
     join_to_last_diff_ms: rooms.join_to_last_ms,
     members_with_diff: rooms.members_reached,
+    max_outbound: opts.maxOutbound,
+    newcomer_state_keys: rooms.state_keys,
+    newcomer_state_bytes: rooms.state_bytes,
+    newcomer_state_has_every_member: rooms.state_has_every_member,
     // the same fanout for a plain broadcast on bench:measure (no presence): what delivery
     // to N connections costs the server and this client by itself
     bench_broadcast_to_last_ms: bench.broadcast_to_last_ms,
@@ -386,12 +412,14 @@ async function main() {
   process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
 }
 
-const hardLimit = setTimeout(() => {
-  log(`hard time limit of ${HARD_LIMIT_MS / 1000} s reached; giving up`);
-  for (const p of liveProcs) { try { p.kill('SIGKILL'); } catch { /* gone */ } }
-  process.exit(2);
-}, HARD_LIMIT_MS);
-hardLimit.unref();
+function armHardLimit(seconds) {
+  const hardLimit = setTimeout(() => {
+    log(`hard time limit of ${seconds} s reached; giving up`);
+    for (const p of liveProcs) { try { p.kill('SIGKILL'); } catch { /* gone */ } }
+    process.exit(2);
+  }, seconds * 1000);
+  hardLimit.unref();
+}
 
 process.on('exit', () => { for (const p of liveProcs) { try { p.kill('SIGKILL'); } catch { /* gone */ } } });
 
