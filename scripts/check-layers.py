@@ -7,16 +7,18 @@ a module may use only modules of a lower layer:
     0  proto, clock                   sans-IO protocol: frames, heads, serializers, tokens;
                                       the wall clock, read in one place
     1  shard                          per-core state and the channel runtime (api/, app,
-                                      the cluster handle); no sockets, io_uring or Redis
+                                      the cluster handle); no sockets, io_uring, Redis or
+                                      clock of its own: it is given a clock, and hands its
+                                      timers, mesh messages and writes back
     2  transport, cluster             I/O around the shard: HTTP, WebSocket, long-poll,
                                       parking, the flusher; the Redis link
-    3  server                         executors, mesh, listeners
+    3  server                         executors, the mesh's rings, inbox wake-ups, listeners
     4  seed, testing, bench_support   what runs on a server
 
 A module's dependencies are the `crate::NAME` paths in its code (use statements and inline
 paths, grouped imports included); `#[cfg(test)]` modules and comments are skipped. Two
-modules of one layer may not use each other either. On top of that, proto stays sans-IO:
-no runtime, socket, clock or layer above it.
+modules of one layer may not use each other either. On top of that, proto stays sans-IO
+(no runtime, socket or clock), and shard does no I/O (no glommio, socket, Redis or clock).
 
 Prints every edge with its files; exits 1 on an upward or sideways edge, or on a module
 missing from the table.
@@ -34,6 +36,12 @@ LAYERS = [
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 SANS_IO = re.compile(r"glommio|std::net|std::time::(Instant|SystemTime)|io_uring|libc::")
+# The shard may name addresses (config, connect info) and read its file limit, no more.
+NO_IO = re.compile(
+    r"glommio|io_uring|redis::|std::net::(TcpStream|TcpListener|UdpSocket)|std::os::unix::net"
+    r"|\bInstant\b|SystemTime|thread::sleep"
+)
+RULES = {"proto": ("must stay sans-IO", SANS_IO), "shard": ("must do no I/O", NO_IO)}
 
 
 def strip_tests(text):
@@ -76,10 +84,11 @@ def main():
                 names |= set(re.findall(r"(?:^|,)\s*(\w+)", group))
             for name in names & set(tops) - {top}:
                 edges.setdefault((top, name), set()).add(os.path.relpath(path, src))
-            if top == "proto":
+            if top in RULES:
+                what, rule = RULES[top]
                 for n, line in enumerate(text.splitlines(), 1):
-                    if SANS_IO.search(line):
-                        failures.append(f"{os.path.relpath(path, src)}:{n}: proto must stay sans-IO: {line.strip()}")
+                    if rule.search(line):
+                        failures.append(f"{os.path.relpath(path, src)}:{n}: {top} {what}: {line.strip()}")
     for (a, b), files in sorted(edges.items()):
         bad = a in RANK and b in RANK and RANK[b] >= RANK[a]
         mark = "  <-- UPWARD" if bad and RANK[b] > RANK[a] else "  <-- SIDEWAYS" if bad else ""

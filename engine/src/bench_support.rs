@@ -27,18 +27,30 @@ impl crate::SocketHandler for Nobody {
     }
 }
 
+/// An app with no channels whose socket handler refuses everyone, for shards that
+/// tests and fixtures drive without sockets.
+pub(crate) fn bare_app(config: Config) -> Arc<App> {
+    Arc::new(App {
+        router: Router::new(),
+        socket: Box::new(Nobody),
+        presence_fetch: None,
+        stats: (0..config.cores.max(1)).map(|_| Default::default()).collect(),
+        config,
+    })
+}
+
 /// A one-core shard with no channels and no sockets of its own, not entered anywhere
 /// (no executor needed), on a manual clock (`shard.clock().advance(ms)`): for fixtures
 /// and unit tests that drive its connections and timers.
 pub(crate) fn lone_shard(config: Config) -> Rc<Shard> {
-    let app = Arc::new(App {
-        config: Config { cores: 1, ..config },
-        router: Router::new(),
-        socket: Box::new(Nobody),
-        presence_fetch: None,
-        stats: vec![Default::default()],
-    });
-    Shard::new(0, app, Endpoint::new(Vec::new(), None), None, crate::clock::Clock::manual())
+    let app = bare_app(Config { cores: 1, ..config });
+    Shard::new(
+        0,
+        app,
+        Endpoint::new(Vec::new(), None),
+        None,
+        crate::clock::Clock::manual(),
+    )
 }
 
 impl FanoutFixture {

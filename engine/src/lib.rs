@@ -8,14 +8,19 @@
 //! The layers, from the wire up; each uses only the ones before it
 //! (`scripts/check-layers.py` checks it in CI):
 //! 0. [`proto`]: sans-IO protocol (WebSocket frames, HTTP heads, Phoenix serializers,
-//!    channel routing, tokens, presence state);
-//! 1. `shard`: the state of one core, driven by the layers above: connections, topic
-//!    table and fanout, presence replica, mesh routing, and the channel runtime
-//!    ([`api`]: [`Channel`], [`Socket`], [`SocketHandler`], [`Router`], [`Endpoint`];
-//!    [`Config`]; the cluster handle);
+//!    channel routing, tokens, presence state), and [`clock`];
+//! 1. `shard`: the state of one core, driven by the layers above and doing no I/O:
+//!    connections, topic table and fanout, presence replica, mesh routing, timers, and
+//!    the channel runtime ([`api`]: [`Channel`], [`Socket`], [`SocketHandler`],
+//!    [`Router`], [`Endpoint`]; [`Config`]; the cluster handle). It is given a clock and
+//!    hands work back: connections with frames to write (`poll_dirty`), parked
+//!    connections to wake, timer deadlines (`poll_timeout` / `handle_timeout`), and
+//!    messages for other cores through a `MeshLink`;
 //! 2. `transport` (accept loop, HTTP, the WebSocket pump, long-poll, parking, the
-//!    flusher) and [`cluster`] (the Redis link): the I/O around the shard;
-//! 3. [`server`]: executors, the core mesh, listeners ([`Server`]);
+//!    flusher, the timer driver) and [`cluster`] (the Redis link): the I/O around the
+//!    shard;
+//! 3. [`server`]: executors, the core mesh's rings, inbox wake-ups, listeners
+//!    ([`Server`]);
 //! 4. [`seed`], the seed app that `ringcast serve` runs, and [`testing`], an in-process
 //!    test kit for channels like Phoenix's `ChannelTest`.
 //!

@@ -69,7 +69,13 @@ where
         .make()
         .expect("a glommio executor for the test");
     executor.run(async move {
-        let shard = Shard::new(0, app, Endpoint::new(Vec::new(), None), None, crate::clock::Clock::system());
+        let shard = Shard::new(
+            0,
+            app,
+            Endpoint::new(Vec::new(), None),
+            None,
+            crate::clock::Clock::system(),
+        );
         let _entered = shard.enter();
         glommio::spawn_local(crate::transport::timers::run(shard.clone())).detach();
         test(Kit { shard }).await

@@ -116,7 +116,13 @@ mod tests {
             presence_fetch: None,
             stats: vec![Default::default()],
         });
-        Shard::new(0, app, crate::Endpoint::new(Vec::new(), None), None, crate::clock::Clock::manual())
+        Shard::new(
+            0,
+            app,
+            crate::Endpoint::new(Vec::new(), None),
+            None,
+            crate::clock::Clock::manual(),
+        )
     }
 
     fn info(params: &[(&str, &str)], origin: Option<&str>) -> ConnectInfo {

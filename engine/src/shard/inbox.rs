@@ -1,18 +1,16 @@
 //! Each core's inbox for work from threads outside the server's cores (the `Endpoint`
-//! from a plain thread, the cluster link): a crossbeam channel plus a wake-up byte on
-//! a Unix socket that the core reads through io_uring.
+//! from a plain thread, the cluster link): a bounded crossbeam channel plus a wake-up
+//! the server provides (a byte on a Unix socket that the core reads through io_uring).
+//! The core's driver drains it ([`InboxReceiver::drain`]) when woken.
 
-use std::io::Write;
-use std::os::fd::{FromRawFd, IntoRawFd};
-use std::os::unix::net::UnixStream;
-use std::rc::Rc;
 use std::sync::Arc;
-
-use futures_lite::AsyncReadExt;
 
 use crate::proto::presence::{Delta, Meta};
 use crate::shard::stats::CoreStats;
 use crate::shard::{Broadcast, Shard};
+
+/// Tells a core that its inbox has work (called on the sender's thread).
+pub(crate) type Wake = Arc<dyn Fn() + Send + Sync>;
 
 /// Work handed to a core from outside.
 pub(crate) enum CoreCommand {
@@ -36,7 +34,7 @@ pub(crate) const INBOX_BOUND: usize = 65_536;
 #[derive(Clone)]
 pub(crate) struct CoreInbox {
     tx: crossbeam_channel::Sender<CoreCommand>,
-    wake: Arc<UnixStream>,
+    wake: Wake,
     stats: Arc<CoreStats>,
 }
 
@@ -56,49 +54,32 @@ impl CoreInbox {
             },
         };
         if sent {
-            // A full wake socket means a wake-up is pending already.
-            let _ = (&*self.wake).write(&[1]);
+            (self.wake)();
         }
     }
 }
 
-/// The receiving side, run by a task on its core.
+/// The receiving side, drained on its core.
 pub(crate) struct InboxReceiver {
     rx: crossbeam_channel::Receiver<CoreCommand>,
-    wake: UnixStream,
 }
 
 /// A new inbox holding at most `bound` commands, counting its drops in `stats` (the
-/// core's own).
-pub(crate) fn inbox(bound: usize, stats: Arc<CoreStats>) -> std::io::Result<(CoreInbox, InboxReceiver)> {
+/// core's own); every accepted command calls `wake`.
+pub(crate) fn inbox(bound: usize, stats: Arc<CoreStats>, wake: Wake) -> (CoreInbox, InboxReceiver) {
     let (tx, rx) = crossbeam_channel::bounded(bound);
-    let (wake_tx, wake_rx) = UnixStream::pair()?;
-    wake_tx.set_nonblocking(true)?;
-    Ok((
-        CoreInbox {
-            tx,
-            wake: Arc::new(wake_tx),
-            stats,
-        },
-        InboxReceiver { rx, wake: wake_rx },
-    ))
+    (CoreInbox { tx, wake, stats }, InboxReceiver { rx })
 }
 
 impl InboxReceiver {
-    /// Runs commands as they come, until every sender is gone.
-    pub(crate) async fn run(self, shard: Rc<Shard>) {
-        // SAFETY: `wake` is a connected Unix stream socket owned by this task from here on.
-        let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(self.wake.into_raw_fd()) };
-        let mut buf = [0u8; 64];
-        loop {
-            while let Ok(cmd) = self.rx.try_recv() {
-                shard.run_command(cmd);
-            }
-            match wake.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
+    /// Runs every command waiting, in order; returns how many ran.
+    pub(crate) fn drain(&self, shard: &Shard) -> usize {
+        let mut n = 0;
+        while let Ok(cmd) = self.rx.try_recv() {
+            shard.run_command(cmd);
+            n += 1;
         }
+        n
     }
 }
 
@@ -110,13 +91,23 @@ mod tests {
     #[test]
     fn a_full_inbox_drops_and_counts_but_keeps_a_shutdown() {
         let stats = Arc::new(CoreStats::default());
-        let (tx, rx) = inbox(4, stats.clone()).unwrap();
+        let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = wakes.clone();
+        let wake: Wake = Arc::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        let (tx, rx) = inbox(4, stats.clone(), wake);
         let deliver = || CoreCommand::Deliver(Arc::new(Broadcast::new("t", "e", Payload::empty(), None)));
         for _ in 0..6 {
             tx.send(deliver());
         }
         assert_eq!(stats.inbox_dropped.get(), 2, "two over the bound of four");
         assert_eq!(rx.rx.len(), 4);
+        assert_eq!(
+            wakes.load(std::sync::atomic::Ordering::Relaxed),
+            4,
+            "a wake-up per accepted command"
+        );
         // A shutdown waits for room instead of being dropped.
         let sender = std::thread::spawn(move || tx.send(CoreCommand::Shutdown));
         std::thread::sleep(std::time::Duration::from_millis(50));

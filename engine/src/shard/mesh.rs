@@ -1,19 +1,14 @@
-//! The SPSC ring mesh between cores (glommio's `channel_mesh`): forwards broadcasts to
-//! the cores that have subscribers for their topic, and keeps that interest table.
-//!
-//! A ring that is full never blocks a publisher: messages wait, in order, in a per-peer
-//! backlog drained by a pump task.
+//! What a core knows of the other cores: which of them have subscribers for a topic
+//! (so broadcasts go only there), the interest announcements waiting for acks, and the
+//! messages between cores. How a message gets there is the server's [`MeshLink`] (the
+//! SPSC rings of glommio's `channel_mesh`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 
-use glommio::channels::channel_mesh::Senders;
-use glommio::{GlommioError, ResourceType};
-
-use super::stats::CoreStats;
 use super::Broadcast;
 use crate::proto::http::{Request, Response};
 use crate::proto::presence::Delta;
@@ -46,22 +41,24 @@ pub(crate) enum MeshMsg {
     LongPollReply { id: u64, response: Response },
 }
 
+/// Carries messages to the other cores. It never blocks: what it cannot hand over at
+/// once waits in order, within a bound past which broadcasts (and only broadcasts) are
+/// dropped and counted.
+pub(crate) trait MeshLink {
+    /// Hands `msg` to core `peer`.
+    fn send(&self, peer: usize, msg: MeshMsg);
+}
+
 struct Inner {
     index: usize,
-    senders: Senders<MeshMsg>,
-    backlog: Vec<RefCell<VecDeque<MeshMsg>>>,
-    pumping: Vec<Cell<bool>>,
+    peers: usize,
+    link: Box<dyn MeshLink>,
     /// Topic -> bit set of the other cores with subscribers.
     interest: RefCell<HashMap<Box<str>, u64>>,
     /// Interest announcements waiting for acks, by id.
     acks: RefCell<HashMap<u64, PendingAck>>,
-    stats: Arc<CoreStats>,
     next_ack: Cell<u64>,
 }
-
-/// Messages one core holds for another whose ring is full; past it broadcasts are
-/// dropped and counted (`ringcast_mesh_dropped_total`).
-pub(crate) const MESH_BACKLOG_BOUND: usize = 65_536;
 
 /// An interest announcement waiting for acks: how many are missing, who waits, and
 /// when it was announced (the shard's clock, ms).
@@ -70,18 +67,16 @@ type PendingAck = (usize, Option<Waker>, u32);
 pub(crate) struct Mesh(Rc<Inner>);
 
 impl Mesh {
-    pub(crate) fn new(senders: Senders<MeshMsg>, stats: Arc<CoreStats>) -> Self {
-        let peers = senders.nr_consumers();
+    /// Core `index` of `peers` cores (itself included), reaching them through `link`.
+    pub(crate) fn new(index: usize, peers: usize, link: Box<dyn MeshLink>) -> Self {
         assert!(peers <= 64, "at most 64 cores");
         Mesh(Rc::new(Inner {
-            index: senders.peer_id(),
-            senders,
-            backlog: (0..peers).map(|_| RefCell::default()).collect(),
-            pumping: (0..peers).map(|_| Cell::new(false)).collect(),
+            index,
+            peers,
+            link,
             interest: RefCell::default(),
             acks: RefCell::default(),
             next_ack: Cell::new(0),
-            stats,
         }))
     }
 
@@ -89,12 +84,17 @@ impl Mesh {
         self.0.index
     }
 
+    /// How many cores the mesh joins, this one included.
     pub(crate) fn peers(&self) -> usize {
-        self.0.backlog.len()
+        self.0.peers
     }
 
     pub(crate) fn send_to(&self, peer: usize, msg: MeshMsg) {
-        send(&self.0, peer, msg);
+        self.0.link.send(peer, msg);
+    }
+
+    fn others(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.0.peers).filter(|p| *p != self.0.index)
     }
 
     pub(crate) fn forward(&self, b: &Arc<Broadcast>) {
@@ -105,9 +105,9 @@ impl Mesh {
         } else {
             self.0.interest.borrow().get(&*b.topic).copied().unwrap_or(0)
         };
-        for peer in (0..self.0.backlog.len()).filter(|p| *p != self.0.index) {
+        for peer in self.others() {
             if mask & (1 << peer) != 0 {
-                send(&self.0, peer, MeshMsg::Broadcast(b.clone()));
+                self.send_to(peer, MeshMsg::Broadcast(b.clone()));
             }
         }
     }
@@ -117,21 +117,21 @@ impl Mesh {
     /// a broadcast published elsewhere might not be forwarded here yet.
     pub(crate) fn announce(&self, topic: &str, on: bool, now_ms: u32) -> Option<u64> {
         let topic: Arc<str> = topic.into();
-        let peers = self.0.backlog.len() - 1;
+        let peers = self.0.peers - 1;
         let ack = (on && peers > 0).then(|| {
             let id = self.0.next_ack.get() + 1;
             self.0.next_ack.set(id);
             self.0.acks.borrow_mut().insert(id, (peers, None, now_ms));
             id
         });
-        for peer in (0..self.0.backlog.len()).filter(|p| *p != self.0.index) {
+        for peer in self.others() {
             let msg = MeshMsg::Interest {
                 topic: topic.clone(),
                 core: self.0.index,
                 on,
                 ack,
             };
-            send(&self.0, peer, msg);
+            self.send_to(peer, msg);
         }
         ack
     }
@@ -190,12 +190,12 @@ impl Mesh {
     /// Every core keeps a full presence replica, so deltas go to all of them.
     pub(crate) fn replicate_presence(&self, topic: &str, delta: &Arc<Delta>) {
         let topic: Arc<str> = topic.into();
-        for peer in (0..self.0.backlog.len()).filter(|p| *p != self.0.index) {
+        for peer in self.others() {
             let msg = MeshMsg::Presence {
                 topic: topic.clone(),
                 delta: delta.clone(),
             };
-            send(&self.0, peer, msg);
+            self.send_to(peer, msg);
         }
     }
 
@@ -209,44 +209,5 @@ impl Mesh {
                 interest.remove(topic);
             }
         }
-    }
-}
-
-fn send(inner: &Rc<Inner>, peer: usize, msg: MeshMsg) {
-    let mut backlog = inner.backlog[peer].borrow_mut();
-    let msg = if backlog.is_empty() {
-        match inner.senders.try_send_to(peer, msg) {
-            Ok(()) => return,
-            Err(GlommioError::WouldBlock(ResourceType::Channel(msg))) => msg,
-            Err(e) => {
-                tracing::error!("mesh send to core {peer} failed: {e}");
-                return;
-            }
-        }
-    } else {
-        msg
-    };
-    // Broadcasts are the volume and may be dropped, at most once like any delivery:
-    // past the bound they are, and counted. Interest, acks, presence and long-poll
-    // messages are few and keep the cores' tables right: they always queue.
-    if backlog.len() >= MESH_BACKLOG_BOUND && matches!(msg, MeshMsg::Broadcast(_)) {
-        inner.stats.mesh_dropped.add(1);
-        return;
-    }
-    backlog.push_back(msg);
-    drop(backlog);
-    if !inner.pumping[peer].replace(true) {
-        let inner = inner.clone();
-        glommio::spawn_local(async move {
-            loop {
-                let next = inner.backlog[peer].borrow_mut().pop_front();
-                let Some(msg) = next else { break };
-                if inner.senders.send_to(peer, msg).await.is_err() {
-                    break;
-                }
-            }
-            inner.pumping[peer].set(false);
-        })
-        .detach();
     }
 }

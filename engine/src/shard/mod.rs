@@ -802,6 +802,83 @@ mod tests {
         assert_eq!(shard.poll_timeout(&waker), Some(40));
     }
 
+    /// The mesh link of an in-memory test: messages wait on one wire until delivered.
+    type Wire = Rc<RefCell<std::collections::VecDeque<(usize, MeshMsg)>>>;
+
+    struct TestLink(Wire);
+
+    impl mesh::MeshLink for TestLink {
+        fn send(&self, peer: usize, msg: MeshMsg) {
+            self.0.borrow_mut().push_back((peer, msg));
+        }
+    }
+
+    /// Hands every message on the wire to its core, until none is left.
+    fn deliver_all(shards: &[Rc<Shard>], wire: &Wire) -> usize {
+        let mut n = 0;
+        loop {
+            let next = wire.borrow_mut().pop_front();
+            let Some((to, msg)) = next else { return n };
+            assert!(shards[to].handle_mesh(msg).is_none(), "no long-poll traffic here");
+            n += 1;
+        }
+    }
+
+    #[test]
+    fn two_cores_in_memory_forward_a_topic_only_while_the_other_has_subscribers() {
+        let app = crate::bench_support::bare_app(Config {
+            cores: 2,
+            ..Config::default()
+        });
+        let wire = Wire::default();
+        let shards: Vec<_> = (0..2)
+            .map(|i| {
+                let mesh = Mesh::new(i, 2, Box::new(TestLink(wire.clone())));
+                let endpoint = Endpoint::new(Vec::new(), None);
+                Shard::new(i, app.clone(), endpoint, Some(mesh), Clock::manual())
+            })
+            .collect();
+        let (_, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+
+        // A first subscription on core 1 waits until core 0 acked its interest.
+        let conn = shards[1].add_conn(Vsn::V2, Rc::new(()), None, false);
+        conn.fd.set(100);
+        let ack = shards[1]
+            .subscribe(
+                "t",
+                Sub {
+                    conn: conn.clone(),
+                    vsn: Vsn::V2,
+                    intercepts: &[],
+                },
+            )
+            .expect("a first subscription is announced");
+        assert!(!shards[1].poll_interest_acked(ack, &mut cx));
+        assert_eq!(deliver_all(&shards, &wire), 2, "interest, then its ack");
+        assert!(shards[1].poll_interest_acked(ack, &mut cx));
+
+        // Core 0 publishes: forwarded to core 1, whose subscriber gets it once.
+        shards[0].publish(Broadcast::new("t", "e", Payload::empty(), None));
+        shards[0].publish(Broadcast::new("elsewhere", "e", Payload::empty(), None));
+        assert_eq!(
+            wire.borrow().len(),
+            1,
+            "only the topic core 1 has subscribers for"
+        );
+        deliver_all(&shards, &wire);
+        assert_eq!(conn.out.borrow().frames.len(), 1);
+
+        // Once core 1's last subscriber leaves, core 0 stops forwarding.
+        shards[1].unsubscribe("t", conn.id, 0);
+        assert_eq!(deliver_all(&shards, &wire), 1, "interest off");
+        shards[0].publish(Broadcast::new("t", "e", Payload::empty(), None));
+        assert!(
+            wire.borrow().is_empty(),
+            "nothing forwarded to a core without subscribers"
+        );
+    }
+
     #[test]
     fn the_idle_sweep_runs_on_the_time_it_is_given() {
         let shard = lone_shard(Config {

@@ -513,6 +513,60 @@ mod tests {
         assert_eq!(binary_reply_as_error(&[1, 9, 9, 9, 9, b'x']), None, "truncated");
     }
 
+    /// A session posted to faster than it handles its messages is closed at the bound
+    /// with 410 and a count in /metrics; its queued messages stay, and another session
+    /// on the core goes on.
+    #[test]
+    fn posting_past_the_inbound_bound_closes_only_that_session() {
+        let shard = crate::bench_support::lone_shard(crate::shard::app::Config::default());
+        let session = |token: &str| LpSession {
+            token: token.into(),
+            conn: shard.add_conn(Vsn::V2, Rc::new(()), None, true),
+            inbound: RefCell::default(),
+            poller: RefCell::new(None),
+            last_poll: Cell::new(Instant::now()),
+            polling: Cell::new(false),
+            gone: Cell::new(false),
+        };
+        let (flooder, bystander) = (session("0.flood"), session("0.calm"));
+        let (req, _) =
+            Request::parse(b"POST /socket/longpoll HTTP/1.1\r\ncontent-type: application/x-ndjson\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        let lines: String = (0..MAX_LINES)
+            .map(|i| format!("[null,\"{i}\",\"phoenix\",\"heartbeat\",{{}}]\n"))
+            .collect();
+        // Long-poll answers carry their status in the JSON body.
+        let answer = |lp: &LpSession| {
+            let body = publish(&shard, lp, &req, lines.as_bytes()).body;
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["status"].clone()
+        };
+        // Nothing drains the queue here (no driver runs): the bound is what stops it.
+        for _ in 0..INBOUND_BOUND / MAX_LINES {
+            assert_eq!(answer(&flooder), 200);
+        }
+        assert_eq!(flooder.inbound.borrow().len(), INBOUND_BOUND);
+        assert_eq!(answer(&flooder), 410);
+        assert_eq!(shard.stats.longpoll_inbound_closed.get(), 1);
+        assert_eq!(
+            flooder.conn.close_why.get(),
+            "long-poll messages over their bound"
+        );
+        assert_eq!(
+            flooder.inbound.borrow().len(),
+            INBOUND_BOUND,
+            "what it queued stays queued"
+        );
+
+        assert_eq!(answer(&bystander), 200);
+        assert_eq!(bystander.inbound.borrow().len(), MAX_LINES);
+        assert_eq!(
+            shard.stats.longpoll_inbound_closed.get(),
+            1,
+            "the bystander is not closed"
+        );
+    }
+
     #[test]
     fn token_cores() {
         assert_eq!(token_core("3.abcdef"), Some(3));

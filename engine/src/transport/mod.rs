@@ -299,7 +299,13 @@ mod memory {
                 presence_fetch: None,
                 stats: vec![Default::default()],
             });
-            let shard = crate::shard::Shard::new(0, app, crate::Endpoint::new(vec![], None), None, crate::clock::Clock::system());
+            let shard = crate::shard::Shard::new(
+                0,
+                app,
+                crate::Endpoint::new(vec![], None),
+                None,
+                crate::clock::Clock::system(),
+            );
             let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
             let _c = std::net::TcpStream::connect(addr).unwrap();

@@ -11,12 +11,15 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 
+mod inbox_io;
+mod ring;
+
 use crate::cluster;
 use crate::shard::api::endpoint::Endpoint;
 use crate::shard::api::router::{Router, SocketHandler};
 use crate::shard::app::App;
 pub use crate::shard::app::{Config, PresenceFetch, DEFAULT_MAX_HTTP_CONNECTIONS};
-use crate::shard::inbox::{self, InboxReceiver};
+use crate::shard::inbox;
 use crate::shard::mesh::{Mesh, MeshMsg};
 use crate::shard::stats::CoreStats;
 use crate::shard::Shard;
@@ -59,7 +62,7 @@ fn allowed_cpus() -> Vec<usize> {
 pub struct Server {
     app: Arc<App>,
     endpoint: Endpoint,
-    inboxes: Vec<InboxReceiver>,
+    inboxes: Vec<inbox_io::Inbox>,
     listeners: Vec<RawSocket>,
     local_addr: SocketAddr,
 }
@@ -93,7 +96,7 @@ impl Server {
         let mut inboxes = Vec::new();
         let mut core_inboxes = Vec::new();
         for core_stats in &stats {
-            let (tx, rx) = inbox::inbox(inbox::INBOX_BOUND, core_stats.clone())?;
+            let (tx, rx) = inbox_io::inbox(inbox::INBOX_BOUND, core_stats.clone())?;
             core_inboxes.push(tx);
             inboxes.push(rx);
         }
@@ -171,7 +174,9 @@ impl Server {
                     let (mesh, receivers) = if cores > 1 {
                         let (senders, receivers) = mesh.join().await.expect("core mesh");
                         let stats = app.stats[senders.peer_id() % app.stats.len()].clone();
-                        (Some(Mesh::new(senders, stats)), Some(receivers))
+                        let (index, peers) = (senders.peer_id(), senders.nr_consumers());
+                        let link = ring::RingLink::new(senders, stats, ring::MESH_BACKLOG_BOUND);
+                        (Some(Mesh::new(index, peers, Box::new(link))), Some(receivers))
                     } else {
                         (None, None)
                     };
