@@ -35,7 +35,7 @@ LAYERS = [
     ["seed", "testing", "bench_support"],
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
-SANS_IO = re.compile(r"glommio|std::net|std::time::(Instant|SystemTime)|io_uring|libc::")
+SANS_IO = re.compile(r"glommio|std::net::(TcpStream|TcpListener|UdpSocket|ToSocketAddrs)|std::time::(Instant|SystemTime)|io_uring|libc::")
 # The shard may name addresses (config, connect info) and read its file limit, no more.
 NO_IO = re.compile(
     r"glommio|io_uring|redis::|std::net::(TcpStream|TcpListener|UdpSocket)|std::os::unix::net"

@@ -22,7 +22,7 @@ struct Nobody;
 
 impl crate::SocketHandler for Nobody {
     type Assigns = ();
-    fn connect(&self, _: &crate::ConnectInfo) -> Option<()> {
+    async fn connect(&self, _: &crate::ConnectInfo) -> Option<()> {
         None
     }
 }

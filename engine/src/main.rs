@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the seed app server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a socket token for a user.
     Token(TokenArgs),
 }
@@ -51,9 +51,15 @@ struct ServeArgs {
     /// Bearer key of the HTTP server API.
     #[arg(long, env = "RINGCAST_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Origin allowed to connect (repeat for several); none given allows any.
+    /// Origin allowed to connect (repeat for several); none given allows any. As
+    /// Phoenix's check_origin: `https://example.com`, `//example.com` (any scheme),
+    /// `//*.example.com` (the domain and its subdomains), `http://localhost:4000`.
     #[arg(long = "allowed-origin")]
     allowed_origins: Vec<String>,
+    /// A proxy (address or CIDR, repeat for several) whose `Forwarded` /
+    /// `X-Forwarded-For` headers tell the client's address to `connect`.
+    #[arg(long = "trusted-proxy", value_parser = parse_net)]
+    trusted_proxies: Vec<ipnet::IpNet>,
     /// Close connections that send nothing for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
@@ -116,6 +122,13 @@ struct TokenArgs {
     secret: Option<String>,
 }
 
+/// A CIDR (`10.0.0.0/8`) or a single address (`127.0.0.1`, a /32 or /128).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an address nor a CIDR"))
+}
+
 fn parse_size(s: &str) -> Result<usize, String> {
     let size: bytesize::ByteSize = s.parse()?;
     usize::try_from(size.as_u64()).map_err(|e| e.to_string())
@@ -129,7 +142,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", token::sign(secret.as_bytes(), &args.user, unix_now()));
             Ok(())
         }
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 
@@ -181,6 +194,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         max_frame: args.max_frame,
         allowed_origins: args.allowed_origins,
+        trusted_proxies: args.trusted_proxies,
         max_outbound_bytes: args.max_outbound,
         max_messages_per_sec: args.max_rate,
         message_burst: args.max_rate.saturating_mul(2),

@@ -9,7 +9,7 @@
 //!
 //! testing::run(seed::UserSocket::new("s"), seed::router(), |kit| async move {
 //!     let token = ringcast::proto::token::sign(b"s", "42", testing::unix_now());
-//!     let mut client = kit.socket(&[("token", &token)]).expect("connects");
+//!     let mut client = kit.socket(&[("token", &token)]).await.expect("connects");
 //!     assert_eq!(client.subscribe_and_join("rooms:lobby", json!({})).await, Reply::ok());
 //!     client.assert_push("rooms:lobby", "welcome", json!({"msg": "Welcome to room lobby!"})).await;
 //!     let r = client.push("rooms:lobby", "ping", json!({"n": 1}));
@@ -90,7 +90,7 @@ pub struct Kit {
 impl Kit {
     /// Connects a V2 client with these connect params; `None` if the socket handler
     /// refuses it.
-    pub fn socket(&self, params: &[(&str, &str)]) -> Option<Client> {
+    pub async fn socket(&self, params: &[(&str, &str)]) -> Option<Client> {
         let info = ConnectInfo {
             params: params
                 .iter()
@@ -98,7 +98,7 @@ impl Kit {
                 .collect(),
             ..ConnectInfo::default()
         };
-        let (assigns, socket_id) = self.shard.app.socket.connect(&info)?;
+        let (assigns, socket_id) = self.shard.app.socket.connect(&info).await?;
         let conn = self.shard.add_conn(Vsn::V2, assigns, socket_id, false);
         let inbound = Rc::new(RefCell::new(VecDeque::new()));
         let closed = Rc::new(Cell::new(false));

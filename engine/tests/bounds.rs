@@ -12,7 +12,7 @@ struct Anyone;
 
 impl SocketHandler for Anyone {
     type Assigns = ();
-    fn connect(&self, _: &ConnectInfo) -> Option<()> {
+    async fn connect(&self, _: &ConnectInfo) -> Option<()> {
         Some(())
     }
 }
@@ -43,8 +43,8 @@ impl Channel for Stalling {
 fn a_mailbox_over_its_bound_closes_its_connection_and_only_that_one() {
     let router = Router::new().channel::<Stalling>("room:*");
     testing::run(Anyone, router, |kit| async move {
-        let mut stuck = kit.socket(&[]).unwrap();
-        let mut member = kit.socket(&[]).unwrap();
+        let mut stuck = kit.socket(&[]).await.unwrap();
+        let mut member = kit.socket(&[]).await.unwrap();
         stuck.subscribe_and_join("room:a", json!({})).await;
         member.subscribe_and_join("room:a", json!({})).await;
         stuck.push("room:a", "stall", json!({}));

@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 
 const SECRET: &str = "presence-secret";
 
-fn client(kit: &Kit, user: &str) -> Client {
+async fn client(kit: &Kit, user: &str) -> Client {
     let t = token::sign(SECRET.as_bytes(), user, unix_now());
-    kit.socket(&[("token", &t)]).expect("token accepted")
+    kit.socket(&[("token", &t)]).await.expect("token accepted")
 }
 
 /// Applies presence_state / presence_diff frames the way phoenix.js does, by phx_ref,
@@ -106,7 +106,7 @@ impl View {
 #[test]
 fn joiner_gets_state_then_everyone_gets_its_diff() {
     testing::run(seed::UserSocket::new(SECRET), seed::router(), |kit| async move {
-        let mut a = client(&kit, "1");
+        let mut a = client(&kit, "1").await;
         a.subscribe_and_join("rooms:p", json!({"name": "ada"})).await;
         a.assert_push("rooms:p", "presence_state", json!({})).await;
         let diff = a.expect("own diff", |f| f.event == "presence_diff").await;
@@ -123,7 +123,7 @@ fn joiner_gets_state_then_everyone_gets_its_diff() {
         va.apply_state(&json!({}));
         va.apply_side(&diff["joins"], true);
 
-        let mut b = client(&kit, "2");
+        let mut b = client(&kit, "2").await;
         b.subscribe_and_join("rooms:p", json!({})).await;
         let state = b.expect("state", |f| f.event == "presence_state").await;
         let Payload::Json(state) = state.payload else {
@@ -151,12 +151,12 @@ fn joiner_gets_state_then_everyone_gets_its_diff() {
 #[test]
 fn leave_crash_and_disconnect_untrack() {
     testing::run(seed::UserSocket::new(SECRET), seed::router(), |kit| async move {
-        let mut watcher = client(&kit, "w");
+        let mut watcher = client(&kit, "w").await;
         watcher.subscribe_and_join("rooms:u", json!({})).await;
         let mut view = View::default();
-        let mut l = client(&kit, "leaver");
-        let mut c = client(&kit, "crasher");
-        let d = client(&kit, "dropper");
+        let mut l = client(&kit, "leaver").await;
+        let mut c = client(&kit, "crasher").await;
+        let d = client(&kit, "dropper").await;
         let mut d = d;
         for x in [&mut l, &mut c, &mut d] {
             x.subscribe_and_join("rooms:u", json!({})).await;
@@ -185,8 +185,8 @@ fn leave_crash_and_disconnect_untrack() {
 #[test]
 fn one_user_on_two_connections_is_one_key_with_two_metas() {
     testing::run(seed::UserSocket::new(SECRET), seed::router(), |kit| async move {
-        let mut a = client(&kit, "7");
-        let mut a2 = client(&kit, "7");
+        let mut a = client(&kit, "7").await;
+        let mut a2 = client(&kit, "7").await;
         a.subscribe_and_join("rooms:m", json!({})).await;
         a2.subscribe_and_join("rooms:m", json!({})).await;
         let mut view = View::default();
@@ -238,7 +238,7 @@ impl Channel for Status {
 fn update_sends_leave_and_join_with_phx_ref_prev() {
     let router = Router::new().channel::<Status>("status:*");
     testing::run(seed::UserSocket::new(SECRET), router, |kit| async move {
-        let mut c = client(&kit, "1");
+        let mut c = client(&kit, "1").await;
         c.subscribe_and_join("status:x", json!({})).await;
         let first = c.expect("join diff", |f| f.event == "presence_diff").await;
         let Payload::Json(first) = first.payload else {
@@ -279,14 +279,14 @@ fn update_sends_leave_and_join_with_phx_ref_prev() {
 #[test]
 fn a_join_storm_is_batched_into_few_diffs() {
     testing::run(seed::UserSocket::new(SECRET), seed::router(), |kit| async move {
-        let mut watcher = client(&kit, "watcher");
+        let mut watcher = client(&kit, "watcher").await;
         watcher.subscribe_and_join("rooms:storm", json!({})).await;
         let mut view = View::default();
         view.absorb_until(&mut watcher, "rooms:storm", |v| v.keys() == ["watcher"])
             .await;
         let mut others = Vec::new();
         for i in 0..300 {
-            let mut c = client(&kit, &format!("u{i}"));
+            let mut c = client(&kit, &format!("u{i}")).await;
             c.push("rooms:storm", "phx_join", json!({}));
             others.push(c);
         }

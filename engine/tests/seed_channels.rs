@@ -17,27 +17,28 @@ where
     testing::run(seed::UserSocket::new(SECRET), seed::router(), test)
 }
 
-fn client(kit: &Kit, user: &str) -> testing::Client {
+async fn client(kit: &Kit, user: &str) -> testing::Client {
     let t = token::sign(SECRET.as_bytes(), user, unix_now());
     kit.socket(&[("token", &t), ("vsn", "2.0.0")])
+        .await
         .expect("token accepted")
 }
 
 #[test]
 fn refused_tokens_do_not_connect() {
     run(|kit| async move {
-        assert!(kit.socket(&[]).is_none());
+        assert!(kit.socket(&[]).await.is_none());
         let forged = token::sign(b"other", "1", unix_now());
-        assert!(kit.socket(&[("token", &forged)]).is_none());
+        assert!(kit.socket(&[("token", &forged)]).await.is_none());
         let expired = token::sign(SECRET.as_bytes(), "1", unix_now() - 86_401);
-        assert!(kit.socket(&[("token", &expired)]).is_none());
+        assert!(kit.socket(&[("token", &expired)]).await.is_none());
     });
 }
 
 #[test]
 fn room_join_welcome_and_locked_room() {
     run(|kit| async move {
-        let mut c = client(&kit, "42");
+        let mut c = client(&kit, "42").await;
         assert_eq!(
             c.subscribe_and_join("rooms:lobby", json!({"name": "ada"})).await,
             Reply::ok()
@@ -58,7 +59,7 @@ fn room_join_welcome_and_locked_room() {
 #[test]
 fn welcome_follows_the_join_reply() {
     run(|kit| async move {
-        let mut c = client(&kit, "1");
+        let mut c = client(&kit, "1").await;
         // A join pushed by hand, so that every frame it brings is seen in arrival order.
         let r = c.push("rooms:a", "phx_join", json!({}));
         let deadline = std::time::Instant::now() + testing::ASSERT_TIMEOUT;
@@ -86,9 +87,9 @@ fn welcome_follows_the_join_reply() {
 #[test]
 fn new_msg_shout_and_whisper_reach_the_right_members() {
     run(|kit| async move {
-        let mut a = client(&kit, "1");
-        let mut a2 = client(&kit, "1");
-        let mut b = client(&kit, "2");
+        let mut a = client(&kit, "1").await;
+        let mut a2 = client(&kit, "1").await;
+        let mut b = client(&kit, "2").await;
         for c in [&mut a, &mut a2, &mut b] {
             c.subscribe_and_join("rooms:r", json!({})).await;
         }
@@ -118,7 +119,7 @@ fn new_msg_shout_and_whisper_reach_the_right_members() {
 #[test]
 fn ping_bad_request_unknown_and_invalid() {
     run(|kit| async move {
-        let mut c = client(&kit, "7");
+        let mut c = client(&kit, "7").await;
         c.subscribe_and_join("rooms:p", json!({})).await;
         let r = c.push("rooms:p", "ping", json!({"n": [1, 2]}));
         c.assert_reply(&r, Reply::Ok(json!({"n": [1, 2]}).into())).await;
@@ -145,7 +146,7 @@ fn ping_bad_request_unknown_and_invalid() {
 #[test]
 fn leave_event_closes_the_channel() {
     run(|kit| async move {
-        let mut c = client(&kit, "7");
+        let mut c = client(&kit, "7").await;
         c.subscribe_and_join("rooms:l", json!({})).await;
         c.push("rooms:l", "leave", json!({}));
         let close = c.expect("phx_close", |f| f.event == "phx_close").await;
@@ -158,7 +159,7 @@ fn leave_event_closes_the_channel() {
 #[test]
 fn crash_sends_phx_error_and_other_channels_go_on() {
     run(|kit| async move {
-        let mut c = client(&kit, "7");
+        let mut c = client(&kit, "7").await;
         c.subscribe_and_join("rooms:x", json!({})).await;
         c.subscribe_and_join("rooms:y", json!({})).await;
         c.push("rooms:x", "crash", json!({}));
@@ -175,7 +176,7 @@ fn crash_sends_phx_error_and_other_channels_go_on() {
 #[test]
 fn notifications_only_for_their_user_and_endpoint_reaches_them() {
     run(|kit| async move {
-        let mut c = client(&kit, "5");
+        let mut c = client(&kit, "5").await;
         assert_eq!(
             c.subscribe_and_join("notifications:5", json!({})).await,
             Reply::ok()
@@ -193,8 +194,8 @@ fn notifications_only_for_their_user_and_endpoint_reaches_them() {
 #[test]
 fn bench_fanout_without_pushes() {
     run(|kit| async move {
-        let mut a = client(&kit, "1");
-        let mut b = client(&kit, "2");
+        let mut a = client(&kit, "1").await;
+        let mut b = client(&kit, "2").await;
         a.subscribe_and_join("bench:z", json!({})).await;
         b.subscribe_and_join("bench:z", json!({})).await;
         a.push("bench:z", "new_msg", json!({"body": "0"}));
@@ -209,9 +210,9 @@ fn bench_fanout_without_pushes() {
 #[test]
 fn disconnect_broadcast_closes_every_socket_of_the_user() {
     run(|kit| async move {
-        let a = client(&kit, "9");
-        let a2 = client(&kit, "9");
-        let b = client(&kit, "10");
+        let a = client(&kit, "9").await;
+        let a2 = client(&kit, "9").await;
+        let b = client(&kit, "10").await;
         // On its own core a broadcast is delivered before `broadcast` returns: the close
         // requests are made by then, no wait needed.
         kit.broadcast("user_socket:9", "disconnect", json!({}));
@@ -233,7 +234,7 @@ fn disconnect_broadcast_closes_every_socket_of_the_user() {
 #[test]
 fn duplicate_join_replaces_the_channel() {
     run(|kit| async move {
-        let mut c = client(&kit, "3");
+        let mut c = client(&kit, "3").await;
         c.subscribe_and_join("rooms:d", json!({})).await;
         c.frames();
         assert_eq!(c.subscribe_and_join("rooms:d", json!({})).await, Reply::ok());
@@ -253,7 +254,10 @@ fn duplicate_join_replaces_the_channel() {
 #[test]
 fn leaving_in_any_order_keeps_the_subscriber_list_exact() {
     run(|kit| async move {
-        let mut clients: Vec<_> = (0..40).map(|i| client(&kit, &i.to_string())).collect();
+        let mut clients = Vec::new();
+        for i in 0..40 {
+            clients.push(client(&kit, &i.to_string()).await);
+        }
         for c in clients.iter_mut() {
             c.subscribe_and_join("bench:order", json!({})).await;
         }

@@ -142,11 +142,11 @@ struct Fragile(seed::UserSocket);
 
 impl ringcast::SocketHandler for Fragile {
     type Assigns = seed::User;
-    fn connect(&self, info: &ringcast::ConnectInfo) -> Option<seed::User> {
+    async fn connect(&self, info: &ringcast::ConnectInfo) -> Option<seed::User> {
         if info.param("token") == Some("boom") {
             panic!("a connect hook that fails");
         }
-        ringcast::SocketHandler::connect(&self.0, info)
+        ringcast::SocketHandler::connect(&self.0, info).await
     }
     fn id(&self, user: &seed::User) -> Option<String> {
         ringcast::SocketHandler::id(&self.0, user)

@@ -35,8 +35,10 @@ impl UserSocket {
 impl SocketHandler for UserSocket {
     type Assigns = User;
 
-    fn connect(&self, info: &ConnectInfo) -> Option<User> {
-        let id = token::verify(&self.secret, info.param("token")?, unix_now()).ok()?;
+    /// The token is the Phoenix 1.8 `authToken` when the client sent one (it wins),
+    /// else the `token` connect param.
+    async fn connect(&self, info: &ConnectInfo) -> Option<User> {
+        let id = token::verify(&self.secret, info.token()?, unix_now()).ok()?;
         Some(User { id })
     }
 

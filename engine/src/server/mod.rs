@@ -51,7 +51,7 @@ fn allowed_cpus() -> Vec<usize> {
 /// # use ringcast::{Config, Router, Server};
 /// # struct UserSocket;
 /// # impl ringcast::SocketHandler for UserSocket {
-/// #     type Assigns = (); fn connect(&self, _: &ringcast::ConnectInfo) -> Option<()> { Some(()) }
+/// #     type Assigns = (); async fn connect(&self, _: &ringcast::ConnectInfo) -> Option<()> { Some(()) }
 /// # }
 /// let server = Server::bind(Config::default(), UserSocket, Router::new()).unwrap();
 /// let endpoint = server.endpoint();

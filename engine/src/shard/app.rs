@@ -22,6 +22,9 @@ pub struct Config {
     pub max_frame: usize,
     /// Origins allowed to upgrade; empty allows every origin.
     pub allowed_origins: Vec<String>,
+    /// Proxies whose `Forwarded` / `X-Forwarded-For` headers name the client
+    /// ([`crate::ConnectInfo::client_ip`]); empty trusts none.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Bytes a connection may have queued before it is cut off (1008).
     pub max_outbound_bytes: usize,
     /// Client messages a connection may send per second on average ...
@@ -68,6 +71,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             max_frame: 256 << 10,
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
             max_outbound_bytes: 4 << 20,
             max_messages_per_sec: 5_000,
             message_burst: 10_000,

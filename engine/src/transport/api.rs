@@ -34,13 +34,19 @@ fn authorized(req: &Request, key: Option<&str>) -> bool {
     given.as_bytes().ct_eq(key.as_bytes()).into()
 }
 
-pub(crate) async fn route(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Response {
+/// Answers one HTTP request that came from `peer`.
+pub(crate) async fn route(
+    shard: &Rc<Shard>,
+    req: Request,
+    body: Vec<u8>,
+    peer: Option<std::net::SocketAddr>,
+) -> Response {
     let app = shard.app.clone();
     match (req.method.as_str(), req.path.as_str()) {
         (_, "/socket/longpoll") => {
             let session = longpoll::session_candidate(&req, &req.query_params());
             let core = session.as_deref().and_then(longpoll::token_core);
-            longpoll::route(shard, core, req, body).await
+            longpoll::route(shard, core, req, body, peer).await
         }
         (_, "/api/broadcast") | (_, "/api/stats") if !authorized(&req, app.config.api_key.as_deref()) => {
             error(401, "missing or wrong bearer key").header("www-authenticate", "Bearer")

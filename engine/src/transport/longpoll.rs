@@ -22,7 +22,6 @@ use crate::proto::serializer::{decode_binary, decode_text};
 use crate::proto::ws::{opcode, split_frame};
 use crate::proto::{Message, Vsn};
 use crate::shard::admission::Refused;
-use crate::shard::api::router::ConnectInfo;
 use crate::shard::conn::Conn;
 use crate::shard::mesh::MeshMsg;
 use crate::shard::session::{Session, Turn};
@@ -92,11 +91,17 @@ pub(crate) fn sweep(shard: &Shard, now: Instant) {
 
 /// Answers a long-poll request on the core that owns its session: here, or over the
 /// mesh.
-pub(crate) async fn route(shard: &Rc<Shard>, core: Option<usize>, req: Request, body: Vec<u8>) -> Response {
+pub(crate) async fn route(
+    shard: &Rc<Shard>,
+    core: Option<usize>,
+    req: Request,
+    body: Vec<u8>,
+    peer: Option<std::net::SocketAddr>,
+) -> Response {
     let mesh = shard.mesh();
     let remote = core.filter(|c| *c != shard.index && mesh.is_some_and(|m| *c < m.peers()));
     let (Some(core), Some(mesh)) = (remote, mesh) else {
-        return handle(shard, req, body).await;
+        return handle(shard, req, body, peer).await;
     };
     let (tx, rx) = glommio::channels::local_channel::new_bounded(1);
     let id = HUB.with(|h| {
@@ -136,7 +141,7 @@ pub(crate) fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
         } => {
             let shard = shard.clone();
             glommio::spawn_local(async move {
-                let response = handle(&shard, req, body).await;
+                let response = handle(&shard, req, body, None).await;
                 if let Some(mesh) = shard.mesh() {
                     mesh.send_to(origin, MeshMsg::LongPollReply { id, response });
                 }
@@ -247,7 +252,14 @@ pub(crate) fn token_core(token: &str) -> Option<usize> {
 }
 
 /// Answers a long-poll request whose session (if any) is on this core.
-pub(crate) async fn handle(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Response {
+/// Answers a long-poll request for a session of this core (or opens one); `peer` is the
+/// TCP peer when the request came straight from it rather than over the mesh.
+pub(crate) async fn handle(
+    shard: &Rc<Shard>,
+    req: Request,
+    body: Vec<u8>,
+    peer: Option<std::net::SocketAddr>,
+) -> Response {
     let params = req.query_params();
     if req.method == "OPTIONS" {
         let allow = req
@@ -263,24 +275,19 @@ pub(crate) async fn handle(shard: &Rc<Shard>, req: Request, body: Vec<u8>) -> Re
     let live = session_candidate(&req, &params).and_then(|t| session(&t));
     match (req.method.as_str(), live) {
         ("GET", Some(lp)) => poll(shard, lp).await,
-        ("GET", None) => open(shard, &req, params),
+        ("GET", None) => open(shard, &req, peer).await,
         ("POST", Some(lp)) => publish(shard, &lp, &req, &body),
         ("POST", None) => status(410, None, None),
         _ => Response::json(400, r#"{"error":"long-poll takes GET, POST and OPTIONS"}"#),
     }
 }
 
-fn open(shard: &Rc<Shard>, req: &Request, params: Vec<(String, String)>) -> Response {
-    let info = ConnectInfo {
-        params,
-        peer_addr: None,
-        origin: req.header("origin").map(str::to_string),
-    };
-    let admitted = match shard.admit(&info) {
+async fn open(shard: &Rc<Shard>, req: &Request, peer: Option<std::net::SocketAddr>) -> Response {
+    let admitted = match super::admit(shard, req, peer).await {
         Ok(admitted) => admitted,
         Err(Refused::Forbidden) => return status(403, None, None),
         Err(Refused::Crashed) => return status(500, None, None),
-        Err(Refused::ShuttingDown | Refused::Full) => {
+        Err(Refused::ShuttingDown | Refused::Full | Refused::TimedOut) => {
             return Response::json(
                 503,
                 r#"{"error":"server at its connection limit or shutting down"}"#,

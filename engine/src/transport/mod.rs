@@ -16,8 +16,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::proto::http::{self, Request, MAX_HEAD};
-use crate::shard::admission::Refused;
-use crate::shard::api::router::ConnectInfo;
+use crate::shard::admission::{connect_info, Admitted, Refused};
 use crate::shard::session::Session;
 use crate::shard::Shard;
 
@@ -242,12 +241,32 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         }
         shard.stats.bytes_in.add(body.len() as u64);
         let keep_alive = !http::wants_close(&req);
-        let response = Box::pin(api::route(&shard, req, body)).await;
+        let response = Box::pin(api::route(&shard, req, body, stream.peer_addr().ok())).await;
         shard.stats.bytes_out.add(response.body.len() as u64);
         if stream.write_all(&response.to_bytes(keep_alive)).await.is_err() || !keep_alive {
             return;
         }
     }
+}
+
+/// The WebSocket subprotocol ringcast answers when a client offers it.
+const PHOENIX_SUBPROTOCOL: &str = "phoenix";
+
+/// Admission for any transport: reads what `connect` sees of `req`, then asks the
+/// shard, bounding the application's `connect` by the request timeout.
+pub(crate) async fn admit(
+    shard: &Rc<Shard>,
+    req: &Request,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<Admitted, Refused> {
+    let info = connect_info(req, peer, &shard.app.config)?;
+    let timeout = shard.app.config.request_timeout;
+    futures_lite::future::or(shard.admit(&info), async {
+        glommio::timer::sleep(timeout).await;
+        tracing::warn!(core = shard.index, "connect did not answer within {timeout:?}");
+        Err(Refused::TimedOut)
+    })
+    .await
 }
 
 /// Answers the upgrade request; on success the connection is registered and its
@@ -258,12 +277,7 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Opt
         let _ = stream.write_all(&response).await;
         return None;
     };
-    let info = ConnectInfo {
-        params: req.query_params(),
-        peer_addr: stream.peer_addr().ok(),
-        origin: req.header("origin").map(str::to_string),
-    };
-    let admitted = match shard.admit(&info) {
+    let admitted = match admit(shard, &req, stream.peer_addr().ok()).await {
         Ok(admitted) => admitted,
         Err(refused) => {
             let response = match refused {
@@ -271,13 +285,20 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Opt
                 Refused::ShuttingDown => http::response(503, "text/plain", b"shutting down\n"),
                 Refused::Full => http::response(503, "text/plain", b"connection limit reached\n"),
                 Refused::Crashed => http::response(500, "text/plain", b"connect failed\n"),
+                Refused::TimedOut => http::response(503, "text/plain", b"connect timed out\n"),
             };
             let _ = stream.write_all(&response).await;
             return None;
         }
     };
     let core = shard.index.to_string();
-    let response = http::upgrade_response(&key, &[("x-ringcast-core", &core)]);
+    let mut headers = vec![("x-ringcast-core", core.as_str())];
+    // Phoenix 1.8 clients offer `phoenix` beside their auth token, and abort the
+    // handshake unless the server picks one of the offered subprotocols.
+    if req.subprotocols().any(|p| p == PHOENIX_SUBPROTOCOL) {
+        headers.push(("sec-websocket-protocol", PHOENIX_SUBPROTOCOL));
+    }
+    let response = http::upgrade_response(&key, &headers);
     stream.write_all(&response).await.ok()?;
     let conn = shard.add_conn(admitted.vsn, admitted.assigns, admitted.socket_id, false);
     Some(Session::new(shard.clone(), conn))

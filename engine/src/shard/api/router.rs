@@ -2,7 +2,9 @@
 //! channel types): Phoenix's `UserSocket` module.
 
 use std::any::Any;
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::rc::Rc;
 
 use crate::proto::socket::pattern_matches;
@@ -10,15 +12,28 @@ use crate::proto::Payload;
 use crate::shard::api::channel::{join_erased, Channel, Joined, LocalFuture};
 use crate::shard::api::socket::Socket;
 
-/// What a connecting client presented: its connect params and where it came from.
+/// What a connecting client presented (Phoenix's `connect_info`): its connect params,
+/// its auth token, where it came from and the headers a proxy or an app may need.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectInfo {
     /// Query parameters of the connect request, in order (`vsn` included).
     pub params: Vec<(String, String)>,
-    /// The client's address.
+    /// The Phoenix 1.8 `authToken`: from the `base64url.bearer.phx.` WebSocket
+    /// subprotocol, or the long-poll `X-Phoenix-AuthToken` header, decoded.
+    pub auth_token: Option<String>,
+    /// The TCP peer's address.
     pub peer_addr: Option<SocketAddr>,
+    /// The client's address: the peer's, or, when the peer is a trusted proxy
+    /// (`Config::trusted_proxies`), the one `Forwarded` / `X-Forwarded-For` names.
+    pub client_ip: Option<IpAddr>,
     /// The `Origin` header, if sent.
     pub origin: Option<String>,
+    /// The request target: path and query, e.g. `/socket/websocket?vsn=2.0.0`.
+    pub uri: String,
+    /// The `User-Agent` header, if sent.
+    pub user_agent: Option<String>,
+    /// Every `x-*` header, names lower-cased (Phoenix's `x_headers`).
+    pub x_headers: Vec<(String, String)>,
 }
 
 impl ConnectInfo {
@@ -35,16 +50,33 @@ impl ConnectInfo {
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     }
+
+    /// The socket token: the auth token when the client sent one (a header token wins),
+    /// else the `token` connect param.
+    ///
+    /// ```
+    /// use ringcast::ConnectInfo;
+    /// let mut info = ConnectInfo { params: vec![("token".into(), "query".into())], ..Default::default() };
+    /// assert_eq!(info.token(), Some("query"));
+    /// info.auth_token = Some("header".into());
+    /// assert_eq!(info.token(), Some("header"));
+    /// ```
+    pub fn token(&self) -> Option<&str> {
+        self.auth_token.as_deref().or_else(|| self.param("token"))
+    }
 }
 
 /// Authenticates connections (Phoenix's `connect/3` and `id/1`). Shared by every core.
+///
+/// `connect` is async, like `join`: it may ask a database or an auth service, and the
+/// core serves its other connections meanwhile.
 ///
 /// ```
 /// use ringcast::{ConnectInfo, SocketHandler};
 /// struct Anyone;
 /// impl SocketHandler for Anyone {
 ///     type Assigns = String;
-///     fn connect(&self, info: &ConnectInfo) -> Option<String> {
+///     async fn connect(&self, info: &ConnectInfo) -> Option<String> {
 ///         info.param("name").map(str::to_string)
 ///     }
 ///     fn id(&self, name: &String) -> Option<String> {
@@ -52,12 +84,13 @@ impl ConnectInfo {
 ///     }
 /// }
 /// ```
+#[allow(async_fn_in_trait)]
 pub trait SocketHandler: Send + Sync + 'static {
     /// What a connection carries for its channels ([`Socket::assigns`]).
     type Assigns: 'static;
 
     /// Accepts the connection with its assigns, or refuses it (`None`: HTTP 403).
-    fn connect(&self, info: &ConnectInfo) -> Option<Self::Assigns>;
+    async fn connect(&self, info: &ConnectInfo) -> Option<Self::Assigns>;
 
     /// The socket id: a topic that, broadcast `disconnect`, closes every connection
     /// that has it.
@@ -67,15 +100,20 @@ pub trait SocketHandler: Send + Sync + 'static {
     }
 }
 
+/// What `connect` made of a client: its assigns and socket id.
+pub(crate) type Connected = Option<(Rc<dyn Any>, Option<String>)>;
+
 pub(crate) trait DynSocketHandler: Send + Sync {
-    fn connect(&self, info: &ConnectInfo) -> Option<(Rc<dyn Any>, Option<String>)>;
+    fn connect<'a>(&'a self, info: &'a ConnectInfo) -> Pin<Box<dyn Future<Output = Connected> + 'a>>;
 }
 
 impl<H: SocketHandler> DynSocketHandler for H {
-    fn connect(&self, info: &ConnectInfo) -> Option<(Rc<dyn Any>, Option<String>)> {
-        let assigns = SocketHandler::connect(self, info)?;
-        let id = self.id(&assigns);
-        Some((Rc::new(assigns), id))
+    fn connect<'a>(&'a self, info: &'a ConnectInfo) -> Pin<Box<dyn Future<Output = Connected> + 'a>> {
+        Box::pin(async move {
+            let assigns = SocketHandler::connect(self, info).await?;
+            let id = self.id(&assigns);
+            Some((Rc::new(assigns) as Rc<dyn Any>, id))
+        })
     }
 }
 
