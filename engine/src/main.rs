@@ -85,6 +85,15 @@ struct ServeArgs {
     /// How long a request (head and body) may take to arrive, however slowly.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
+    /// On SIGTERM, close this many connections (1001) per step, for the whole node ...
+    #[arg(long, default_value_t = 10_000)]
+    drain_batch: usize,
+    /// ... one step every this long ...
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    drain_interval: Duration,
+    /// ... and exit at the latest this long after the signal.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
     /// Cluster mode: share topics with other nodes through this Redis server.
     #[arg(long, value_name = "redis://HOST:PORT")]
     redis: Option<String>,
@@ -203,6 +212,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| Config::max_connections_for(cores, args.max_http_connections)),
         max_http_connections: args.max_http_connections,
         request_timeout: args.request_timeout,
+        drain_batch: args.drain_batch.max(1),
+        drain_interval: args.drain_interval,
+        drain_timeout: args.drain_timeout,
         api_key: args.api_key,
         demo_token_secret: args.dev.then(|| secret.clone()),
         cluster,
@@ -219,9 +231,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut signals =
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
     std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            tracing::info!("signal {signal}: closing connections with 1001 and draining");
+        let mut signals = signals.forever();
+        if let Some(signal) = signals.next() {
+            tracing::info!(
+                "signal {signal}: draining (healthz 503, connections closed with 1001 in batches)"
+            );
             shutdown.shutdown();
+        }
+        // A second signal does not wait for the drain.
+        if let Some(signal) = signals.next() {
+            tracing::warn!("signal {signal} again: exiting without waiting for the drain");
+            std::process::exit(0);
         }
     });
     eprintln!("ringcast listening on {addr} with {cores} core(s)");

@@ -89,7 +89,7 @@ class Light {
     extra.add(this.ws);
     this.closed = new Promise((resolve) => {
       this.ws.on('close', (code, reason) => {
-        this.close = { code, reason: reason.toString() };
+        this.close = { code, reason: reason.toString(), at: performance.now() };
         resolve(this.close);
       });
     });
@@ -772,8 +772,9 @@ e2e('SIGTERM with 1,000 connected clients: every one gets close 1001, new upgrad
   await sleep(50);
   const late = await upgradeStatus(server.port, { userId: 'late' }).catch((e) => e.code || e.message);
   assert.notEqual(late, 101, 'an upgrade after SIGTERM was accepted');
-  // The drain deadline is 5 s (transport::DRAIN_DEADLINE): 6 s allows a second of slack
-  // for a loaded box, and a server that ignored the deadline would run on indefinitely.
+  // 1,000 is one drain batch (10,000 per node by default): every client is asked to go
+  // at once and the server exits as soon as they are gone; 6 s allows slack for a loaded
+  // box, and a server that did not stop would run on until its 30 s drain timeout.
   const exited = await within(server.exitPromise.then(() => true), 6000, '', { onTimeout: false });
   const took = Date.now() - t0;
   t.diagnostic(`exited (${server.exited}) ${took} ms after SIGTERM; upgrade after SIGTERM: ${late}`);
@@ -785,3 +786,56 @@ e2e('SIGTERM with 1,000 connected clients: every one gets close 1001, new upgrad
   assert.deepEqual(codes, { 1001: 1000 }, `close codes seen by the 1,000 clients (late upgrade: ${late}; exit after ${took} ms)`);
   await server.stop();
 }, { timeout: 30000 });
+
+e2e('SIGTERM drains in batches: /healthz is 503 at once, 3,000 clients are closed with 1001 in three waves an interval apart, upgrades get 503, exit 0', async (t) => {
+  const server = await startServer({
+    cores: 2,
+    args: ['--drain-batch', '1000', '--drain-interval', '700ms', '--drain-timeout', '20s'],
+  });
+  const subs = await openLights(server.port, 3000, ['bench:drain'], { prefix: 'd' });
+  assert.equal((await request(server.port, { path: '/healthz' })).status, 200);
+  const t0 = performance.now();
+  server.proc.kill('SIGTERM');
+  // /healthz keeps answering, now 503, so that a load balancer stops sending clients.
+  let health;
+  let asked;
+  let tries = 0;
+  for (;;) {
+    asked = performance.now() - t0;
+    health = await request(server.port, { path: '/healthz' });
+    tries++;
+    if (health.status !== 200 || performance.now() - t0 > 5000) break;
+  }
+  const healthMs = performance.now() - t0;
+  assert.equal(health.status, 503, `healthz after SIGTERM: ${health.status}`);
+  // The flag flips on the signal thread, before the cores hear of it: a request sent
+  // within 100 ms of the signal already gets 503 (its answer may take longer while
+  // both ends close a thousand sockets).
+  assert.ok(asked <= 100, `the first request answered 503 was sent ${asked.toFixed(1)} ms after SIGTERM (${tries} requests)`);
+  const late = await upgradeStatus(server.port, { userId: 'late' });
+  assert.equal(late, 503, 'an upgrade during the drain is refused with 503');
+  const exited = await within(server.exitPromise.then(() => true), 15000, '', { onTimeout: false });
+  const exitMs = performance.now() - t0;
+  assert.ok(exited, `the server had not exited ${Math.round(exitMs)} ms after SIGTERM`);
+  assert.equal(server.exited, 'code 0', `exit status after SIGTERM: ${server.exited}`);
+  await within(Promise.all(subs.map((s) => s.closed)), 3000, 'not every client saw its connection close');
+  const codes = {};
+  for (const s of subs) codes[s.close.code] = (codes[s.close.code] || 0) + 1;
+  assert.deepEqual(codes, { 1001: 3000 });
+  // Three waves of 1,000 (500 per core), 700 ms apart: the closes span well over one
+  // interval, and no 10 ms holds more than a batch.
+  const at = subs.map((s) => s.close.at - t0).sort((a, b) => a - b);
+  const spread = at[at.length - 1] - at[0];
+  let densest = 0;
+  for (let i = 0, j = 0; i < at.length; i++) {
+    while (at[i] - at[j] > 10) j++;
+    densest = Math.max(densest, i - j + 1);
+  }
+  const waves = [0, 0, 0];
+  for (const x of at) waves[Math.min(2, Math.floor((x - at[0] + 350) / 700))]++;
+  t.diagnostic(`healthz: request ${tries}, sent at ${asked.toFixed(1)} ms, answered 503 at ${healthMs.toFixed(1)} ms; closes from ${at[0].toFixed(0)} to ${at[at.length - 1].toFixed(0)} ms, waves ${waves}, densest 10 ms ${densest}; exit after ${exitMs.toFixed(0)} ms`);
+  assert.ok(spread >= 1000, `closes spread over ${spread.toFixed(0)} ms, expected two 700 ms intervals`);
+  assert.ok(densest <= 1000, `${densest} closes within 10 ms: more than one batch at once`);
+  assert.deepEqual(waves, [1000, 1000, 1000], 'a batch per wave');
+  await server.stop();
+}, { timeout: 60000 });

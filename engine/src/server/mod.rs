@@ -241,18 +241,16 @@ async fn run_sweeper(shard: std::rc::Rc<Shard>) {
 }
 
 /// Starts a graceful shutdown: every core stops accepting, closes its connections
-/// with 1001 and stops once they are gone (at most [`transport::DRAIN_DEADLINE`]).
+/// with 1001 in batches and stops once they are gone (at most `Config::drain_timeout`).
 #[derive(Clone)]
 pub struct ShutdownHandle {
-    cores: Vec<inbox::CoreInbox>,
+    endpoint: Endpoint,
 }
 
 impl ShutdownHandle {
-    /// Asks every core to shut down.
+    /// Asks every core to shut down; `/healthz` answers 503 from this call on.
     pub fn shutdown(&self) {
-        for core in &self.cores {
-            core.send(inbox::CoreCommand::Shutdown);
-        }
+        self.endpoint.drain();
     }
 }
 
@@ -277,7 +275,7 @@ impl RunningServer {
     /// A handle that starts a graceful shutdown from any thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
-            cores: self.endpoint.cores().to_vec(),
+            endpoint: self.endpoint.clone(),
         }
     }
 

@@ -82,7 +82,7 @@ impl Shard {
                 Refused::Crashed
             })?
             .ok_or(Refused::Forbidden)?;
-        if self.is_stopping() {
+        if self.is_stopping() || self.endpoint.is_draining() {
             return Err(Refused::ShuttingDown);
         }
         if self.full() {

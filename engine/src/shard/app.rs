@@ -43,6 +43,12 @@ pub struct Config {
     /// bytes trickle in: from the connection's accept for its first request, from the
     /// first byte for later keep-alive ones.
     pub request_timeout: Duration,
+    /// Graceful shutdown: connections closed (1001) per step, for the whole server ...
+    pub drain_batch: usize,
+    /// ... one step every this long, so that reconnects do not come back as one wave ...
+    pub drain_interval: Duration,
+    /// ... and the longest a shutdown waits before the cores stop anyway.
+    pub drain_timeout: Duration,
     /// Bearer key of the HTTP server API; `None` answers 401 to every API request.
     pub api_key: Option<String>,
     /// Secret with which `GET /demo/token` mints tokens for the demo page; `None`
@@ -78,6 +84,9 @@ impl Default for Config {
             max_connections: default_max_connections(cores, DEFAULT_MAX_HTTP_CONNECTIONS),
             max_http_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
             request_timeout: Duration::from_secs(10),
+            drain_batch: 10_000,
+            drain_interval: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(30),
             api_key: None,
             demo_token_secret: None,
             cluster: None,

@@ -154,6 +154,8 @@ pub(crate) struct Shard {
     flusher: RefCell<Option<std::task::Waker>>,
     /// Set once shutdown began; wakes the accept loop.
     stopping: Cell<bool>,
+    /// The first slab key the drain has not asked to go yet.
+    drain_next: Cell<usize>,
     stop_waker: RefCell<Option<std::task::Waker>>,
 }
 
@@ -221,6 +223,7 @@ impl Shard {
             dirty: RefCell::default(),
             flusher: RefCell::new(None),
             stopping: Cell::new(false),
+            drain_next: Cell::new(0),
             stop_waker: RefCell::new(None),
         })
     }
@@ -502,19 +505,46 @@ impl Shard {
         self.stats.deliveries.add(delivered);
     }
 
-    /// Graceful shutdown: stop accepting, ask every connection to go (1001, so
-    /// clients reconnect elsewhere); the core stops once they are gone or the drain
-    /// deadline passes.
+    /// Graceful shutdown, as Phoenix drains: new connections are refused (503) and
+    /// `/healthz` answers 503; the open ones are asked to go (1001, so clients
+    /// reconnect elsewhere) in batches, this core's share of `drain_batch` every
+    /// `drain_interval` from now, so that their reconnects do not arrive as one wave.
+    /// The caller stops the core once they are gone or `drain_timeout` passed.
     pub(crate) fn shutdown(&self) {
         if self.stopping.replace(true) {
             return;
         }
-        tracing::info!(core = self.index, "shutting down");
-        for (_, conn) in self.conns.borrow().iter() {
-            conn.request_close(close_code::GOING_AWAY);
-        }
+        let cores = self.app.stats.len().max(1);
+        let batch = self.app.config.drain_batch.div_ceil(cores).max(1);
+        tracing::info!(
+            core = self.index,
+            connections = self.conn_count(),
+            batch,
+            "draining"
+        );
+        self.drain_step(batch);
         if let Some(w) = self.stop_waker.borrow_mut().take() {
             w.wake();
+        }
+    }
+
+    /// Asks the next `batch` connections to go, and schedules the next step while any
+    /// are left.
+    fn drain_step(&self, batch: usize) {
+        let from = self.drain_next.get();
+        let mut asked = 0;
+        let mut next = from;
+        for (key, conn) in self.conns.borrow().iter().filter(|(k, _)| *k >= from).take(batch) {
+            conn.request_close(close_code::GOING_AWAY);
+            asked += 1;
+            next = key + 1;
+        }
+        self.drain_next.set(next);
+        let left = self.conns.borrow().iter().filter(|(k, _)| *k >= next).count();
+        tracing::debug!(core = self.index, asked, left, "drain step");
+        if left > 0 {
+            let interval = self.app.config.drain_interval;
+            self.after(interval, Box::new(move |shard| shard.drain_step(batch)));
         }
     }
 
@@ -876,6 +906,42 @@ mod tests {
         assert!(
             wire.borrow().is_empty(),
             "nothing forwarded to a core without subscribers"
+        );
+    }
+
+    #[test]
+    fn a_shutdown_closes_connections_in_batches_one_interval_apart() {
+        let shard = lone_shard(Config {
+            drain_batch: 2,
+            drain_interval: Duration::from_secs(2),
+            ..Config::default()
+        });
+        let conns: Vec<_> = (0..5).map(|i| subscriber(&shard, "t", 100 + i)).collect();
+        let asked = || {
+            conns
+                .iter()
+                .filter(|c| c.close.get() == Some(close_code::GOING_AWAY))
+                .count()
+        };
+        assert!(!shard.is_stopping());
+        shard.shutdown();
+        assert!(shard.is_stopping());
+        assert_eq!(asked(), 2, "the first batch at once");
+        shard.clock().advance(1999);
+        shard.handle_timeout(shard.clock().now_ms());
+        assert_eq!(asked(), 2, "the next one an interval later, not sooner");
+        shard.clock().advance(1);
+        shard.handle_timeout(shard.clock().now_ms());
+        assert_eq!(asked(), 4);
+        shard.clock().advance(2000);
+        shard.handle_timeout(shard.clock().now_ms());
+        assert_eq!(asked(), 5);
+        assert_eq!(shard.timers_pending(), 0, "nothing left: no more steps");
+        shard.shutdown();
+        assert_eq!(
+            shard.timers_pending(),
+            0,
+            "a second shutdown starts no second drain"
         );
     }
 

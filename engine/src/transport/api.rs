@@ -67,6 +67,10 @@ pub(crate) async fn route(
             }
             Response::new(200, "text/plain; version=0.0.4", text)
         }
+        // A draining server tells its load balancer to stop sending clients.
+        ("GET", "/healthz") if shard.is_stopping() || shard.endpoint.is_draining() => {
+            Response::new(503, "text/plain", "draining\n")
+        }
         ("GET", "/healthz") => Response::new(200, "text/plain", "ok\n"),
         ("GET", "/") => Response::new(200, "text/html; charset=utf-8", INDEX_HTML),
         ("GET", "/assets/phoenix.min.js") => {

@@ -20,23 +20,25 @@ use crate::shard::admission::{connect_info, Admitted, Refused};
 use crate::shard::session::Session;
 use crate::shard::Shard;
 
-/// How long a shutting-down core waits for its connections to drain.
-pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Accepts connections on this core until shutdown, then drains them.
+/// Accepts connections on this core until shutdown and while it drains (HTTP goes on:
+/// `/healthz` answers 503, upgrades are refused), then stops once every connection is
+/// gone or `drain_timeout` passed.
 pub(crate) async fn run_core(shard: Rc<Shard>, listener: TcpListener) {
-    futures_lite::future::or(accept_loop(shard.clone(), listener), shard.stopped()).await;
-    let deadline = std::time::Instant::now() + DRAIN_DEADLINE;
-    while shard.conn_count() > 0 && std::time::Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
-    if shard.conn_count() > 0 {
-        tracing::warn!(
-            core = shard.index,
-            left = shard.conn_count(),
-            "drain deadline passed"
-        );
-    }
+    let drained = async {
+        shard.stopped().await;
+        let deadline = std::time::Instant::now() + shard.app.config.drain_timeout;
+        while shard.conn_count() > 0 && std::time::Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        if shard.conn_count() > 0 {
+            tracing::warn!(
+                core = shard.index,
+                left = shard.conn_count(),
+                "drain timeout passed"
+            );
+        }
+    };
+    futures_lite::future::or(drained, accept_loop(shard.clone(), listener)).await;
 }
 
 /// Longest pause of the accept loop after failed accepts.

@@ -1,6 +1,6 @@
 //! `Endpoint`: broadcast to a topic from anywhere, like `MyAppWeb.Endpoint.broadcast/3`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::proto::Payload;
@@ -14,6 +14,9 @@ struct Inner {
     id: u64,
     cores: Vec<CoreInbox>,
     cluster: Option<ClusterHandle>,
+    /// Set the moment a shutdown is asked for, from any thread, before the cores hear
+    /// of it through their inboxes.
+    draining: AtomicBool,
 }
 
 /// A `Clone + Send` handle that broadcasts into a running server from any thread.
@@ -33,8 +36,22 @@ impl Endpoint {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 cores,
                 cluster,
+                draining: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Starts a graceful shutdown of every core (see [`crate::server::ShutdownHandle`]).
+    pub(crate) fn drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        for core in &self.inner.cores {
+            core.send(CoreCommand::Shutdown);
+        }
+    }
+
+    /// Whether a shutdown was asked for.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -43,10 +60,6 @@ impl Endpoint {
 
     pub(crate) fn cluster(&self) -> Option<&ClusterHandle> {
         self.inner.cluster.as_ref()
-    }
-
-    pub(crate) fn cores(&self) -> &[CoreInbox] {
-        &self.inner.cores
     }
 
     /// Broadcasts `event` with `payload` to every subscriber of `topic` (fastlane, or
