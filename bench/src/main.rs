@@ -924,6 +924,42 @@ mod tests {
     }
 
     #[test]
+    fn the_default_run_and_the_cluster_command_parse() {
+        // What scripts/bench.sh passes: no subcommand.
+        let cli = Cli::try_parse_from([
+            "ringcast-bench",
+            "--quick",
+            "--criterion-dir",
+            "target/criterion",
+            "--criterion-since",
+            "5",
+            "--sizes",
+            "1000,2000",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.sizes, Some(vec![1000, 2000]));
+        let cli = Cli::try_parse_from([
+            "ringcast-bench",
+            "cluster",
+            "--sweep",
+            "10000,40000",
+            "--check-only",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Cluster(a)) => {
+                assert_eq!(a.sweep.as_deref(), Some("10000,40000"));
+                assert!(a.check_only);
+                assert_eq!(a.per_node, 19_000);
+            }
+            None => panic!("no cluster command"),
+        }
+        // The harness's flags are not the cluster command's.
+        assert!(Cli::try_parse_from(["ringcast-bench", "--quick", "cluster"]).is_err());
+    }
+
+    #[test]
     fn medians() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
