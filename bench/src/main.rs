@@ -17,28 +17,34 @@
 //! `results/README.md`. `--replot DIR` redraws the plots and READMEs from a
 //! `results.json`.
 
+mod cluster;
 mod plots;
 mod report;
+mod server;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command as Process, ExitCode, Stdio};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use ringcast_loadgen::report::{ConnectReport, FanoutReport};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use server::{Server, Spawn};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "ringcast-bench",
-    about = "Side-by-side benchmark: ringcast vs the floor vs a tokio peer"
+    about = "Side-by-side benchmark: ringcast vs the floor vs a tokio peer (no subcommand), \
+             or the many-node cluster run (`cluster`)",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Quick mode: 1 repeat, 1k/5k/10k subscribers, 1 server core (under 5 minutes).
     #[arg(long, conflicts_with = "full")]
     quick: bool,
@@ -80,6 +86,15 @@ struct Cli {
     /// Redraw plots and READMEs from this run directory's results.json; run nothing.
     #[arg(long)]
     replot: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Redis and K `ringcast serve --cores 1 --redis` nodes on this box, one loadgen
+    /// `connect` per node, N connections on one topic, one broadcast to all of them:
+    /// reach, loss, latency of every subscriber (histograms merged), memory per
+    /// connection. Writes DIR/size-N/ and DIR/README.md.
+    Cluster(cluster::ClusterArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize)]
@@ -276,17 +291,12 @@ fn machine(nofile: u64) -> Machine {
         .lines()
         .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')))
         .map_or("unknown".to_string(), |(_, m)| m.trim().to_string());
-    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
+    let mem_total = cluster::host::meminfo().mem_total as f64;
     Machine {
         host: read_trim("/proc/sys/kernel/hostname"),
         cpu_model,
         cpus: ringcast_bench::allowed_cpus().len(),
-        mem_total_gib: mem_kib / (1024.0 * 1024.0),
+        mem_total_gib: mem_total / (1024.0 * 1024.0 * 1024.0),
         kernel: read_trim("/proc/sys/kernel/osrelease"),
         nofile_limit: nofile,
     }
@@ -390,98 +400,40 @@ fn plan(cli: &Cli, m: &Machine) -> anyhow::Result<(Plan, Vec<usize>)> {
     Ok((p, cpus))
 }
 
-/// A server under test; killed when dropped.
-struct Server {
-    child: Child,
+/// How the harness starts `kind`: pinned to `cpus`, on `cores` cores, listening on
+/// 127.0.0.1:`port`.
+fn server_spawn(
+    kind: ServerKind,
+    cli: &Cli,
+    cpus: &str,
+    cores: usize,
     port: u16,
-}
-
-impl Server {
-    fn start(
-        kind: ServerKind,
-        cli: &Cli,
-        cpus: &str,
-        cores: usize,
-        port: u16,
-        log: &Path,
-    ) -> anyhow::Result<Server> {
-        let bin = cli.bin_dir.join(kind.binary());
-        if !bin.exists() {
-            bail!(
-                "{} not found (build with scripts/bench.sh or cargo build --release)",
-                bin.display()
-            );
-        }
-        let listen = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new("taskset");
-        cmd.arg("-c").arg(cpus).arg(&bin);
-        match kind {
-            ServerKind::Ringcast | ServerKind::RingcastSend => {
-                cmd.args(["serve", "--listen", &listen, "--cores", &cores.to_string()]);
-                cmd.env("RINGCAST_SECRET", ringcast::seed::DEV_SECRET);
-                cmd.env("RINGCAST_LOG", "warn");
-                if kind == ServerKind::RingcastSend {
-                    cmd.env("RINGCAST_WRITE_PATH", "send");
-                }
-            }
-            ServerKind::Floor | ServerKind::Tokio => {
-                cmd.args(["--listen", &listen, "--cores", &cores.to_string()]);
-            }
-        }
-        let logf = File::create(log)?;
-        cmd.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut server = Server { child, port };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            if let Some(status) = server.child.try_wait()? {
-                bail!(
-                    "{} exited at start ({status}); see {}",
-                    kind.label(),
-                    log.display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not listen on {port} within 15s", kind.label());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // Let the probe connection go away and the RSS settle.
-        std::thread::sleep(Duration::from_millis(300));
-        if let Some(status) = server.child.try_wait()? {
-            bail!(
-                "{} exited at start ({status}); see {}",
-                kind.label(),
-                log.display()
-            );
-        }
-        Ok(server)
+    log: &Path,
+) -> anyhow::Result<Spawn> {
+    let bin = cli.bin_dir.join(kind.binary());
+    if !bin.exists() {
+        bail!(
+            "{} not found (build with scripts/bench.sh or cargo build --release)",
+            bin.display()
+        );
     }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+    let listen = format!("127.0.0.1:{port}");
+    let cores = cores.to_string();
+    let spec = Spawn::new(kind.label(), bin, log).pinned(Some(cpus.to_string()));
+    Ok(match kind {
+        ServerKind::Ringcast | ServerKind::RingcastSend => {
+            let spec = spec
+                .args(["serve", "--listen", &listen, "--cores", &cores])
+                .env("RINGCAST_SECRET", ringcast::seed::DEV_SECRET)
+                .env("RINGCAST_LOG", "warn");
+            if kind == ServerKind::RingcastSend {
+                spec.env("RINGCAST_WRITE_PATH", "send")
+            } else {
+                spec
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        ServerKind::Floor | ServerKind::Tokio => spec.args(["--listen", &listen, "--cores", &cores]),
+    })
 }
 
 struct Ctx<'a> {
@@ -514,14 +466,8 @@ impl Ctx<'_> {
     fn start_server(&mut self, kind: ServerKind, cores: usize, tag: &str) -> anyhow::Result<Server> {
         let port = self.port();
         let (srv_cpus, _, _) = self.plan.placement[&cores].clone();
-        Server::start(
-            kind,
-            self.cli,
-            &srv_cpus,
-            cores,
-            port,
-            &self.raw.join(format!("{tag}-server.log")),
-        )
+        let log = self.raw.join(format!("{tag}-server.log"));
+        Server::start(&server_spawn(kind, self.cli, &srv_cpus, cores, port, &log)?, port)
     }
 
     /// Runs one loadgen command and reads its JSON report as the loadgen's own type.
@@ -536,7 +482,7 @@ impl Ctx<'_> {
         let log = File::create(self.raw.join(format!("{name}.log")))?;
         let _ = std::fs::remove_file(&json);
         let lg_cores = lg_cpus.split(',').count();
-        let status = Command::new("taskset")
+        let status = Process::new("taskset")
             .arg("-c")
             .arg(lg_cpus)
             .arg(self.cli.bin_dir.join("ringcast-loadgen"))
@@ -873,8 +819,11 @@ fn write_outputs(results: &Results, dir: &Path, root: &Path) -> anyhow::Result<(
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    if let Some(Command::Cluster(args)) = &cli.command {
+        return cluster::main(args);
+    }
     if let Some(dir) = &cli.replot {
         let results: Results = serde_json::from_str(
             &std::fs::read_to_string(dir.join("results.json")).context("reading results.json")?,
@@ -882,7 +831,7 @@ fn main() -> anyhow::Result<()> {
         let root = dir.parent().unwrap_or(Path::new("."));
         write_outputs(&results, dir, root)?;
         eprintln!("redrawn {}", dir.display());
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let (nofile, _) = ringcast_loadgen::sys::raise_nofile();
     let m = machine(nofile);
@@ -960,7 +909,7 @@ fn main() -> anyhow::Result<()> {
     write_outputs(&results, &dir, &cli.results)?;
     println!("{}", report::targets_table(&results));
     eprintln!("results in {} ({:.0}s)", dir.display(), results.duration_secs);
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
@@ -972,6 +921,42 @@ mod tests {
         assert_eq!(civil_date(0), "1970-01-01");
         assert_eq!(civil_date(951_782_400), "2000-02-29");
         assert_eq!(civil_date(1_732_406_400), "2024-11-24");
+    }
+
+    #[test]
+    fn the_default_run_and_the_cluster_command_parse() {
+        // What scripts/bench.sh passes: no subcommand.
+        let cli = Cli::try_parse_from([
+            "ringcast-bench",
+            "--quick",
+            "--criterion-dir",
+            "target/criterion",
+            "--criterion-since",
+            "5",
+            "--sizes",
+            "1000,2000",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.sizes, Some(vec![1000, 2000]));
+        let cli = Cli::try_parse_from([
+            "ringcast-bench",
+            "cluster",
+            "--sweep",
+            "10000,40000",
+            "--check-only",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Cluster(a)) => {
+                assert_eq!(a.sweep.as_deref(), Some("10000,40000"));
+                assert!(a.check_only);
+                assert_eq!(a.per_node, 19_000);
+            }
+            None => panic!("no cluster command"),
+        }
+        // The harness's flags are not the cluster command's.
+        assert!(Cli::try_parse_from(["ringcast-bench", "--quick", "cluster"]).is_err());
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub mod report;
 mod run;
 pub mod sys;
 
+pub use phx::timed_body;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;

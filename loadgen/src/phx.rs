@@ -23,7 +23,17 @@ pub fn heartbeat(reference: u64) -> String {
 
 /// `["1",<ref>,<topic>,"new_msg",{"body":"<seq>:<send_unix_nanos>"}]`
 pub fn publish(topic: &str, reference: u64, seq: u64, unix_nanos: u64) -> String {
-    new_msg(topic, reference, &format!("{seq}:{unix_nanos}"))
+    new_msg(topic, reference, &timed_body(seq, unix_nanos))
+}
+
+/// The body of a timed broadcast, `"<seq>:<send unix nanos>"`: what [`find_seq_ts`]
+/// reads back on the receiving side.
+///
+/// ```
+/// assert_eq!(ringcast_loadgen::timed_body(1, 42), "1:42");
+/// ```
+pub fn timed_body(seq: u64, unix_nanos: u64) -> String {
+    format!("{seq}:{unix_nanos}")
 }
 
 /// `["1",<ref>,<topic>,"new_msg",{"body":"<sender>:<seq>:<send_unix_nanos>"}]` (rooms, churn)
@@ -188,6 +198,20 @@ mod tests {
         assert_eq!(
             find_seq_ts(publish("bench:x", 9, 77, 123).as_bytes()),
             Some((77, 123))
+        );
+    }
+
+    #[test]
+    fn reads_a_timed_broadcast_of_the_http_api() {
+        // What `POST /api/broadcast` with payload {"body": timed_body(..), "user": "api"}
+        // delivers to a subscriber (no join_ref, no ref).
+        let frame = format!(
+            r#"[null,null,"bench:cluster-40000","new_msg",{{"body":"{}","user":"api"}}]"#,
+            timed_body(1, 1_764_590_000_000_000_123)
+        );
+        assert_eq!(
+            find_seq_ts(frame.as_bytes()),
+            Some((1, 1_764_590_000_000_000_123))
         );
     }
 

@@ -5,14 +5,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::run::{self, HistData, Job, Pace, PubShared, SliceReport};
 use crate::sys::ProcSample;
 use crate::{ChurnArgs, ConnectArgs, FanoutArgs, RoomsArgs};
 
-/// Percentiles of a histogram of nanoseconds, in microseconds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Percentiles of a histogram of nanoseconds, in microseconds, and the histogram itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
     pub count: u64,
     pub mean_us: f64,
@@ -21,12 +25,22 @@ pub struct Latency {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+    /// The histogram (nanoseconds) in HdrHistogram's V2 format, base64: what runs are
+    /// combined by ([`Latency::merge`]), since percentiles do not add up. None when
+    /// nothing was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histogram: Option<String>,
 }
 
 impl Latency {
     pub fn of(d: &HistData) -> Latency {
         let mut h = run::new_hist();
         run::hist_add_data(&mut h, d);
+        Latency::from_hist(&h)
+    }
+
+    /// Percentiles of `h` (nanoseconds), with `h` itself encoded.
+    pub fn from_hist(h: &Histogram<u64>) -> Latency {
         let us = |ns: u64| ns as f64 / 1000.0;
         Latency {
             count: h.len(),
@@ -36,7 +50,42 @@ impl Latency {
             p99_us: us(h.value_at_quantile(0.99)),
             p999_us: us(h.value_at_quantile(0.999)),
             max_us: us(h.max()),
+            histogram: (!h.is_empty()).then(|| encode_histogram(h)),
         }
+    }
+
+    /// The histogram back (empty when nothing was recorded).
+    pub fn histogram(&self) -> anyhow::Result<Histogram<u64>> {
+        match &self.histogram {
+            Some(text) => decode_histogram(text),
+            None if self.count == 0 => Ok(run::new_hist()),
+            None => anyhow::bail!(
+                "{} samples but no histogram (a report from an older loadgen?)",
+                self.count
+            ),
+        }
+    }
+
+    /// The latency of several runs together: their histograms added, percentiles taken
+    /// of the sum.
+    ///
+    /// ```
+    /// use ringcast_loadgen::report::Latency;
+    /// let mut a = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    /// let mut b = a.clone();
+    /// a.record(1_000).unwrap();
+    /// b.record(9_000_000).unwrap();
+    /// let m = Latency::merge([&Latency::from_hist(&a), &Latency::from_hist(&b)]).unwrap();
+    /// assert_eq!(m.count, 2);
+    /// assert!(m.max_us >= 9_000.0);
+    /// ```
+    pub fn merge<'a>(parts: impl IntoIterator<Item = &'a Latency>) -> anyhow::Result<Latency> {
+        let mut sum = run::new_hist();
+        for part in parts {
+            sum.add(part.histogram()?)
+                .map_err(|e| anyhow::anyhow!("cannot add histograms: {e:?}"))?;
+        }
+        Ok(Latency::from_hist(&sum))
     }
 
     fn line(&self) -> String {
@@ -54,6 +103,25 @@ impl Latency {
             self.count
         )
     }
+}
+
+/// `h` in HdrHistogram's V2 format (uncompressed), base64.
+pub fn encode_histogram(h: &Histogram<u64>) -> String {
+    let mut bytes = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut bytes)
+        .expect("a u64 histogram serializes into memory");
+    STANDARD.encode(bytes)
+}
+
+/// The histogram of [`encode_histogram`]'s text (the V2 deflate format is read too).
+pub fn decode_histogram(text: &str) -> anyhow::Result<Histogram<u64>> {
+    let bytes = STANDARD
+        .decode(text.trim())
+        .map_err(|e| anyhow::anyhow!("histogram is not base64: {e}"))?;
+    Deserializer::new()
+        .deserialize(&mut std::io::Cursor::new(bytes))
+        .map_err(|e| anyhow::anyhow!("histogram does not decode: {e:?}"))
 }
 
 fn fmt_us(us: f64) -> String {
@@ -126,8 +194,25 @@ pub struct ConnectReport {
     pub connected_at_hold_end: u64,
     pub ended_early: u64,
     pub ends: BTreeMap<String, u64>,
+    /// Timed broadcasts that reached the held connections (sent by someone else).
+    #[serde(default)]
+    pub broadcasts: HeldBroadcasts,
     pub server: Option<ServerConnect>,
     pub problems: Vec<String>,
+}
+
+/// `new_msg` broadcasts with a timed body (`"<seq>:<send unix nanos>"`, see
+/// [`crate::timed_body`]) that reached `connect`'s connections while they were held.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeldBroadcasts {
+    /// Every delivery, repeats included.
+    pub deliveries: u64,
+    /// Connections that received at least one.
+    pub receivers: u64,
+    pub first_recv_unix_nanos: u64,
+    pub last_recv_unix_nanos: u64,
+    /// Send (the time in the body) to receive.
+    pub latency: Latency,
 }
 
 fn secs(a: u64, b: u64) -> f64 {
@@ -198,6 +283,13 @@ impl ConnectReport {
             connected_at_hold_end,
             ended_early: m.ended_early,
             ends: m.ends.clone(),
+            broadcasts: HeldBroadcasts {
+                deliveries: m.deliveries,
+                receivers: m.subscribers_complete,
+                first_recv_unix_nanos: m.first_recv_nanos,
+                last_recv_unix_nanos: m.last_recv_nanos,
+                latency: Latency::of(&m.latency),
+            },
             server,
             problems,
         }
@@ -237,6 +329,14 @@ pub fn print_connect(r: &ConnectReport) {
         r.hold_secs, r.connected_at_hold_end, r.ended_early
     );
     print_map("ended early, by kind", &r.ends);
+    if r.broadcasts.deliveries > 0 {
+        println!(
+            "  broadcasts     {} deliveries to {} connections, latency {}",
+            r.broadcasts.deliveries,
+            r.broadcasts.receivers,
+            r.broadcasts.latency.line()
+        );
+    }
     if let Some(s) = &r.server {
         println!("  server pid {}:", s.samples.pid);
         let rss = |x: &Option<ProcSample>| x.map_or("?".to_string(), |x| fmt_bytes(x.rss_bytes as f64));
@@ -738,6 +838,61 @@ mod tests {
         assert_eq!(span(1_000_000_000, 3_000_000_000), 2.0);
         assert_eq!(per_sec(10, 0.0), 0.0);
         assert_eq!(per_sec(10, 2.0), 5.0);
+    }
+
+    fn hist_of(values: &[u64]) -> Histogram<u64> {
+        let mut h = run::new_hist();
+        for &v in values {
+            h.record(v).unwrap();
+        }
+        h
+    }
+
+    #[test]
+    fn histograms_survive_the_report() {
+        let h = hist_of(&[1_000, 2_000, 2_000, 5_000_000]);
+        let lat = Latency::from_hist(&h);
+        let json = serde_json::to_string(&lat).unwrap();
+        let back: Latency = serde_json::from_str(&json).unwrap();
+        let h2 = back.histogram().unwrap();
+        assert_eq!(h2, h);
+        assert_eq!(back.count, 4);
+        // Nothing recorded: no histogram, and it reads back as empty.
+        let empty = Latency::from_hist(&run::new_hist());
+        assert!(empty.histogram.is_none());
+        assert!(empty.histogram().unwrap().is_empty());
+        // Percentiles without a histogram cannot be merged.
+        let old = Latency {
+            histogram: None,
+            ..lat.clone()
+        };
+        assert!(Latency::merge([&old]).is_err());
+        assert!(decode_histogram("not base64!").is_err());
+    }
+
+    #[test]
+    fn merged_percentiles_come_from_the_sum_not_the_worst_part() {
+        // One node reached 100 connections in 1 ms and one in 1 s; another reached 50
+        // in 2 ms. Taken together (151 deliveries): p50 1 ms, p99 2 ms, max 1 s; no
+        // single node's percentiles say that.
+        let mut a = vec![1_000_000u64; 100];
+        a.push(1_000_000_000);
+        let b = vec![2_000_000u64; 50];
+        let m = Latency::merge([
+            &Latency::from_hist(&hist_of(&a)),
+            &Latency::from_hist(&hist_of(&b)),
+        ])
+        .unwrap();
+        assert_eq!(m.count, 151);
+        let near = |x: f64, want: f64| (x - want).abs() / want < 0.01;
+        assert!(near(m.p50_us, 1_000.0), "{}", m.p50_us);
+        assert!(near(m.p99_us, 2_000.0), "{}", m.p99_us);
+        assert!(near(m.max_us, 1_000_000.0), "{}", m.max_us);
+        assert_eq!(m.histogram().unwrap(), {
+            let mut all = a.clone();
+            all.extend(&b);
+            hist_of(&all)
+        });
     }
 
     #[test]

@@ -700,7 +700,25 @@ async fn member_task(job: &Job, shared: &Shared, sig: &Signal, stats: &RefCell<E
     };
     shared.joined.fetch_add(1, Relaxed);
     let end = match job.mode {
-        Mode::Hold | Mode::Churn { .. } => live(conn, sig, stats, None, &mut |_| {}).await,
+        Mode::Hold => {
+            // Timed broadcasts that someone else sends (`ringcast-bench cluster` through
+            // the HTTP API): every delivery is timed, and the first one counts this
+            // connection as reached (`subscribers_complete`).
+            let mut reached = false;
+            live(conn, sig, stats, None, &mut |m| {
+                let Some((_, ts)) = phx::find_seq_ts(m) else {
+                    return;
+                };
+                let mut s = stats.borrow_mut();
+                s.delivery(ts, (false, false, true));
+                if !reached {
+                    reached = true;
+                    s.subscribers_complete += 1;
+                }
+            })
+            .await
+        }
+        Mode::Churn { .. } => live(conn, sig, stats, None, &mut |_| {}).await,
         Mode::Subscribe { messages } => {
             let mut sub = SubState::new(messages, job.exact_duplicates);
             let mut was_complete = false;

@@ -83,6 +83,21 @@ fn parse_stat_cpu(stat: &str) -> Option<f64> {
     Some((utime + stime) as f64 / hz)
 }
 
+/// The parent of a process, from `/proc/PID/stat` (to find a loadgen's workers).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_ppid(&stat)
+}
+
+fn parse_stat_ppid(stat: &str) -> Option<u32> {
+    // Past the command name (see parse_stat_cpu): state, then ppid.
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The soft "Max open files" of another process, from `/proc/PID/limits`.
 pub fn process_nofile(pid: u32) -> Option<u64> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
@@ -104,6 +119,7 @@ mod tests {
             "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 1000 50";
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         assert_eq!(parse_stat_cpu(stat), Some(300.0 / hz));
+        assert_eq!(parse_stat_ppid(stat), Some(1));
     }
 
     #[test]
@@ -111,5 +127,6 @@ mod tests {
         let s = sample(std::process::id()).expect("own /proc entry");
         assert!(s.rss_bytes > 0);
         assert!(process_nofile(std::process::id()).is_some());
+        assert!(parent_pid(std::process::id()).is_some_and(|p| p > 0));
     }
 }
