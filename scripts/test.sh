@@ -19,6 +19,7 @@ apt_need() {
 }
 apt_need chromium chromium          # tests/e2e/browser.test.mjs
 apt_need redis-server redis-server  # tests/e2e/cluster.test.mjs
+apt_need openssl openssl            # tests/e2e/tls.test.mjs (the test CA)
 
 e2e=tests/e2e
 # npm writes node_modules/.package-lock.json on every install: reinstall when it is

@@ -56,6 +56,17 @@ struct ServeArgs {
     /// `//*.example.com` (the domain and its subdomains), `http://localhost:4000`.
     #[arg(long = "allowed-origin")]
     allowed_origins: Vec<String>,
+    /// Serve TLS only (`wss://`, `https://`) with this PEM certificate chain (leaf
+    /// first); needs --tls-key. SIGHUP reads both files again.
+    #[arg(long, requires = "tls_key", conflicts_with = "tls_self_signed")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Serve TLS with a certificate made at start for localhost and 127.0.0.1 (for
+    /// trying wss:// locally; clients must be told to accept it).
+    #[arg(long)]
+    tls_self_signed: bool,
     /// A proxy (address or CIDR, repeat for several) whose `Forwarded` /
     /// `X-Forwarded-For` headers tell the client's address to `connect`.
     #[arg(long = "trusted-proxy", value_parser = parse_net)]
@@ -203,6 +214,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         max_frame: args.max_frame,
         allowed_origins: args.allowed_origins,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(ringcast::server::TlsSource::Files { cert, key }),
+            _ if args.tls_self_signed => Some(ringcast::server::TlsSource::SelfSigned),
+            _ => None,
+        },
         trusted_proxies: args.trusted_proxies,
         max_outbound_bytes: args.max_outbound,
         max_messages_per_sec: args.max_rate,
@@ -228,23 +244,35 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = server.local_addr();
     let running = server.start()?;
     let shutdown = running.shutdown_handle();
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    let tls = running.tls();
+    let scheme = if tls.is_some() { "TLS" } else { "plain TCP" };
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::spawn(move || {
-        let mut signals = signals.forever();
-        if let Some(signal) = signals.next() {
-            tracing::info!(
-                "signal {signal}: draining (healthz 503, connections closed with 1001 in batches)"
-            );
-            shutdown.shutdown();
-        }
-        // A second signal does not wait for the drain.
-        if let Some(signal) = signals.next() {
-            tracing::warn!("signal {signal} again: exiting without waiting for the drain");
-            std::process::exit(0);
+        let mut draining = false;
+        for signal in signals.forever() {
+            if signal == SIGHUP {
+                match tls.as_ref().map(|tls| tls.reload()) {
+                    Some(Ok(())) => tracing::info!("SIGHUP: certificate reloaded; new handshakes use it"),
+                    Some(Err(e)) => {
+                        tracing::error!("SIGHUP: certificate not reloaded, the old one stays: {e}")
+                    }
+                    None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+                }
+            } else if draining {
+                // A second signal does not wait for the drain.
+                tracing::warn!("signal {signal} again: exiting without waiting for the drain");
+                std::process::exit(0);
+            } else {
+                draining = true;
+                tracing::info!(
+                    "signal {signal}: draining (healthz 503, connections closed with 1001 in batches)"
+                );
+                shutdown.shutdown();
+            }
         }
     });
-    eprintln!("ringcast listening on {addr} with {cores} core(s)");
+    eprintln!("ringcast listening on {addr} with {cores} core(s), {scheme}");
     running.join();
     tracing::info!("stopped");
     Ok(())

@@ -18,12 +18,13 @@ use crate::cluster;
 use crate::shard::api::endpoint::Endpoint;
 use crate::shard::api::router::{Router, SocketHandler};
 use crate::shard::app::App;
-pub use crate::shard::app::{Config, PresenceFetch, DEFAULT_MAX_HTTP_CONNECTIONS};
+pub use crate::shard::app::{Config, PresenceFetch, TlsSource, DEFAULT_MAX_HTTP_CONNECTIONS};
 use crate::shard::inbox;
 use crate::shard::mesh::{Mesh, MeshMsg};
 use crate::shard::stats::CoreStats;
 use crate::shard::Shard;
 use crate::transport;
+pub use crate::transport::tls::Tls;
 
 /// The CPUs this process may run on (its affinity mask, e.g. from `taskset`), so that
 /// several single-core nodes on one box pin to different CPUs.
@@ -65,6 +66,7 @@ pub struct Server {
     inboxes: Vec<inbox_io::Inbox>,
     listeners: Vec<RawSocket>,
     local_addr: SocketAddr,
+    tls: Option<Arc<Tls>>,
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<RawSocket> {
@@ -107,6 +109,8 @@ impl Server {
             }
             None => (None, None),
         };
+        // A certificate that cannot be loaded stops the start, naming the file.
+        let tls = config.tls.clone().map(Tls::new).transpose()?.map(Arc::new);
         if let Some(link) = link {
             link.spawn(core_inboxes.clone());
         }
@@ -123,6 +127,7 @@ impl Server {
             inboxes,
             listeners,
             local_addr,
+            tls,
         })
     }
 
@@ -160,6 +165,7 @@ impl Server {
             let endpoint = self.endpoint.clone();
             let mesh = mesh.clone();
             let ready = ready_tx.clone();
+            let tls = self.tls.clone();
             let listener_fd = listener.into_raw_fd();
             // A deep ring: io_uring looks up a cancelled poll in a hash table sized by the
             // ring, and every idle connection holds one poll.
@@ -205,7 +211,7 @@ impl Server {
                     // by `into_raw_fd` above and is taken over here exactly once.
                     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
                     let _ = ready.send(());
-                    transport::run_core(shard, listener).await;
+                    transport::run_core(shard, listener, tls).await;
                 })
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             handles.push(handle);
@@ -220,6 +226,7 @@ impl Server {
             handles,
             local_addr: self.local_addr,
             endpoint: self.endpoint,
+            tls: self.tls,
         })
     }
 }
@@ -259,6 +266,7 @@ pub struct RunningServer {
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
     local_addr: SocketAddr,
     endpoint: Endpoint,
+    tls: Option<Arc<Tls>>,
 }
 
 impl RunningServer {
@@ -270,6 +278,12 @@ impl RunningServer {
     /// A handle that broadcasts into this server from anywhere.
     pub fn endpoint(&self) -> Endpoint {
         self.endpoint.clone()
+    }
+
+    /// The server's TLS, to reload its certificate from any thread (SIGHUP); `None`
+    /// when it serves plain TCP.
+    pub fn tls(&self) -> Option<Arc<Tls>> {
+        self.tls.clone()
     }
 
     /// A handle that starts a graceful shutdown from any thread.

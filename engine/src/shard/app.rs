@@ -20,6 +20,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Largest inbound frame or message, in bytes.
     pub max_frame: usize,
+    /// Serve TLS only (`wss://`, `https://`) with this certificate; `None`: plain.
+    pub tls: Option<TlsSource>,
     /// Origins allowed to upgrade; empty allows every origin.
     pub allowed_origins: Vec<String>,
     /// Proxies whose `Forwarded` / `X-Forwarded-For` headers name the client
@@ -76,6 +78,7 @@ impl Default for Config {
             cores,
             idle_timeout: Duration::from_secs(60),
             max_frame: 256 << 10,
+            tls: None,
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             max_outbound_bytes: 4 << 20,
@@ -125,6 +128,22 @@ impl Config {
     pub fn max_connections_for(cores: usize, max_http_connections: usize) -> usize {
         default_max_connections(cores, max_http_connections)
     }
+}
+
+/// Where the TLS certificate comes from (`Config::tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// PEM files: the certificate chain (leaf first) and its private key. SIGHUP reads
+    /// them again.
+    Files {
+        /// The PEM certificate chain, leaf first.
+        cert: std::path::PathBuf,
+        /// Its PEM private key.
+        key: std::path::PathBuf,
+    },
+    /// A certificate made at start for `localhost` and `127.0.0.1`, for trying `wss://`
+    /// locally (clients must be told to trust it).
+    SelfSigned,
 }
 
 pub(crate) struct App {

@@ -76,6 +76,8 @@ pub struct CoreStats {
     pub http_timeouts: Counter,
     /// Accepts that failed (out of file descriptors or memory).
     pub accept_errors: Counter,
+    /// TLS handshakes that failed or did not finish within the request timeout.
+    pub tls_failed: Counter,
     /// Binary frames for long-poll clients, which have no representation there:
     /// replies answered as errors, pushes and broadcasts left out.
     pub longpoll_binary: Counter,
@@ -143,6 +145,11 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
         "Accepts that failed (file descriptors, memory).",
     ),
     (
+        "tls_failed",
+        "counter",
+        "TLS handshakes that failed or did not finish within the request timeout.",
+    ),
+    (
         "longpoll_binary",
         "counter",
         "Binary frames for long-poll clients (replies answered as errors, pushes left out).",
@@ -188,6 +195,7 @@ impl CoreStats {
             "http_refused" => &self.http_refused,
             "http_timeouts" => &self.http_timeouts,
             "accept_errors" => &self.accept_errors,
+            "tls_failed" => &self.tls_failed,
             "longpoll_binary" => &self.longpoll_binary,
             "inbox_dropped" => &self.inbox_dropped,
             "mesh_dropped" => &self.mesh_dropped,

@@ -7,9 +7,11 @@ pub(crate) mod longpoll;
 pub(crate) mod park;
 pub(crate) mod send_ring;
 pub(crate) mod timers;
+pub mod tls;
 pub(crate) mod websocket;
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -19,11 +21,12 @@ use crate::proto::http::{self, Request, MAX_HEAD};
 use crate::shard::admission::{connect_info, Admitted, Refused};
 use crate::shard::session::Session;
 use crate::shard::Shard;
+use tls::{Tls, Wire};
 
 /// Accepts connections on this core until shutdown and while it drains (HTTP goes on:
 /// `/healthz` answers 503, upgrades are refused), then stops once every connection is
 /// gone or `drain_timeout` passed.
-pub(crate) async fn run_core(shard: Rc<Shard>, listener: TcpListener) {
+pub(crate) async fn run_core(shard: Rc<Shard>, listener: TcpListener, tls: Option<Arc<Tls>>) {
     let drained = async {
         shard.stopped().await;
         let deadline = std::time::Instant::now() + shard.app.config.drain_timeout;
@@ -38,7 +41,7 @@ pub(crate) async fn run_core(shard: Rc<Shard>, listener: TcpListener) {
             );
         }
     };
-    futures_lite::future::or(drained, accept_loop(shard.clone(), listener)).await;
+    futures_lite::future::or(drained, accept_loop(shard.clone(), listener, tls)).await;
 }
 
 /// Longest pause of the accept loop after failed accepts.
@@ -46,7 +49,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// At most one log line about failed accepts in this long.
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Option<Arc<Tls>>) {
     let mut backoff = Duration::ZERO;
     let mut logged: Option<std::time::Instant> = None;
     let mut unlogged = 0u64;
@@ -62,7 +65,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     drop(stream);
                     continue;
                 }
-                glommio::spawn_local(serve(shard.clone(), stream)).detach();
+                match &tls {
+                    None => glommio::spawn_local(serve(shard.clone(), stream)).detach(),
+                    Some(tls) => glommio::spawn_local(serve_tls(shard.clone(), stream, tls.clone())).detach(),
+                };
             }
             Err(e) => {
                 // Out of file descriptors or memory: back off (doubling, up to a second)
@@ -81,6 +87,33 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
                 glommio::timer::sleep(backoff).await;
             }
+        }
+    }
+}
+
+/// A TLS connection: the handshake, within the request timeout (counted in the HTTP
+/// phase, so that handshakes that never finish are capped like slow requests), then
+/// HTTP as on a plain one.
+async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, tls: Arc<Tls>) {
+    let phase = HttpPhase::new(&shard);
+    let _ = stream.set_nodelay(true);
+    let timeout = shard.app.config.request_timeout;
+    let handshake = futures_lite::future::or(async { Some(tls.accept(stream).await) }, async {
+        glommio::timer::sleep(timeout).await;
+        None
+    });
+    match handshake.await {
+        Some(Ok(stream)) => {
+            drop(phase);
+            serve(shard, stream).await;
+        }
+        Some(Err(e)) => {
+            shard.stats.tls_failed.add(1);
+            tracing::debug!(core = shard.index, "TLS handshake failed: {e}");
+        }
+        None => {
+            shard.stats.tls_failed.add(1);
+            shard.stats.http_timeouts.add(1);
         }
     }
 }
@@ -108,8 +141,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(60);
 
 /// Reads one request (head and body) from `buf` and the stream. `Err` carries the
 /// response to send before closing, if any.
-async fn read_request(
-    stream: &mut TcpStream,
+async fn read_request<S: Wire>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
 ) -> Result<(Request, Vec<u8>), Option<Vec<u8>>> {
     let (req, head_len) = loop {
@@ -172,7 +205,7 @@ async fn read_request(
     Ok((req, body))
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+async fn read_more<S: Wire>(stream: &mut S, buf: &mut Vec<u8>) -> std::io::Result<()> {
     let filled = buf.len();
     buf.resize(filled + 4096, 0);
     let n = stream.read(&mut buf[filled..]).await;
@@ -188,15 +221,15 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result
 /// them upgrades to a WebSocket. Each request must arrive whole within the request
 /// timeout, counted from the accept for the first one and from its first byte for
 /// later ones; between requests a connection may stay idle for [`KEEP_ALIVE`].
-async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+async fn serve<S: Wire>(shard: Rc<Shard>, mut stream: S) {
     let phase = HttpPhase::new(&shard);
-    let _ = stream.set_nodelay(true);
+    let _ = stream.tcp().set_nodelay(true);
     let request_timeout = shard.app.config.request_timeout;
     let mut buf = Vec::new();
     let mut first = true;
     loop {
         if !first && buf.is_empty() {
-            let _ = stream.set_read_timeout(Some(KEEP_ALIVE));
+            let _ = stream.tcp().set_read_timeout(Some(KEEP_ALIVE));
             if read_more(&mut stream, &mut buf).await.is_err() {
                 return;
             }
@@ -204,7 +237,7 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         first = false;
         // The deadline below bounds the whole request; a per-read timeout (which glommio
         // restarts on every read) would only race it.
-        let _ = stream.set_read_timeout(None);
+        let _ = stream.tcp().set_read_timeout(None);
         // Boxed: a request is read once, and its buffers must not stay in the
         // connection's task for a WebSocket's whole life.
         let read = Box::pin(read_request(&mut stream, &mut buf));
@@ -227,7 +260,7 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 return;
             }
         };
-        let _ = stream.set_read_timeout(None);
+        let _ = stream.tcp().set_read_timeout(None);
         if req.path == "/socket/websocket" {
             let upgraded = Box::pin(upgrade(&shard, &mut stream, req)).await;
             if let Some(session) = upgraded {
@@ -243,7 +276,7 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         }
         shard.stats.bytes_in.add(body.len() as u64);
         let keep_alive = !http::wants_close(&req);
-        let response = Box::pin(api::route(&shard, req, body, stream.peer_addr().ok())).await;
+        let response = Box::pin(api::route(&shard, req, body, stream.tcp().peer_addr().ok())).await;
         shard.stats.bytes_out.add(response.body.len() as u64);
         if stream.write_all(&response.to_bytes(keep_alive)).await.is_err() || !keep_alive {
             return;
@@ -273,13 +306,13 @@ pub(crate) async fn admit(
 
 /// Answers the upgrade request; on success the connection is registered and its
 /// session returned.
-async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream, req: Request) -> Option<Session> {
+async fn upgrade<S: Wire>(shard: &Rc<Shard>, stream: &mut S, req: Request) -> Option<Session> {
     let Some(key) = req.websocket_key().map(str::to_string) else {
         let response = http::response(400, "text/plain", b"WebSocket upgrade expected\n");
         let _ = stream.write_all(&response).await;
         return None;
     };
-    let admitted = match admit(shard, &req, stream.peer_addr().ok()).await {
+    let admitted = match admit(shard, &req, stream.tcp().peer_addr().ok()).await {
         Ok(admitted) => admitted,
         Err(refused) => {
             let response = match refused {

@@ -13,9 +13,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::os::fd::AsRawFd;
-
-use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
@@ -25,6 +22,7 @@ use crate::proto::ProtocolError;
 use crate::shard::conn::{why, OutFrame};
 use crate::shard::session::{Session, Turn};
 use crate::transport::park;
+use crate::transport::tls::Wire;
 
 /// Size of the per-core read buffer and of one coalesced write.
 pub(crate) const IO_CHUNK: usize = 64 * 1024;
@@ -48,8 +46,8 @@ enum Phase {
     Lingering,
 }
 
-pub(crate) struct Pump {
-    stream: TcpStream,
+pub(crate) struct Pump<S: Wire = TcpStream> {
+    stream: S,
     session: Session,
     reader: FrameReader,
     partial: Vec<u8>,
@@ -62,12 +60,13 @@ pub(crate) struct Pump {
     linger: Option<Timer>,
 }
 
-impl Pump {
-    pub(crate) fn new(stream: TcpStream, session: Session, leftover: Vec<u8>) -> Self {
+impl<S: Wire> Pump<S> {
+    pub(crate) fn new(stream: S, session: Session, leftover: Vec<u8>) -> Self {
         let max_frame = session.shard.app.config.max_frame;
         let started = session.shard.now_ms();
-        // Broadcasts are written straight to the socket by the core's flusher.
-        session.conn.fd.set(stream.as_raw_fd());
+        // Broadcasts are written straight to the socket by the core's flusher, unless
+        // they must pass through the stream (TLS): then this pump is woken to write them.
+        session.conn.fd.set(stream.direct_fd().unwrap_or(-1));
         Pump {
             stream,
             session,
@@ -207,6 +206,11 @@ impl Pump {
                 })
             });
             let Some(written) = written else {
+                drop(out);
+                // TLS keeps records it could not send yet; plain TCP keeps nothing.
+                if self.stream.direct_fd().is_none() {
+                    return Pin::new(&mut self.stream).poll_flush(cx);
+                }
                 return Poll::Ready(Ok(()));
             };
             match written {
@@ -265,8 +269,12 @@ impl Pump {
         {
             return false;
         }
+        // Only a plain socket parks: a TLS connection's state lives in its stream.
+        let Some(raw) = self.stream.direct_fd() else {
+            return false;
+        };
         // SAFETY: duplicating an open descriptor; the result is checked.
-        let fd = unsafe { libc::fcntl(self.stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        let fd = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
         if fd < 0 {
             return false;
         }
@@ -295,7 +303,7 @@ impl Pump {
     }
 }
 
-impl Future for Pump {
+impl<S: Wire> Future for Pump<S> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -366,7 +374,7 @@ impl Future for Pump {
     }
 }
 
-impl Drop for Pump {
+impl<S: Wire> Drop for Pump<S> {
     fn drop(&mut self) {
         if !self.parked {
             self.session.conn.fd.set(-1);
