@@ -12,6 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import tls from 'node:tls';
+import { chromium } from 'playwright-core';
 import {
   e2e, startServer, join, push, nextEvent, mintToken, within, sleep, WebSocket, Socket, REPO_ROOT,
 } from './lib.mjs';
@@ -47,6 +48,13 @@ const ca = fs.readFileSync(file('ca.pem'));
 const live = { cert: file('live.pem'), key: file('live.key') };
 fs.copyFileSync(certA.cert, live.cert);
 fs.copyFileSync(certA.key, live.key);
+
+/** base64 SHA-256 of a certificate's public key, as Chromium's SPKI list takes it. */
+function spki(certPath) {
+  const pub = execFileSync('openssl', ['x509', '-in', certPath, '-pubkey', '-noout']);
+  const der = execFileSync('openssl', ['pkey', '-pubin', '-outform', 'der'], { input: pub });
+  return execFileSync('openssl', ['dgst', '-sha256', '-binary'], { input: der }).toString('base64');
+}
 
 /** The phoenix client's WebSocket transport, trusting the test CA. */
 class CaWebSocket extends WebSocket {
@@ -176,6 +184,41 @@ describe('TLS', () => {
       s.ws.close();
     }
   }, { timeout: 30000 });
+
+  e2e('Chromium loads the demo page over https and chats over wss://', async () => {
+    const CHROMIUM = process.env.RINGCAST_CHROMIUM || '/usr/bin/chromium';
+    assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing (scripts/test.sh installs chromium)`);
+    // Chromium trusts exactly the test certificates' keys (not every certificate).
+    const browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+        '--disable-background-networking', '--disable-component-update', '--disable-sync',
+        `--ignore-certificate-errors-spki-list=${spki(certA.cert)},${spki(certB.cert)}`],
+      timeout: 20000,
+    });
+    try {
+      const page = await (await browser.newContext()).newPage();
+      const errors = [];
+      page.on('pageerror', (e) => errors.push(String(e)));
+      const qs = new URLSearchParams({ token: mintToken('tab'), user: 'tab', room: 'tlsbrowser' });
+      await page.goto(`https://localhost:${server.port}/?${qs}`, { timeout: 10000 });
+      await page.waitForSelector('body[data-joined="true"]', { timeout: 8000 });
+      assert.equal(await page.textContent('#status'), 'connected (WebSocket)');
+      assert.equal(await page.evaluate(() => location.protocol), 'https:');
+      // A Node client in the same room over wss sees what the tab sends.
+      const node = await wssConnect(server.port, 'nodetls');
+      const ch = node.channel('rooms:tlsbrowser', { name: 'node' });
+      assert.equal((await join(ch)).status, 'ok');
+      const got = nextEvent(ch, 'new_msg', 5000);
+      await page.fill('#body', 'from chromium over wss');
+      await page.press('#body', 'Enter');
+      assert.deepEqual(await got, { body: 'from chromium over wss', user: 'tab' });
+      assert.deepEqual(errors, []);
+      node.disconnect();
+    } finally {
+      await browser.close();
+    }
+  }, { timeout: 40000 });
 
   e2e('TLS 1.3 and 1.2 handshakes, ALPN http/1.1; the API and metrics answer over https', async () => {
     const hello = await handshakeCn(server.port);
