@@ -185,6 +185,25 @@ describe('TLS', () => {
     }
   }, { timeout: 30000 });
 
+  e2e('a 200 KB message from a wss client (many records, read in parts) is broadcast back whole', async () => {
+    const open = (user) => new Promise((resolve, reject) => {
+      const ws = new WebSocket(`wss://127.0.0.1:${server.port}/socket/websocket?vsn=2.0.0&token=${mintToken(user)}`, { ca, perMessageDeflate: false });
+      ws.on('open', () => ws.send(JSON.stringify(['1', '1', 'bench:tlsbig', 'phx_join', {}])));
+      ws.once('message', () => resolve(ws));
+      ws.on('error', reject);
+    });
+    const [sender, watcher] = [await open('big1'), await open('big2')];
+    const body = 'y'.repeat(200_000);
+    const got = new Promise((resolve) => watcher.on('message', (d) => {
+      const [, , , event, payload] = JSON.parse(d.toString());
+      if (event === 'new_msg') resolve(payload.body);
+    }));
+    sender.send(JSON.stringify(['1', '2', 'bench:tlsbig', 'new_msg', { body }]));
+    assert.equal(await within(got, 5000, 'the 200 KB broadcast did not arrive'), body);
+    sender.close();
+    watcher.close();
+  });
+
   e2e('Chromium loads the demo page over https and chats over wss://', async () => {
     const CHROMIUM = process.env.RINGCAST_CHROMIUM || '/usr/bin/chromium';
     assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing (scripts/test.sh installs chromium)`);
