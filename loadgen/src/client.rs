@@ -356,7 +356,11 @@ impl Conn {
                 self.end -= self.start;
                 self.start = 0;
             } else {
-                let cap = if self.skim.is_some() { SKIM_BUF } else { MAX_MESSAGE + 16 };
+                let cap = if self.skim.is_some() {
+                    SKIM_BUF
+                } else {
+                    MAX_MESSAGE + 16
+                };
                 let grown = (self.buf.len() * 2).min(cap);
                 if grown == self.buf.len() {
                     return Err(io::Error::other("frame larger than the buffer limit"));
@@ -503,6 +507,11 @@ impl Conn {
                     st.in_msg = false;
                 }
                 continue;
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+                return Ok(());
             }
             let avail = &self.buf[self.start..self.end];
             let need = match ws::parse_frame(avail, MAX_MESSAGE) {
@@ -731,6 +740,7 @@ mod tests {
         let mid = vec![b'x'; 20_000];
         let mut wire = Vec::new();
         wire.extend(server_frame(true, opcode::TEXT, &small));
+        let first_len = wire.len();
         wire.extend(server_frame(true, opcode::TEXT, &big_state));
         wire.extend(server_frame(true, opcode::PING, b"p"));
         // A fragmented message, its middle fragment big.
@@ -749,10 +759,16 @@ mod tests {
                 s.read_exact(&mut b).unwrap();
                 head.push(b[0]);
             }
-            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-                .unwrap();
-            // Odd-sized writes, so that frames and headers straddle reads.
-            for chunk in wire.chunks(7_777) {
+            s.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            )
+            .unwrap();
+            // First one frame alone, so that a read ends exactly at a frame's end (a
+            // drained buffer, the case that once indexed an empty slice); then odd-sized
+            // writes, so that frames and headers straddle reads.
+            s.write_all(&wire[..first_len]).unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+            for chunk in wire[first_len..].chunks(7_777) {
                 s.write_all(chunk).unwrap();
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -804,8 +820,10 @@ mod tests {
         // Small ones come whole; the big state in pieces; the buffer never held it.
         assert!(msgs[0].1 && msgs[3].1 && !msgs[1].1);
         assert!(max_buf <= SKIM_BUF, "{max_buf}");
-        assert!(crate::presence::classify(&big_state[..crate::presence::PREFIX])
-            == crate::presence::Kind::PresenceState);
+        assert!(
+            crate::presence::classify(&big_state[..crate::presence::PREFIX])
+                == crate::presence::Kind::PresenceState
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod report;
 mod run;
 pub mod sys;
 
+pub use newcomer::NewcomerReport;
 pub use phx::timed_body;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -546,7 +547,11 @@ pub fn hard_deadline(cli: &Cli) -> Duration {
         // plus the close.
         Cmd::Churn(a) => a.duration.as_secs_f64() + 5.0 * st + 45.0,
         Cmd::Presence(a) => {
-            a.ramp_timeout.as_secs_f64() + a.max_hold.as_secs_f64() + 3.0 * st + 60.0 + a.connections as f64 / 1000.0
+            a.ramp_timeout.as_secs_f64()
+                + a.max_hold.as_secs_f64()
+                + 3.0 * st
+                + 60.0
+                + a.connections as f64 / 1000.0
         }
         Cmd::Newcomer(a) => a.timeout.as_secs_f64() + 3.0 * st + 20.0,
     };

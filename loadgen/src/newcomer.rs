@@ -87,7 +87,10 @@ async fn check(cli: Cli, a: NewcomerArgs) -> NewcomerReport {
     let payload = serde_json::json!({ "name": "newcomer" }).to_string();
     let sent = Instant::now();
     r.join_sent_unix_nanos = unix_nanos();
-    if let Err(e) = conn.send_text(phx::join_with(&a.topic, &payload).as_bytes()).await {
+    if let Err(e) = conn
+        .send_text(phx::join_with(&a.topic, &payload).as_bytes())
+        .await
+    {
         r.problems.push(format!("join write: {:?}", e.kind()));
         return r;
     }
@@ -159,9 +162,9 @@ async fn check(cli: Cli, a: NewcomerArgs) -> NewcomerReport {
                     r.state_ms = Some(ms_since(sent));
                     r.state_bytes = m.len() as u64;
                     let (keys, metas) = state_counts(&payload);
-                    let newcomers = payload.as_object().map_or(0, |o| {
-                        o.keys().filter(|k| k.starts_with(NEWCOMER_PREFIX)).count()
-                    });
+                    let newcomers = payload
+                        .as_object()
+                        .map_or(0, |o| o.keys().filter(|k| k.starts_with(NEWCOMER_PREFIX)).count());
                     r.state_keys = keys as u64;
                     r.state_metas = metas as u64;
                     r.state_newcomer_keys = newcomers as u64;

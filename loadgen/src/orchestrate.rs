@@ -573,7 +573,13 @@ fn presence(cli: &Cli, job: Job, a: &crate::PresenceArgs) -> anyhow::Result<bool
         a.connections, a.rate, a.window, a.topic
     );
     let mut peers = Peers::start(job.clone(), &slices)?;
-    let at_full = ramp(cli, &mut peers, a.connections, "ramp", a.ramp_timeout + Duration::from_secs(5));
+    let at_full = ramp(
+        cli,
+        &mut peers,
+        a.connections,
+        "ramp",
+        a.ramp_timeout + Duration::from_secs(5),
+    );
     let t_ramped = unix_nanos();
     let full = sample(cli.server_pid);
     // The line `ringcast-bench cluster` waits for.
@@ -1100,7 +1106,10 @@ mod tests {
 
     #[test]
     fn worker_commands() {
-        assert_eq!(parse_command("go 1764600000000000000\n"), WorkerCmd::Go(1_764_600_000_000_000_000));
+        assert_eq!(
+            parse_command("go 1764600000000000000\n"),
+            WorkerCmd::Go(1_764_600_000_000_000_000)
+        );
         assert_eq!(parse_command("go\n"), WorkerCmd::Go(0));
         assert_eq!(parse_command("gone\n"), WorkerCmd::Other);
         assert_eq!(parse_command("release\n"), WorkerCmd::Release);

@@ -97,8 +97,8 @@ pub fn classify(prefix: &[u8]) -> Kind {
         Some(match event {
             b"presence_diff" => Kind::PresenceDiff,
             b"presence_state" => Kind::PresenceState,
-            b"phx_reply" if reference == Some(phx::JOIN_REF.as_bytes())
-                && matches!(join_ref, None | Some(b"1")) =>
+            b"phx_reply"
+                if reference == Some(phx::JOIN_REF.as_bytes()) && matches!(join_ref, None | Some(b"1")) =>
             {
                 Kind::JoinReply
             }
@@ -405,9 +405,9 @@ impl PresenceView {
 
     /// Keys that are newcomers' (see [`NEWCOMER_PREFIX`]).
     pub fn newcomer_keys(&self) -> usize {
-        self.state.as_ref().map_or(0, |s| {
-            s.keys().filter(|k| k.starts_with(NEWCOMER_PREFIX)).count()
-        })
+        self.state
+            .as_ref()
+            .map_or(0, |s| s.keys().filter(|k| k.starts_with(NEWCOMER_PREFIX)).count())
     }
 
     pub fn has_key(&self, key: &str) -> bool {
@@ -430,16 +430,37 @@ mod tests {
     #[test]
     fn classifies_by_the_first_bytes() {
         let cases: [(&[u8], Kind); 9] = [
-            (br#"[null,null,"rooms:r","presence_diff",{"joins":{}"#, Kind::PresenceDiff),
-            (br#"["1",null,"rooms:r","presence_state",{}]"#, Kind::PresenceState),
-            (br#"["1","1","rooms:r","phx_reply",{"status":"ok","response":{}}]"#, Kind::JoinReply),
+            (
+                br#"[null,null,"rooms:r","presence_diff",{"joins":{}"#,
+                Kind::PresenceDiff,
+            ),
+            (
+                br#"["1",null,"rooms:r","presence_state",{}]"#,
+                Kind::PresenceState,
+            ),
+            (
+                br#"["1","1","rooms:r","phx_reply",{"status":"ok","response":{}}]"#,
+                Kind::JoinReply,
+            ),
             // "unmatched topic" replies leave the join_ref null.
-            (br#"[null,"1","rooms:r","phx_reply",{"status":"error"}]"#, Kind::JoinReply),
+            (
+                br#"[null,"1","rooms:r","phx_reply",{"status":"error"}]"#,
+                Kind::JoinReply,
+            ),
             // A heartbeat reply is not the join's.
-            (br#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#, Kind::Other),
-            (br#"["1",null,"rooms:r","welcome",{"msg":"Welcome to room r!"}]"#, Kind::Other),
+            (
+                br#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#,
+                Kind::Other,
+            ),
+            (
+                br#"["1",null,"rooms:r","welcome",{"msg":"Welcome to room r!"}]"#,
+                Kind::Other,
+            ),
             // Whitespace and an escaped quote in the topic do not confuse it.
-            (br#"[ null , null , "rooms:\"x\"" , "presence_diff" , {}]"#, Kind::PresenceDiff),
+            (
+                br#"[ null , null , "rooms:\"x\"" , "presence_diff" , {}]"#,
+                Kind::PresenceDiff,
+            ),
             (b"{\"topic\":\"x\"}", Kind::Unreadable),
             (br#"[null,null,"rooms:r","presen"#, Kind::Unreadable),
         ];
@@ -478,7 +499,10 @@ mod tests {
         let mut t = PresenceTally::default();
         let mut r = MemberReader::new();
         let state = br#"["1",null,"rooms:r","presence_state",{"m0-1":{"metas":[]}}]"#;
-        assert_eq!(r.piece(state, true, true, &mut t).ended, Some(Kind::PresenceState));
+        assert_eq!(
+            r.piece(state, true, true, &mut t).ended,
+            Some(Kind::PresenceState)
+        );
         let diff = br#"[null,null,"rooms:r","presence_diff",{"joins":{"newcomer-0":{}},"leaves":{}}]"#;
         // Before it is armed, the key is not looked for.
         assert!(!r.piece(diff, true, true, &mut t).reached_now);
@@ -525,8 +549,14 @@ mod tests {
         let mut m = PresenceTally::default();
         m.merge(&a);
         m.merge(&b);
-        assert_eq!((m.diff_frames, m.presence_bytes(), m.largest_state_bytes), (2, 109, 9));
-        assert_eq!((m.reached, m.first_reach_unix_nanos, m.last_reach_unix_nanos), (3, 40, 60));
+        assert_eq!(
+            (m.diff_frames, m.presence_bytes(), m.largest_state_bytes),
+            (2, 109, 9)
+        );
+        assert_eq!(
+            (m.reached, m.first_reach_unix_nanos, m.last_reach_unix_nanos),
+            (3, 40, 60)
+        );
         assert_eq!(m.reach.iter().map(|[_, c]| c).sum::<u64>(), 3);
     }
 
