@@ -636,21 +636,32 @@ pub(super) fn ramp(
             last_progress = Instant::now();
             let s = take_sample(procs, Some(api), false);
             write_json(&dir.join("samples/progress.json"), &s);
-            let written = s.api_stats.as_ref().map_or(0, |a| a.bytes_out);
+            // A node that did not answer in time would make the sum drop and the next
+            // rate jump: the rate counts only rounds every node answered.
+            let all = s.api_stats.as_ref().filter(|a| a.nodes_answered == a.nodes);
+            let written = all.map(|a| a.bytes_out);
             let closed = s.api_stats.as_ref().map_or(0, |a| a.slow_closed);
             ctx.log.line(&format!(
                 "  ramp {:.0}s: {} connections on the nodes, {up_count}/{k} loadgens up, MemAvailable {} MiB, servers' RSS {} MiB \
-                 (per node {:?} MiB), servers wrote {:.2} GB ({:.0} MB/s since the last line), {closed} cut off (1008)",
+                 (per node {:?} MiB), servers wrote {}, {closed} cut off (1008)",
                 t0.elapsed().as_secs_f64(),
                 s.api_stats.as_ref().map_or(0, |a| a.connections),
                 avail >> 20,
                 s.server_rss_bytes >> 20,
                 s.server_rss_per_node.iter().map(|r| r >> 20).collect::<Vec<_>>(),
-                written as f64 / 1e9,
-                (written.saturating_sub(last_written)) as f64 / 1e6 / last_at.elapsed().as_secs_f64(),
+                match written {
+                    Some(w) => format!(
+                        "{:.2} GB ({:.0} MB/s since the last full count)",
+                        w as f64 / 1e9,
+                        w.saturating_sub(last_written) as f64 / 1e6 / last_at.elapsed().as_secs_f64()
+                    ),
+                    None => "n/a (a node did not answer)".into(),
+                },
             ));
-            last_written = written;
-            last_at = Instant::now();
+            if let Some(w) = written {
+                last_written = w;
+                last_at = Instant::now();
+            }
         }
         std::thread::sleep(Duration::from_millis(300));
     }

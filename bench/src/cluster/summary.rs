@@ -278,7 +278,13 @@ pub fn presence_summary(
     if let (Some(t0), Some(t1)) = (r.t_loadgen_start, r.t_all_joined) {
         p.ramp_s = Some(t1 - t0);
     }
-    let out = |s: &Option<Sample>| s.as_ref().and_then(|s| s.api_stats.as_ref()).map(|a| a.bytes_out);
+    // Only a count every node answered is a total.
+    let out = |s: &Option<Sample>| {
+        s.as_ref()
+            .and_then(|s| s.api_stats.as_ref())
+            .filter(|a| a.nodes_answered == a.nodes)
+            .map(|a| a.bytes_out)
+    };
     let before = out(&r.samples.before);
     if let (Some(b), Some(f)) = (before, out(&r.samples.full)) {
         p.server_bytes_out_ramp = Some(f.saturating_sub(b));
@@ -766,5 +772,118 @@ mod tests {
         let s = summarize(&r, &[(0, report(3, 0, &[], 0))], vec![1]);
         assert!(s.received.is_none() && s.broadcast_latency.is_none() && s.loss.is_none());
         assert!(one_line(&s).contains("latency p50 n/a"));
+    }
+
+    fn presence_report(joined: u64, reached: u64, ends: &[(&str, u64)]) -> ConnectReport {
+        let mut r = report(joined, 0, &[], 0);
+        r.ends = ends.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        r.ended_early = ends.iter().map(|(_, v)| v).sum();
+        let mut tally = ringcast_loadgen::presence::PresenceTally {
+            diff_bytes: 1000,
+            state_bytes: 500,
+            members_with_state: joined,
+            reached,
+            ..Default::default()
+        };
+        // 10 ms .. 30 ms after the arm time.
+        tally.reach = vec![[10_000_000, 1], [30_000_000, 1]];
+        r.presence = Some(ringcast_loadgen::report::PresenceFigures::of(
+            &tally,
+            Some("newcomer-0".into()),
+            Some(1_000),
+        ));
+        r
+    }
+
+    fn newcomer(key: &str, members: u64, newcomers: u64, complete: bool) -> NewcomerReport {
+        NewcomerReport {
+            key: key.into(),
+            expected_members: members,
+            expected_newcomers: newcomers,
+            state_member_keys: members,
+            state_has_every_member: true,
+            complete,
+            final_keys: members + if complete { newcomers } else { 0 },
+            // Its join went out 4 ms after the arm time (1,000 ns).
+            join_sent_unix_nanos: 1_000 + 4_000_000,
+            ..Default::default()
+        }
+    }
+
+    fn presence_record() -> Record {
+        let mut r = record();
+        r.presence = true;
+        r.settle = Some(SettleRecord {
+            settled: true,
+            waited_s: 3.0,
+            bytes_out_during: 0,
+        });
+        r.armed_unix_nanos = Some(1_000);
+        r.newcomers_started = 2;
+        let with_bytes = |b: u64| {
+            let mut s = sample(0, 0, 0);
+            s.api_stats = Some(ApiConnections {
+                bytes_out: b,
+                nodes_answered: 2,
+                nodes: 2,
+                ..Default::default()
+            });
+            s
+        };
+        r.samples.before = Some(with_bytes(100));
+        r.samples.full = Some(with_bytes(4_100));
+        r
+    }
+
+    #[test]
+    fn a_presence_size_is_ok_only_when_every_check_holds() {
+        let reports = [(0, presence_report(3, 3, &[])), (1, presence_report(2, 2, &[]))];
+        let n = |c| {
+            vec![
+                Some(newcomer("newcomer-0", 5, 2, c)),
+                Some(newcomer("newcomer-1", 5, 2, true)),
+            ]
+        };
+        let mut s = summarize(&presence_record(), &reports, vec![]);
+        s.presence = Some(presence_summary(&presence_record(), &reports, n(true)));
+        let p = s.presence.as_ref().unwrap();
+        assert_eq!((p.members_with_state, p.reached, p.newcomers_ok), (5, 5, 2));
+        assert_eq!(p.member_presence_bytes, 2 * 1500);
+        // 4,000 bytes over the 2 s ramp.
+        assert_eq!(p.server_bytes_out_ramp, Some(4_000));
+        assert!((p.ramp_mb_per_s.unwrap() - 0.002).abs() < 1e-12);
+        // Reach from newcomer 0's join: the arm-relative times less its 4 ms.
+        let [p50, _, max] = p.reach_from_join_ms.unwrap();
+        assert!((p50 - 6.0).abs() < 0.1 && (max - 26.0).abs() < 0.1, "{p50} {max}");
+        assert_eq!(presence_verdict(&s).0, "ok");
+
+        // A newcomer that never saw every newcomer.
+        s.presence = Some(presence_summary(&presence_record(), &reports, n(false)));
+        let (outcome, notes) = presence_verdict(&s);
+        assert_eq!(outcome, "incomplete");
+        assert!(notes.contains("1 of 2 newcomers"), "{notes}");
+
+        // A member cut off with 1008, and one that missed the diff.
+        let bad = [
+            (0, presence_report(3, 2, &[("server close 1008", 1)])),
+            (1, presence_report(2, 2, &[])),
+        ];
+        let mut s = summarize(&presence_record(), &bad, vec![]);
+        s.presence = Some(presence_summary(&presence_record(), &bad, n(true)));
+        assert_eq!(s.presence.as_ref().unwrap().closed_1008, 1);
+        let notes = presence_verdict(&s).1;
+        assert!(
+            notes.contains("1 with 1008") && notes.contains("4 of 5 members saw"),
+            "{notes}"
+        );
+
+        // A missing newcomer report, and a count a node did not answer: no total.
+        let mut r = presence_record();
+        if let Some(f) = r.samples.full.as_mut() {
+            f.api_stats.as_mut().unwrap().nodes_answered = 1;
+        }
+        let p = presence_summary(&r, &reports, vec![Some(newcomer("newcomer-0", 5, 2, true)), None]);
+        assert_eq!(p.newcomers_missing, [1]);
+        assert_eq!(p.server_bytes_out_ramp, None);
     }
 }
