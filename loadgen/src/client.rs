@@ -14,8 +14,16 @@ use ringcast::proto::ws::client::{self as ws, opcode, MaskGen, Parsed};
 
 /// Bytes of read buffer a connection starts with; it grows only for larger frames.
 const INITIAL_BUF: usize = 1024;
-/// Largest server message accepted.
-const MAX_MESSAGE: usize = 16 << 20;
+/// Largest server message accepted: a `presence_state` of a 100,000-member room is
+/// about 10 MB (the server's own bound for presence is 16 x 4 MiB).
+const MAX_MESSAGE: usize = 64 << 20;
+/// Skimming connections (see [`Conn::skim`]): messages up to this size are buffered
+/// whole, larger ones are handed over in pieces as they arrive.
+const SKIM_WHOLE: usize = 16 << 10;
+/// Skimming connections read at most this much at once (while a big message streams).
+const SKIM_BUF: usize = 64 << 10;
+/// A skimming connection's idle buffer shrinks back to the initial size above this.
+const SKIM_KEEP: usize = 8 << 10;
 /// Largest HTTP upgrade response accepted.
 const MAX_RESPONSE_HEAD: usize = 8192;
 
@@ -91,6 +99,46 @@ pub struct Conn {
     out: Vec<u8>,
     mask: MaskGen,
     next_ref: u64,
+    /// Set: read messages as [`Piece`]s without buffering big ones (presence members).
+    skim: Option<Stream>,
+}
+
+/// The data frame a skimming connection is reading in pieces.
+#[derive(Debug, Default)]
+struct Stream {
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// The current frame ends its message.
+    fin: bool,
+    /// A message is under way (its first piece was handed over).
+    in_msg: bool,
+}
+
+/// A part of a server message, as a skimming connection hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece<'a> {
+    pub bytes: &'a [u8],
+    /// The message starts here; `bytes` holds at least
+    /// [`crate::presence::PREFIX`] bytes of it (or all of it).
+    pub first: bool,
+    /// The message ends here.
+    pub last: bool,
+}
+
+impl<'a> Piece<'a> {
+    /// A whole message as one piece.
+    pub fn whole(bytes: &'a [u8]) -> Piece<'a> {
+        Piece {
+            bytes,
+            first: true,
+            last: true,
+        }
+    }
+
+    /// The message, when this piece is all of it.
+    pub fn as_whole(&self) -> Option<&'a [u8]> {
+        (self.first && self.last).then_some(self.bytes)
+    }
 }
 
 fn io_fail(e: &io::Error) -> Fail {
@@ -180,6 +228,23 @@ impl Conn {
         stage_timeout: Duration,
         seed: u32,
     ) -> Result<Conn, Fail> {
+        let mut conn = Conn::upgrade(target, src, token, stage_timeout, seed).await?;
+        conn.send_text(phx::join(topic).as_bytes())
+            .await
+            .map_err(|e| Fail::Join(format!("write: {:?}", e.kind())))?;
+        bounded("join", stage_timeout, conn.await_join()).await?;
+        Ok(conn)
+    }
+
+    /// Connects and upgrades with `token`; the caller joins. Each stage is bounded by
+    /// `stage_timeout`.
+    pub async fn upgrade(
+        target: &Target,
+        src: Option<Ipv4Addr>,
+        token: &str,
+        stage_timeout: Duration,
+        seed: u32,
+    ) -> Result<Conn, Fail> {
         let mut mask = MaskGen::new(seed);
         let sock = start_connect(target.addr, src)?;
         let key = ws_key(&mut mask);
@@ -196,6 +261,7 @@ impl Conn {
             out: Vec::with_capacity(128),
             mask,
             next_ref: 2,
+            skim: None,
         };
         let request = format!(
             "GET {}?token={token}&vsn=2.0.0 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
@@ -211,11 +277,14 @@ impl Conn {
         })
         .await?;
         bounded("handshake", stage_timeout, conn.read_upgrade()).await?;
-        conn.send_text(phx::join(topic).as_bytes())
-            .await
-            .map_err(|e| Fail::Join(format!("write: {:?}", e.kind())))?;
-        bounded("join", stage_timeout, conn.await_join()).await?;
         Ok(conn)
+    }
+
+    /// From now on, [`Conn::recv_pieces`] hands messages over in pieces: those up to
+    /// 16 KiB whole, bigger ones as they arrive, never buffered whole. For members of a
+    /// big presence room, whose `presence_state` is megabytes.
+    pub fn skim(&mut self) {
+        self.skim.get_or_insert_with(Stream::default);
     }
 
     async fn read_upgrade(&mut self) -> Result<(), Fail> {
@@ -287,7 +356,12 @@ impl Conn {
                 self.end -= self.start;
                 self.start = 0;
             } else {
-                let grown = (self.buf.len() * 2).min(MAX_MESSAGE + 16);
+                let cap = if self.skim.is_some() {
+                    SKIM_BUF
+                } else {
+                    MAX_MESSAGE + 16
+                };
+                let grown = (self.buf.len() * 2).min(cap);
                 if grown == self.buf.len() {
                     return Err(io::Error::other("frame larger than the buffer limit"));
                 }
@@ -351,20 +425,152 @@ impl Conn {
                         on_msg(&msg[1..]);
                     }
                 }
-                opcode::PING => {
-                    let payload = self.buf[p0..p1].to_vec();
-                    let m = self.mask.next_mask();
-                    ws::encode_client_frame(&mut self.out, opcode::PONG, &payload, m);
-                }
-                opcode::PONG => {}
-                opcode::CLOSE => {
-                    let code = ws::close_code(&self.buf[p0..p1]);
-                    let m = self.mask.next_mask();
-                    ws::encode_client_frame(&mut self.out, opcode::CLOSE, &code.to_be_bytes(), m);
-                    return Err(End::Closed(code));
-                }
-                _ => unreachable!("parse_frame rejects other opcodes"),
+                _ => self.control(frame.opcode, p0, p1)?,
             }
+        }
+    }
+
+    /// A control frame at `buf[p0..p1]`: a ping queues a pong, a close ends the
+    /// connection (`Err(End::Closed)`) after queueing the echo.
+    fn control(&mut self, op: u8, p0: usize, p1: usize) -> Result<(), End> {
+        match op {
+            opcode::PING => {
+                let payload = self.buf[p0..p1].to_vec();
+                let m = self.mask.next_mask();
+                ws::encode_client_frame(&mut self.out, opcode::PONG, &payload, m);
+                Ok(())
+            }
+            opcode::PONG => Ok(()),
+            opcode::CLOSE => {
+                let code = ws::close_code(&self.buf[p0..p1]);
+                let m = self.mask.next_mask();
+                ws::encode_client_frame(&mut self.out, opcode::CLOSE, &code.to_be_bytes(), m);
+                Err(End::Closed(code))
+            }
+            _ => unreachable!("parse_frame rejects other opcodes"),
+        }
+    }
+
+    /// Moves the unread bytes to the front of the buffer and makes sure it holds at
+    /// least `need` bytes (a skimming connection's grows only this far).
+    fn make_room(&mut self, need: usize) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if need > self.buf.len() {
+            self.buf.resize(need.next_power_of_two(), 0);
+        }
+    }
+
+    /// The skimming [`Conn::drain_frames`]: data messages up to [`SKIM_WHOLE`] go to
+    /// `on` whole, bigger ones in pieces as their bytes arrive (the first piece holds
+    /// the message's first [`crate::presence::PREFIX`] bytes at least), so that the
+    /// buffer stays small whatever the server sends.
+    fn drain_skim(&mut self, on: &mut impl FnMut(Piece)) -> Result<(), End> {
+        let mut st = self.skim.take().unwrap_or_default();
+        let r = self.drain_skim_with(&mut st, on);
+        // An idle buffer that grew for a big message shrinks back.
+        if st.left == 0 && self.start == self.end && self.buf.len() > SKIM_KEEP {
+            self.buf = vec![0; INITIAL_BUF];
+            self.start = 0;
+            self.end = 0;
+        }
+        self.skim = Some(st);
+        r
+    }
+
+    fn drain_skim_with(&mut self, st: &mut Stream, on: &mut impl FnMut(Piece)) -> Result<(), End> {
+        loop {
+            if st.left > 0 {
+                let avail = self.end - self.start;
+                if avail == 0 {
+                    self.start = 0;
+                    self.end = 0;
+                    // Read the rest in big chunks.
+                    if self.buf.len() < SKIM_BUF && st.left > self.buf.len() {
+                        self.buf = vec![0; st.left.next_power_of_two().min(SKIM_BUF)];
+                    }
+                    return Ok(());
+                }
+                let take = st.left.min(avail);
+                st.left -= take;
+                let last = st.left == 0 && st.fin;
+                on(Piece {
+                    bytes: &self.buf[self.start..self.start + take],
+                    first: false,
+                    last,
+                });
+                self.start += take;
+                if last {
+                    st.in_msg = false;
+                }
+                continue;
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+                return Ok(());
+            }
+            let avail = &self.buf[self.start..self.end];
+            let need = match ws::parse_frame(avail, MAX_MESSAGE) {
+                Ok(Parsed::Frame(frame)) => {
+                    let p0 = self.start + frame.header_len;
+                    let p1 = self.start + frame.total_len();
+                    self.start = p1;
+                    match frame.opcode {
+                        opcode::TEXT | opcode::BINARY | opcode::CONTINUATION => {
+                            if (frame.opcode == opcode::CONTINUATION) != st.in_msg {
+                                return Err(End::Protocol("bad fragment sequence".into()));
+                            }
+                            on(Piece {
+                                bytes: &self.buf[p0..p1],
+                                first: !st.in_msg,
+                                last: frame.fin,
+                            });
+                            st.in_msg = !frame.fin;
+                        }
+                        op => self.control(op, p0, p1)?,
+                    }
+                    continue;
+                }
+                Ok(Parsed::Incomplete(need)) => need,
+                Err(e) => return Err(End::Protocol(e.to_string())),
+            };
+            let header_len = match avail.get(1).map(|b| b & 0x7F) {
+                Some(126) => 4,
+                Some(127) => 10,
+                _ => 2,
+            };
+            let op = avail[0] & 0x0F;
+            let data = matches!(op, opcode::TEXT | opcode::BINARY | opcode::CONTINUATION);
+            if avail.len() < header_len || need <= header_len || !data || need <= SKIM_WHOLE {
+                // Not even the header yet, a control frame, or small: wait for all of it.
+                self.make_room(need);
+                return Ok(());
+            }
+            // A big data frame: hand over what is here, stream the rest.
+            if (op == opcode::CONTINUATION) != st.in_msg {
+                return Err(End::Protocol("bad fragment sequence".into()));
+            }
+            let payload = need - header_len;
+            let have = avail.len() - header_len;
+            if !st.in_msg && have < payload.min(crate::presence::PREFIX) {
+                self.make_room(header_len + crate::presence::PREFIX);
+                return Ok(());
+            }
+            let fin = avail[0] & 0x80 != 0;
+            let p0 = self.start + header_len;
+            on(Piece {
+                bytes: &self.buf[p0..self.end],
+                first: !st.in_msg,
+                last: false,
+            });
+            st.in_msg = true;
+            st.fin = fin;
+            st.left = payload - have;
+            self.start = self.end;
         }
     }
 
@@ -437,15 +643,42 @@ impl Conn {
         .await
     }
 
-    /// Waits for data, then hands every complete message to `on_msg`. Returns
-    /// `Err` when the connection ended.
+    /// Waits for data, then hands every complete message to `on_msg` (on a skimming
+    /// connection only those that come whole). Returns `Err` when the connection
+    /// ended.
     pub async fn recv(&mut self, on_msg: &mut impl FnMut(&[u8])) -> Result<(), End> {
         let n = self.read_more().await.map_err(|e| End::Io(e.kind()))?;
         if n == 0 {
             return Err(End::Eof);
         }
-        let r = self.drain_frames(on_msg);
+        let r = if self.skim.is_some() {
+            // Only the messages that come whole (the small ones).
+            self.drain_skim(&mut |p| {
+                if let Some(m) = p.as_whole() {
+                    on_msg(m)
+                }
+            })
+        } else {
+            self.drain_frames(on_msg)
+        };
         // Pongs and close replies; ignore write errors when already ending.
+        let w = self.flush().await;
+        r?;
+        w.map_err(|e| End::Io(e.kind()))
+    }
+
+    /// Waits for data, then hands every message (a skimming connection's in pieces,
+    /// see [`Conn::skim`]; others' whole) to `on`. Returns `Err` when the connection
+    /// ended.
+    pub async fn recv_pieces(&mut self, on: &mut impl FnMut(Piece)) -> Result<(), End> {
+        if self.skim.is_none() {
+            return self.recv(&mut |m| on(Piece::whole(m))).await;
+        }
+        let n = self.read_more().await.map_err(|e| End::Io(e.kind()))?;
+        if n == 0 {
+            return Err(End::Eof);
+        }
+        let r = self.drain_skim(on);
         let w = self.flush().await;
         r?;
         w.map_err(|e| End::Io(e.kind()))
@@ -473,6 +706,125 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unmasked server frame.
+    fn server_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![(u8::from(fin) << 7) | op];
+        match payload.len() {
+            n if n < 126 => f.push(n as u8),
+            n if n <= 0xFFFF => {
+                f.push(126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn a_skimming_connection_hands_over_every_message_in_pieces_and_stays_small() {
+        use std::io::{Read, Write};
+        let big_state = {
+            let mut m = br#"["1",null,"rooms:r","presence_state",{"#.to_vec();
+            while m.len() < 300_000 {
+                m.extend_from_slice(br#""m-1234":{"metas":[{"name":"m","phx_ref":"F1"}]},"#);
+            }
+            m.extend_from_slice(b"\"z\":{}}]");
+            m
+        };
+        let small = br#"[null,null,"rooms:r","presence_diff",{"joins":{},"leaves":{}}]"#.to_vec();
+        let mid = vec![b'x'; 20_000];
+        let mut wire = Vec::new();
+        wire.extend(server_frame(true, opcode::TEXT, &small));
+        let first_len = wire.len();
+        wire.extend(server_frame(true, opcode::TEXT, &big_state));
+        wire.extend(server_frame(true, opcode::PING, b"p"));
+        // A fragmented message, its middle fragment big.
+        wire.extend(server_frame(false, opcode::TEXT, b"[\"frag"));
+        wire.extend(server_frame(false, opcode::CONTINUATION, &mid));
+        wire.extend(server_frame(true, opcode::CONTINUATION, b"end\"]"));
+        wire.extend(server_frame(true, opcode::TEXT, &small));
+        wire.extend(server_frame(true, opcode::CLOSE, &1000u16.to_be_bytes()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut b).unwrap();
+                head.push(b[0]);
+            }
+            s.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            )
+            .unwrap();
+            // First one frame alone, so that a read ends exactly at a frame's end (a
+            // drained buffer, the case that once indexed an empty slice); then odd-sized
+            // writes, so that frames and headers straddle reads.
+            s.write_all(&wire[..first_len]).unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+            for chunk in wire[first_len..].chunks(7_777) {
+                s.write_all(chunk).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        });
+        let target = Target {
+            addr,
+            host: addr.to_string(),
+            path: "/socket/websocket".into(),
+        };
+        let (msgs, max_buf, end) = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let mut conn = Conn::upgrade(&target, None, "t", Duration::from_secs(5), 1)
+                    .await
+                    .unwrap();
+                conn.skim();
+                let (mut msgs, mut cur, mut max_buf) = (Vec::new(), Vec::new(), 0);
+                let end = loop {
+                    let r = conn
+                        .recv_pieces(&mut |p: Piece| {
+                            assert_eq!(p.first, cur.is_empty(), "first exactly at a message start");
+                            if p.first {
+                                assert!(p.bytes.len() >= p.bytes.len().min(crate::presence::PREFIX));
+                            }
+                            cur.extend_from_slice(p.bytes);
+                            if p.last {
+                                msgs.push((std::mem::take(&mut cur), p.first));
+                            }
+                        })
+                        .await;
+                    max_buf = max_buf.max(conn.buf.len());
+                    if let Err(e) = r {
+                        break e;
+                    }
+                };
+                (msgs, max_buf, end)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        server.join().unwrap();
+        assert!(matches!(end, End::Closed(1000)), "{end:?}");
+        let mut frag = b"[\"frag".to_vec();
+        frag.extend_from_slice(&mid);
+        frag.extend_from_slice(b"end\"]");
+        let got: Vec<&Vec<u8>> = msgs.iter().map(|(m, _)| m).collect();
+        assert_eq!(got, [&small, &big_state, &frag, &small]);
+        // Small ones come whole; the big state in pieces; the buffer never held it.
+        assert!(msgs[0].1 && msgs[3].1 && !msgs[1].1);
+        assert!(max_buf <= SKIM_BUF, "{max_buf}");
+        assert!(
+            crate::presence::classify(&big_state[..crate::presence::PREFIX])
+                == crate::presence::Kind::PresenceState
+        );
+    }
 
     #[test]
     fn websocket_keys_are_24_chars_base64_of_16_bytes() {

@@ -10,6 +10,11 @@
 //!   every delivery is checked per sender and timed.
 //! - `churn`: N slots cycling connect → join → pushes → leave → close at a fixed total
 //!   rate; cycles, failures by kind, cycle latency, server RSS growth.
+//! - `presence`: N members of one `rooms:*` room, joined a few at a time, reading all
+//!   the presence traffic without parsing it (bytes and frames counted, replies found
+//!   by a prefix check); on a signal file they time the first diff with a newcomer's key.
+//! - `newcomer`: one connection joins the room and checks its `presence_state` (and the
+//!   diffs after it, applied as phoenix.js `Presence` does) against the expected members.
 //!
 //! Thread-per-core on glommio; one process holds at most RLIMIT_NOFILE - 100
 //! connections and spawns worker processes of itself beyond that.
@@ -19,12 +24,15 @@
 //! the reports with ([`report`]) and samples processes with ([`sys`]).
 
 mod client;
+mod newcomer;
 mod orchestrate;
 mod phx;
+pub mod presence;
 pub mod report;
 mod run;
 pub mod sys;
 
+pub use newcomer::NewcomerReport;
 pub use phx::timed_body;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -99,6 +107,81 @@ pub enum Cmd {
     /// N slots cycling connect → join → pushes → leave → close: cycles, failures,
     /// cycle latency, server RSS growth.
     Churn(ChurnArgs),
+    /// N members of one presence room (`rooms:*`), joined at most --window at a time,
+    /// reading every presence frame cheaply; held until --release-file appears.
+    Presence(PresenceArgs),
+    /// One newcomer joins a presence room and counts the keys of its presence_state
+    /// and the diffs after it, against the members expected.
+    Newcomer(NewcomerArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PresenceArgs {
+    /// Server URL (ws://HOST:PORT[/path]).
+    #[arg(long, default_value = "ws://127.0.0.1:4000")]
+    pub url: String,
+    /// Members to join.
+    #[arg(long, short = 'n')]
+    pub connections: u64,
+    /// New members per second at most.
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// Joins under way at once at most (sent, their presence_state not yet read): the
+    /// ramp slows down as the room's state grows.
+    #[arg(long, default_value_t = 8)]
+    pub window: u64,
+    /// The room (a `rooms:*` topic).
+    #[arg(long, default_value = "rooms:presence")]
+    pub topic: String,
+    /// The `name` every member joins with.
+    #[arg(long, default_value = "m")]
+    pub name: String,
+    /// Member i's user id (its presence key) is `<user-prefix><i>`; give every
+    /// loadgen of one room its own.
+    #[arg(long, default_value = "m-")]
+    pub user_prefix: String,
+    /// The key whose join the members time once armed (e.g. newcomer-0).
+    #[arg(long)]
+    pub watch: Option<String>,
+    /// When this file appears, the members start looking for --watch; it holds the arm
+    /// time (unix nanoseconds) that reach times count from.
+    #[arg(long)]
+    pub arm_file: Option<PathBuf>,
+    /// When this file appears, the members close and the report is written.
+    #[arg(long)]
+    pub release_file: Option<PathBuf>,
+    /// Longest ramp.
+    #[arg(long, default_value = "3600s", value_parser = humantime::parse_duration)]
+    pub ramp_timeout: Duration,
+    /// Longest hold once all are joined (without a --release-file: the hold).
+    #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+    pub max_hold: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NewcomerArgs {
+    /// Server URL (ws://HOST:PORT[/path]).
+    #[arg(long, default_value = "ws://127.0.0.1:4000")]
+    pub url: String,
+    /// The room.
+    #[arg(long, default_value = "rooms:presence")]
+    pub topic: String,
+    /// Its user id, i.e. its presence key; starts with `newcomer-`.
+    #[arg(long, default_value = "newcomer-0")]
+    pub key: String,
+    /// Members expected in the room (keys not starting with `newcomer-`).
+    #[arg(long)]
+    pub members: u64,
+    /// Newcomers joining about now, this one included: the view is complete with
+    /// members + newcomers keys.
+    #[arg(long, default_value_t = 1)]
+    pub newcomers: u64,
+    /// With the state and its own join seen, stop after this long without a message.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub quiet_for: Duration,
+    /// Longest the whole check may take.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -292,6 +375,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 cores: cli.cores.max(1),
                 heartbeat: cli.heartbeat,
                 exact_duplicates: true,
+                join_payload: "{}".into(),
+                user_prefix: "lg".into(),
+                watch: None,
+                ramp_limit: None,
             }
         }
         Cmd::Fanout(a) => {
@@ -319,6 +406,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 heartbeat: cli.heartbeat,
                 // A seen-bitset per subscriber, while the bitsets stay under 256 MiB.
                 exact_duplicates: a.messages.div_ceil(8).saturating_mul(a.subscribers) <= 256 << 20,
+                join_payload: "{}".into(),
+                user_prefix: "lg".into(),
+                watch: None,
+                ramp_limit: None,
             }
         }
         Cmd::Rooms(a) => {
@@ -360,6 +451,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                     .saturating_mul(a.members)
                     .saturating_mul(total)
                     <= 256 << 20,
+                join_payload: "{}".into(),
+                user_prefix: "lg".into(),
+                watch: None,
+                ramp_limit: None,
             }
         }
         Cmd::Churn(a) => {
@@ -388,8 +483,40 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 cores: cli.cores.max(1),
                 heartbeat: cli.heartbeat,
                 exact_duplicates: false,
+                join_payload: "{}".into(),
+                user_prefix: "lg".into(),
+                watch: None,
+                ramp_limit: None,
             }
         }
+        Cmd::Presence(a) => {
+            if a.rate.is_nan() || a.rate <= 0.0 || a.window == 0 || a.connections == 0 {
+                bail!("--rate, --window and --connections must be above 0");
+            }
+            if a.user_prefix.starts_with(presence::NEWCOMER_PREFIX) {
+                bail!("--user-prefix may not start with {}", presence::NEWCOMER_PREFIX);
+            }
+            let target = parse_url(&a.url)?;
+            Job {
+                mode: Mode::Presence { window: a.window },
+                sources: sources_for(&target.addr, cli.sources)?,
+                target,
+                secret: cli.secret.clone(),
+                topic: a.topic.clone(),
+                topics: 1,
+                rate: a.rate,
+                total: a.connections,
+                stage_timeout: cli.stage_timeout,
+                cores: cli.cores.max(1),
+                heartbeat: cli.heartbeat,
+                exact_duplicates: false,
+                join_payload: serde_json::json!({ "name": a.name }).to_string(),
+                user_prefix: a.user_prefix.clone(),
+                watch: a.watch.as_ref().map(|k| format!("\"{k}\"").into_bytes()),
+                ramp_limit: Some(a.ramp_timeout),
+            }
+        }
+        Cmd::Newcomer(_) => bail!("newcomer runs no slices"),
     };
     let total = job.total;
     Ok((job, total))
@@ -419,6 +546,14 @@ pub fn hard_deadline(cli: &Cli) -> Duration {
         // The last cycle starts before the duration ends and takes at most four stages
         // plus the close.
         Cmd::Churn(a) => a.duration.as_secs_f64() + 5.0 * st + 45.0,
+        Cmd::Presence(a) => {
+            a.ramp_timeout.as_secs_f64()
+                + a.max_hold.as_secs_f64()
+                + 3.0 * st
+                + 60.0
+                + a.connections as f64 / 1000.0
+        }
+        Cmd::Newcomer(a) => a.timeout.as_secs_f64() + 3.0 * st + 20.0,
     };
     Duration::from_secs_f64(secs)
 }

@@ -101,11 +101,13 @@ fn start_slice(
 ) -> Arc<Shared> {
     let shared = Arc::new(Shared::default());
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ramp_limit = Duration::from_secs_f64(
-        count as f64 / (job.rate * count as f64 / job.total.max(1) as f64).max(0.001)
-            + 3.0 * job.stage_timeout.as_secs_f64()
-            + 5.0,
-    );
+    let ramp_limit = job.ramp_limit.unwrap_or_else(|| {
+        Duration::from_secs_f64(
+            count as f64 / (job.rate * count as f64 / job.total.max(1) as f64).max(0.001)
+                + 3.0 * job.stage_timeout.as_secs_f64()
+                + 5.0,
+        )
+    });
     {
         let (shared, done, emit, job) = (shared.clone(), done.clone(), emit.clone(), job.clone());
         std::thread::spawn(move || {
@@ -150,16 +152,25 @@ fn parse_range(s: &str) -> anyhow::Result<(u64, u64)> {
 /// A command from the parent to a worker, one per line on its stdin.
 #[derive(Debug, PartialEq, Eq)]
 enum WorkerCmd {
-    /// Rooms: start sending.
-    Go,
+    /// Rooms: start sending; presence: start looking, timing from these unix nanos.
+    Go(u64),
     /// Close every connection and send the final report.
     Release,
     Other,
 }
 
 fn parse_command(line: &str) -> WorkerCmd {
-    match line.trim() {
-        "go" => WorkerCmd::Go,
+    let line = line.trim();
+    if let Some(rest) = line.strip_prefix("go") {
+        let rest = rest.trim();
+        if rest.is_empty() {
+            return WorkerCmd::Go(0);
+        }
+        if let Ok(n) = rest.parse() {
+            return WorkerCmd::Go(n);
+        }
+    }
+    match line {
         "release" => WorkerCmd::Release,
         _ => WorkerCmd::Other,
     }
@@ -187,7 +198,10 @@ pub fn worker_main(cli: &Cli, range: &str) -> anyhow::Result<bool> {
                 match stdin.lock().read_line(&mut line) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => match parse_command(&line) {
-                        WorkerCmd::Go => shared.go.store(true, Relaxed),
+                        WorkerCmd::Go(at) => {
+                            shared.go_nanos.store(at, Relaxed);
+                            shared.go.store(true, Relaxed);
+                        }
                         WorkerCmd::Release => break,
                         WorkerCmd::Other => {}
                     },
@@ -352,12 +366,17 @@ impl Peers {
     }
 
     /// Rooms: every slice starts sending.
-    fn go(&mut self) {
+    /// Every slice starts (rooms: sending; presence: looking for the watched key,
+    /// timing from `at_nanos`).
+    fn go(&mut self, at_nanos: u64) {
         for c in &mut self.ctl {
             match c {
-                PeerCtl::Local(s) => s.go.store(true, Relaxed),
+                PeerCtl::Local(s) => {
+                    s.go_nanos.store(at_nanos, Relaxed);
+                    s.go.store(true, Relaxed);
+                }
                 PeerCtl::Worker(Some(w)) => {
-                    let _ = w.write_all(b"go\n");
+                    let _ = w.write_all(format!("go {at_nanos}\n").as_bytes());
                     let _ = w.flush();
                 }
                 PeerCtl::Worker(None) => {}
@@ -522,13 +541,135 @@ fn sample(pid: Option<u32>) -> Option<sys::ProcSample> {
 pub fn parent_main(cli: &Cli) -> anyhow::Result<bool> {
     let deadline = hard_deadline(cli);
     watchdog(deadline, "parent");
+    if let Cmd::Newcomer(a) = &cli.cmd {
+        return crate::newcomer::main(cli, a);
+    }
     let (job, _) = job_of(cli)?;
     match &cli.cmd {
         Cmd::Connect(a) => connect(cli, job, a),
         Cmd::Fanout(a) => fanout(cli, job, a),
         Cmd::Rooms(a) => rooms(cli, job, a),
         Cmd::Churn(a) => churn(cli, job, a),
+        Cmd::Presence(a) => presence(cli, job, a),
+        Cmd::Newcomer(_) => unreachable!("handled above"),
     }
+}
+
+/// The arm time in an arm file: its unix nanoseconds, or now when it holds none.
+fn arm_time(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(unix_nanos)
+}
+
+fn presence(cli: &Cli, job: Job, a: &crate::PresenceArgs) -> anyhow::Result<bool> {
+    let slices = preflight(cli, &job, 0)?;
+    let job = Arc::new(job);
+    let before = sample(cli.server_pid);
+    let t_start = unix_nanos();
+    eprintln!(
+        "ramping to {} members at {}/s at most, {} joins under way at most, on {} ...",
+        a.connections, a.rate, a.window, a.topic
+    );
+    let mut peers = Peers::start(job.clone(), &slices)?;
+    let at_full = ramp(
+        cli,
+        &mut peers,
+        a.connections,
+        "ramp",
+        a.ramp_timeout + Duration::from_secs(5),
+    );
+    let t_ramped = unix_nanos();
+    let full = sample(cli.server_pid);
+    // The line `ringcast-bench cluster` waits for.
+    eprintln!(
+        "up: {} joined, {} failed; holding until {} (at most {:.0}s) ...",
+        at_full.joined,
+        at_full.failed,
+        a.release_file
+            .as_ref()
+            .map_or("the hold ends".to_string(), |p| p.display().to_string()),
+        a.max_hold.as_secs_f64()
+    );
+    let t0 = Instant::now();
+    let mut armed = None;
+    let mut last_note = Instant::now();
+    while t0.elapsed() < a.max_hold {
+        peers.pump(Duration::from_millis(100));
+        if armed.is_none() && a.arm_file.as_ref().is_some_and(|p| p.exists()) {
+            let at = arm_time(a.arm_file.as_ref().expect("checked"));
+            peers.go(at);
+            armed = Some(at);
+            eprintln!("armed: looking for {:?} in diffs, times from {at}", a.watch);
+        }
+        if a.release_file.as_ref().is_some_and(|p| p.exists()) {
+            eprintln!("released");
+            break;
+        }
+        if last_note.elapsed() >= Duration::from_secs(30) {
+            last_note = Instant::now();
+            let p = peers.total();
+            eprintln!(
+                "holding: {} connected, {} ended early",
+                p.joined - p.ended_early,
+                p.ended_early
+            );
+        }
+    }
+    let at_hold_end = peers.total();
+    let after_hold = sample(cli.server_pid);
+    peers.release();
+    let mut merged = peers.collect(Duration::from_secs(30 + a.connections / 1000));
+    if merged.joined < at_full.joined {
+        merged.attempted = merged.attempted.max(at_full.attempted);
+        merged.joined = at_full.joined;
+        merged.failed = merged.failed.max(at_full.failed);
+        merged.last_join_nanos = merged.last_join_nanos.max(t_ramped);
+        if merged.first_attempt_nanos == 0 {
+            merged.first_attempt_nanos = t_start;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after_close = sample(cli.server_pid);
+    let server = cli.server_pid.map(|pid| ServerFigures {
+        pid,
+        before,
+        full,
+        after_hold,
+        after_close,
+        before_publish: None,
+        after_publish: None,
+    });
+    let as_connect = crate::ConnectArgs {
+        url: a.url.clone(),
+        connections: a.connections,
+        rate: a.rate,
+        topic: a.topic.clone(),
+        topics: 1,
+        hold: t0.elapsed(),
+    };
+    let mut rep = ConnectReport::build(
+        &as_connect,
+        &job,
+        slices.len(),
+        &merged,
+        t_start,
+        at_hold_end.joined - at_hold_end.ended_early,
+        server,
+        peers.fatal.clone(),
+    );
+    rep.command = "presence".into();
+    rep.presence = Some(report::PresenceFigures::of(
+        &merged.presence,
+        a.watch.clone(),
+        armed,
+    ));
+    report::print_connect(&rep);
+    if let Some(path) = &cli.json {
+        report::write_json(path, &rep)?;
+    }
+    Ok(rep.problems.is_empty())
 }
 
 fn ramp(cli: &Cli, peers: &mut Peers, total: u64, what: &str, limit: Duration) -> Progress {
@@ -783,7 +924,7 @@ fn rooms(cli: &Cli, job: Job, a: &crate::RoomsArgs) -> anyhow::Result<bool> {
         ramped.joined, ramped.failed, a.rate_per_member
     );
     let before_publish = sample(cli.server_pid);
-    peers.go();
+    peers.go(unix_nanos());
     // With every member joined, the expected deliveries are known up front.
     let all_joined = ramped.joined == total;
     let expected_if_all = all_joined.then(|| per_sender * a.members * total);
@@ -965,7 +1106,12 @@ mod tests {
 
     #[test]
     fn worker_commands() {
-        assert_eq!(parse_command("go\n"), WorkerCmd::Go);
+        assert_eq!(
+            parse_command("go 1764600000000000000\n"),
+            WorkerCmd::Go(1_764_600_000_000_000_000)
+        );
+        assert_eq!(parse_command("go\n"), WorkerCmd::Go(0));
+        assert_eq!(parse_command("gone\n"), WorkerCmd::Other);
         assert_eq!(parse_command("release\n"), WorkerCmd::Release);
         assert_eq!(parse_command("hello\n"), WorkerCmd::Other);
     }

@@ -16,6 +16,14 @@ pub fn join(topic: &str) -> String {
     )
 }
 
+/// `["1","1",<topic>,"phx_join",<payload>]`, `payload` being JSON text.
+pub fn join_with(topic: &str, payload: &str) -> String {
+    format!(
+        "[\"{JOIN_REF}\",\"{JOIN_REF}\",{},\"phx_join\",{payload}]",
+        json_str(topic)
+    )
+}
+
 /// `[null,<ref>,"phoenix","heartbeat",{}]`
 pub fn heartbeat(reference: u64) -> String {
     format!("[null,\"{reference}\",\"phoenix\",\"heartbeat\",{{}}]")
@@ -180,6 +188,10 @@ mod tests {
     fn builds_messages() {
         assert_eq!(join("bench:a"), r#"["1","1","bench:a","phx_join",{}]"#);
         assert_eq!(join("we\"ird"), r#"["1","1","we\"ird","phx_join",{}]"#);
+        assert_eq!(
+            join_with("rooms:r", r#"{"name":"m"}"#),
+            r#"["1","1","rooms:r","phx_join",{"name":"m"}]"#
+        );
         assert_eq!(heartbeat(7), r#"[null,"7","phoenix","heartbeat",{}]"#);
         assert_eq!(
             publish("bench:fan", 3, 12, 1_700_000_000_123_456_789),

@@ -11,6 +11,7 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::presence::PresenceTally;
 use crate::run::{self, HistData, Job, Pace, PubShared, SliceReport};
 use crate::sys::ProcSample;
 use crate::{ChurnArgs, ConnectArgs, FanoutArgs, RoomsArgs};
@@ -199,6 +200,40 @@ pub struct ConnectReport {
     pub broadcasts: HeldBroadcasts,
     pub server: Option<ServerConnect>,
     pub problems: Vec<String>,
+    /// `presence`: what the members of the room read.
+    #[serde(default)]
+    pub presence: Option<PresenceFigures>,
+}
+
+/// What the members of a presence room read (`ringcast-loadgen presence`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PresenceFigures {
+    /// Frame and byte counts (its histograms are below, as [`Latency`]).
+    pub tally: PresenceTally,
+    /// Join sent → the member's own `presence_state` read whole.
+    pub join_to_state: Latency,
+    /// The key the members looked for once armed.
+    pub watch: Option<String>,
+    /// The arm time (unix nanos) the reach times count from; None: never armed.
+    pub armed_unix_nanos: Option<u64>,
+    /// Arm time → the first diff with the watched key, per member that saw it.
+    pub reach: Latency,
+}
+
+impl PresenceFigures {
+    pub fn of(t: &PresenceTally, watch: Option<String>, armed_unix_nanos: Option<u64>) -> PresenceFigures {
+        PresenceFigures {
+            join_to_state: Latency::of(&t.join_to_state),
+            reach: Latency::of(&t.reach),
+            tally: PresenceTally {
+                join_to_state: Vec::new(),
+                reach: Vec::new(),
+                ..t.clone()
+            },
+            watch,
+            armed_unix_nanos,
+        }
+    }
 }
 
 /// `new_msg` broadcasts with a timed body (`"<seq>:<send unix nanos>"`, see
@@ -292,6 +327,7 @@ impl ConnectReport {
             },
             server,
             problems,
+            presence: None,
         }
     }
 }
@@ -329,6 +365,28 @@ pub fn print_connect(r: &ConnectReport) {
         r.hold_secs, r.connected_at_hold_end, r.ended_early
     );
     print_map("ended early, by kind", &r.ends);
+    if let Some(p) = &r.presence {
+        let t = &p.tally;
+        println!(
+            "  presence       {} diffs ({}), {} states ({}, largest {}), {} other frames ({}); {} read in pieces",
+            t.diff_frames,
+            fmt_bytes(t.diff_bytes as f64),
+            t.state_frames,
+            fmt_bytes(t.state_bytes as f64),
+            fmt_bytes(t.largest_state_bytes as f64),
+            t.other_frames,
+            fmt_bytes(t.other_bytes as f64),
+            t.streamed_messages
+        );
+        println!("  join → state   {}", p.join_to_state.line());
+        if let Some(w) = &p.watch {
+            println!(
+                "  {w} reached {} members; from the arm time: {}",
+                t.reached,
+                p.reach.line()
+            );
+        }
+    }
     if r.broadcasts.deliveries > 0 {
         println!(
             "  broadcasts     {} deliveries to {} connections, latency {}",

@@ -17,8 +17,9 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use slab::Slab;
 
-use crate::client::{Conn, End, Fail, Target};
+use crate::client::{Conn, End, Fail, Piece, Target};
 use crate::phx;
+use crate::presence::{Kind, MemberReader, PresenceTally};
 use crate::sys::{self, unix_nanos};
 
 /// What the connections do once joined.
@@ -44,6 +45,11 @@ pub enum Mode {
         duration: Duration,
         pushes: u64,
     },
+    /// Presence room member: join with `join_payload`, read everything as pieces
+    /// (counted, never parsed), count as joined once the join's own
+    /// `presence_state` is read; at most `window` joins of the process under way at
+    /// once. Once the run says go, look for the `watch` key in diffs.
+    Presence { window: u64 },
 }
 
 /// Everything a process needs to run its slice; identical in parent and workers.
@@ -66,6 +72,14 @@ pub struct Job {
     pub heartbeat: Duration,
     /// Record duplicates exactly with a bitset per subscriber.
     pub exact_duplicates: bool,
+    /// The `phx_join` payload (JSON text).
+    pub join_payload: String,
+    /// Connection i's user (its presence key) is `<user_prefix><i>`.
+    pub user_prefix: String,
+    /// Presence: the key whose join the members time, quoted (`"newcomer-0"`).
+    pub watch: Option<Vec<u8>>,
+    /// How long a slice's ramp may take (default: its share at `rate` plus slack).
+    pub ramp_limit: Option<Duration>,
 }
 
 impl Job {
@@ -163,6 +177,9 @@ pub struct SliceReport {
     pub room_joined: Vec<u64>,
     /// churn: connect + join + pushes + leave + close, nanoseconds.
     pub cycle_latency: HistData,
+    /// presence: what the members read.
+    #[serde(default)]
+    pub presence: PresenceTally,
 }
 
 fn min_nz(a: u64, b: u64) -> u64 {
@@ -201,6 +218,7 @@ impl SliceReport {
         merge_hist(&mut self.join_latency, &o.join_latency);
         merge_hist(&mut self.latency, &o.latency);
         merge_hist(&mut self.cycle_latency, &o.cycle_latency);
+        self.presence.merge(&o.presence);
     }
 
     /// Rooms: the deliveries that should arrive, Σ over rooms of sends × joined members.
@@ -213,7 +231,7 @@ impl SliceReport {
     }
 }
 
-fn merge_hist(a: &mut HistData, b: &HistData) {
+pub(crate) fn merge_hist(a: &mut HistData, b: &HistData) {
     let mut h = new_hist();
     hist_add_data(&mut h, a);
     hist_add_data(&mut h, b);
@@ -244,8 +262,11 @@ pub struct Shared {
     pub senders_done: AtomicU64,
     /// Connection tasks (churn: slots) that have ended.
     pub tasks_done: AtomicU64,
-    /// Rooms: start sending.
+    /// Rooms: start sending. Presence: start looking for the watched key.
     pub go: AtomicBool,
+    /// Presence: the arm time the run was given with go (unix nanos), what reach
+    /// times count from.
+    pub go_nanos: AtomicU64,
     pub stop: AtomicBool,
 }
 
@@ -419,7 +440,7 @@ async fn live(
     sig: &Signal,
     stats: &RefCell<ExecStats>,
     mut plan: Option<&mut PushPlan>,
-    on_msg: &mut impl FnMut(&[u8]),
+    on_msg: &mut impl FnMut(Piece),
 ) -> Option<End> {
     let key = sig.register();
     let mut seen = sig.gen.get();
@@ -430,7 +451,7 @@ async fn live(
         }
         let due = plan.as_ref().and_then(|p| p.due(sig.go_at.get()));
         let step = futures_lite::future::or(
-            async { Step::Recv(conn.recv(on_msg).await) },
+            async { Step::Recv(conn.recv_pieces(on_msg).await) },
             futures_lite::future::or(
                 async {
                     sig.wait(key, seen).await;
@@ -504,6 +525,13 @@ struct ExecStats {
     room_sent: Vec<u64>,
     room_joined: Vec<u64>,
     cycle_latency: Histogram<u64>,
+    presence: PresenceTally,
+    /// Presence: joins started whose `presence_state` has not arrived.
+    inflight: u64,
+    /// Presence: [`PresenceTally::join_to_state`] and [`PresenceTally::reach`] while
+    /// they are recorded.
+    join_to_state: Histogram<u64>,
+    reach: Histogram<u64>,
 }
 
 impl ExecStats {
@@ -529,6 +557,10 @@ impl ExecStats {
             room_sent: vec![0; rooms],
             room_joined: vec![0; rooms],
             cycle_latency: new_hist(),
+            presence: PresenceTally::default(),
+            inflight: 0,
+            join_to_state: new_hist(),
+            reach: new_hist(),
         }
     }
 
@@ -638,7 +670,7 @@ async fn open_recorded(job: &Job, stats: &RefCell<ExecStats>, idx: u64) -> Resul
         let mut s = stats.borrow_mut();
         s.first_attempt_nanos = min_nz(s.first_attempt_nanos, unix_nanos());
     }
-    let user = format!("lg{idx}");
+    let user = format!("{}{idx}", job.user_prefix);
     let token = ringcast::proto::token::sign(job.secret.as_bytes(), &user, unix_nanos() / 1_000_000_000);
     let conn = Conn::open(
         &job.target,
@@ -681,6 +713,8 @@ async fn conn_task(
             pushes,
         )
         .await;
+    } else if let Mode::Presence { .. } = job.mode {
+        presence_member(&job, &shared, &sig, &stats, idx).await;
     } else {
         member_task(&job, &shared, &sig, &stats, idx).await;
     }
@@ -705,8 +739,8 @@ async fn member_task(job: &Job, shared: &Shared, sig: &Signal, stats: &RefCell<E
             // the HTTP API): every delivery is timed, and the first one counts this
             // connection as reached (`subscribers_complete`).
             let mut reached = false;
-            live(conn, sig, stats, None, &mut |m| {
-                let Some((_, ts)) = phx::find_seq_ts(m) else {
+            live(conn, sig, stats, None, &mut |p| {
+                let Some((_, ts)) = p.as_whole().and_then(phx::find_seq_ts) else {
                     return;
                 };
                 let mut s = stats.borrow_mut();
@@ -718,12 +752,12 @@ async fn member_task(job: &Job, shared: &Shared, sig: &Signal, stats: &RefCell<E
             })
             .await
         }
-        Mode::Churn { .. } => live(conn, sig, stats, None, &mut |_| {}).await,
+        Mode::Churn { .. } | Mode::Presence { .. } => live(conn, sig, stats, None, &mut |_| {}).await,
         Mode::Subscribe { messages } => {
             let mut sub = SubState::new(messages, job.exact_duplicates);
             let mut was_complete = false;
-            live(conn, sig, stats, None, &mut |m| {
-                let Some((seq, ts)) = phx::find_seq_ts(m) else {
+            live(conn, sig, stats, None, &mut |p| {
+                let Some((seq, ts)) = p.as_whole().and_then(phx::find_seq_ts) else {
                     return;
                 };
                 let verdict = sub.record(seq);
@@ -754,8 +788,8 @@ async fn member_task(job: &Job, shared: &Shared, sig: &Signal, stats: &RefCell<E
                 sent: 0,
             };
             let mut state = RoomState::new(members, per_sender, job.exact_duplicates);
-            live(conn, sig, stats, Some(&mut plan), &mut |m| {
-                let Some((sender, seq, ts)) = phx::find_sender_seq_ts(m) else {
+            live(conn, sig, stats, Some(&mut plan), &mut |p| {
+                let Some((sender, seq, ts)) = p.as_whole().and_then(phx::find_sender_seq_ts) else {
                     return;
                 };
                 let verdict = state.record(job.member_in_room(sender, room), seq);
@@ -764,6 +798,127 @@ async fn member_task(job: &Job, shared: &Shared, sig: &Signal, stats: &RefCell<E
             .await
         }
     };
+    if let Some(end) = end {
+        shared.ended_early.fetch_add(1, Relaxed);
+        *stats.borrow_mut().ends.entry(end.kind()).or_default() += 1;
+    }
+}
+
+/// Presence: connect, upgrade, join with the job's payload, and read (skimming) until
+/// the join's ok reply and this connection's own `presence_state` are in, bounded by
+/// the stage timeout. Returns the connection, its reader and join-sent → state.
+async fn presence_open(
+    job: &Job,
+    stats: &RefCell<ExecStats>,
+    idx: u64,
+) -> Result<(Conn, MemberReader, Duration), Fail> {
+    let user = format!("{}{idx}", job.user_prefix);
+    let token = ringcast::proto::token::sign(job.secret.as_bytes(), &user, unix_nanos() / 1_000_000_000);
+    let mut conn = Conn::upgrade(
+        &job.target,
+        job.source_of(idx),
+        &token,
+        job.stage_timeout,
+        (idx as u32).wrapping_mul(2_654_435_761).wrapping_add(1),
+    )
+    .await?;
+    conn.skim();
+    conn.send_text(phx::join_with(&job.topic_of(idx), &job.join_payload).as_bytes())
+        .await
+        .map_err(|e| Fail::Join(format!("write: {:?}", e.kind())))?;
+    let sent = Instant::now();
+    let mut reader = MemberReader::new();
+    let (mut replied, mut got_state, mut refused) = (false, false, None);
+    let wait = async {
+        while !(replied && got_state) {
+            conn.recv_pieces(&mut |p| {
+                let out = reader.piece(p.bytes, p.first, p.last, &mut stats.borrow_mut().presence);
+                match out.ended {
+                    Some(Kind::JoinReply) => match p.as_whole().and_then(phx::join_reply) {
+                        Some(phx::JoinReply::Ok) => replied = true,
+                        Some(phx::JoinReply::Error(r)) => refused = Some(r),
+                        None => refused = Some("unreadable join reply".into()),
+                    },
+                    Some(Kind::PresenceState) => got_state = true,
+                    _ => {}
+                }
+            })
+            .await
+            .map_err(|e| Fail::Join(e.kind()))?;
+            if let Some(r) = refused.take() {
+                return Err(Fail::Join(r));
+            }
+        }
+        Ok(())
+    };
+    bounded_stage("join", job.stage_timeout, wait).await?;
+    Ok((conn, reader, sent.elapsed()))
+}
+
+/// Races `fut` against a timer; on expiry `Fail::Timeout(stage)`.
+async fn bounded_stage<T>(
+    stage: &'static str,
+    dur: Duration,
+    fut: impl Future<Output = Result<T, Fail>>,
+) -> Result<T, Fail> {
+    futures_lite::future::or(fut, async move {
+        glommio::timer::sleep(dur).await;
+        Err(Fail::Timeout(stage))
+    })
+    .await
+}
+
+/// One presence member: open (see [`presence_open`]), then read every piece until
+/// released, timing the first diff with the watched key once the run said go.
+async fn presence_member(job: &Job, shared: &Shared, sig: &Signal, stats: &RefCell<ExecStats>, idx: u64) {
+    shared.attempted.fetch_add(1, Relaxed);
+    let t0 = Instant::now();
+    {
+        let mut s = stats.borrow_mut();
+        s.first_attempt_nanos = min_nz(s.first_attempt_nanos, unix_nanos());
+    }
+    let opened = presence_open(job, stats, idx).await;
+    stats.borrow_mut().inflight -= 1;
+    let (conn, mut reader, to_state) = match opened {
+        Ok(x) => x,
+        Err(f) => {
+            shared.failed.fetch_add(1, Relaxed);
+            *stats.borrow_mut().failures.entry(f.kind()).or_default() += 1;
+            return;
+        }
+    };
+    {
+        let mut s = stats.borrow_mut();
+        s.join_latency
+            .saturating_record(t0.elapsed().as_nanos().max(1) as u64);
+        s.last_join_nanos = s.last_join_nanos.max(unix_nanos());
+        s.presence.members_with_state += 1;
+        s.join_to_state
+            .saturating_record(to_state.as_nanos().max(1) as u64);
+    }
+    shared.joined.fetch_add(1, Relaxed);
+    let end = live(conn, sig, stats, None, &mut |p| {
+        if let Some(needle) = &job.watch {
+            if !reader.armed() && !reader.reached && sig.go_at.get().is_some() {
+                reader.arm(needle);
+            }
+        }
+        let mut s = stats.borrow_mut();
+        let out = reader.piece(p.bytes, p.first, p.last, &mut s.presence);
+        if matches!(out.ended, Some(Kind::PresenceDiff | Kind::PresenceState)) {
+            s.presence.last_presence_unix_nanos = unix_nanos();
+        }
+        if out.reached_now {
+            let now = unix_nanos();
+            s.reach
+                .saturating_record(now.saturating_sub(shared.go_nanos.load(Relaxed)).max(1));
+            let t = &mut s.presence;
+            t.reached += 1;
+            t.first_reach_unix_nanos = min_nz(t.first_reach_unix_nanos, now);
+            t.last_reach_unix_nanos = t.last_reach_unix_nanos.max(now);
+        }
+    })
+    .await;
     if let Some(end) = end {
         shared.ended_early.fetch_add(1, Relaxed);
         *stats.borrow_mut().ends.entry(end.kind()).or_default() += 1;
@@ -855,12 +1010,26 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
         Mode::Churn { duration, .. } => duration,
         _ => Duration::MAX,
     };
+    // Presence: this executor's share of the joins that may be under way at once.
+    let window = match job.mode {
+        Mode::Presence { window } => Some((window * count).div_ceil(job.total.max(1)).max(1)),
+        _ => None,
+    };
     let mut tasks = Vec::with_capacity(count as usize);
     let t0 = Instant::now();
     let mut i = 0u64;
     while i < count && !sig.stopped.get() && t0.elapsed() < spawn_for {
         let due = ((t0.elapsed().as_secs_f64() * rate) as u64 + 1).min(count);
+        let mut full = false;
         while i < due {
+            if let Some(w) = window {
+                let mut s = stats.borrow_mut();
+                if s.inflight >= w {
+                    full = true;
+                    break;
+                }
+                s.inflight += 1;
+            }
             tasks.push(glommio::spawn_local(conn_task(
                 job.clone(),
                 shared.clone(),
@@ -871,7 +1040,9 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
             )));
             i += 1;
         }
-        if i < count {
+        if full {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        } else if i < count {
             let next = t0 + Duration::from_secs_f64(i as f64 / rate);
             let wait = next.saturating_duration_since(Instant::now());
             glommio::timer::sleep(wait.max(Duration::from_micros(200))).await;
@@ -908,6 +1079,11 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
         room_sent: s.room_sent.clone(),
         room_joined: s.room_joined.clone(),
         cycle_latency: hist_to_data(&s.cycle_latency),
+        presence: PresenceTally {
+            join_to_state: hist_to_data(&s.join_to_state),
+            reach: hist_to_data(&s.reach),
+            ..s.presence.clone()
+        },
     }
 }
 
@@ -1219,6 +1395,10 @@ mod tests {
             cores: 1,
             heartbeat: Duration::from_secs(25),
             exact_duplicates: true,
+            join_payload: "{}".into(),
+            user_prefix: "lg".into(),
+            watch: None,
+            ramp_limit: None,
         }
     }
 

@@ -11,6 +11,12 @@ use serde::{Deserialize, Serialize};
 pub struct NodeStats {
     pub connections: u64,
     pub deliveries: u64,
+    /// Bytes written to clients.
+    #[serde(default)]
+    pub bytes_out: u64,
+    /// Connections cut off for not reading (1008).
+    #[serde(default)]
+    pub slow_closed: u64,
     #[serde(default)]
     pub cluster: Option<LinkStats>,
 }
@@ -126,11 +132,12 @@ mod tests {
 
     #[test]
     fn reads_the_stats_of_a_cluster_node() {
-        let json = r#"{"connections":13334,"deliveries":7,"broadcasts":1,"cores":[{"connections":13334}],
+        let json = r#"{"connections":13334,"deliveries":7,"broadcasts":1,"bytes_out":99,"cores":[{"connections":13334}],
                        "cluster":{"connected":1,"peers":2,"lost":0,"published":1,"received":0,"dropped":0}}"#;
         let s: NodeStats = serde_json::from_str(json).unwrap();
         assert_eq!(s.connections, 13_334);
         assert_eq!(s.deliveries, 7);
+        assert_eq!(s.bytes_out, 99);
         assert!(s.link_up());
         let alone: NodeStats = serde_json::from_str(r#"{"connections":0,"deliveries":0}"#).unwrap();
         assert!(!alone.link_up());

@@ -24,6 +24,7 @@
 mod api;
 pub mod host;
 mod plan;
+mod presence;
 mod readme;
 mod run;
 mod summary;
@@ -48,8 +49,39 @@ const HEAVY_LOCK: &str = "/tmp/ringcast-heavy.lock";
 /// and both kernel sockets); each finished size refines it.
 const FIRST_ESTIMATE: u64 = 21 * 1024;
 
+/// What the connections of a cluster run do.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workload {
+    /// Join `bench:cluster-<N>`, hold, ONE timed broadcast through node 0.
+    #[default]
+    Broadcast,
+    /// Members of one `rooms:presence-<N>` room (presence tracked, diffs to all), then
+    /// newcomers check its `presence_state`.
+    Presence,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClusterArgs {
+    /// What the connections do.
+    #[arg(long, value_enum, default_value_t = Workload::Broadcast)]
+    pub workload: Workload,
+    /// Presence: joins under way at once per node (sent, their presence_state not yet
+    /// read); the ramp slows down as the room's state grows.
+    #[arg(long, default_value_t = 8)]
+    pub window: u64,
+    /// Presence: newcomers, one per node from node 0 (default: one on every node).
+    #[arg(long)]
+    pub newcomers: Option<u64>,
+    /// Presence: the room has settled when the nodes' bytes_out grew by less than
+    /// 50 B per member over this many seconds.
+    #[arg(long, default_value_t = 3)]
+    pub settle_secs: u64,
+    /// Presence: longest wait for the room to settle, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub settle_timeout: u64,
+    /// Presence: longest check of each newcomer, seconds.
+    #[arg(long, default_value_t = 180)]
+    pub newcomer_timeout: u64,
     /// Connections of the run when there is no --sweep.
     #[arg(long, default_value_t = 1_000_000)]
     pub target: u64,
@@ -258,7 +290,8 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     log.line(&format!(
-        "ringcast-bench cluster: sizes {sizes:?}, --per-node {}, --rate {}/s, --time-limit {}s, results in {}",
+        "ringcast-bench cluster: workload {:?}, sizes {sizes:?}, --per-node {}, --rate {}/s, --time-limit {}s, results in {}",
+        a.workload,
         a.per_node,
         a.rate,
         a.time_limit,
@@ -295,6 +328,13 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
         deadline,
         stop: stop.clone(),
         log: log.clone(),
+        presence: (a.workload == Workload::Presence).then(|| presence::PresenceOpts {
+            window: a.window.max(1),
+            newcomers: a.newcomers,
+            settle_secs: a.settle_secs.max(1),
+            settle_timeout_secs: a.settle_timeout,
+            newcomer_timeout_secs: a.newcomer_timeout.max(10),
+        }),
     };
     let cpus = ringcast_bench::allowed_cpus();
     let mut all_ok = true;
@@ -339,12 +379,19 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        let p = plan::plan_size(n, a.per_node, a.rate, a.base_port, &cpus);
+        let mut p = plan::plan_size(n, a.per_node, a.rate, a.base_port, &cpus);
+        if a.workload == Workload::Presence {
+            p.topic = format!("rooms:presence-{n}");
+        }
         let s = run::run_size(&mut ctx, &p, &out);
         all_ok &= s.outcome == "ok";
     }
     drop(lock);
-    std::fs::write(out.join("README.md"), readme::readme(&check, &summaries(&out)))?;
+    let text = match a.workload {
+        Workload::Broadcast => readme::readme(&check, &summaries(&out)),
+        Workload::Presence => readme::readme_presence(&check, &summaries(&out)),
+    };
+    std::fs::write(out.join("README.md"), text)?;
     log.line(&format!("wrote {}", out.join("README.md").display()));
     log.line(&format!("done in {}s", start.elapsed().as_secs()));
     Ok(if stop.load(Relaxed) {

@@ -36,6 +36,8 @@ pub struct Ctx {
     pub deadline: Instant,
     pub stop: Arc<AtomicBool>,
     pub log: super::RunLog,
+    /// `--workload presence`: its options (None: the broadcast workload).
+    pub presence: Option<super::presence::PresenceOpts>,
 }
 
 impl Ctx {
@@ -49,12 +51,12 @@ impl Ctx {
 }
 
 /// Why a size ended before its verdict.
-struct Stop {
+pub(super) struct Stop {
     outcome: &'static str,
     notes: String,
 }
 
-fn stop(outcome: &'static str, notes: impl Into<String>) -> Stop {
+pub(super) fn stop(outcome: &'static str, notes: impl Into<String>) -> Stop {
     Stop {
         outcome,
         notes: notes.into(),
@@ -63,9 +65,9 @@ fn stop(outcome: &'static str, notes: impl Into<String>) -> Stop {
 
 /// The processes of one size; all stopped on drop, loadgens first.
 #[derive(Default)]
-struct Procs {
-    loadgens: Vec<Proc>,
-    nodes: Vec<Server>,
+pub(super) struct Procs {
+    pub(super) loadgens: Vec<Proc>,
+    pub(super) nodes: Vec<Server>,
     redis: Option<Server>,
 }
 
@@ -85,7 +87,7 @@ impl Procs {
         self.nodes.iter().map(Server::pid).collect()
     }
 
-    fn ports(&self) -> Vec<u16> {
+    pub(super) fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|s| s.port).collect()
     }
 }
@@ -96,12 +98,13 @@ impl Drop for Procs {
     }
 }
 
-fn now_unix() -> f64 {
+pub(super) fn now_unix() -> f64 {
     sys::unix_nanos() as f64 / 1e9
 }
 
-fn take_sample(procs: &Procs, api: Option<&Api>, loadgens: bool) -> Sample {
-    let nodes: Vec<_> = procs.node_pids().into_iter().filter_map(sys::sample).collect();
+pub(super) fn take_sample(procs: &Procs, api: Option<&Api>, loadgens: bool) -> Sample {
+    let per_node: Vec<Option<sys::ProcSample>> = procs.node_pids().into_iter().map(sys::sample).collect();
+    let nodes: Vec<_> = per_node.iter().flatten().collect();
     let (lg_rss, lg_n) = if loadgens {
         let roots: Vec<u32> = procs.loadgens.iter().map(Proc::pid).collect();
         let mut all = roots.clone();
@@ -119,6 +122,8 @@ fn take_sample(procs: &Procs, api: Option<&Api>, loadgens: bool) -> Sample {
         let st = api.all_stats(&procs.ports());
         ApiConnections {
             connections: api::total(&st, |s| s.connections),
+            bytes_out: api::total(&st, |s| s.bytes_out),
+            slow_closed: api::total(&st, |s| s.slow_closed),
             nodes_answered: st.iter().flatten().count(),
             nodes: st.len(),
         }
@@ -128,6 +133,7 @@ fn take_sample(procs: &Procs, api: Option<&Api>, loadgens: bool) -> Sample {
         meminfo: host::meminfo(),
         sockstat: host::sockstat(),
         server_rss_bytes: nodes.iter().map(|s| s.rss_bytes).sum(),
+        server_rss_per_node: per_node.iter().map(|s| s.map_or(0, |s| s.rss_bytes)).collect(),
         server_cpu_secs: nodes.iter().map(|s| s.cpu_secs).sum(),
         server_processes_alive: nodes.len(),
         loadgen_rss_bytes: lg_rss,
@@ -142,7 +148,7 @@ fn take_sample(procs: &Procs, api: Option<&Api>, loadgens: bool) -> Sample {
     }
 }
 
-fn write_json<T: serde::Serialize>(path: &Path, v: &T) {
+pub(super) fn write_json<T: serde::Serialize>(path: &Path, v: &T) {
     if let Ok(text) = serde_json::to_string_pretty(v) {
         let _ = std::fs::write(path, text + "\n");
     }
@@ -186,6 +192,7 @@ pub fn run_size(ctx: &mut Ctx, plan: &SizePlan, out: &Path) -> SizeSummary {
         per_node: plan.per_node,
         rate: plan.rate,
         hold_secs: plan.hold_secs,
+        presence: ctx.presence.is_some(),
         started: super::utc_stamp(),
         loadavg_start: host::loadavg(),
         ..Default::default()
@@ -215,8 +222,23 @@ pub fn run_size(ctx: &mut Ctx, plan: &SizePlan, out: &Path) -> SizeSummary {
         }
     }
     let mut s = summary::summarize(&rec, &reports, missing);
+    if rec.presence {
+        let newcomers = (0..rec.newcomers_started)
+            .map(|i| dir.join(format!("newcomer-{i}.json")))
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<ringcast_loadgen::NewcomerReport>(&t).ok())
+            })
+            .collect();
+        s.presence = Some(summary::presence_summary(&rec, &reports, newcomers));
+    }
     if rec.outcome.is_empty() {
-        (s.outcome, s.notes) = summary::verdict(&s);
+        (s.outcome, s.notes) = if rec.presence {
+            summary::presence_verdict(&s)
+        } else {
+            summary::verdict(&s)
+        };
     }
     write_json(&dir.join("summary.json"), &s);
     ctx.log.line(&format!(
@@ -381,9 +403,13 @@ fn attempt(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let before = take_sample(procs, None, false);
+    let before = take_sample(procs, Some(api), false);
     write_json(&dir.join("samples/before.json"), &before);
     rec.samples.before = Some(before);
+    if let Some(opts) = &ctx.presence {
+        let opts = opts.clone();
+        return super::presence::run(ctx, plan, dir, api, rec, procs, &opts);
+    }
 
     // Loadgens, one per node, in parallel: ramp, then hold while the broadcast is timed.
     rec.t_loadgen_start = Some(now_unix());
@@ -424,7 +450,14 @@ fn attempt(
                 .with_grace(Duration::from_millis(500)),
         );
     }
-    ramp(ctx, plan, dir, api, procs)?;
+    ramp(
+        ctx,
+        plan,
+        dir,
+        api,
+        procs,
+        Duration::from_secs(plan.ramp_limit_secs()),
+    )?;
     rec.t_all_joined = Some(now_unix());
     let full = take_sample(procs, Some(api), true);
     write_json(&dir.join("samples/full.json"), &full);
@@ -522,11 +555,20 @@ fn attempt(
 
 /// Waits until every loadgen says its connections are up, watching memory, the
 /// processes and the time.
-fn ramp(ctx: &mut Ctx, plan: &SizePlan, dir: &Path, api: &Api, procs: &mut Procs) -> Result<(), Stop> {
+pub(super) fn ramp(
+    ctx: &mut Ctx,
+    plan: &SizePlan,
+    dir: &Path,
+    api: &Api,
+    procs: &mut Procs,
+    limit: Duration,
+) -> Result<(), Stop> {
     let logs = dir.join("logs");
     let k = plan.nodes.len();
-    let limit = Instant::now() + Duration::from_secs(plan.ramp_limit_secs());
+    let t0 = Instant::now();
+    let limit = t0 + limit;
     let mut last_progress = Instant::now();
+    let (mut last_written, mut last_at) = (0u64, Instant::now());
     loop {
         let up: Vec<bool> = (0..k)
             .map(|i| {
@@ -594,12 +636,32 @@ fn ramp(ctx: &mut Ctx, plan: &SizePlan, dir: &Path, api: &Api, procs: &mut Procs
             last_progress = Instant::now();
             let s = take_sample(procs, Some(api), false);
             write_json(&dir.join("samples/progress.json"), &s);
+            // A node that did not answer in time would make the sum drop and the next
+            // rate jump: the rate counts only rounds every node answered.
+            let all = s.api_stats.as_ref().filter(|a| a.nodes_answered == a.nodes);
+            let written = all.map(|a| a.bytes_out);
+            let closed = s.api_stats.as_ref().map_or(0, |a| a.slow_closed);
             ctx.log.line(&format!(
-                "  ramp: {} connections on the nodes, {up_count}/{k} loadgens up, MemAvailable {} MiB, servers' RSS {} MiB",
-                s.api_stats.map_or(0, |a| a.connections),
+                "  ramp {:.0}s: {} connections on the nodes, {up_count}/{k} loadgens up, MemAvailable {} MiB, servers' RSS {} MiB \
+                 (per node {:?} MiB), servers wrote {}, {closed} cut off (1008)",
+                t0.elapsed().as_secs_f64(),
+                s.api_stats.as_ref().map_or(0, |a| a.connections),
                 avail >> 20,
-                s.server_rss_bytes >> 20
+                s.server_rss_bytes >> 20,
+                s.server_rss_per_node.iter().map(|r| r >> 20).collect::<Vec<_>>(),
+                match written {
+                    Some(w) => format!(
+                        "{:.2} GB ({:.0} MB/s since the last full count)",
+                        w as f64 / 1e9,
+                        w.saturating_sub(last_written) as f64 / 1e6 / last_at.elapsed().as_secs_f64()
+                    ),
+                    None => "n/a (a node did not answer)".into(),
+                },
             ));
+            if let Some(w) = written {
+                last_written = w;
+                last_at = Instant::now();
+            }
         }
         std::thread::sleep(Duration::from_millis(300));
     }

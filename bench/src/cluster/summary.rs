@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use ringcast_loadgen::report::{ConnectReport, Latency, ServerConnect};
+use ringcast_loadgen::NewcomerReport;
 use serde::{Deserialize, Serialize};
 
 use super::api::BroadcastAnswer;
@@ -15,6 +16,12 @@ use super::host::{Meminfo, Sockstat};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ApiConnections {
     pub connections: u64,
+    /// Bytes the nodes wrote to clients, summed.
+    #[serde(default)]
+    pub bytes_out: u64,
+    /// Connections the nodes cut off for not reading (1008), summed.
+    #[serde(default)]
+    pub slow_closed: u64,
     pub nodes_answered: usize,
     pub nodes: usize,
 }
@@ -27,6 +34,9 @@ pub struct Sample {
     pub sockstat: Sockstat,
     /// The nodes' RSS, summed.
     pub server_rss_bytes: u64,
+    /// Each node's RSS, in node order (0: not running).
+    #[serde(default)]
+    pub server_rss_per_node: Vec<u64>,
     /// The nodes' CPU seconds (user + system), summed.
     pub server_cpu_secs: f64,
     pub server_processes_alive: usize,
@@ -153,6 +163,232 @@ pub struct Record {
     pub samples: Samples,
     pub broadcast: Option<BroadcastAnswer>,
     pub deliveries: Option<DeliveryCount>,
+    /// `--workload presence`.
+    pub presence: bool,
+    pub settle: Option<SettleRecord>,
+    pub samples_settled: Option<Sample>,
+    pub armed_unix_nanos: Option<u64>,
+    pub newcomers_started: usize,
+}
+
+/// How the wait for the presence traffic to settle went.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SettleRecord {
+    /// The nodes' `bytes_out` stopped growing (see `presence::quiet`).
+    pub settled: bool,
+    pub waited_s: f64,
+    /// What the nodes wrote while it was waited for.
+    pub bytes_out_during: u64,
+}
+
+/// The presence figures of one size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PresenceSummary {
+    pub members: u64,
+    pub members_joined: u64,
+    /// Members whose own `presence_state` arrived (what "joined" means here).
+    pub members_with_state: u64,
+    /// From starting the loadgens until every member had its state.
+    pub ramp_s: Option<f64>,
+    pub settle: Option<SettleRecord>,
+    pub member_diff_frames: u64,
+    pub member_diff_bytes: u64,
+    pub member_state_frames: u64,
+    pub member_state_bytes: u64,
+    pub largest_state_bytes: u64,
+    pub member_other_bytes: u64,
+    /// Messages the members read in pieces (over 16 KiB).
+    pub streamed_messages: u64,
+    /// Every presence byte the members read (diffs + states), the whole run.
+    pub member_presence_bytes: u64,
+    /// The nodes' `bytes_out`, summed: over the ramp, and over the whole size.
+    pub server_bytes_out_ramp: Option<u64>,
+    pub server_bytes_out_total: Option<u64>,
+    /// Server bytes over the ramp / ramp time, MB/s (10^6).
+    pub ramp_mb_per_s: Option<f64>,
+    /// Join sent → own `presence_state` read, every member (merged histograms).
+    pub join_to_state: Option<Latency>,
+    pub newcomers: Vec<NewcomerReport>,
+    pub newcomers_missing: Vec<usize>,
+    /// Newcomers whose state held every member and whose view then held members +
+    /// newcomers.
+    pub newcomers_ok: u64,
+    /// The key the members timed, and how many saw it.
+    pub reach_key: String,
+    pub reached: u64,
+    /// Arm time → first diff with the key, every member (merged).
+    pub reach_from_arm: Option<Latency>,
+    /// When newcomer 0 sent its join, after the arm time.
+    pub newcomer0_join_after_arm_ms: Option<f64>,
+    /// The reach from newcomer 0's join: p50 / p99 / max, ms.
+    pub reach_from_join_ms: Option<[f64; 3]>,
+    pub rss_per_node_full: Vec<u64>,
+    pub rss_per_node_settled: Vec<u64>,
+    pub rss_per_node_after: Vec<u64>,
+    /// Closes by code (the loadgens' members), and the nodes' own 1008 count.
+    pub closes: BTreeMap<String, u64>,
+    pub closed_1008: u64,
+    pub server_slow_closed: Option<u64>,
+}
+
+/// The presence figures of a size from its record, the members' reports and the
+/// newcomers' (`None`: no report from that newcomer).
+pub fn presence_summary(
+    r: &Record,
+    reports: &[(usize, ConnectReport)],
+    newcomers: Vec<Option<NewcomerReport>>,
+) -> PresenceSummary {
+    let mut p = PresenceSummary {
+        members: r.size,
+        settle: r.settle.clone(),
+        reach_key: format!("{}0", ringcast_loadgen::presence::NEWCOMER_PREFIX),
+        ..Default::default()
+    };
+    let mut states = Vec::new();
+    let mut reach = Vec::new();
+    for (_, rep) in reports {
+        p.members_joined += rep.joined;
+        add_maps(&mut p.closes, &rep.ends);
+        if let Some(f) = &rep.presence {
+            let t = &f.tally;
+            p.members_with_state += t.members_with_state;
+            p.member_diff_frames += t.diff_frames;
+            p.member_diff_bytes += t.diff_bytes;
+            p.member_state_frames += t.state_frames;
+            p.member_state_bytes += t.state_bytes;
+            p.largest_state_bytes = p.largest_state_bytes.max(t.largest_state_bytes);
+            p.member_other_bytes += t.other_bytes;
+            p.streamed_messages += t.streamed_messages;
+            p.reached += t.reached;
+            states.push(&f.join_to_state);
+            reach.push(&f.reach);
+        }
+    }
+    p.member_presence_bytes = p.member_diff_bytes + p.member_state_bytes;
+    p.closed_1008 = p
+        .closes
+        .iter()
+        .filter(|(k, _)| k.contains("1008"))
+        .map(|(_, v)| v)
+        .sum();
+    if !states.is_empty() {
+        p.join_to_state = Latency::merge(states).ok();
+        p.reach_from_arm = Latency::merge(reach).ok();
+    }
+    if let (Some(t0), Some(t1)) = (r.t_loadgen_start, r.t_all_joined) {
+        p.ramp_s = Some(t1 - t0);
+    }
+    // Only a count every node answered is a total.
+    let out = |s: &Option<Sample>| {
+        s.as_ref()
+            .and_then(|s| s.api_stats.as_ref())
+            .filter(|a| a.nodes_answered == a.nodes)
+            .map(|a| a.bytes_out)
+    };
+    let before = out(&r.samples.before);
+    if let (Some(b), Some(f)) = (before, out(&r.samples.full)) {
+        p.server_bytes_out_ramp = Some(f.saturating_sub(b));
+        p.ramp_mb_per_s = p
+            .ramp_s
+            .filter(|&t| t > 0.0)
+            .map(|t| f.saturating_sub(b) as f64 / 1e6 / t);
+    }
+    if let (Some(b), Some(a)) = (before, out(&r.samples.after)) {
+        p.server_bytes_out_total = Some(a.saturating_sub(b));
+    }
+    p.server_slow_closed = r
+        .samples
+        .after
+        .as_ref()
+        .and_then(|s| s.api_stats.as_ref())
+        .map(|a| a.slow_closed);
+    let rss = |s: &Option<Sample>| s.as_ref().map_or(Vec::new(), |s| s.server_rss_per_node.clone());
+    p.rss_per_node_full = rss(&r.samples.full);
+    p.rss_per_node_settled = rss(&r.samples_settled);
+    p.rss_per_node_after = rss(&r.samples.after);
+    for (i, n) in newcomers.into_iter().enumerate() {
+        match n {
+            Some(n) => p.newcomers.push(n),
+            None => p.newcomers_missing.push(i),
+        }
+    }
+    p.newcomers_ok = p
+        .newcomers
+        .iter()
+        .filter(|n| n.state_has_every_member && n.complete)
+        .count() as u64;
+    if let (Some(armed), Some(n0)) = (
+        r.armed_unix_nanos,
+        p.newcomers.iter().find(|n| n.key == p.reach_key),
+    ) {
+        if n0.join_sent_unix_nanos > 0 {
+            let offset_ms = (n0.join_sent_unix_nanos as f64 - armed as f64) / 1e6;
+            p.newcomer0_join_after_arm_ms = Some(offset_ms);
+            if let Some(l) = p.reach_from_arm.as_ref().filter(|l| l.count > 0) {
+                p.reach_from_join_ms = Some([
+                    l.p50_us / 1000.0 - offset_ms,
+                    l.p99_us / 1000.0 - offset_ms,
+                    l.max_us / 1000.0 - offset_ms,
+                ]);
+            }
+        }
+    }
+    p
+}
+
+/// "ok" when every member joined with its state and stayed, nobody was cut off, the
+/// room settled, every newcomer saw every member (and then every newcomer), and every
+/// member saw newcomer 0's join; otherwise "incomplete" with what fell short.
+pub fn presence_verdict(s: &SizeSummary) -> (String, String) {
+    let Some(p) = &s.presence else {
+        return ("incomplete".into(), "no presence figures".into());
+    };
+    let mut short = Vec::new();
+    if !s.loadgen_reports_missing_for_nodes.is_empty() {
+        short.push(format!(
+            "no loadgen report from nodes {:?}",
+            s.loadgen_reports_missing_for_nodes
+        ));
+    }
+    if p.members_with_state < p.members {
+        short.push(format!(
+            "{} of {} members got their presence_state",
+            p.members_with_state, p.members
+        ));
+    }
+    if s.ended_early > 0 || p.closed_1008 > 0 {
+        short.push(format!(
+            "{} members ended early ({} with 1008): {:?}",
+            s.ended_early, p.closed_1008, p.closes
+        ));
+    }
+    if p.server_slow_closed.unwrap_or(0) > 0 {
+        short.push(format!(
+            "the nodes cut off {} connections (1008)",
+            p.server_slow_closed.unwrap_or(0)
+        ));
+    }
+    if !p.settle.as_ref().is_some_and(|x| x.settled) {
+        short.push("the presence traffic did not settle in time".into());
+    }
+    let expected_newcomers = p.newcomers.len() + p.newcomers_missing.len();
+    if p.newcomers_ok < expected_newcomers as u64 || expected_newcomers == 0 {
+        short.push(format!(
+            "{} of {} newcomers saw every member and every newcomer",
+            p.newcomers_ok, expected_newcomers
+        ));
+    }
+    if p.reached < p.members_with_state {
+        short.push(format!(
+            "{} of {} members saw {}'s join",
+            p.reached, p.members_with_state, p.reach_key
+        ));
+    }
+    if short.is_empty() {
+        ("ok".into(), String::new())
+    } else {
+        ("incomplete".into(), short.join("; "))
+    }
 }
 
 /// `summary.json` of one size.
@@ -196,6 +432,9 @@ pub struct SizeSummary {
     pub per_node_reports: Vec<NodeReport>,
     /// Reports whose histograms could not be read.
     pub problems: Vec<String>,
+    /// `--workload presence`: the room's figures.
+    #[serde(default)]
+    pub presence: Option<PresenceSummary>,
 }
 
 fn add_maps(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
@@ -533,5 +772,118 @@ mod tests {
         let s = summarize(&r, &[(0, report(3, 0, &[], 0))], vec![1]);
         assert!(s.received.is_none() && s.broadcast_latency.is_none() && s.loss.is_none());
         assert!(one_line(&s).contains("latency p50 n/a"));
+    }
+
+    fn presence_report(joined: u64, reached: u64, ends: &[(&str, u64)]) -> ConnectReport {
+        let mut r = report(joined, 0, &[], 0);
+        r.ends = ends.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        r.ended_early = ends.iter().map(|(_, v)| v).sum();
+        let mut tally = ringcast_loadgen::presence::PresenceTally {
+            diff_bytes: 1000,
+            state_bytes: 500,
+            members_with_state: joined,
+            reached,
+            ..Default::default()
+        };
+        // 10 ms .. 30 ms after the arm time.
+        tally.reach = vec![[10_000_000, 1], [30_000_000, 1]];
+        r.presence = Some(ringcast_loadgen::report::PresenceFigures::of(
+            &tally,
+            Some("newcomer-0".into()),
+            Some(1_000),
+        ));
+        r
+    }
+
+    fn newcomer(key: &str, members: u64, newcomers: u64, complete: bool) -> NewcomerReport {
+        NewcomerReport {
+            key: key.into(),
+            expected_members: members,
+            expected_newcomers: newcomers,
+            state_member_keys: members,
+            state_has_every_member: true,
+            complete,
+            final_keys: members + if complete { newcomers } else { 0 },
+            // Its join went out 4 ms after the arm time (1,000 ns).
+            join_sent_unix_nanos: 1_000 + 4_000_000,
+            ..Default::default()
+        }
+    }
+
+    fn presence_record() -> Record {
+        let mut r = record();
+        r.presence = true;
+        r.settle = Some(SettleRecord {
+            settled: true,
+            waited_s: 3.0,
+            bytes_out_during: 0,
+        });
+        r.armed_unix_nanos = Some(1_000);
+        r.newcomers_started = 2;
+        let with_bytes = |b: u64| {
+            let mut s = sample(0, 0, 0);
+            s.api_stats = Some(ApiConnections {
+                bytes_out: b,
+                nodes_answered: 2,
+                nodes: 2,
+                ..Default::default()
+            });
+            s
+        };
+        r.samples.before = Some(with_bytes(100));
+        r.samples.full = Some(with_bytes(4_100));
+        r
+    }
+
+    #[test]
+    fn a_presence_size_is_ok_only_when_every_check_holds() {
+        let reports = [(0, presence_report(3, 3, &[])), (1, presence_report(2, 2, &[]))];
+        let n = |c| {
+            vec![
+                Some(newcomer("newcomer-0", 5, 2, c)),
+                Some(newcomer("newcomer-1", 5, 2, true)),
+            ]
+        };
+        let mut s = summarize(&presence_record(), &reports, vec![]);
+        s.presence = Some(presence_summary(&presence_record(), &reports, n(true)));
+        let p = s.presence.as_ref().unwrap();
+        assert_eq!((p.members_with_state, p.reached, p.newcomers_ok), (5, 5, 2));
+        assert_eq!(p.member_presence_bytes, 2 * 1500);
+        // 4,000 bytes over the 2 s ramp.
+        assert_eq!(p.server_bytes_out_ramp, Some(4_000));
+        assert!((p.ramp_mb_per_s.unwrap() - 0.002).abs() < 1e-12);
+        // Reach from newcomer 0's join: the arm-relative times less its 4 ms.
+        let [p50, _, max] = p.reach_from_join_ms.unwrap();
+        assert!((p50 - 6.0).abs() < 0.1 && (max - 26.0).abs() < 0.1, "{p50} {max}");
+        assert_eq!(presence_verdict(&s).0, "ok");
+
+        // A newcomer that never saw every newcomer.
+        s.presence = Some(presence_summary(&presence_record(), &reports, n(false)));
+        let (outcome, notes) = presence_verdict(&s);
+        assert_eq!(outcome, "incomplete");
+        assert!(notes.contains("1 of 2 newcomers"), "{notes}");
+
+        // A member cut off with 1008, and one that missed the diff.
+        let bad = [
+            (0, presence_report(3, 2, &[("server close 1008", 1)])),
+            (1, presence_report(2, 2, &[])),
+        ];
+        let mut s = summarize(&presence_record(), &bad, vec![]);
+        s.presence = Some(presence_summary(&presence_record(), &bad, n(true)));
+        assert_eq!(s.presence.as_ref().unwrap().closed_1008, 1);
+        let notes = presence_verdict(&s).1;
+        assert!(
+            notes.contains("1 with 1008") && notes.contains("4 of 5 members saw"),
+            "{notes}"
+        );
+
+        // A missing newcomer report, and a count a node did not answer: no total.
+        let mut r = presence_record();
+        if let Some(f) = r.samples.full.as_mut() {
+            f.api_stats.as_mut().unwrap().nodes_answered = 1;
+        }
+        let p = presence_summary(&r, &reports, vec![Some(newcomer("newcomer-0", 5, 2, true)), None]);
+        assert_eq!(p.newcomers_missing, [1]);
+        assert_eq!(p.server_bytes_out_ramp, None);
     }
 }
