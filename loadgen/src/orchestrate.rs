@@ -618,20 +618,8 @@ fn presence(cli: &Cli, job: Job, a: &crate::PresenceArgs) -> anyhow::Result<bool
         }
     }
     let at_hold_end = peers.total();
-    let after_hold = sample(cli.server_pid);
-    peers.release();
-    let mut merged = peers.collect(Duration::from_secs(30 + a.connections / 1000));
-    if merged.joined < at_full.joined {
-        merged.attempted = merged.attempted.max(at_full.attempted);
-        merged.joined = at_full.joined;
-        merged.failed = merged.failed.max(at_full.failed);
-        merged.last_join_nanos = merged.last_join_nanos.max(t_ramped);
-        if merged.first_attempt_nanos == 0 {
-            merged.first_attempt_nanos = t_start;
-        }
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let after_close = sample(cli.server_pid);
+    let (merged, after_hold, after_close) =
+        end_hold(cli, &mut peers, a.connections, &at_full, t_start, t_ramped);
     let server = cli.server_pid.map(|pid| ServerFigures {
         pid,
         before,
@@ -670,6 +658,36 @@ fn presence(cli: &Cli, job: Job, a: &crate::PresenceArgs) -> anyhow::Result<bool
         report::write_json(path, &rep)?;
     }
     Ok(rep.problems.is_empty())
+}
+
+/// Ends a hold: samples the server, releases the slices and collects their reports,
+/// then samples again once they closed. Returns the merged report and both samples.
+fn end_hold(
+    cli: &Cli,
+    peers: &mut Peers,
+    connections: u64,
+    at_full: &Progress,
+    t_start: u64,
+    t_ramped: u64,
+) -> (SliceReport, Option<sys::ProcSample>, Option<sys::ProcSample>) {
+    let after_hold = sample(cli.server_pid);
+    peers.release();
+    // Closing many connections on a starved box takes a while: a second per 1,000.
+    let mut merged = peers.collect(Duration::from_secs(30 + connections / 1000));
+    if merged.joined < at_full.joined {
+        // A slice's final report did not arrive in time; its live counts did, and its
+        // last join was before the ramp was seen complete.
+        merged.attempted = merged.attempted.max(at_full.attempted);
+        merged.joined = at_full.joined;
+        merged.failed = merged.failed.max(at_full.failed);
+        merged.last_join_nanos = merged.last_join_nanos.max(t_ramped);
+        if merged.first_attempt_nanos == 0 {
+            merged.first_attempt_nanos = t_start;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after_close = sample(cli.server_pid);
+    (merged, after_hold, after_close)
 }
 
 fn ramp(cli: &Cli, peers: &mut Peers, total: u64, what: &str, limit: Duration) -> Progress {
@@ -733,24 +751,8 @@ fn connect(cli: &Cli, job: Job, a: &crate::ConnectArgs) -> anyhow::Result<bool> 
     }
     pb.finish_and_clear();
     let at_hold_end = peers.total();
-    let after_hold = sample(cli.server_pid);
-    peers.release();
-    // Closing many connections on a starved box takes a while: a second per 1,000.
-    let mut merged = peers.collect(Duration::from_secs(30 + a.connections / 1000));
-    if merged.joined < at_full.joined {
-        // A slice's final report did not arrive in time; its live counts did, and its
-        // last join was before the ramp was seen complete.
-        merged.attempted = merged.attempted.max(at_full.attempted);
-        merged.joined = at_full.joined;
-        merged.failed = merged.failed.max(at_full.failed);
-        merged.last_join_nanos = merged.last_join_nanos.max(t_ramped);
-        if merged.first_attempt_nanos == 0 {
-            merged.first_attempt_nanos = t_start;
-        }
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let after_close = sample(cli.server_pid);
-
+    let (merged, after_hold, after_close) =
+        end_hold(cli, &mut peers, a.connections, &at_full, t_start, t_ramped);
     let server = cli.server_pid.map(|pid| ServerFigures {
         pid,
         before,
