@@ -59,7 +59,7 @@ pub(crate) mod transport;
 pub use shard::api;
 
 pub use proto::Payload;
-pub use server::{Config, RunningServer, Server, ShutdownHandle};
+pub use server::{CompressionConfig, Config, InboundContext, RunningServer, Server, ShutdownHandle};
 pub use shard::api::channel::{Channel, HandleResult, Reply, StopReason};
 pub use shard::api::endpoint::Endpoint;
 pub use shard::api::router::{ConnectInfo, Router, SocketHandler};

@@ -111,6 +111,22 @@ struct ServeArgs {
     /// This node's name in the cluster (default: host name, port and process id).
     #[arg(long)]
     node_name: Option<String>,
+    /// `permessage-deflate`: `on` accepts a client's offer (browsers always make one),
+    /// `off` declines it.
+    #[arg(long, default_value = "on")]
+    compress: Switch,
+    /// Messages at least this long go compressed to clients that negotiated it.
+    #[arg(long, default_value = "1KiB", value_parser = parse_size)]
+    compress_threshold: usize,
+    /// `reset`: ask clients to reset their compressor between messages, so that a
+    /// connection keeps no inflater; `keep`: accept their context takeover, at about
+    /// 40 KiB per connection that sends compressed messages.
+    #[arg(long, default_value = "reset")]
+    compress_client_context: ClientContext,
+    /// `per-connection`: compress a broadcast again for every delivery instead of once
+    /// per core, as servers with a compressor per connection do, for comparisons.
+    #[arg(long, env = "RINGCAST_COMPRESS_PATH", default_value = "once", hide = true)]
+    compress_path: CompressPath,
     /// `off`: idle connections keep their tasks (parking off), for comparisons.
     #[arg(long, env = "RINGCAST_PARK", default_value = "on", hide = true)]
     park: Park,
@@ -124,6 +140,24 @@ struct ServeArgs {
 enum Park {
     On,
     Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ClientContext {
+    Reset,
+    Keep,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CompressPath {
+    Once,
+    PerConnection,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -236,6 +270,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster,
         park_idle: args.park == Park::On,
         batched_writes: args.write_path == WritePath::Uring,
+        compression: ringcast::CompressionConfig {
+            enabled: args.compress == Switch::On,
+            threshold: args.compress_threshold,
+            inbound: match args.compress_client_context {
+                ClientContext::Reset => ringcast::InboundContext::Reset,
+                ClientContext::Keep => ringcast::InboundContext::Keep,
+            },
+            once_per_broadcast: args.compress_path == CompressPath::Once,
+        },
     };
     let cores = config.cores;
     let listen = config.listen;

@@ -18,7 +18,9 @@ use crate::cluster;
 use crate::shard::api::endpoint::Endpoint;
 use crate::shard::api::router::{Router, SocketHandler};
 use crate::shard::app::App;
-pub use crate::shard::app::{Config, PresenceFetch, TlsSource, DEFAULT_MAX_HTTP_CONNECTIONS};
+pub use crate::shard::app::{
+    CompressionConfig, Config, InboundContext, PresenceFetch, TlsSource, DEFAULT_MAX_HTTP_CONNECTIONS,
+};
 use crate::shard::inbox;
 use crate::shard::mesh::{Mesh, MeshMsg};
 use crate::shard::stats::CoreStats;

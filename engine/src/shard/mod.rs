@@ -29,7 +29,7 @@ use slab::Slab;
 
 use crate::clock::Clock;
 use crate::proto::serializer::{encode, Body, EncodeError, Outgoing};
-use crate::proto::ws::close_code;
+use crate::proto::ws::{close_code, deflate};
 use crate::proto::{Payload, Vsn};
 use crate::shard::api::endpoint::Endpoint;
 use app::App;
@@ -292,6 +292,7 @@ impl Shard {
             max_outbound_bytes: self.app.config.max_outbound_bytes.min(u32::MAX as usize) as u32,
             messages_per_sec: self.app.config.max_messages_per_sec,
             message_burst: self.app.config.message_burst.max(1),
+            deflate_min: self.app.config.compression.threshold.min(u32::MAX as usize) as u32,
         };
         let mut conns = self.conns.borrow_mut();
         let entry = conns.vacant_entry();
@@ -325,6 +326,9 @@ impl Shard {
         if conns.get(conn.id.key as usize).is_some_and(|c| c.id == conn.id) {
             conns.remove(conn.id.key as usize);
             self.stats.connections.sub(1);
+            if conn.deflate.get() {
+                self.stats.deflate_connections.sub(1);
+            }
         }
     }
 
@@ -467,7 +471,10 @@ impl Shard {
             return;
         };
         let skip = b.from.filter(|(core, _)| *core == self.index).map(|(_, id)| id);
-        let mut shared: [Option<Rc<Bytes>>; 2] = [None, None];
+        // The frame per serializer version, plain and compressed: each made at most
+        // once per core, for every subscriber alike.
+        let mut shared: [[Option<Rc<Bytes>>; 2]; 2] = Default::default();
+        let compression = &self.app.config.compression;
         // Built as JSON text: server-made presence (`presence_diff`), under its own bound.
         let presence = b.raw.is_some();
         let mut delivered = 0u64;
@@ -480,10 +487,22 @@ impl Shard {
                 conn.mail(Mail::Out(b.clone()));
                 continue;
             }
-            let slot = &mut shared[sub.vsn as usize];
-            if slot.is_none() {
-                *slot = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
+            let deflate = conn.deflate.get();
+            let [plain, packed] = &mut shared[sub.vsn as usize];
+            if plain.is_none() {
+                *plain = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
             }
+            let slot = match plain {
+                Some(frame) if deflate && frame.len() >= compression.threshold => {
+                    if packed.is_none() || !compression.once_per_broadcast {
+                        let made = deflate::compress_frame(frame, deflate::BROADCAST_LEVEL);
+                        self.stats.deflate_broadcasts.add(1);
+                        *packed = Some(made.map_or_else(|| frame.clone(), Rc::new));
+                    }
+                    &*packed
+                }
+                _ => &*plain,
+            };
             if let Some(frame) = slot {
                 let frame = if presence {
                     OutFrame::PresenceShared(frame.clone())

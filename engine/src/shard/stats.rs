@@ -92,6 +92,11 @@ pub struct CoreStats {
     /// Long-poll sessions closed because their queue of posted messages passed its
     /// bound.
     pub longpoll_inbound_closed: Counter,
+    /// Open WebSocket connections that negotiated `permessage-deflate`.
+    pub deflate_connections: Counter,
+    /// Broadcast frames compressed: once per broadcast on each core that has
+    /// subscribers which negotiated compression.
+    pub deflate_broadcasts: Counter,
 }
 
 /// The fields in output order, with Prometheus type and help.
@@ -174,6 +179,16 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
         "counter",
         "Long-poll sessions closed for posted messages over their bound.",
     ),
+    (
+        "deflate_connections",
+        "gauge",
+        "Open WebSocket connections that negotiated permessage-deflate.",
+    ),
+    (
+        "deflate_broadcasts",
+        "counter",
+        "Broadcast frames compressed (once per broadcast per core with compressing subscribers).",
+    ),
 ];
 
 impl CoreStats {
@@ -201,6 +216,8 @@ impl CoreStats {
             "mesh_dropped" => &self.mesh_dropped,
             "mailbox_closed" => &self.mailbox_closed,
             "longpoll_inbound_closed" => &self.longpoll_inbound_closed,
+            "deflate_connections" => &self.deflate_connections,
+            "deflate_broadcasts" => &self.deflate_broadcasts,
             _ => return 0,
         };
         c.get()

@@ -18,6 +18,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::proto::http::{self, Request, MAX_HEAD};
+use crate::proto::ws::deflate;
 use crate::shard::admission::{connect_info, Admitted, Refused};
 use crate::shard::session::Session;
 use crate::shard::Shard;
@@ -333,9 +334,21 @@ async fn upgrade<S: Wire>(shard: &Rc<Shard>, stream: &mut S, req: Request) -> Op
     if req.subprotocols().any(|p| p == PHOENIX_SUBPROTOCOL) {
         headers.push(("sec-websocket-protocol", PHOENIX_SUBPROTOCOL));
     }
+    let compression = &shard.app.config.compression;
+    let agreed = compression
+        .enabled
+        .then(|| deflate::negotiate(req.header_values("sec-websocket-extensions"), compression.inbound))
+        .flatten();
+    if let Some(agreed) = &agreed {
+        headers.push(("sec-websocket-extensions", agreed.response()));
+    }
     let response = http::upgrade_response(&key, &headers);
     stream.write_all(&response).await.ok()?;
     let conn = shard.add_conn(admitted.vsn, admitted.assigns, admitted.socket_id, false);
+    if agreed.is_some() {
+        conn.deflate.set(true);
+        shard.stats.deflate_connections.add(1);
+    }
     Some(Session::new(shard.clone(), conn))
 }
 
