@@ -239,6 +239,7 @@ export async function connect(port, userId, { token, params, timeout = 3000, soc
       super(url, protocols);
       this.on('upgrade', (res) => {
         client.core = res.headers['x-ringcast-core'];
+        client.upgradeHeaders = res.headers;
       });
     }
   }
