@@ -9,8 +9,9 @@
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
 import { chromium } from 'playwright-core';
-import { e2e, startServer, connect, mintToken, collect } from './lib.mjs';
+import { e2e, startServer, connect, rawConnect, mintToken, collect } from './lib.mjs';
 
 const CHROMIUM = process.env.RINGCAST_CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = '/tmp/ringcast-demo.png';
@@ -37,7 +38,7 @@ after(async () => {
 });
 
 /** Opens the chat page as `user` in a fresh browser context (its own sessionStorage). */
-async function openTab(user, room, { query = '', blockWebSocket = false } = {}) {
+async function openTab(user, room, { query = '', blockWebSocket = false, base = server.httpUrl } = {}) {
   const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
   const page = await context.newPage();
   page.errors = [];
@@ -67,7 +68,7 @@ async function openTab(user, room, { query = '', blockWebSocket = false } = {}) 
     });
   }
   const qs = new URLSearchParams({ token: mintToken(user), user, room });
-  await page.goto(`${server.httpUrl}/?${qs}${query}`, { timeout: 10000 });
+  await page.goto(`${base}/?${qs}${query}`, { timeout: 10000 });
   await page.waitForSelector('body[data-joined="true"]', { timeout: 8000 });
   return page;
 }
@@ -179,3 +180,62 @@ e2e('?longpoll uses the LongPoll transport from the start', async () => {
   await erin.context().close();
   await frank.context().close();
 }, { timeout: 30000 });
+
+/**
+ * A TCP proxy in front of the server that counts, for each connection the server
+ * upgrades to a WebSocket, the bytes it sends: what the browser receives on the wire.
+ */
+async function countingProxy(port) {
+  const upgraded = [];
+  const proxy = net.createServer((client) => {
+    const upstream = net.connect(port, '127.0.0.1');
+    const entry = { bytes: 0, websocket: null };
+    upstream.on('data', (d) => {
+      if (entry.websocket === null) {
+        entry.websocket = d.subarray(0, 12).toString('latin1') === 'HTTP/1.1 101';
+        if (entry.websocket) upgraded.push(entry);
+      }
+      if (entry.websocket) entry.bytes += d.length;
+      client.write(d);
+    });
+    client.on('data', (d) => upstream.write(d));
+    const end = () => { client.destroy(); upstream.destroy(); };
+    for (const s of [client, upstream]) { s.on('close', end); s.on('error', end); }
+  });
+  await new Promise((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  return { url: `http://127.0.0.1:${proxy.address().port}`, upgraded, close: () => new Promise((r) => proxy.close(r)) };
+}
+
+e2e('Chromium negotiates permessage-deflate: a 100-member presence_state arrives compressed on the wire and intact, as does a big message', async () => {
+  const room = 'zipbrowser';
+  const topic = `rooms:${room}`;
+  const members = [];
+  for (let i = 0; i < 100; i++) {
+    const m = await rawConnect(server.port, { userId: `m${i}` });
+    await m.join(topic, { name: `member ${i} with a long display name `.repeat(6).slice(0, 200) });
+    members.push(m);
+  }
+  // The presence_state a joiner gets now, uncompressed.
+  const probe = await rawConnect(server.port, { userId: 'probe' });
+  await probe.join(topic);
+  const stateLen = (await probe.event(topic, 'presence_state')).text.length;
+  await probe.close();
+  const proxy = await countingProxy(server.port);
+  try {
+    const page = await openTab('zip', room, { base: proxy.url });
+    await waitPresence(page, ['zip', ...members.map((_, i) => `m${i}`)]);
+    assert.match(await page.evaluate(() => socket.conn.extensions), /permessage-deflate/);
+    assert.equal(proxy.upgraded.length, 1, 'one WebSocket through the proxy');
+    const wire = proxy.upgraded[0].bytes;
+    assert.ok(wire * 3 < stateLen, `${wire} bytes on the wire, the presence_state alone is ${stateLen}`);
+    // A big broadcast arrives whole.
+    const body = Array.from({ length: 700 }, (_, i) => `w${i}`).join(' ').slice(0, 6000);
+    members[0].send([null, null, topic, 'new_msg', { body }]);
+    await waitMessage(page, `m0: ${body}`);
+    assert.deepEqual(page.errors, [], 'no page errors');
+    await page.context().close();
+  } finally {
+    for (const m of members) await m.close();
+    await proxy.close();
+  }
+}, { timeout: 40000 });
