@@ -5,11 +5,11 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::phx;
+use crate::tls::{TlsStream, TlsTarget, Wire};
 use ringcast::proto::ws::client::{self as ws, opcode, MaskGen, Parsed};
 
 /// Bytes of read buffer a connection starts with; it grows only for larger frames.
@@ -35,6 +35,8 @@ pub struct Target {
     pub host: String,
     /// Path of the WebSocket endpoint, e.g. `/socket/websocket`.
     pub path: String,
+    /// `wss://`: TLS with this configuration.
+    pub tls: Option<TlsTarget>,
 }
 
 /// Why opening a connection failed. `kind()` is the key of the failure table.
@@ -44,6 +46,8 @@ pub enum Fail {
     Connect(String),
     Status(u16),
     Handshake(String),
+    /// The TLS handshake failed (a certificate not trusted, say).
+    Tls(String),
     Join(String),
     /// Writing a push failed (churn).
     Push(String),
@@ -59,6 +63,7 @@ impl Fail {
             Fail::Connect(e) => format!("connect error: {e}"),
             Fail::Status(s) => format!("handshake status {s}"),
             Fail::Handshake(e) => format!("handshake error: {e}"),
+            Fail::Tls(e) => format!("tls error: {e}"),
             Fail::Join(r) => format!("join error: {r}"),
             Fail::Push(e) => format!("push error: {e}"),
             Fail::Leave(r) => format!("leave error: {r}"),
@@ -90,7 +95,7 @@ impl End {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Wire,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -248,12 +253,26 @@ impl Conn {
         let mut mask = MaskGen::new(seed);
         let sock = start_connect(target.addr, src)?;
         let key = ws_key(&mut mask);
+        // glommio builds on another socket2 major version: hand over the raw fd.
+        // SAFETY: `into_raw_fd` gives up ownership of a valid, open socket.
+        let tcp = unsafe {
+            <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock))
+        };
+        let stream = match &target.tls {
+            None => Wire::Plain(tcp),
+            // The ClientHello's write waits for the TCP handshake.
+            Some(tls) => Wire::Tls(Box::new(
+                bounded("tls", stage_timeout, async {
+                    TlsStream::connect(tcp, tls).await.map_err(|e| match e.kind() {
+                        io::ErrorKind::InvalidData => Fail::Tls(e.to_string()),
+                        _ => io_fail(&e),
+                    })
+                })
+                .await?,
+            )),
+        };
         let mut conn = Conn {
-            // glommio builds on another socket2 major version: hand over the raw fd.
-            // SAFETY: `into_raw_fd` gives up ownership of a valid, open socket.
-            stream: unsafe {
-                <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock))
-            },
+            stream,
             buf: vec![0; INITIAL_BUF],
             start: 0,
             end: 0,
@@ -706,6 +725,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     /// An unmasked server frame.
     fn server_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
@@ -725,9 +745,60 @@ mod tests {
         f
     }
 
+    /// The server side of the skimming test: the upgrade, then `wire` (its first
+    /// `first_len` bytes alone, the rest in `chunk`-sized writes).
+    fn serve_wire(mut s: impl std::io::Read + std::io::Write, wire: &[u8], first_len: usize, chunk: usize) {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .unwrap();
+        // First one frame alone, so that a read ends exactly at a frame's end (a
+        // drained buffer, the case that once indexed an empty slice); then odd-sized
+        // writes, so that frames and headers straddle reads.
+        s.write_all(&wire[..first_len]).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        for part in wire[first_len..].chunks(chunk) {
+            s.write_all(part).unwrap();
+            s.flush().unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+
+    /// A rustls server configuration with a fresh self-signed certificate.
+    fn test_server_tls() -> Arc<rustls::ServerConfig> {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(made.key_pair.serialize_der()).unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![made.cert.der().clone()], key)
+                .unwrap();
+        Arc::new(config)
+    }
+
     #[test]
     fn a_skimming_connection_hands_over_every_message_in_pieces_and_stays_small() {
-        use std::io::{Read, Write};
+        skim_over(false, 7_777);
+    }
+
+    /// Over TLS, with writes of several records each, so that one read brings more
+    /// plaintext than rustls holds at once and the rest of the ciphertext waits.
+    #[test]
+    fn a_skimming_connection_over_tls_hands_over_every_message_too() {
+        skim_over(true, 7_777);
+        skim_over(true, 60_000);
+    }
+
+    fn skim_over(tls: bool, chunk: usize) {
         let big_state = {
             let mut m = br#"["1",null,"rooms:r","presence_state",{"#.to_vec();
             while m.len() < 300_000 {
@@ -751,34 +822,25 @@ mod tests {
         wire.extend(server_frame(true, opcode::CLOSE, &1000u16.to_be_bytes()));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let server_tls = tls.then(test_server_tls);
         let server = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                s.read_exact(&mut b).unwrap();
-                head.push(b[0]);
+            let (s, _) = listener.accept().unwrap();
+            match server_tls {
+                None => serve_wire(s, &wire, first_len, chunk),
+                Some(config) => {
+                    let conn = rustls::ServerConnection::new(config).unwrap();
+                    serve_wire(rustls::StreamOwned::new(conn, s), &wire, first_len, chunk)
+                }
             }
-            s.write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-            )
-            .unwrap();
-            // First one frame alone, so that a read ends exactly at a frame's end (a
-            // drained buffer, the case that once indexed an empty slice); then odd-sized
-            // writes, so that frames and headers straddle reads.
-            s.write_all(&wire[..first_len]).unwrap();
-            std::thread::sleep(Duration::from_millis(30));
-            for chunk in wire[first_len..].chunks(7_777) {
-                s.write_all(chunk).unwrap();
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            let mut rest = Vec::new();
-            let _ = s.read_to_end(&mut rest);
         });
         let target = Target {
             addr,
             host: addr.to_string(),
             path: "/socket/websocket".into(),
+            tls: tls.then(|| TlsTarget {
+                config: crate::tls::client_config(crate::tls::Trust::Any).unwrap(),
+                name: crate::tls::server_name("localhost").unwrap(),
+            }),
         };
         let (msgs, max_buf, end) = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
             .spawn(move || async move {

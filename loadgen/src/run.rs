@@ -1384,6 +1384,7 @@ mod tests {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 host: "127.0.0.1:1".into(),
                 path: "/socket/websocket".into(),
+                tls: None,
             },
             sources: Vec::new(),
             secret: "s".into(),
