@@ -45,10 +45,14 @@ fn start() -> SocketAddr {
         cores: 1,
         ..Config::default()
     };
-    let running = Server::bind(config, ringcast::seed::UserSocket::new(SECRET), ringcast::seed::router())
-        .unwrap()
-        .start()
-        .unwrap();
+    let running = Server::bind(
+        config,
+        ringcast::seed::UserSocket::new(SECRET),
+        ringcast::seed::router(),
+    )
+    .unwrap()
+    .start()
+    .unwrap();
     let addr = running.local_addr();
     std::mem::forget(running);
     addr
@@ -70,7 +74,8 @@ fn read_until(s: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
 fn joined(addr: SocketAddr, i: usize, offer: bool) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let token = ringcast::proto::token::sign(SECRET.as_bytes(), &format!("u{i}"), ringcast::clock::unix_now());
+    let token =
+        ringcast::proto::token::sign(SECRET.as_bytes(), &format!("u{i}"), ringcast::clock::unix_now());
     let ext = if offer {
         "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
     } else {
@@ -116,7 +121,9 @@ fn bytes_per_connection(offer: bool) -> f64 {
 fn an_idle_connection_with_compression_costs_at_most_64_bytes_more() {
     let plain = bytes_per_connection(false);
     let compressed = bytes_per_connection(true);
-    eprintln!("live heap per idle joined connection: {plain:.0} B plain, {compressed:.0} B with permessage-deflate");
+    eprintln!(
+        "live heap per idle joined connection: {plain:.0} B plain, {compressed:.0} B with permessage-deflate"
+    );
     assert!(plain > 100.0, "the count sees connections at all ({plain:.0} B)");
     assert!(
         compressed - plain <= 64.0,

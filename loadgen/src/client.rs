@@ -37,6 +37,36 @@ pub struct Target {
     pub path: String,
     /// `wss://`: TLS with this configuration.
     pub tls: Option<TlsTarget>,
+    /// Offer `permessage-deflate` (`--compress`), as browsers do.
+    pub compress: bool,
+}
+
+thread_local! {
+    /// What this executor's connections read: WebSocket bytes (after TLS), connections
+    /// that negotiated compression, and compressed messages inflated. Read with
+    /// [`wire_tally`].
+    static WIRE: std::cell::Cell<WireTally> = const { std::cell::Cell::new(WireTally { bytes_in: 0, compressed_conns: 0, inflated: 0 }) };
+}
+
+/// Per executor thread: what its connections read ([`wire_tally`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WireTally {
+    pub bytes_in: u64,
+    pub compressed_conns: u64,
+    pub inflated: u64,
+}
+
+/// What this thread's connections have read so far.
+pub fn wire_tally() -> WireTally {
+    WIRE.with(|w| w.get())
+}
+
+fn tally(f: impl FnOnce(&mut WireTally)) {
+    WIRE.with(|w| {
+        let mut t = w.get();
+        f(&mut t);
+        w.set(t);
+    });
 }
 
 /// Why opening a connection failed. `kind()` is the key of the failure table.
@@ -106,6 +136,10 @@ pub struct Conn {
     next_ref: u64,
     /// Set: read messages as [`Piece`]s without buffering big ones (presence members).
     skim: Option<Stream>,
+    /// `permessage-deflate` was negotiated: RSV1 frames are compressed messages.
+    deflate: bool,
+    /// The message being reassembled from fragments came compressed.
+    frag_compressed: bool,
 }
 
 /// The data frame a skimming connection is reading in pieces.
@@ -144,6 +178,13 @@ impl<'a> Piece<'a> {
     pub fn as_whole(&self) -> Option<&'a [u8]> {
         (self.first && self.last).then_some(self.bytes)
     }
+}
+
+/// A compressed server message, inflated (the server resets its context per message).
+fn inflate(deflated: &[u8]) -> Result<Vec<u8>, End> {
+    tally(|t| t.inflated += 1);
+    ringcast::proto::ws::deflate::inflate_message(deflated, MAX_MESSAGE)
+        .map_err(|e| End::Protocol(e.to_string()))
 }
 
 fn io_fail(e: &io::Error) -> Fail {
@@ -281,10 +322,17 @@ impl Conn {
             mask,
             next_ref: 2,
             skim: None,
+            deflate: false,
+            frag_compressed: false,
+        };
+        let offer = if target.compress {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
         };
         let request = format!(
             "GET {}?token={token}&vsn=2.0.0 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+             Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
             target.path, target.host
         );
         // The write waits for the TCP handshake (the socket is still connecting).
@@ -328,6 +376,16 @@ impl Conn {
                     });
                     if !upgraded {
                         return Err(Fail::Handshake("101 without Upgrade: websocket".into()));
+                    }
+                    // The client sends uncompressed (RSV1 never set), so only the
+                    // server's side of the agreement matters: it resets its context.
+                    self.deflate = resp.headers.iter().any(|h| {
+                        h.name.eq_ignore_ascii_case("sec-websocket-extensions")
+                            && std::str::from_utf8(h.value)
+                                .is_ok_and(|v| v.trim_start().starts_with("permessage-deflate"))
+                    });
+                    if self.deflate {
+                        tally(|t| t.compressed_conns += 1);
                     }
                     self.start += len;
                     return Ok(());
@@ -389,6 +447,7 @@ impl Conn {
         }
         let n = self.stream.read(&mut self.buf[self.end..]).await?;
         self.end += n;
+        tally(|t| t.bytes_in += n as u64);
         Ok(n)
     }
 
@@ -397,7 +456,7 @@ impl Conn {
     fn drain_frames(&mut self, on_msg: &mut impl FnMut(&[u8])) -> Result<(), End> {
         loop {
             let avail = &self.buf[self.start..self.end];
-            let frame = match ws::parse_frame(avail, MAX_MESSAGE) {
+            let frame = match ws::parse_frame_with(avail, MAX_MESSAGE, self.deflate) {
                 Ok(Parsed::Frame(f)) => f,
                 Ok(Parsed::Incomplete(need)) => {
                     // Make sure the buffer can hold the whole frame.
@@ -421,12 +480,17 @@ impl Conn {
             self.start = p1;
             match frame.opcode {
                 opcode::TEXT | opcode::BINARY if frame.fin && self.frag.is_empty() => {
-                    on_msg(&self.buf[p0..p1]);
+                    if frame.compressed {
+                        on_msg(&inflate(&self.buf[p0..p1])?);
+                    } else {
+                        on_msg(&self.buf[p0..p1]);
+                    }
                 }
                 opcode::TEXT | opcode::BINARY => {
                     if !self.frag.is_empty() {
                         return Err(End::Protocol("new message inside a fragmented one".into()));
                     }
+                    self.frag_compressed = frame.compressed;
                     // Keep at least one byte so an empty first fragment still counts.
                     self.frag.push(0);
                     self.frag.extend_from_slice(&self.buf[p0..p1]);
@@ -441,7 +505,11 @@ impl Conn {
                     self.frag.extend_from_slice(&self.buf[p0..p1]);
                     if frame.fin {
                         let msg = std::mem::take(&mut self.frag);
-                        on_msg(&msg[1..]);
+                        if self.frag_compressed {
+                            on_msg(&inflate(&msg[1..])?);
+                        } else {
+                            on_msg(&msg[1..]);
+                        }
                     }
                 }
                 _ => self.control(frame.opcode, p0, p1)?,
@@ -533,12 +601,20 @@ impl Conn {
                 return Ok(());
             }
             let avail = &self.buf[self.start..self.end];
-            let need = match ws::parse_frame(avail, MAX_MESSAGE) {
+            let need = match ws::parse_frame_with(avail, MAX_MESSAGE, self.deflate) {
                 Ok(Parsed::Frame(frame)) => {
                     let p0 = self.start + frame.header_len;
                     let p1 = self.start + frame.total_len();
                     self.start = p1;
                     match frame.opcode {
+                        // A compressed message is read whole (the server never
+                        // fragments one) and handed over inflated, in one piece.
+                        opcode::TEXT | opcode::BINARY if frame.compressed => {
+                            if st.in_msg || !frame.fin {
+                                return Err(End::Protocol("fragmented compressed message".into()));
+                            }
+                            on(Piece::whole(&inflate(&self.buf[p0..p1])?));
+                        }
                         opcode::TEXT | opcode::BINARY | opcode::CONTINUATION => {
                             if (frame.opcode == opcode::CONTINUATION) != st.in_msg {
                                 return Err(End::Protocol("bad fragment sequence".into()));
@@ -564,8 +640,10 @@ impl Conn {
             };
             let op = avail[0] & 0x0F;
             let data = matches!(op, opcode::TEXT | opcode::BINARY | opcode::CONTINUATION);
-            if avail.len() < header_len || need <= header_len || !data || need <= SKIM_WHOLE {
-                // Not even the header yet, a control frame, or small: wait for all of it.
+            let compressed = avail[0] & 0x40 != 0;
+            if avail.len() < header_len || need <= header_len || !data || need <= SKIM_WHOLE || compressed {
+                // Not even the header yet, a control frame, small or compressed: wait
+                // for all of it.
                 self.make_room(need);
                 return Ok(());
             }
@@ -841,6 +919,7 @@ mod tests {
                 config: crate::tls::client_config(crate::tls::Trust::Any).unwrap(),
                 name: crate::tls::server_name("localhost").unwrap(),
             }),
+            compress: false,
         };
         let (msgs, max_buf, end) = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
             .spawn(move || async move {

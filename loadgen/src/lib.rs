@@ -94,6 +94,10 @@ pub struct Cli {
     /// signatures are still checked). For trying a server locally.
     #[arg(long, global = true)]
     pub tls_insecure: bool,
+    /// Offer `permessage-deflate`, as browsers do; reports then count the WebSocket
+    /// bytes received per delivery.
+    #[arg(long, global = true)]
+    pub compress: bool,
     /// Internal: run as a worker for connections START:COUNT, reporting JSON lines on
     /// stdout.
     #[arg(long, global = true, hide = true)]
@@ -245,6 +249,10 @@ pub struct FanoutArgs {
     /// Time limit of the publish phase (from the first send to the last).
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub publish_timeout: Duration,
+    /// Pad each message's body with this many bytes of chat-like text (for compression:
+    /// the seed's `new_msg` is small, under the server's 1 KiB threshold).
+    #[arg(long, default_value_t = 0)]
+    pub pad: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -373,6 +381,7 @@ pub fn parse_url(url: &str, trust: tls::Trust) -> anyhow::Result<Target> {
         host: hostport.to_string(),
         path,
         tls,
+        compress: false,
     })
 }
 
@@ -396,7 +405,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             if a.rate.is_nan() || a.rate <= 0.0 {
                 bail!("--rate must be above 0");
             }
-            let target = parse_url(&a.url, trust_of(cli))?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 mode: Mode::Hold,
                 sources: sources_for(&target.addr, cli.sources)?,
@@ -426,7 +438,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             if a.rate < 0.0 || (a.rate == 0.0 && a.window == 0) {
                 bail!("--rate must be >= 0, and --window > 0 when --rate is 0");
             }
-            let target = parse_url(&a.url, trust_of(cli))?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 mode: Mode::Subscribe { messages: a.messages },
                 sources: sources_for(&target.addr, cli.sources)?,
@@ -462,7 +477,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 .checked_mul(a.members)
                 .context("--rooms x --members is too large")?;
             let (per_sender, interval) = room_schedule(a.rate_per_member, a.duration);
-            let target = parse_url(&a.url, trust_of(cli))?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 mode: Mode::Room {
                     rooms: a.rooms,
@@ -499,7 +517,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             if a.connections == 0 {
                 bail!("--connections must be at least 1");
             }
-            let target = parse_url(&a.url, trust_of(cli))?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 // Each slot runs a cycle every N / rate seconds; the ramp staggers them.
                 mode: Mode::Churn {
@@ -531,7 +552,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             if a.user_prefix.starts_with(presence::NEWCOMER_PREFIX) {
                 bail!("--user-prefix may not start with {}", presence::NEWCOMER_PREFIX);
             }
-            let target = parse_url(&a.url, trust_of(cli))?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 mode: Mode::Presence { window: a.window },
                 sources: sources_for(&target.addr, cli.sources)?,

@@ -814,7 +814,7 @@ fn fanout(cli: &Cli, job: Job, a: &crate::FanoutArgs) -> anyhow::Result<bool> {
         }
     );
     let ps = Arc::new(PubShared::default());
-    let publisher = run::run_publisher(job.clone(), ps.clone(), a.messages, pace, cli.server_pid)?;
+    let publisher = run::run_publisher(job.clone(), ps.clone(), a.messages, pace, cli.server_pid, a.pad)?;
     let expected = ramped.joined * a.messages;
     let pb = bar(
         cli,

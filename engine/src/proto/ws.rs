@@ -153,7 +153,11 @@ impl FrameReader {
     }
 
     /// A complete message's data, inflated if it came compressed.
-    fn message_data<'b>(&mut self, compressed: bool, data: MessageData<'b>) -> Result<MessageData<'b>, ProtocolError> {
+    fn message_data<'b>(
+        &mut self,
+        compressed: bool,
+        data: MessageData<'b>,
+    ) -> Result<MessageData<'b>, ProtocolError> {
         if !compressed {
             return Ok(data);
         }
@@ -647,11 +651,14 @@ mod tests {
 
     /// `text` deflated as one message, the way a resetting client sends it.
     fn deflated(text: &[u8]) -> Vec<u8> {
-        let frame = deflate::compress_frame(&{
-            let mut f = FrameBuilder::with_capacity(text.len());
-            f.payload().extend_from_slice(text);
-            f.finish(FrameKind::Text)
-        }, deflate::BROADCAST_LEVEL)
+        let frame = deflate::compress_frame(
+            &{
+                let mut f = FrameBuilder::with_capacity(text.len());
+                f.payload().extend_from_slice(text);
+                f.finish(FrameKind::Text)
+            },
+            deflate::BROADCAST_LEVEL,
+        )
         .expect("compressible");
         split_frame(&frame).unwrap().1.to_vec()
     }
@@ -663,12 +670,18 @@ mod tests {
         let mut reader = FrameReader::with_deflate(1024, true);
         let mut frame = client_frame(0xC1, &payload, [9, 8, 7, 6]);
         let (_, msg) = read_one(&mut reader, &mut frame).unwrap();
-        assert_eq!(msg.as_deref(), Some("text:compress me, compress me, compress me, compress me"));
+        assert_eq!(
+            msg.as_deref(),
+            Some("text:compress me, compress me, compress me, compress me")
+        );
         assert!(reader.is_idle(), "a resetting client leaves no state behind");
 
         // Not negotiated: RSV1 is a protocol error.
         let mut frame = client_frame(0xC1, &payload, [9, 8, 7, 6]);
-        assert!(matches!(FrameReader::new(1024).read(&mut frame), Err(ProtocolError::BadFrame(_))));
+        assert!(matches!(
+            FrameReader::new(1024).read(&mut frame),
+            Err(ProtocolError::BadFrame(_))
+        ));
         // RSV1 on a control frame or a continuation is an error even when negotiated.
         let mut ping = client_frame(0xC9, b"", [1, 1, 1, 1]);
         assert!(FrameReader::with_deflate(1024, true).read(&mut ping).is_err());
@@ -684,7 +697,10 @@ mod tests {
         let mut last = client_frame(0x80, &payload[4..], [4, 3, 2, 1]);
         assert_eq!(read_one(&mut reader, &mut first).unwrap().1, None);
         let (_, msg) = read_one(&mut reader, &mut last).unwrap();
-        assert_eq!(msg.as_deref(), Some("text:compress me, compress me, compress me, compress me"));
+        assert_eq!(
+            msg.as_deref(),
+            Some("text:compress me, compress me, compress me, compress me")
+        );
     }
 
     #[test]
@@ -710,6 +726,9 @@ mod tests {
         assert!(reader.is_idle());
         let mut frame = client_frame(0xC1, &payload, [5, 5, 5, 5]);
         read_one(&mut reader, &mut frame).unwrap();
-        assert!(!reader.is_idle(), "its window must survive until the next message");
+        assert!(
+            !reader.is_idle(),
+            "its window must survive until the next message"
+        );
     }
 }

@@ -375,7 +375,9 @@ impl Conn {
         }
         let min = self.limits.deflate_min as usize;
         let packed = match &frame {
-            OutFrame::Own(b) | OutFrame::PresenceOwn(b) if b.len() >= min => deflate::compress_frame(b, deflate::OWN_LEVEL),
+            OutFrame::Own(b) | OutFrame::PresenceOwn(b) if b.len() >= min => {
+                deflate::compress_frame(b, deflate::OWN_LEVEL)
+            }
             _ => None,
         };
         match (packed, frame) {

@@ -260,9 +260,18 @@ mod tests {
             parse_frame_with(&[0xC1, 0x00], 1024, true),
             Ok(Parsed::Frame(Frame { compressed: true, .. }))
         ));
-        assert_eq!(parse_frame_with(&[0xC9, 0x00], 1024, true), Err(FrameError::Reserved));
-        assert_eq!(parse_frame_with(&[0xC0, 0x00], 1024, true), Err(FrameError::Reserved));
-        assert_eq!(parse_frame_with(&[0xA1, 0x00], 1024, true), Err(FrameError::Reserved));
+        assert_eq!(
+            parse_frame_with(&[0xC9, 0x00], 1024, true),
+            Err(FrameError::Reserved)
+        );
+        assert_eq!(
+            parse_frame_with(&[0xC0, 0x00], 1024, true),
+            Err(FrameError::Reserved)
+        );
+        assert_eq!(
+            parse_frame_with(&[0xA1, 0x00], 1024, true),
+            Err(FrameError::Reserved)
+        );
         assert_eq!(parse_frame(&[0x83, 0x00], 1024), Err(FrameError::BadOpcode(3)));
         assert_eq!(parse_frame(&[0x09, 0x00], 1024), Err(FrameError::BadControl));
         assert_eq!(parse_frame(&[0x89, 126], 1024), Err(FrameError::BadControl));

@@ -288,7 +288,9 @@ impl Inflater {
                 }
                 let used = (self.d.total_in() - base) as usize;
                 let stalled = before == (self.d.total_in(), self.d.total_out());
-                if (used == part.len() && out.len() < out.capacity()) || (stalled && out.len() < out.capacity()) {
+                if (used == part.len() && out.len() < out.capacity())
+                    || (stalled && out.len() < out.capacity())
+                {
                     break;
                 }
             }
@@ -317,7 +319,8 @@ mod tests {
                 out.reserve(out.capacity());
             }
             let used = (c.total_in() - base) as usize;
-            c.compress_vec(&input[used..], &mut out, FlushCompress::Sync).unwrap();
+            c.compress_vec(&input[used..], &mut out, FlushCompress::Sync)
+                .unwrap();
             if (c.total_in() - base) as usize == input.len() && out.len() < out.capacity() {
                 break;
             }
@@ -382,7 +385,10 @@ mod tests {
         assert_eq!(op, 0x1);
         assert_eq!(inflate_message(deflated, json.len()).unwrap(), json);
         // One byte short of the limit is too big.
-        assert!(matches!(inflate_message(deflated, json.len() - 1), Err(ProtocolError::TooBig)));
+        assert!(matches!(
+            inflate_message(deflated, json.len() - 1),
+            Err(ProtocolError::TooBig)
+        ));
     }
 
     #[test]
@@ -401,7 +407,10 @@ mod tests {
         let mut inflater = Inflater::new();
         let mut out = Vec::new();
         let limit = 256 << 10;
-        assert!(matches!(inflater.inflate(&bomb, limit, &mut out), Err(ProtocolError::TooBig)));
+        assert!(matches!(
+            inflater.inflate(&bomb, limit, &mut out),
+            Err(ProtocolError::TooBig)
+        ));
         assert!(out.capacity() <= 2 * limit, "held {} bytes", out.capacity());
     }
 
