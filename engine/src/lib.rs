@@ -62,6 +62,7 @@ pub use proto::Payload;
 pub use server::{CompressionConfig, Config, InboundContext, RunningServer, Server, ShutdownHandle};
 pub use shard::api::channel::{Channel, HandleResult, Reply, StopReason};
 pub use shard::api::endpoint::Endpoint;
+pub use shard::api::pubsub::{Lagged, Message, RemoteChannelRef, Subscription};
 pub use shard::api::router::{ConnectInfo, Router, SocketHandler};
 pub use shard::api::socket::{ChannelRef, Socket};
 pub use shard::stats::CoreStats;

@@ -279,6 +279,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             once_per_broadcast: args.compress_path == CompressPath::Once,
         },
+        // The seed app has no Rust subscribers; embedders set their own.
+        subscription_bound: defaults.subscription_bound,
     };
     let cores = config.cores;
     let listen = config.listen;

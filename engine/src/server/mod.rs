@@ -117,6 +117,8 @@ impl Server {
             link.spawn(core_inboxes.clone());
         }
         let config = Config { cores, ..config };
+        let endpoint =
+            Endpoint::new(core_inboxes, cluster).with_subscription_bound(config.subscription_bound);
         Ok(Server {
             app: Arc::new(App {
                 config,
@@ -125,7 +127,7 @@ impl Server {
                 presence_fetch: None,
                 stats,
             }),
-            endpoint: Endpoint::new(core_inboxes, cluster),
+            endpoint,
             inboxes,
             listeners,
             local_addr,

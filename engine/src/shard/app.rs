@@ -67,6 +67,8 @@ pub struct Config {
     pub batched_writes: bool,
     /// `permessage-deflate` (RFC 7692).
     pub compression: CompressionConfig,
+    /// Messages a Rust subscription (`Endpoint::subscribe`) may hold before it lags.
+    pub subscription_bound: usize,
 }
 
 /// `permessage-deflate`: whether it is accepted, from what size messages go
@@ -128,6 +130,7 @@ impl Default for Config {
             park_idle: true,
             batched_writes: true,
             compression: CompressionConfig::default(),
+            subscription_bound: crate::shard::api::endpoint::DEFAULT_SUBSCRIPTION_BOUND,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod app;
 pub mod cluster;
 pub mod conn;
 pub(crate) mod inbox;
+pub(crate) mod listeners;
 pub(crate) mod mesh;
 pub(crate) mod presence;
 pub(crate) mod session;
@@ -147,6 +148,8 @@ pub(crate) struct Shard {
     next_gen: Cell<u32>,
     conns: RefCell<Slab<Rc<Conn>>>,
     topics: RefCell<HashMap<Box<str>, Vec<Sub>>>,
+    /// Rust subscriptions and channels listening to topics they did not join.
+    listeners: RefCell<HashMap<Box<str>, Vec<listeners::Listener>>>,
     mesh: Option<Mesh>,
     presence: presence::PresenceHub,
     /// Connections with broadcast frames for the flusher, and the flusher's waker.
@@ -218,6 +221,7 @@ impl Shard {
             next_gen: Cell::new(0),
             conns: RefCell::default(),
             topics: RefCell::default(),
+            listeners: RefCell::default(),
             mesh,
             presence: presence::PresenceHub::new(),
             dirty: RefCell::default(),
@@ -352,9 +356,15 @@ impl Shard {
             }
         };
         record_position(&sub, topic, pos as u32);
-        if !first {
+        if !first || self.listeners.borrow().contains_key(topic) {
             return None;
         }
+        self.interest_up(topic)
+    }
+
+    /// The topic's first interest on this core: the other cores and the cluster hear
+    /// of it; the id of the announcement they must ack.
+    fn interest_up(&self, topic: &str) -> Option<u64> {
         if let Some(cluster) = self.endpoint.cluster() {
             cluster.interest(self.index, topic, true);
         }
@@ -362,6 +372,16 @@ impl Shard {
         self.mesh
             .as_ref()
             .and_then(|mesh| mesh.announce(topic, true, now))
+    }
+
+    /// The topic's last interest on this core went.
+    fn interest_down(&self, topic: &str) {
+        if let Some(mesh) = &self.mesh {
+            mesh.announce(topic, false, self.now_ms());
+        }
+        if let Some(cluster) = self.endpoint.cluster() {
+            cluster.interest(self.index, topic, false);
+        }
     }
 
     /// Removes `conn`'s subscription at `pos` (found by a scan if `pos` is stale).
@@ -388,13 +408,8 @@ impl Shard {
             }
             last
         };
-        if last {
-            if let Some(mesh) = &self.mesh {
-                mesh.announce(topic, false, self.now_ms());
-            }
-            if let Some(cluster) = self.endpoint.cluster() {
-                cluster.interest(self.index, topic, false);
-            }
+        if last && !self.listeners.borrow().contains_key(topic) {
+            self.interest_down(topic);
         }
     }
 
@@ -466,6 +481,7 @@ impl Shard {
         if &*b.event == DISCONNECT {
             self.disconnect(&b.topic);
         }
+        self.deliver_listeners(b);
         let topics = self.topics.borrow();
         let Some(subs) = topics.get(&*b.topic) else {
             return;
@@ -606,6 +622,22 @@ impl Shard {
             }
             CoreCommand::DropNode(node) => self.presence_drop_node(node),
             CoreCommand::Shutdown => self.shutdown(),
+            CoreCommand::Listen {
+                topic,
+                sink,
+                registered,
+            } => self.listen_and_confirm(&topic, sink, registered),
+            CoreCommand::Unlisten(topic, id) => self.unlisten_rust(&topic, id),
+            CoreCommand::Info(topic, msg) => self.send_info_local(&topic, &*msg),
+            CoreCommand::ChannelInfo {
+                conn,
+                topic,
+                join_ref,
+                msg,
+            } => self.channel_info(conn, &topic, &join_ref, msg),
+            CoreCommand::PresenceList(topic, answer) => {
+                let _ = answer.send(self.presence_state_json(&topic));
+            }
         }
     }
 

@@ -97,6 +97,11 @@ pub struct CoreStats {
     /// Broadcast frames compressed: once per broadcast on each core that has
     /// subscribers which negotiated compression.
     pub deflate_broadcasts: Counter,
+    /// Rust subscriptions (`Endpoint::subscribe`) and channel subscriptions
+    /// (`Socket::subscribe`) listening on this core.
+    pub subscriptions: Counter,
+    /// Broadcasts a Rust subscription missed because its queue was full (`Lagged`).
+    pub subscription_lagged: Counter,
 }
 
 /// The fields in output order, with Prometheus type and help.
@@ -189,6 +194,16 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
         "counter",
         "Broadcast frames compressed (once per broadcast per core with compressing subscribers).",
     ),
+    (
+        "subscriptions",
+        "gauge",
+        "Rust and channel subscriptions (Endpoint::subscribe, Socket::subscribe) on this core.",
+    ),
+    (
+        "subscription_lagged",
+        "counter",
+        "Broadcasts Rust subscriptions missed for a full queue (Lagged).",
+    ),
 ];
 
 impl CoreStats {
@@ -218,6 +233,8 @@ impl CoreStats {
             "longpoll_inbound_closed" => &self.longpoll_inbound_closed,
             "deflate_connections" => &self.deflate_connections,
             "deflate_broadcasts" => &self.deflate_broadcasts,
+            "subscriptions" => &self.subscriptions,
+            "subscription_lagged" => &self.subscription_lagged,
             _ => return 0,
         };
         c.get()
