@@ -370,3 +370,77 @@ fn channels_subscribe_get_send_info_and_remote_ref_sends_from_tokio() {
         "no update after the channel ended: {reply}"
     );
 }
+
+// The test kit drives the same: a channel that listens to `news` and tracks itself on
+// `lobby`.
+
+struct Feed;
+
+impl Channel for Feed {
+    async fn join(topic: &str, _payload: Payload, socket: &mut Socket) -> Result<(Self, Payload), Payload> {
+        socket.subscribe("news");
+        let id = topic.trim_start_matches("feed:").to_string();
+        socket.track_on("lobby", &id, json!({"reading": "news"}));
+        Ok((Feed, Payload::empty()))
+    }
+
+    async fn handle_in(&mut self, event: &str, _payload: Payload, socket: &mut Socket) -> HandleResult {
+        if event == "quiet" {
+            socket.unsubscribe("news");
+        }
+        HandleResult::Reply(ringcast::Reply::ok())
+    }
+
+    async fn handle_info(&mut self, msg: Box<dyn std::any::Any>, socket: &mut Socket) -> HandleResult {
+        if let Some(m) = msg.downcast_ref::<Message>() {
+            socket.push(&m.event, m.payload.clone());
+        } else if let Some(u) = msg.downcast_ref::<UserUpdated>() {
+            socket.push("user_updated", json!({"name": u.name}));
+        }
+        HandleResult::NoReply
+    }
+}
+
+#[test]
+fn the_test_kit_drives_handle_info_with_messages_and_sees_track_on() {
+    use ringcast::testing;
+    testing::run(
+        seed::UserSocket::new(SECRET),
+        Router::new().channel::<Feed>("feed:*"),
+        |kit| async move {
+            let token = ringcast::proto::token::sign(SECRET.as_bytes(), "5", testing::unix_now());
+            let mut client = kit.socket(&[("token", &token)]).await.expect("connects");
+            let mut rust = kit.subscribe("news");
+            assert_eq!(
+                client.subscribe_and_join("feed:5", json!({})).await,
+                ringcast::Reply::ok()
+            );
+            assert_eq!(kit.presence_list("lobby")["5"]["metas"][0]["reading"], "news");
+            kit.broadcast("news", "headline", json!({"title": "hello"}));
+            client
+                .assert_push("feed:5", "headline", json!({"title": "hello"}))
+                .await;
+            let m = rust
+                .try_next()
+                .expect("the kit's subscription got it too")
+                .unwrap();
+            assert_eq!((m.topic.as_str(), m.event.as_str()), ("news", "headline"));
+            kit.send_info("news", UserUpdated { name: "Grace".into() });
+            client
+                .assert_push("feed:5", "user_updated", json!({"name": "Grace"}))
+                .await;
+            let r = client.push("feed:5", "quiet", json!({}));
+            client.assert_reply(&r, ringcast::Reply::ok()).await;
+            kit.broadcast("news", "headline", json!({"title": "unheard"}));
+            client
+                .refute(Duration::from_millis(100), |f| f.event == "headline")
+                .await;
+            client.leave("feed:5").await;
+            assert_eq!(
+                kit.presence_list("lobby"),
+                json!({}),
+                "track_on left with the channel"
+            );
+        },
+    );
+}

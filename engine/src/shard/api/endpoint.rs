@@ -112,12 +112,12 @@ impl Endpoint {
     /// (`ringcast_subscription_lagged_total`), and the core never waits for it.
     ///
     /// # Panics
-    /// If the endpoint belongs to a server with no cores (never started).
+    /// Off the cores, if the endpoint belongs to a server with no cores.
     pub fn subscribe(&self, topic: &str) -> Subscription {
         let bound = self.inner.subscription_bound;
         if let Some(shard) = self.on_core() {
-            let core = self.inner.cores[shard.index].clone();
-            let (subscription, sink) = Subscription::new(topic, bound, core);
+            let place = (self.id(), shard.index, self.inner.cores.get(shard.index).cloned());
+            let (subscription, sink) = Subscription::new(topic, bound, place, shard.stats.clone());
             shard.listen(topic, Listener::Rust(sink));
             return subscription;
         }
@@ -127,7 +127,8 @@ impl Endpoint {
         );
         let index = self.inner.next_core.fetch_add(1, Ordering::Relaxed) % self.inner.cores.len();
         let core = self.inner.cores[index].clone();
-        let (subscription, sink) = Subscription::new(topic, bound, core.clone());
+        let place = (self.id(), index, Some(core.clone()));
+        let (subscription, sink) = Subscription::new(topic, bound, place, core.stats().clone());
         let (registered, confirmed) = crossbeam_channel::bounded(1);
         core.send(CoreCommand::Listen {
             topic: topic.into(),

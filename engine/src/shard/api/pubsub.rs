@@ -99,7 +99,11 @@ pub struct Subscription {
     rx: crossbeam_channel::Receiver<Item>,
     missed: Arc<AtomicU64>,
     waker: Arc<Mutex<Option<Waker>>>,
-    core: CoreInbox,
+    /// Where it listens: the server, the core and that core's inbox (none in the test
+    /// kit, where the only core is the caller's).
+    endpoint: u64,
+    core: usize,
+    inbox: Option<CoreInbox>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -112,9 +116,15 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    /// A subscription to `topic` on the core behind `core`, with room for `bound`
-    /// messages, and the sink for that core to deliver into.
-    pub(crate) fn new(topic: &str, bound: usize, core: CoreInbox) -> (Subscription, Arc<SubSink>) {
+    /// A subscription to `topic` on core `core` of server `endpoint` (reached through
+    /// `inbox` from other threads), with room for `bound` messages, and the sink for
+    /// that core to deliver into, counting in `stats`.
+    pub(crate) fn new(
+        topic: &str,
+        bound: usize,
+        (endpoint, core, inbox): (u64, usize, Option<CoreInbox>),
+        stats: Arc<CoreStats>,
+    ) -> (Subscription, Arc<SubSink>) {
         let (tx, rx) = crossbeam_channel::bounded(bound.max(1));
         let waker = Arc::new(Mutex::new(None));
         let id = NEXT_SUBSCRIPTION.fetch_add(1, Ordering::Relaxed);
@@ -124,7 +134,7 @@ impl Subscription {
             tx,
             missed: missed.clone(),
             waker: waker.clone(),
-            stats: core.stats().clone(),
+            stats,
         });
         let sub = Subscription {
             topic: topic.into(),
@@ -132,7 +142,9 @@ impl Subscription {
             rx,
             missed,
             waker,
+            endpoint,
             core,
+            inbox,
         };
         (sub, sink)
     }
@@ -155,6 +167,14 @@ impl Subscription {
     pub fn next_timeout(&mut self, timeout: Duration) -> Option<Result<Message, Lagged>> {
         self.try_next()
             .or_else(|| self.rx.recv_timeout(timeout).ok().map(item))
+    }
+
+    /// The next message, awaited without blocking the thread (any runtime): the
+    /// [`futures_core::Stream`] as one call, as tokio's `broadcast::Receiver::recv`.
+    /// (`StreamExt::next` works too, called as `StreamExt::next(&mut sub)`: the
+    /// blocking `Iterator::next` has the same name.)
+    pub async fn recv(&mut self) -> Option<Result<Message, Lagged>> {
+        std::future::poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut *self), cx)).await
     }
 
     /// With the queue empty: what was missed since its last message, if anything.
@@ -217,7 +237,16 @@ impl futures_core::Stream for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.core.send(CoreCommand::Unlisten(self.topic.clone(), self.id));
+        match crate::shard::current() {
+            Ok(shard) if shard.endpoint.id() == self.endpoint && shard.index == self.core => {
+                shard.unlisten_rust(&self.topic, self.id)
+            }
+            _ => {
+                if let Some(inbox) = &self.inbox {
+                    inbox.send(CoreCommand::Unlisten(self.topic.clone(), self.id));
+                }
+            }
+        }
     }
 }
 
