@@ -172,7 +172,6 @@ fn a_stalled_subscriber_lags_while_websocket_subscribers_lose_nothing() {
             "the WebSocket subscriber gets every one, in order"
         );
     }
-    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     // The stalled subscriber: the 8 that fit, then the gap.
     let mut kept = Vec::new();
     for _ in 0..8 {
