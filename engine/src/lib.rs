@@ -47,6 +47,7 @@
 
 #[doc(hidden)]
 pub mod bench_support;
+pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod proto;

@@ -157,7 +157,6 @@ fn a_stalled_subscriber_lags_while_websocket_subscribers_lose_nothing() {
     join(&mut reader, "bench:lag", json!({}));
     let mut sender = ws(addr, "sender");
     join(&mut sender, "bench:lag", json!({}));
-    let t0 = Instant::now();
     for n in 0..100 {
         send(
             &mut sender,

@@ -231,6 +231,7 @@ impl Server {
             local_addr: self.local_addr,
             endpoint: self.endpoint,
             tls: self.tls,
+            stats: self.app.stats.clone(),
         })
     }
 }
@@ -271,9 +272,15 @@ pub struct RunningServer {
     local_addr: SocketAddr,
     endpoint: Endpoint,
     tls: Option<Arc<Tls>>,
+    stats: Vec<Arc<CoreStats>>,
 }
 
 impl RunningServer {
+    /// Every core's counters (what `/metrics` shows), to read from any thread.
+    pub fn stats(&self) -> Vec<Arc<CoreStats>> {
+        self.stats.clone()
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

@@ -357,6 +357,7 @@ impl Session {
                 };
                 let ack = self.shard.subscribe(&topic, sub);
                 self.shard.stats.channels.add(1);
+                self.shard.stats.joins.add(1);
                 let mut frames = Vec::with_capacity(2 + deferred.len());
                 let reply = Reply::Ok(response);
                 let (status, response) = reply.parts();

@@ -50,6 +50,8 @@ pub struct CoreStats {
     pub longpoll_sessions: Counter,
     /// Joined channels.
     pub channels: Counter,
+    /// Joins accepted.
+    pub joins: Counter,
     /// Topics with subscribers on this core.
     pub topics: Counter,
     /// Client messages handled.
@@ -113,6 +115,7 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
     ),
     ("longpoll_sessions", "gauge", "Open long-poll sessions."),
     ("channels", "gauge", "Joined channels."),
+    ("joins", "counter", "Joins accepted."),
     ("topics", "gauge", "Topics with local subscribers."),
     ("messages_in", "counter", "Client messages handled."),
     ("messages_out", "counter", "Frames queued to clients."),
@@ -212,6 +215,7 @@ impl CoreStats {
             "connections" => &self.connections,
             "longpoll_sessions" => &self.longpoll_sessions,
             "channels" => &self.channels,
+            "joins" => &self.joins,
             "topics" => &self.topics,
             "messages_in" => &self.messages_in,
             "messages_out" => &self.messages_out,

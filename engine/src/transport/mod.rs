@@ -313,9 +313,12 @@ async fn upgrade<S: Wire>(shard: &Rc<Shard>, stream: &mut S, req: Request) -> Op
         let _ = stream.write_all(&response).await;
         return None;
     };
-    let admitted = match admit(shard, &req, stream.tcp().peer_addr().ok()).await {
+    let peer = stream.tcp().peer_addr().ok();
+    let admitted = match admit(shard, &req, peer).await {
         Ok(admitted) => admitted,
         Err(refused) => {
+            // Never the URI or headers: they carry tokens.
+            tracing::debug!(core = shard.index, ?peer, reason = ?refused, "websocket refused");
             let response = match refused {
                 Refused::Forbidden => http::response(403, "text/plain", b""),
                 Refused::ShuttingDown => http::response(503, "text/plain", b"shutting down\n"),
@@ -349,6 +352,7 @@ async fn upgrade<S: Wire>(shard: &Rc<Shard>, stream: &mut S, req: Request) -> Op
         conn.deflate.set(true);
         shard.stats.deflate_connections.add(1);
     }
+    tracing::debug!(core = shard.index, conn = ?conn.id, ?peer, compressed = agreed.is_some(), "websocket connected");
     Some(Session::new(shard.clone(), conn))
 }
 

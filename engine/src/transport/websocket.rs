@@ -384,6 +384,13 @@ impl<S: Wire> Future for Pump<S> {
 impl<S: Wire> Drop for Pump<S> {
     fn drop(&mut self) {
         if !self.parked {
+            let conn = &self.session.conn;
+            match conn.close.get() {
+                Some(code) => {
+                    tracing::debug!(conn = ?conn.id, code, reason = conn.close_why.get().text(), "websocket closed")
+                }
+                None => tracing::debug!(conn = ?conn.id, "websocket ended by the client"),
+            }
             self.session.conn.fd.set(-1);
             self.session.finish();
         }
