@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  e2e, startServer, connect, mintToken, runCli, waitFor, SECRET,
+  e2e, startServer, connect, mintToken, runCli, waitFor, sleep, SECRET, REPO_ROOT,
 } from './lib.mjs';
 import { apiBroadcast, lpConnect, closeLpClients } from './httplib.mjs';
 
@@ -116,3 +116,42 @@ e2e('JSON logs at debug: the lifecycle and summary lines are there, and no token
 });
 
 
+
+e2e('/metrics answers "is it healthy": latency histograms, closes by code, drops by reason, top topics; every metric the Grafana dashboard queries exists', async () => {
+  const server = await startServer({ cores: 2, args: ['--api-key', 'metrics-key', '--max-rate', '5'] });
+  try {
+    const a = await connect(server.port, 'm1');
+    const chan = await a.joined('rooms:big');
+    const b = await connect(server.port, 'm2');
+    await b.joined('rooms:big');
+    chan.push('new_msg', { body: 'one' });
+    assert.equal((await apiBroadcast(server.port, { topic: 'rooms:big', event: 'new_msg', payload: { body: 'two' } }, { key: 'metrics-key' })).status, 202);
+    // A flooder, cut off for its rate (1008).
+    const flooder = await connect(server.port, 'flood');
+    const fc = await flooder.joined('rooms:small');
+    for (let i = 0; i < 40; i++) fc.push('ping', {});
+    await waitFor(() => flooder.closes.some((c) => c.code === 1008), { timeout: 3000, what: 'the flooder cut off' });
+    await flooder.close();
+    await sleep(1300); // the top-topics list refreshes once a second
+    const text = await (await fetch(`${server.httpUrl}/metrics`)).text();
+    const sum = (re) => [...text.matchAll(re)].reduce((s, m) => s + Number(m[1]), 0);
+    assert.ok(sum(/^ringcast_join_seconds_count\{core="\d"\} (\d+)$/gm) >= 3, 'joins timed');
+    assert.ok(sum(/^ringcast_fanout_seconds_count\{core="\d"\} (\d+)$/gm) >= 1, 'fanouts timed');
+    assert.ok(sum(/^ringcast_api_seconds_count\{core="\d"\} (\d+)$/gm) >= 1, 'API requests timed');
+    assert.match(text, /^ringcast_fanout_seconds_bucket\{core="0",le="\+Inf"\} \d+$/m);
+    assert.ok(sum(/^ringcast_closes_total\{core="\d",code="1008"\} (\d+)$/gm) >= 1, 'the 1008 close counted');
+    assert.ok(sum(/^ringcast_dropped_total\{core="\d",reason="rate_limit"\} (\d+)$/gm) >= 1, 'the flood counted as a drop');
+    assert.match(text, /^ringcast_topic_subscribers\{topic="rooms:big"\} 2$/m);
+    // The dashboard only queries metrics that exist.
+    const dashboard = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'ops', 'grafana', 'ringcast.json'), 'utf8'));
+    const exprs = dashboard.panels.flatMap((p) => p.targets.map((t) => t.expr));
+    assert.ok(exprs.length >= 10);
+    const names = new Set(exprs.flatMap((e) => e.match(/ringcast_[a-z0-9_]+/g) || []));
+    const present = new Set(text.split('\n').filter((l) => l && !l.startsWith('#')).map((l) => l.split(/[{ ]/)[0]));
+    for (const name of names) assert.ok(present.has(name), `the dashboard queries ${name}, which /metrics does not have`);
+    await a.close();
+    await b.close();
+  } finally {
+    await server.stop();
+  }
+});

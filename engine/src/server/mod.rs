@@ -244,8 +244,13 @@ async fn run_sweeper(shard: std::rc::Rc<Shard>) {
     // at most half a second, so idle connections park soon after PARK_AFTER.
     let period =
         (shard.app.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let mut last_top = std::time::Instant::now();
     loop {
         glommio::timer::sleep(period).await;
+        if last_top.elapsed() >= Duration::from_secs(1) {
+            shard.refresh_top_topics(crate::shard::stats::TOP_TOPICS);
+            last_top = std::time::Instant::now();
+        }
         shard.sweep_idle(shard.now_ms(), transport::park::available());
         transport::longpoll::sweep(&shard, std::time::Instant::now());
         crate::transport::park::poll_now(&shard);

@@ -49,6 +49,8 @@ pub struct Broadcast {
     v1: OnceLock<Result<Bytes, EncodeError>>,
     /// `broadcast_from`: the (shard, connection) that must not receive it.
     pub(crate) from: Option<(usize, ConnId)>,
+    /// When it was accepted (Unix µs): the start of `ringcast_fanout_seconds`.
+    pub(crate) accepted_us: u64,
 }
 
 impl Broadcast {
@@ -62,6 +64,7 @@ impl Broadcast {
             v2,
             v1: OnceLock::new(),
             from,
+            accepted_us: crate::clock::unix_nanos() / 1000,
         }
     }
 
@@ -77,6 +80,7 @@ impl Broadcast {
             v2,
             v1: OnceLock::new(),
             from: None,
+            accepted_us: crate::clock::unix_nanos() / 1000,
         }
     }
 
@@ -155,6 +159,8 @@ pub(crate) struct Shard {
     /// Connections with broadcast frames for the flusher, and the flusher's waker.
     dirty: RefCell<Vec<Rc<Conn>>>,
     flusher: RefCell<Option<std::task::Waker>>,
+    /// When the oldest broadcast waiting for the flusher was accepted (Unix µs; 0: none).
+    fanout_since: Cell<u64>,
     /// Set once shutdown began; wakes the accept loop.
     stopping: Cell<bool>,
     /// The first slab key the drain has not asked to go yet.
@@ -226,6 +232,7 @@ impl Shard {
             presence: presence::PresenceHub::new(),
             dirty: RefCell::default(),
             flusher: RefCell::new(None),
+            fanout_since: Cell::new(0),
             stopping: Cell::new(false),
             drain_next: Cell::new(0),
             stop_waker: RefCell::new(None),
@@ -456,6 +463,27 @@ impl Shard {
         std::task::Poll::Ready(std::mem::take(&mut *dirty))
     }
 
+    /// When the oldest broadcast of the batch the flusher just wrote was accepted, if
+    /// any: the flusher records its fanout latency.
+    pub(crate) fn take_fanout_since(&self) -> Option<u64> {
+        Some(self.fanout_since.replace(0)).filter(|&t| t > 0)
+    }
+
+    /// The `n` topics with the most subscribers on this core, biggest first, into the
+    /// core's counters for `/metrics` (once a second, from the sweeper).
+    pub(crate) fn refresh_top_topics(&self, n: usize) {
+        let mut all: Vec<(&str, u64)> = Vec::new();
+        let topics = self.topics.borrow();
+        all.extend(topics.iter().map(|(t, subs)| (&**t, subs.len() as u64)));
+        if all.len() > n {
+            all.select_nth_unstable_by(n, |a, b| b.1.cmp(&a.1));
+            all.truncate(n);
+        }
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let top = all.into_iter().map(|(t, c)| (t.to_string(), c)).collect();
+        *self.stats.top_topics.lock().expect("top topics") = top;
+    }
+
     /// Gives a written batch's allocation back for the next one.
     pub(crate) fn recycle_dirty(&self, mut batch: Vec<Rc<Conn>>) {
         let mut dirty = self.dirty.borrow_mut();
@@ -527,6 +555,9 @@ impl Shard {
                 };
                 if conn.push(frame) {
                     if conn.fd.get() >= 0 {
+                        if self.fanout_since.get() == 0 {
+                            self.fanout_since.set(b.accepted_us.max(1));
+                        }
                         self.mark_dirty(conn);
                     } else {
                         conn.wake();

@@ -21,8 +21,14 @@ pub(crate) const MAX_CHANNELS: usize = 100;
 
 enum Pending {
     /// A join is done but its answer waits until every core forwards the topic here.
-    Barrier { ack: u64, frames: Vec<OutFrame> },
+    Barrier {
+        ack: u64,
+        frames: Vec<OutFrame>,
+        /// When the join came in (Unix µs).
+        started_us: u64,
+    },
     Join {
+        started_us: u64,
         fut: LocalFuture<Joined>,
         msg_ref: Option<Ref>,
         replaced: Option<Ref>,
@@ -251,6 +257,7 @@ impl Session {
         );
         let fut = (route.join)(msg.topic, msg.payload, socket);
         self.pending = Some(Box::new(Pending::Join {
+            started_us: crate::clock::unix_nanos() / 1000,
             fut,
             msg_ref: msg.msg_ref,
             replaced,
@@ -271,12 +278,16 @@ impl Session {
                 if !self.shard.poll_interest_acked(*ack, cx) {
                     return true;
                 }
-                let Some(Pending::Barrier { frames, .. }) = self.pending.take().map(|p| *p) else {
+                let Some(Pending::Barrier {
+                    frames, started_us, ..
+                }) = self.pending.take().map(|p| *p)
+                else {
                     unreachable!("matched above")
                 };
                 for frame in frames {
                     self.conn.enqueue(frame);
                 }
+                self.joined_in(started_us);
             }
             Pending::Join { fut, .. } => {
                 let Poll::Ready(outcome) = poll_caught(fut, cx) else {
@@ -288,13 +299,14 @@ impl Session {
                     intercepts,
                     topic,
                     join_ref,
+                    started_us,
                     ..
                 }) = self.pending.take().map(|p| *p)
                 else {
                     unreachable!("matched above")
                 };
                 match outcome {
-                    Some(joined) => self.finish_join(joined, msg_ref, replaced, intercepts),
+                    Some(joined) => self.finish_join(joined, msg_ref, replaced, intercepts, started_us),
                     None => {
                         tracing::warn!(%topic, "join handler crashed");
                         let reply = Reply::error("join crashed");
@@ -336,6 +348,7 @@ impl Session {
         msg_ref: Option<Ref>,
         replaced: Option<Ref>,
         intercepts: &'static [&'static str],
+        started_us: u64,
     ) {
         let topic = socket.topic.clone();
         let join_ref = socket.join_ref.clone();
@@ -376,8 +389,17 @@ impl Session {
                 }
                 frames.extend(deferred);
                 match ack {
-                    Some(ack) => self.pending = Some(Box::new(Pending::Barrier { ack, frames })),
-                    None => frames.into_iter().for_each(|f| self.conn.enqueue(f)),
+                    Some(ack) => {
+                        self.pending = Some(Box::new(Pending::Barrier {
+                            ack,
+                            frames,
+                            started_us,
+                        }))
+                    }
+                    None => {
+                        frames.into_iter().for_each(|f| self.conn.enqueue(f));
+                        self.joined_in(started_us);
+                    }
                 }
             }
             Err(response) => {
@@ -428,6 +450,15 @@ impl Session {
                 self.control(&join_ref, &topic, "phx_close", &Payload::empty());
             }
         }
+    }
+
+    /// A join that came in at `started_us` was answered ok just now.
+    fn joined_in(&self, started_us: u64) {
+        let now = crate::clock::unix_nanos() / 1000;
+        self.shard
+            .stats
+            .join_latency
+            .observe_us(now.saturating_sub(started_us));
     }
 
     /// Removes the channel at `index`, calls its `terminate`, unsubscribes it.

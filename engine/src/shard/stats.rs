@@ -41,9 +41,74 @@ impl Counter {
     }
 }
 
+/// Upper bounds of the latency histograms' buckets, in microseconds (`+Inf` after).
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 10_000_000,
+];
+
+/// A single-writer latency histogram with [`LATENCY_BUCKETS_US`] (Prometheus's shape:
+/// cumulative buckets, a sum and a count, in seconds on the way out).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative), the last one for `+Inf`.
+    buckets: [Counter; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: Counter,
+}
+
+impl Histogram {
+    /// Records one observation of `us` microseconds (only the owning core calls this).
+    pub fn observe_us(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
+        self.buckets[i].add(1);
+        self.sum_us.add(us);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(Counter::get).sum()
+    }
+
+    fn write(&self, out: &mut String, metric: &str, core: usize) {
+        use std::fmt::Write;
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.get();
+            let le = LATENCY_BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(out, "{metric}_bucket{{core=\"{core}\",le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{metric}_sum{{core=\"{core}\"}} {}",
+            self.sum_us.get() as f64 / 1e6
+        );
+        let _ = writeln!(out, "{metric}_count{{core=\"{core}\"}} {cumulative}");
+    }
+}
+
+/// Close codes counted one by one (`ringcast_closes_total{code}`); others count as
+/// "other", and a connection the client ended without a close frame as "none".
+pub const CLOSE_CODES: [u16; 8] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 4000];
+
 /// What one core counts.
 #[derive(Debug, Default)]
 pub struct CoreStats {
+    /// Broadcast accepted (made here or arrived from another core or node) until the
+    /// frames of its fanout on this core were handed to the kernel.
+    pub fanout_latency: Histogram,
+    /// A join received until its reply was queued.
+    pub join_latency: Histogram,
+    /// An HTTP API request read until its answer was ready.
+    pub api_latency: Histogram,
+    /// WebSocket closes by code: [`CLOSE_CODES`], then "other", then "none".
+    pub closes: [Counter; CLOSE_CODES.len() + 2],
+    /// Connections closed (1008) for sending past `--max-rate`.
+    pub flood_closed: Counter,
+    /// The biggest topics on this core by subscribers, refreshed about once a second
+    /// (read by `/metrics`; never touched by fanout).
+    pub top_topics: std::sync::Mutex<Vec<(String, u64)>>,
     /// Open connections (WebSocket and long-poll sessions).
     pub connections: Counter,
     /// Open long-poll sessions.
@@ -210,6 +275,18 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
 ];
 
 impl CoreStats {
+    /// Counts a WebSocket close with `code` (`None`: ended without a close frame).
+    pub fn count_close(&self, code: Option<u16>) {
+        let i = match code {
+            None => CLOSE_CODES.len() + 1,
+            Some(c) => CLOSE_CODES
+                .iter()
+                .position(|&k| k == c)
+                .unwrap_or(CLOSE_CODES.len()),
+        };
+        self.closes[i].add(1);
+    }
+
     pub(crate) fn field(&self, name: &str) -> u64 {
         let c = match name {
             "connections" => &self.connections,
@@ -276,7 +353,103 @@ pub(crate) fn prometheus<'a>(cores: impl Iterator<Item = &'a CoreStats> + Clone)
             let _ = writeln!(out, "{metric}{{core=\"{i}\"}} {}", core.field(name));
         }
     }
+    let histograms: [(&str, &str, HistogramOf); 3] = [
+        (
+            "ringcast_fanout_seconds",
+            "Broadcast accepted until its fanout's frames on the core were handed to the kernel.",
+            |c| &c.fanout_latency,
+        ),
+        (
+            "ringcast_join_seconds",
+            "A join received until its reply was queued.",
+            |c| &c.join_latency,
+        ),
+        (
+            "ringcast_api_seconds",
+            "An HTTP API request read until its answer was ready.",
+            |c| &c.api_latency,
+        ),
+    ];
+    for (metric, help, of) in histograms {
+        let _ = writeln!(out, "# HELP {metric} {help}");
+        let _ = writeln!(out, "# TYPE {metric} histogram");
+        for (i, core) in cores.clone().enumerate() {
+            of(core).write(&mut out, metric, i);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringcast_closes_total WebSocket closes by code (none: no close frame)."
+    );
+    let _ = writeln!(out, "# TYPE ringcast_closes_total counter");
+    for (i, core) in cores.clone().enumerate() {
+        for (k, c) in core.closes.iter().enumerate() {
+            let code = CLOSE_CODES.get(k).map_or(
+                if k == CLOSE_CODES.len() {
+                    "other".into()
+                } else {
+                    "none".into()
+                },
+                u16::to_string,
+            );
+            let _ = writeln!(
+                out,
+                "ringcast_closes_total{{core=\"{i}\",code=\"{code}\"}} {}",
+                c.get()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringcast_dropped_total What was dropped or cut off, by reason."
+    );
+    let _ = writeln!(out, "# TYPE ringcast_dropped_total counter");
+    for (i, core) in cores.clone().enumerate() {
+        for (reason, n) in [
+            ("slow_consumer", core.slow_closed.get()),
+            ("rate_limit", core.flood_closed.get()),
+            ("inbox", core.inbox_dropped.get()),
+            ("mesh", core.mesh_dropped.get()),
+            ("mailbox", core.mailbox_closed.get()),
+            ("longpoll_inbound", core.longpoll_inbound_closed.get()),
+            ("subscription_lag", core.subscription_lagged.get()),
+        ] {
+            let _ = writeln!(
+                out,
+                "ringcast_dropped_total{{core=\"{i}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    // Topics: summed over the cores' own top lists, the biggest TOP_TOPICS kept.
+    let mut topics: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for core in cores.clone() {
+        for (t, n) in core.top_topics.lock().expect("top topics").iter() {
+            *topics.entry(t.clone()).or_default() += n;
+        }
+    }
+    let mut topics: Vec<_> = topics.into_iter().collect();
+    topics.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    topics.truncate(TOP_TOPICS);
+    let _ = writeln!(
+        out,
+        "# HELP ringcast_topic_subscribers Subscribers of the {TOP_TOPICS} biggest topics (from each core's own top {TOP_TOPICS})."
+    );
+    let _ = writeln!(out, "# TYPE ringcast_topic_subscribers gauge");
+    for (t, n) in topics {
+        let _ = writeln!(out, "ringcast_topic_subscribers{{topic=\"{}\"}} {n}", label(&t));
+    }
     out
+}
+
+/// Which histogram of a core's counters.
+type HistogramOf = fn(&CoreStats) -> &Histogram;
+
+/// Topics `/metrics` names (its label cardinality bound).
+pub const TOP_TOPICS: usize = 10;
+
+/// A topic as a Prometheus label value: backslash, quote and newline escaped.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]

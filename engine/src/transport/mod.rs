@@ -277,7 +277,15 @@ async fn serve<S: Wire>(shard: Rc<Shard>, mut stream: S) {
         }
         shard.stats.bytes_in.add(body.len() as u64);
         let keep_alive = !http::wants_close(&req);
+        let is_api = req.path.starts_with("/api/");
+        let t0 = std::time::Instant::now();
         let response = Box::pin(api::route(&shard, req, body, stream.tcp().peer_addr().ok())).await;
+        if is_api {
+            shard
+                .stats
+                .api_latency
+                .observe_us(t0.elapsed().as_micros() as u64);
+        }
         shard.stats.bytes_out.add(response.body.len() as u64);
         if stream.write_all(&response.to_bytes(keep_alive)).await.is_err() || !keep_alive {
             return;

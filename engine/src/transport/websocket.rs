@@ -385,6 +385,11 @@ impl<S: Wire> Drop for Pump<S> {
     fn drop(&mut self) {
         if !self.parked {
             let conn = &self.session.conn;
+            let stats = &self.session.shard.stats;
+            stats.count_close(conn.close.get());
+            if conn.close_why.get() == why::FLOOD {
+                stats.flood_closed.add(1);
+            }
             match conn.close.get() {
                 Some(code) => {
                     tracing::debug!(conn = ?conn.id, code, reason = conn.close_why.get().text(), "websocket closed")
