@@ -555,9 +555,6 @@ impl Shard {
                 };
                 if conn.push(frame) {
                     if conn.fd.get() >= 0 {
-                        if self.fanout_since.get() == 0 {
-                            self.fanout_since.set(b.accepted_us.max(1));
-                        }
                         self.mark_dirty(conn);
                     } else {
                         conn.wake();
@@ -569,6 +566,10 @@ impl Shard {
             }
         }
         self.stats.deliveries.add(delivered);
+        // The flusher times the fanout from the oldest broadcast it has frames of.
+        if self.fanout_since.get() == 0 && !self.dirty.borrow().is_empty() {
+            self.fanout_since.set(b.accepted_us.max(1));
+        }
     }
 
     /// Graceful shutdown, as Phoenix drains: new connections are refused (503) and
