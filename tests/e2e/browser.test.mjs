@@ -10,8 +10,10 @@ import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
 import { chromium } from 'playwright-core';
-import { e2e, startServer, connect, rawConnect, mintToken, collect } from './lib.mjs';
+import { e2e, startServer, connect, rawConnect, mintToken, collect, REPO_ROOT, SECRET } from './lib.mjs';
 
 const CHROMIUM = process.env.RINGCAST_CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = '/tmp/ringcast-demo.png';
@@ -239,3 +241,52 @@ e2e('Chromium negotiates permessage-deflate: a 100-member presence_state arrives
     await proxy.close();
   }
 }, { timeout: 40000 });
+
+e2e('the admin page: log in with the API key, numbers and charts move while a loadgen runs, a broadcast from its form reaches a phoenix client', async () => {
+  const key = 'admin-test-key';
+  const admin = await startServer({ cores: 2, args: ['--api-key', key] });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  page.errors = [];
+  page.on('pageerror', (e) => page.errors.push(String(e)));
+  let loadgen;
+  try {
+    await page.goto(`${admin.httpUrl}/admin`, { timeout: 10000 });
+    // A wrong key is refused, the right one logs in.
+    await page.fill('#key', 'wrong');
+    await page.click('#login-form button');
+    await page.waitForFunction(() => /refused/.test(document.getElementById('login-error').textContent), null, { timeout: 5000 });
+    await page.fill('#key', key);
+    await page.click('#login-form button');
+    await page.waitForSelector('body[data-ready="true"]', { timeout: 5000 });
+
+    const node = await connect(admin.port, 'watcher');
+    const lobby = await node.joined('rooms:lobby', { name: 'watcher' });
+    const loadgenBin = process.env.RINGCAST_LOADGEN_BIN || path.join(REPO_ROOT, 'target', 'debug', 'ringcast-loadgen');
+    loadgen = spawn(loadgenBin, ['--quiet', '--sources', '4', '--secret', SECRET, 'fanout', '--url', `ws://127.0.0.1:${admin.port}`,
+      '-n', '40', '-m', '400', '--rate', '50', '--topic', 'bench:admin'], { stdio: 'ignore' });
+    await page.waitForFunction(() => Number(document.getElementById('total-connections').textContent) >= 41, null, { timeout: 15000 });
+    await page.waitForFunction(() => Number(document.getElementById('deliveries-rate').textContent) > 100, null, { timeout: 15000 });
+    await page.waitForFunction(() => [...document.querySelectorAll('#topics tbody tr')]
+      .some((tr) => tr.cells[0].textContent === 'bench:admin' && Number(tr.cells[1].textContent) >= 40), null, { timeout: 5000 });
+    await page.waitForFunction(() => [...document.querySelectorAll('#topics tbody tr')]
+      .some((tr) => tr.cells[0].textContent === 'rooms:lobby' && tr.cells[2].textContent === '1'), null, { timeout: 5000 });
+    assert.ok(await page.$('#chart canvas'), 'the chart is drawn');
+    await page.waitForFunction(() => Number(document.body.dataset.points) >= 5, null, { timeout: 10000 });
+    await page.screenshot({ path: '/tmp/ringcast-admin.png', fullPage: true });
+
+    const got = new Promise((resolve) => lobby.on('new_msg', resolve));
+    await page.fill('#b-topic', 'rooms:lobby');
+    await page.fill('#b-event', 'new_msg');
+    await page.fill('#b-payload', '{"body": "from the admin page", "user": "admin"}');
+    await page.click('#broadcast-form button');
+    assert.deepEqual(await got, { body: 'from the admin page', user: 'admin' });
+    await page.waitForFunction(() => document.getElementById('broadcast-status').textContent === 'sent', null, { timeout: 3000 });
+    assert.deepEqual(page.errors, [], 'no page errors');
+    await node.close();
+  } finally {
+    if (loadgen) loadgen.kill('SIGKILL');
+    await context.close();
+    await admin.stop();
+  }
+}, { timeout: 60000 });
