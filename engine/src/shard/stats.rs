@@ -338,8 +338,13 @@ pub(crate) fn stats_json<'a>(cores: impl Iterator<Item = &'a CoreStats> + Clone)
     serde_json::Value::Object(out).to_string()
 }
 
-/// `/metrics`: Prometheus text format, one sample per core.
-pub(crate) fn prometheus<'a>(cores: impl Iterator<Item = &'a CoreStats> + Clone) -> String {
+/// `/metrics`: Prometheus text format, one sample per core. `cluster_dropped`: what
+/// the Redis link dropped or could not publish, in cluster mode (a node-wide figure:
+/// `ringcast_dropped_total{reason="cluster"}`, without a core).
+pub(crate) fn prometheus<'a>(
+    cores: impl Iterator<Item = &'a CoreStats> + Clone,
+    cluster_dropped: Option<u64>,
+) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     for (name, kind, help) in FIELDS {
@@ -420,6 +425,9 @@ pub(crate) fn prometheus<'a>(cores: impl Iterator<Item = &'a CoreStats> + Clone)
             );
         }
     }
+    if let Some(n) = cluster_dropped {
+        let _ = writeln!(out, "ringcast_dropped_total{{reason=\"cluster\"}} {n}");
+    }
     // Topics: summed over the cores' own top lists, the biggest TOP_TOPICS kept.
     let mut topics: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for core in cores.clone() {
@@ -462,7 +470,7 @@ mod tests {
         cores[1].messages_in.add(3);
         cores[0].connections.add(2);
         cores[0].connections.sub(5);
-        let text = prometheus(cores.iter());
+        let text = prometheus(cores.iter(), None);
         assert!(text.contains("# TYPE ringcast_messages_in_total counter\n"));
         assert!(text.contains("ringcast_messages_in_total{core=\"1\"} 3\n"));
         assert!(text.contains("ringcast_connections{core=\"0\"} 0\n"));

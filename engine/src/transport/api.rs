@@ -75,7 +75,11 @@ pub(crate) async fn route(
             Response::new(200, "text/css", UPLOT_CSS).header("cache-control", "max-age=3600")
         }
         ("GET", "/metrics") => {
-            let mut text = stats::prometheus(app.stats.iter().map(|s| &**s));
+            let cluster_dropped = shard
+                .endpoint
+                .cluster()
+                .map(|c| c.stats().dropped.load(Relaxed) + c.stats().lost.load(Relaxed));
+            let mut text = stats::prometheus(app.stats.iter().map(|s| &**s), cluster_dropped);
             if let Some(cluster) = shard.endpoint.cluster() {
                 text.push_str(&cluster_prometheus(cluster.stats()));
             }
