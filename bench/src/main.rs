@@ -192,10 +192,25 @@ pub struct Plan {
     /// time in a real deployment, and a server may shed per-connection state once one
     /// is idle (ringcast parks it after 1 s), so the phase is not a burst.
     pub idle_connect_rate: f64,
+    /// Both rates, at most, for `ringcast-tls`: a TLS handshake costs the server about
+    /// 0.4 ms of CPU on the 2-core VM, so 2,000/s keep its core 80% busy, and with any
+    /// other load the handshakes queue past `--max-http-connections` and are refused.
+    #[serde(default)]
+    pub tls_connect_rate: Option<f64>,
     pub hold_secs: u64,
     pub paced_subscribers: u64,
     pub paced_rate: f64,
     pub paced_messages: u64,
+}
+
+impl Plan {
+    /// `rate`, or the TLS cap for a TLS server.
+    fn connect_rate_for(&self, kind: ServerKind, rate: f64) -> f64 {
+        match (kind, self.tls_connect_rate) {
+            (ServerKind::RingcastTls, Some(cap)) => rate.min(cap),
+            _ => rate,
+        }
+    }
 }
 
 /// Figures of one `connect` run.
@@ -421,6 +436,7 @@ fn plan(cli: &Cli, m: &Machine) -> anyhow::Result<(Plan, Vec<usize>)> {
         delivery_budget: if full { 4_000_000 } else { 2_000_000 },
         connect_rate: 4000.0,
         idle_connect_rate: 2000.0,
+        tls_connect_rate: Some(1000.0),
         // Long enough for idle connections to park (1 s of silence, then the next
         // sweep): memory is measured at the end of the hold.
         hold_secs: if full { 5 } else { 4 },
@@ -596,7 +612,10 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
         let server = ctx.start_server(kind, cores, &tag)?;
         let url = kind.url_args(server.port);
         let pid = server.pid().to_string();
-        let rate = ctx.plan.idle_connect_rate.to_string();
+        let rate = ctx
+            .plan
+            .connect_rate_for(kind, ctx.plan.idle_connect_rate)
+            .to_string();
         let v: ConnectReport = ctx.loadgen(
             cores,
             &format!("{tag}-connect"),
@@ -630,7 +649,7 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
                     "-m".into(),
                     messages.to_string(),
                     "--connect-rate".into(),
-                    ctx.plan.connect_rate.to_string(),
+                    ctx.plan.connect_rate_for(kind, ctx.plan.connect_rate).to_string(),
                     "--server-pid".into(),
                     pid,
                 ],
@@ -676,7 +695,7 @@ fn run_paced(ctx: &mut Ctx, kind: ServerKind, cores: usize, repeat: usize) -> Pa
                     "--rate".into(),
                     ctx.plan.paced_rate.to_string(),
                     "--connect-rate".into(),
-                    ctx.plan.connect_rate.to_string(),
+                    ctx.plan.connect_rate_for(kind, ctx.plan.connect_rate).to_string(),
                     "--server-pid".into(),
                     server.pid().to_string(),
                 ],

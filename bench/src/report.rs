@@ -428,15 +428,33 @@ pub fn tls_section(r: &Results) -> String {
     let mut s = String::from(
         "\n## TLS against plain (`ringcast` over `ws://` vs `ringcast serve --tls-self-signed` over `wss://`)\n\n\
          The same build, servers started one after the other at each size, medians over the repeats. \
-         The loadgen speaks `wss://` through rustls (ring, TLS 1.3) with `--tls-insecure`.\n\n",
+         The loadgen speaks `wss://` through rustls (ring, TLS 1.3) with `--tls-insecure`.",
     );
+    if let Some(cap) = r.plan.tls_connect_rate {
+        let _ = write!(
+            s,
+            " `wss://` connections arrive at {} per second at most (a handshake costs the server about 0.4 ms of CPU).",
+            fmt_rate(cap)
+        );
+    }
+    s.push_str(" *joined* is the fewest connections (subscribers) that joined in any repeat; a row below its size measured fewer than it says.\n\n");
+    let joined = |k: ServerKind, cores: usize, size: u64, f: fn(&crate::CaseRun) -> Option<u64>| {
+        r.runs
+            .iter()
+            .filter(|x| x.server == k && x.cores == cores && x.size == size)
+            .filter_map(f)
+            .min()
+    };
+    let idle_joined = |x: &crate::CaseRun| x.connect.as_ref().map(|c| c.joined);
+    let fan_joined = |x: &crate::CaseRun| x.fanout.as_ref().map(|f| f.joined);
+    let n = |v: Option<u64>| opt(v, |v| v.to_string());
     s.push_str(
         "User-space memory per idle joined connection (server RSS delta / N at the end of the hold):\n\n",
     );
     s.push_str(
-        "| server cores | connections | ws | wss | wss − ws | wss / ws | wss target ≤ 4 KiB at 10,000 |\n",
+        "| server cores | connections | joined ws / wss | ws | wss | wss − ws | wss / ws | wss target ≤ 4 KiB at 10,000 |\n",
     );
-    s.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+    s.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     let us = |v: Option<f64>| opt(v, |v| format!("{v:.2} µs"));
     let per_delivery = |x: Option<f64>| x.filter(|&x| x > 0.0).map(|x| 1e6 / x);
     for x in r.summary.iter().filter(|x| x.server == Ringcast) {
@@ -446,9 +464,11 @@ pub fn tls_section(r: &Results) -> String {
         let (a, b) = (x.rss_per_connection, t.rss_per_connection);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} / {} | {} | {} | {} | {} | {} |",
             x.cores,
             x.size,
+            n(joined(Ringcast, x.cores, x.size, idle_joined)),
+            n(joined(RingcastTls, x.cores, x.size, idle_joined)),
             opt(a, fmt_bytes),
             opt(b, fmt_bytes),
             opt(a.zip(b).map(|(a, b)| b - a), fmt_bytes),
@@ -461,8 +481,8 @@ pub fn tls_section(r: &Results) -> String {
         );
     }
     s.push_str("\nServer CPU per delivery, fanout as fast as the loadgen reads (window 64; several frames per write, one encryption for them under TLS):\n\n");
-    s.push_str("| server cores | subscribers | ws | wss | wss / ws | ws deliveries/s | wss deliveries/s | loss ws / wss |\n");
-    s.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+    s.push_str("| server cores | subscribers | joined ws / wss | ws | wss | wss / ws | ws deliveries/s | wss deliveries/s | loss ws / wss |\n");
+    s.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     for x in r.summary.iter().filter(|x| x.server == Ringcast) {
         let Some(t) = sum(r, RingcastTls, x.cores, x.size) else {
             continue;
@@ -473,9 +493,11 @@ pub fn tls_section(r: &Results) -> String {
         );
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+            "| {} | {} | {} / {} | {} | {} | {} | {} | {} | {} / {} |",
             x.cores,
             x.size,
+            n(joined(Ringcast, x.cores, x.size, fan_joined)),
+            n(joined(RingcastTls, x.cores, x.size, fan_joined)),
             us(a),
             us(b),
             opt(ratio(b, a), |v| format!("{v:.2}")),
@@ -490,15 +512,24 @@ pub fn tls_section(r: &Results) -> String {
         "\nServer CPU per delivery, paced ({} broadcasts/s to {} subscribers: one frame per write, one encryption per delivery under TLS):\n",
         r.plan.paced_rate, r.plan.paced_subscribers
     );
-    s.push_str("| server cores | ws | wss | wss / ws | p99 ws | p99 wss | loss ws / wss |\n| ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+    s.push_str("| server cores | joined ws / wss | ws | wss | wss / ws | p99 ws | p99 wss | loss ws / wss |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     for x in r.paced_summary.iter().filter(|x| x.server == Ringcast) {
         let Some(t) = paced(r, RingcastTls, x.cores) else {
             continue;
         };
+        let paced_joined = |k: ServerKind| {
+            r.paced
+                .iter()
+                .filter(|p| p.server == k && p.cores == x.cores)
+                .filter_map(|p| p.fanout.as_ref().map(|f| f.joined))
+                .min()
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} / {} |",
+            "| {} | {} / {} | {} | {} | {} | {} | {} | {} / {} |",
             x.cores,
+            n(paced_joined(Ringcast)),
+            n(paced_joined(RingcastTls)),
             us(x.cpu_us_per_delivery),
             us(t.cpu_us_per_delivery),
             opt(ratio(t.cpu_us_per_delivery, x.cpu_us_per_delivery), |v| format!(
