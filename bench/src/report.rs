@@ -314,7 +314,9 @@ pub fn readme(r: &Results, prefix: &str, plot_note: Option<&str>) -> String {
             x.loss
         );
     }
-    s.push_str(&write_path_steps(r));
+    if r.plan.servers.contains(&ServerKind::RingcastSend) {
+        s.push_str(&write_path_steps(r));
+    }
     let _ = writeln!(
         s,
         "\n## Paced fanout: {} broadcasts/s to {} subscribers (medians)\n",
