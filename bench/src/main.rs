@@ -86,6 +86,11 @@ struct Cli {
     /// Redraw plots and READMEs from this run directory's results.json; run nothing.
     #[arg(long)]
     replot: Option<PathBuf>,
+    /// Write the run to exactly this directory, not <results>/<date>-<host>/, and leave
+    /// <results>/README.md (the main benchmark's) alone: for side runs such as
+    /// `--servers ringcast,ringcast-tls --sizes 10000`.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,6 +111,11 @@ pub enum ServerKind {
     #[value(name = "ringcast-send")]
     #[serde(rename = "ringcast-send")]
     RingcastSend,
+    /// The same ringcast build over TLS (`serve --tls-self-signed`; the loadgen speaks
+    /// `wss://` with `--tls-insecure`): what TLS costs, next to `ringcast`.
+    #[value(name = "ringcast-tls")]
+    #[serde(rename = "ringcast-tls")]
+    RingcastTls,
     Floor,
     Tokio,
 }
@@ -115,6 +125,7 @@ impl ServerKind {
         match self {
             ServerKind::Ringcast => "ringcast",
             ServerKind::RingcastSend => "ringcast, send() per connection",
+            ServerKind::RingcastTls => "ringcast over TLS (wss)",
             ServerKind::Floor => "floor",
             ServerKind::Tokio => "tokio peer",
         }
@@ -125,6 +136,7 @@ impl ServerKind {
         match self {
             ServerKind::Ringcast => "ringcast",
             ServerKind::RingcastSend => "ringcast-send",
+            ServerKind::RingcastTls => "ringcast-tls",
             ServerKind::Floor => "floor",
             ServerKind::Tokio => "tokio-peer",
         }
@@ -132,9 +144,22 @@ impl ServerKind {
 
     fn binary(self) -> &'static str {
         match self {
-            ServerKind::Ringcast | ServerKind::RingcastSend => "ringcast",
+            ServerKind::Ringcast | ServerKind::RingcastSend | ServerKind::RingcastTls => "ringcast",
             ServerKind::Floor => "ringcast-floor",
             ServerKind::Tokio => "ringcast-tokio-peer",
+        }
+    }
+
+    /// The loadgen arguments that reach this server on `port`: its URL, and for TLS
+    /// the flag that accepts its self-signed certificate.
+    fn url_args(self, port: u16) -> Vec<String> {
+        match self {
+            ServerKind::RingcastTls => vec![
+                "--url".into(),
+                format!("wss://127.0.0.1:{port}"),
+                "--tls-insecure".into(),
+            ],
+            _ => vec!["--url".into(), format!("ws://127.0.0.1:{port}")],
         }
     }
 }
@@ -167,10 +192,25 @@ pub struct Plan {
     /// time in a real deployment, and a server may shed per-connection state once one
     /// is idle (ringcast parks it after 1 s), so the phase is not a burst.
     pub idle_connect_rate: f64,
+    /// Both rates, at most, for `ringcast-tls`: a TLS handshake costs the server about
+    /// 0.4 ms of CPU on the 2-core VM, so 2,000/s keep its core 80% busy, and with any
+    /// other load the handshakes queue past `--max-http-connections` and are refused.
+    #[serde(default)]
+    pub tls_connect_rate: Option<f64>,
     pub hold_secs: u64,
     pub paced_subscribers: u64,
     pub paced_rate: f64,
     pub paced_messages: u64,
+}
+
+impl Plan {
+    /// `rate`, or the TLS cap for a TLS server.
+    fn connect_rate_for(&self, kind: ServerKind, rate: f64) -> f64 {
+        match (kind, self.tls_connect_rate) {
+            (ServerKind::RingcastTls, Some(cap)) => rate.min(cap),
+            _ => rate,
+        }
+    }
 }
 
 /// Figures of one `connect` run.
@@ -276,6 +316,12 @@ pub struct Results {
     pub paced_summary: Vec<PacedSummary>,
     /// Criterion medians, ns, by benchmark id.
     pub criterion: BTreeMap<String, f64>,
+    /// The harness's command line.
+    #[serde(default)]
+    pub command: String,
+    /// The run went to its own directory (`--run-dir`) and left results/README.md alone.
+    #[serde(default)]
+    pub side_run: bool,
 }
 
 fn read_trim(path: &str) -> String {
@@ -390,6 +436,7 @@ fn plan(cli: &Cli, m: &Machine) -> anyhow::Result<(Plan, Vec<usize>)> {
         delivery_budget: if full { 4_000_000 } else { 2_000_000 },
         connect_rate: 4000.0,
         idle_connect_rate: 2000.0,
+        tls_connect_rate: Some(1000.0),
         // Long enough for idle connections to park (1 s of silence, then the next
         // sweep): memory is measured at the end of the hold.
         hold_secs: if full { 5 } else { 4 },
@@ -421,15 +468,15 @@ fn server_spawn(
     let cores = cores.to_string();
     let spec = Spawn::new(kind.label(), bin, log).pinned(Some(cpus.to_string()));
     Ok(match kind {
-        ServerKind::Ringcast | ServerKind::RingcastSend => {
+        ServerKind::Ringcast | ServerKind::RingcastSend | ServerKind::RingcastTls => {
             let spec = spec
                 .args(["serve", "--listen", &listen, "--cores", &cores])
                 .env("RINGCAST_SECRET", ringcast::seed::DEV_SECRET)
                 .env("RINGCAST_LOG", "warn");
-            if kind == ServerKind::RingcastSend {
-                spec.env("RINGCAST_WRITE_PATH", "send")
-            } else {
-                spec
+            match kind {
+                ServerKind::RingcastSend => spec.env("RINGCAST_WRITE_PATH", "send"),
+                ServerKind::RingcastTls => spec.args(["--tls-self-signed"]),
+                _ => spec,
             }
         }
         ServerKind::Floor | ServerKind::Tokio => spec.args(["--listen", &listen, "--cores", &cores]),
@@ -563,25 +610,30 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
     let tag = format!("{}-c{cores}-n{size}-r{repeat}", kind.slug());
     let result = (|| -> anyhow::Result<()> {
         let server = ctx.start_server(kind, cores, &tag)?;
-        let url = format!("ws://127.0.0.1:{}", server.port);
+        let url = kind.url_args(server.port);
         let pid = server.pid().to_string();
-        let rate = ctx.plan.idle_connect_rate.to_string();
+        let rate = ctx
+            .plan
+            .connect_rate_for(kind, ctx.plan.idle_connect_rate)
+            .to_string();
         let v: ConnectReport = ctx.loadgen(
             cores,
             &format!("{tag}-connect"),
             &[
-                "connect".into(),
-                "--url".into(),
-                url.clone(),
-                "-n".into(),
-                size.to_string(),
-                "--rate".into(),
-                rate.clone(),
-                "--hold".into(),
-                format!("{}s", ctx.plan.hold_secs),
-                "--server-pid".into(),
-                pid.clone(),
-            ],
+                &["connect".into()][..],
+                &url,
+                &[
+                    "-n".into(),
+                    size.to_string(),
+                    "--rate".into(),
+                    rate.clone(),
+                    "--hold".into(),
+                    format!("{}s", ctx.plan.hold_secs),
+                    "--server-pid".into(),
+                    pid.clone(),
+                ],
+            ]
+            .concat(),
         )?;
         run.connect = Some(connect_fig(&v));
         let messages = (ctx.plan.delivery_budget / size).clamp(20, 2000);
@@ -589,18 +641,20 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
             cores,
             &format!("{tag}-fanout"),
             &[
-                "fanout".into(),
-                "--url".into(),
-                url,
-                "-n".into(),
-                size.to_string(),
-                "-m".into(),
-                messages.to_string(),
-                "--connect-rate".into(),
-                ctx.plan.connect_rate.to_string(),
-                "--server-pid".into(),
-                pid,
-            ],
+                &["fanout".into()][..],
+                &url,
+                &[
+                    "-n".into(),
+                    size.to_string(),
+                    "-m".into(),
+                    messages.to_string(),
+                    "--connect-rate".into(),
+                    ctx.plan.connect_rate_for(kind, ctx.plan.connect_rate).to_string(),
+                    "--server-pid".into(),
+                    pid,
+                ],
+            ]
+            .concat(),
         )?;
         run.fanout = Some(fanout_fig(&v));
         drop(server);
@@ -631,20 +685,22 @@ fn run_paced(ctx: &mut Ctx, kind: ServerKind, cores: usize, repeat: usize) -> Pa
             cores,
             &tag,
             &[
-                "fanout".into(),
-                "--url".into(),
-                format!("ws://127.0.0.1:{}", server.port),
-                "-n".into(),
-                size.to_string(),
-                "-m".into(),
-                ctx.plan.paced_messages.to_string(),
-                "--rate".into(),
-                ctx.plan.paced_rate.to_string(),
-                "--connect-rate".into(),
-                ctx.plan.connect_rate.to_string(),
-                "--server-pid".into(),
-                server.pid().to_string(),
-            ],
+                &["fanout".into()][..],
+                &kind.url_args(server.port),
+                &[
+                    "-n".into(),
+                    size.to_string(),
+                    "-m".into(),
+                    ctx.plan.paced_messages.to_string(),
+                    "--rate".into(),
+                    ctx.plan.paced_rate.to_string(),
+                    "--connect-rate".into(),
+                    ctx.plan.connect_rate_for(kind, ctx.plan.connect_rate).to_string(),
+                    "--server-pid".into(),
+                    server.pid().to_string(),
+                ],
+            ]
+            .concat(),
         )?;
         run.fanout = Some(fanout_fig(&v));
         // SIGTERM makes the floor print its `floor-stats` line.
@@ -812,10 +868,12 @@ fn write_outputs(results: &Results, dir: &Path, root: &Path) -> anyhow::Result<(
         dir.join("README.md"),
         report::readme(results, "", plot_note.as_deref()),
     )?;
-    std::fs::write(
-        root.join("README.md"),
-        report::readme(results, &format!("{name}/"), plot_note.as_deref()),
-    )?;
+    if !results.side_run {
+        std::fs::write(
+            root.join("README.md"),
+            report::readme(results, &format!("{name}/"), plot_note.as_deref()),
+        )?;
+    }
     Ok(())
 }
 
@@ -838,7 +896,10 @@ fn main() -> anyhow::Result<ExitCode> {
     let (plan, _) = plan(&cli, &m)?;
     let started = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let date = civil_date(started);
-    let dir = cli.results.join(format!("{date}-{}", m.host));
+    let dir = cli
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| cli.results.join(format!("{date}-{}", m.host)));
     let raw = dir.join("raw");
     if raw.exists() {
         std::fs::remove_dir_all(&raw)?;
@@ -905,6 +966,8 @@ fn main() -> anyhow::Result<ExitCode> {
         summary,
         paced_summary,
         criterion,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        side_run: cli.run_dir.is_some(),
     };
     write_outputs(&results, &dir, &cli.results)?;
     println!("{}", report::targets_table(&results));
@@ -957,6 +1020,44 @@ mod tests {
         }
         // The harness's flags are not the cluster command's.
         assert!(Cli::try_parse_from(["ringcast-bench", "--quick", "cluster"]).is_err());
+    }
+
+    #[test]
+    fn ringcast_over_tls_is_a_server_of_its_own_reached_over_wss() {
+        let cli = Cli::try_parse_from([
+            "ringcast-bench",
+            "--servers",
+            "ringcast,ringcast-tls",
+            "--sizes",
+            "10000",
+            "--run-dir",
+            "results/tls-x",
+        ])
+        .unwrap();
+        assert_eq!(cli.servers, [ServerKind::Ringcast, ServerKind::RingcastTls]);
+        assert_eq!(cli.run_dir.as_deref(), Some(Path::new("results/tls-x")));
+        assert_eq!(ServerKind::Ringcast.url_args(5), ["--url", "ws://127.0.0.1:5"]);
+        assert_eq!(
+            ServerKind::RingcastTls.url_args(5),
+            ["--url", "wss://127.0.0.1:5", "--tls-insecure"]
+        );
+        // server_spawn only needs the binary to exist.
+        let dir = std::env::temp_dir().join(format!("ringcast-bench-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ringcast"), b"").unwrap();
+        let cli = Cli {
+            bin_dir: dir.clone(),
+            ..cli
+        };
+        let tls = server_spawn(ServerKind::RingcastTls, &cli, "0", 1, 5, &dir.join("x.log")).unwrap();
+        assert!(
+            tls.args.iter().any(|a| a == "--tls-self-signed"),
+            "{:?}",
+            tls.args
+        );
+        let plain = server_spawn(ServerKind::Ringcast, &cli, "0", 1, 5, &dir.join("x.log")).unwrap();
+        assert!(!plain.args.iter().any(|a| a == "--tls-self-signed"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

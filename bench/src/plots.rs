@@ -57,6 +57,7 @@ fn color(server: ServerKind, cores: usize) -> RGBColor {
     let base = match server {
         ServerKind::Ringcast => (214, 39, 40),
         ServerKind::RingcastSend => (255, 127, 14),
+        ServerKind::RingcastTls => (148, 103, 189),
         ServerKind::Floor => (30, 30, 30),
         ServerKind::Tokio => (31, 119, 180),
     };

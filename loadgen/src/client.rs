@@ -301,13 +301,17 @@ impl Conn {
         };
         let stream = match &target.tls {
             None => Wire::Plain(tcp),
-            // The ClientHello's write waits for the TCP handshake.
+            // The ClientHello's write waits for the TCP handshake. Boxed: every
+            // connection's task is as large as its largest state, and the handshake's
+            // holds a whole rustls connection.
             Some(tls) => Wire::Tls(Box::new(
                 bounded("tls", stage_timeout, async {
-                    TlsStream::connect(tcp, tls).await.map_err(|e| match e.kind() {
-                        io::ErrorKind::InvalidData => Fail::Tls(e.to_string()),
-                        _ => io_fail(&e),
-                    })
+                    Box::pin(TlsStream::connect(tcp, tls))
+                        .await
+                        .map_err(|e| match e.kind() {
+                            io::ErrorKind::InvalidData => Fail::Tls(e.to_string()),
+                            _ => io_fail(&e),
+                        })
                 })
                 .await?,
             )),

@@ -142,7 +142,10 @@ impl Wire {
     pub async fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
         match self {
             Wire::Plain(s) => s.read(dst).await,
-            Wire::Tls(s) => s.read(dst).await,
+            // Boxed: a connection's task holds the future it waits in, so an inline TLS
+            // future (large: it nests the socket's read and write futures) would make
+            // every plain connection's task that large too.
+            Wire::Tls(s) => Box::pin(s.read(dst)).await,
         }
     }
 
@@ -150,7 +153,7 @@ impl Wire {
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Wire::Plain(s) => s.write_all(data).await,
-            Wire::Tls(s) => s.write_all(data).await,
+            Wire::Tls(s) => Box::pin(s.write_all(data)).await,
         }
     }
 }
