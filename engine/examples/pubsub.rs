@@ -9,7 +9,10 @@
 //!   when `Endpoint::send_info` delivers a typed `UserUpdated`. A thread listening to
 //!   `rooms:admin` sends one for `rename:<name>` messages there, to the sender's profile.
 //!
-//! Run: `cargo run --example pubsub -- [--listen 127.0.0.1:4200] [--redis redis://127.0.0.1:6379]`,
+//! - `--stalled TOPIC` adds a subscription that is never read: it lags, and the core
+//!   goes on (for measuring what a stalled subscriber costs everyone else).
+//!
+//! Run: `cargo run --example pubsub -- [--listen 127.0.0.1:4200] [--redis redis://127.0.0.1:6379] [--stalled TOPIC]`,
 //! with `RINGCAST_SECRET` set or the development secret, then join `rooms:lobby` with a
 //! `phoenix` client (token from `ringcast token --user 1`). Output lines are flushed as
 //! they happen; the test suite runs it (tests/e2e/pubsub.test.mjs).
@@ -102,11 +105,13 @@ fn spawn_threads(endpoint: &Endpoint) {
 fn main() -> anyhow::Result<()> {
     let mut listen = "127.0.0.1:4200".to_string();
     let mut redis = None;
+    let mut stalled = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next().expect("--listen ADDR"),
             "--redis" => redis = Some(args.next().expect("--redis URL")),
+            "--stalled" => stalled = Some(args.next().expect("--stalled TOPIC")),
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -125,6 +130,8 @@ fn main() -> anyhow::Result<()> {
     let running = Server::bind(config, UserSocket::new(&secret), router)?.start()?;
     let endpoint = running.endpoint();
     spawn_threads(&endpoint);
+    // Held, never read.
+    let _stalled = stalled.map(|topic| endpoint.subscribe(&topic));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
