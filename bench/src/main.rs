@@ -91,6 +91,11 @@ struct Cli {
     /// `--servers ringcast,ringcast-tls --sizes 10000`.
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Pad every fanout message's body with this many bytes of chat-like text (loadgen
+    /// `fanout --pad`): the seed's `new_msg` is under the server's 1 KiB compression
+    /// threshold; `--servers ringcast,ringcast-deflate --pad 4000` compares compression.
+    #[arg(long, default_value_t = 0)]
+    pad: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,6 +121,12 @@ pub enum ServerKind {
     #[value(name = "ringcast-tls")]
     #[serde(rename = "ringcast-tls")]
     RingcastTls,
+    /// The same ringcast build with the loadgen offering `permessage-deflate`
+    /// (`--compress`, as browsers do): what compression costs and saves, next to
+    /// `ringcast`.
+    #[value(name = "ringcast-deflate")]
+    #[serde(rename = "ringcast-deflate")]
+    RingcastDeflate,
     Floor,
     Tokio,
 }
@@ -126,6 +137,7 @@ impl ServerKind {
             ServerKind::Ringcast => "ringcast",
             ServerKind::RingcastSend => "ringcast, send() per connection",
             ServerKind::RingcastTls => "ringcast over TLS (wss)",
+            ServerKind::RingcastDeflate => "ringcast, permessage-deflate",
             ServerKind::Floor => "floor",
             ServerKind::Tokio => "tokio peer",
         }
@@ -137,6 +149,7 @@ impl ServerKind {
             ServerKind::Ringcast => "ringcast",
             ServerKind::RingcastSend => "ringcast-send",
             ServerKind::RingcastTls => "ringcast-tls",
+            ServerKind::RingcastDeflate => "ringcast-deflate",
             ServerKind::Floor => "floor",
             ServerKind::Tokio => "tokio-peer",
         }
@@ -144,7 +157,10 @@ impl ServerKind {
 
     fn binary(self) -> &'static str {
         match self {
-            ServerKind::Ringcast | ServerKind::RingcastSend | ServerKind::RingcastTls => "ringcast",
+            ServerKind::Ringcast
+            | ServerKind::RingcastSend
+            | ServerKind::RingcastTls
+            | ServerKind::RingcastDeflate => "ringcast",
             ServerKind::Floor => "ringcast-floor",
             ServerKind::Tokio => "ringcast-tokio-peer",
         }
@@ -159,6 +175,13 @@ impl ServerKind {
                 format!("wss://127.0.0.1:{port}"),
                 "--tls-insecure".into(),
             ],
+            ServerKind::RingcastDeflate => {
+                vec![
+                    "--url".into(),
+                    format!("ws://127.0.0.1:{port}"),
+                    "--compress".into(),
+                ]
+            }
             _ => vec!["--url".into(), format!("ws://127.0.0.1:{port}")],
         }
     }
@@ -201,6 +224,9 @@ pub struct Plan {
     pub paced_subscribers: u64,
     pub paced_rate: f64,
     pub paced_messages: u64,
+    /// Bytes of padding in every fanout message's body (0: the seed's plain `new_msg`).
+    #[serde(default)]
+    pub pad: usize,
 }
 
 impl Plan {
@@ -247,6 +273,12 @@ pub struct FanoutFig {
     pub deliveries_per_cpu_sec: Option<f64>,
     pub latency: Lat,
     pub problems: Vec<String>,
+    /// WebSocket bytes the subscribers read per delivery (joins included).
+    #[serde(default)]
+    pub wire_bytes_per_delivery: f64,
+    /// Subscribers that negotiated `permessage-deflate`.
+    #[serde(default)]
+    pub compressed_connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -286,6 +318,9 @@ pub struct Summary {
     pub deliveries_per_cpu_sec: Option<f64>,
     pub latency: Option<Lat>,
     pub loss: i64,
+    /// Median WebSocket bytes read per delivery.
+    #[serde(default)]
+    pub wire_bytes_per_delivery: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -443,6 +478,7 @@ fn plan(cli: &Cli, m: &Machine) -> anyhow::Result<(Plan, Vec<usize>)> {
         paced_subscribers,
         paced_rate: 10.0,
         paced_messages: if full { 100 } else { 50 },
+        pad: cli.pad,
     };
     Ok((p, cpus))
 }
@@ -468,7 +504,10 @@ fn server_spawn(
     let cores = cores.to_string();
     let spec = Spawn::new(kind.label(), bin, log).pinned(Some(cpus.to_string()));
     Ok(match kind {
-        ServerKind::Ringcast | ServerKind::RingcastSend | ServerKind::RingcastTls => {
+        ServerKind::Ringcast
+        | ServerKind::RingcastSend
+        | ServerKind::RingcastTls
+        | ServerKind::RingcastDeflate => {
             let spec = spec
                 .args(["serve", "--listen", &listen, "--cores", &cores])
                 .env("RINGCAST_SECRET", ringcast::seed::DEV_SECRET)
@@ -594,6 +633,8 @@ fn fanout_fig(r: &FanoutReport) -> FanoutFig {
             max: r.latency.max_us,
         },
         problems: r.problems.clone(),
+        wire_bytes_per_delivery: r.wire_bytes_per_delivery,
+        compressed_connections: r.compressed_connections,
     }
 }
 
@@ -650,6 +691,8 @@ fn run_case(ctx: &mut Ctx, kind: ServerKind, cores: usize, size: u64, repeat: us
                     messages.to_string(),
                     "--connect-rate".into(),
                     ctx.plan.connect_rate_for(kind, ctx.plan.connect_rate).to_string(),
+                    "--pad".into(),
+                    ctx.plan.pad.to_string(),
                     "--server-pid".into(),
                     pid,
                 ],
@@ -696,6 +739,8 @@ fn run_paced(ctx: &mut Ctx, kind: ServerKind, cores: usize, repeat: usize) -> Pa
                     ctx.plan.paced_rate.to_string(),
                     "--connect-rate".into(),
                     ctx.plan.connect_rate_for(kind, ctx.plan.connect_rate).to_string(),
+                    "--pad".into(),
+                    ctx.plan.pad.to_string(),
                     "--server-pid".into(),
                     server.pid().to_string(),
                 ],
@@ -785,6 +830,12 @@ fn summarize(plan: &Plan, runs: &[CaseRun], paced: &[PacedRun]) -> (Vec<Summary>
                     ),
                     latency: median_lat(&fan.iter().map(|f| &f.latency).collect::<Vec<_>>()),
                     loss: fan.iter().map(|f| f.loss).sum(),
+                    wire_bytes_per_delivery: median(
+                        fan.iter()
+                            .map(|f| f.wire_bytes_per_delivery)
+                            .filter(|&b| b > 0.0)
+                            .collect(),
+                    ),
                 });
             }
             let prs: Vec<&PacedRun> = paced

@@ -58,6 +58,7 @@ fn color(server: ServerKind, cores: usize) -> RGBColor {
         ServerKind::Ringcast => (214, 39, 40),
         ServerKind::RingcastSend => (255, 127, 14),
         ServerKind::RingcastTls => (148, 103, 189),
+        ServerKind::RingcastDeflate => (44, 160, 44),
         ServerKind::Floor => (30, 30, 30),
         ServerKind::Tokio => (31, 119, 180),
     };

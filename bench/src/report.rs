@@ -291,6 +291,7 @@ pub fn readme(r: &Results, prefix: &str, plot_note: Option<&str>) -> String {
         let _ = writeln!(s, "\n**Command:** `{}`", r.command);
     }
     s.push_str(&tls_section(r));
+    s.push_str(&deflate_section(r));
     s.push_str("\n## Targets\n\n");
     s.push_str(&targets_table(r));
     s.push_str("\n## Fanout at every size (medians)\n\n");
@@ -541,6 +542,54 @@ pub fn tls_section(r: &Results) -> String {
             opt(t.latency.as_ref().map(|l| l.p99), fmt_us),
             x.loss,
             t.loss
+        );
+    }
+    s
+}
+
+/// ringcast with the loadgen offering `permessage-deflate` against plain ringcast, side
+/// by side in this run: bytes on the wire and server CPU per delivery. Empty unless the
+/// run had both.
+pub fn deflate_section(r: &Results) -> String {
+    use ServerKind::{Ringcast, RingcastDeflate};
+    if !(r.plan.servers.contains(&Ringcast) && r.plan.servers.contains(&RingcastDeflate)) {
+        return String::new();
+    }
+    let mut s = format!(
+        "\n## Compression against plain (`ringcast` with the loadgen offering `permessage-deflate` or not)\n\n\
+         The same build, servers started one after the other at each size, medians over the repeats. \
+         Every fanout message's body is padded with {} bytes of chat-like text (`--pad`). A broadcast is \
+         compressed once per core and the same frame goes to every subscriber that negotiated it. \
+         *bytes* are the WebSocket bytes the subscribers read per delivery.\n\n\
+         | server cores | subscribers | bytes plain | bytes deflate | plain / deflate | CPU plain | CPU deflate | deflate / plain | loss plain / deflate |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+        r.plan.pad
+    );
+    let per_delivery = |x: Option<f64>| x.filter(|&x| x > 0.0).map(|x| 1e6 / x);
+    for x in r.summary.iter().filter(|x| x.server == Ringcast) {
+        let Some(d) = sum(r, RingcastDeflate, x.cores, x.size) else {
+            continue;
+        };
+        let (a, b) = (
+            per_delivery(x.deliveries_per_cpu_sec),
+            per_delivery(d.deliveries_per_cpu_sec),
+        );
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+            x.cores,
+            x.size,
+            opt(x.wire_bytes_per_delivery, fmt_bytes),
+            opt(d.wire_bytes_per_delivery, fmt_bytes),
+            opt(
+                ratio(x.wire_bytes_per_delivery, d.wire_bytes_per_delivery),
+                |v| format!("{v:.2}")
+            ),
+            opt(a, |v| format!("{v:.2} µs")),
+            opt(b, |v| format!("{v:.2} µs")),
+            opt(ratio(b, a), |v| format!("{v:.2}")),
+            x.loss,
+            d.loss
         );
     }
     s
