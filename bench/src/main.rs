@@ -1074,6 +1074,25 @@ mod tests {
     }
 
     #[test]
+    fn ringcast_deflate_is_ringcast_with_a_loadgen_that_offers_compression() {
+        assert_eq!(
+            ServerKind::RingcastDeflate.url_args(5),
+            ["--url", "ws://127.0.0.1:5", "--compress"]
+        );
+        assert_eq!(ServerKind::RingcastDeflate.binary(), "ringcast");
+        let cli = Cli::try_parse_from([
+            "ringcast-bench",
+            "--servers",
+            "ringcast,ringcast-deflate",
+            "--pad",
+            "4000",
+        ])
+        .unwrap();
+        assert_eq!(cli.servers, [ServerKind::Ringcast, ServerKind::RingcastDeflate]);
+        assert_eq!(cli.pad, 4000);
+    }
+
+    #[test]
     fn ringcast_over_tls_is_a_server_of_its_own_reached_over_wss() {
         let cli = Cli::try_parse_from([
             "ringcast-bench",
