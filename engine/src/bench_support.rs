@@ -35,6 +35,7 @@ pub(crate) fn bare_app(config: Config) -> Arc<App> {
         socket: Box::new(Nobody),
         presence_fetch: None,
         stats: (0..config.cores.max(1)).map(|_| Default::default()).collect(),
+        epoch_seed: 1,
         config,
     })
 }

@@ -105,6 +105,12 @@ struct ServeArgs {
     /// ... and exit at the latest this long after the signal.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Broadcasts each `rooms:*` topic keeps for recovery (a rejoin with `since`).
+    #[arg(long, default_value_t = seed::HISTORY_SIZE)]
+    history_size: usize,
+    /// How long each kept broadcast stays recoverable.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    history_ttl: Duration,
     /// Cluster mode: share topics with other nodes through this Redis server.
     #[arg(long, value_name = "redis://HOST:PORT")]
     redis: Option<String>,
@@ -207,6 +213,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
     });
     let defaults = Config::default();
+    let router = seed::router_with_history(args.history_size, args.history_ttl);
+    if cluster.is_some() {
+        tracing::warn!("cluster mode: rooms:* keeps no history yet (positions must come from Redis to agree across nodes)");
+    }
     let cores = args.cores.unwrap_or(defaults.cores);
     let config = Config {
         listen: args.listen,
@@ -239,7 +249,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let cores = config.cores;
     let listen = config.listen;
-    let server = Server::bind(config, UserSocket::new(&secret), seed::router())
+    let server = Server::bind(config, UserSocket::new(&secret), router)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = server.local_addr();
     let running = server.start()?;

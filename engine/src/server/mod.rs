@@ -122,6 +122,7 @@ impl Server {
                 socket: Box::new(socket),
                 presence_fetch: None,
                 stats,
+                epoch_seed: crate::clock::unix_nanos(),
             }),
             endpoint: Endpoint::new(core_inboxes, cluster),
             inboxes,

@@ -11,9 +11,11 @@ pub mod api;
 pub mod app;
 pub mod cluster;
 pub mod conn;
+pub(crate) mod history;
 pub(crate) mod inbox;
 pub(crate) mod mesh;
 pub(crate) mod presence;
+pub(crate) mod recovery;
 pub(crate) mod session;
 pub mod stats;
 pub(crate) mod timers;
@@ -28,6 +30,7 @@ use bytes::Bytes;
 use slab::Slab;
 
 use crate::clock::Clock;
+use crate::proto::position::Position;
 use crate::proto::serializer::{encode, Body, EncodeError, Outgoing};
 use crate::proto::ws::close_code;
 use crate::proto::{Payload, Vsn};
@@ -37,7 +40,8 @@ use conn::{Conn, ConnId, ConnLimits, Mail, OutFrame};
 use mesh::{Mesh, MeshMsg};
 
 /// A broadcast, encoded once: the V2 frame eagerly, the V1 frame the first time a V1
-/// subscriber needs it.
+/// subscriber needs it. On a topic with history it carries its position in the frames'
+/// `ref` slot.
 pub struct Broadcast {
     pub(crate) topic: Box<str>,
     pub(crate) event: Box<str>,
@@ -48,6 +52,8 @@ pub struct Broadcast {
     v1: OnceLock<Result<Bytes, EncodeError>>,
     /// `broadcast_from`: the (shard, connection) that must not receive it.
     pub(crate) from: Option<(usize, ConnId)>,
+    /// Its place in the topic's history, which the frames carry in their `ref` slot.
+    pub(crate) position: Option<Position>,
 }
 
 impl Broadcast {
@@ -61,6 +67,34 @@ impl Broadcast {
             v2,
             v1: OnceLock::new(),
             from,
+            position: None,
+        }
+    }
+
+    /// A broadcast at `position` in its topic's history: the position goes in the
+    /// frames' `ref` slot (a JSON payload's; binary frames have no such slot).
+    pub(crate) fn at(
+        topic: &str,
+        event: &str,
+        payload: Payload,
+        from: Option<(usize, ConnId)>,
+        position: Position,
+    ) -> Self {
+        let pos_ref = position.to_ref();
+        let msg = Outgoing {
+            msg_ref: Some(&pos_ref),
+            ..Outgoing::broadcast(topic, event, &payload)
+        };
+        let v2 = encode(Vsn::V2, &msg);
+        Broadcast {
+            topic: topic.into(),
+            event: event.into(),
+            payload: OnceLock::from(payload),
+            raw: None,
+            v2,
+            v1: OnceLock::new(),
+            from,
+            position: Some(position),
         }
     }
 
@@ -76,6 +110,7 @@ impl Broadcast {
             v2,
             v1: OnceLock::new(),
             from: None,
+            position: None,
         }
     }
 
@@ -104,7 +139,10 @@ impl Broadcast {
                 Some(raw) => encode(Vsn::V1, &Self::raw_outgoing(&self.topic, &self.event, raw)),
                 None => encode(
                     Vsn::V1,
-                    &Outgoing::broadcast(&self.topic, &self.event, self.payload()),
+                    &Outgoing {
+                        msg_ref: self.position.map(|p| p.to_ref()).as_ref(),
+                        ..Outgoing::broadcast(&self.topic, &self.event, self.payload())
+                    },
                 ),
             }),
         };
@@ -157,6 +195,16 @@ pub(crate) struct Shard {
     /// The first slab key the drain has not asked to go yet.
     drain_next: Cell<usize>,
     stop_waker: RefCell<Option<std::task::Waker>>,
+    /// The histories of the topics this core owns ([`history`]).
+    histories: RefCell<HashMap<Box<str>, history::Ring<Arc<Broadcast>>>>,
+    /// Epochs this core made so far.
+    epochs_made: Cell<u64>,
+    /// Joins waiting for their topic's owner core, by fetch id, and the next id.
+    awaiting: RefCell<HashMap<u64, recovery::Recovery>>,
+    next_fetch: Cell<u64>,
+    /// Topics with joins waiting for their owner's answer: they count as subscribed,
+    /// so that the owner forwards the topic here from the fetch on.
+    held: RefCell<HashMap<Box<str>, u32>>,
 }
 
 /// Keeps a subscription's position where its owner can find it.
@@ -225,6 +273,11 @@ impl Shard {
             stopping: Cell::new(false),
             drain_next: Cell::new(0),
             stop_waker: RefCell::new(None),
+            histories: RefCell::default(),
+            epochs_made: Cell::new(0),
+            awaiting: RefCell::default(),
+            next_fetch: Cell::new(0),
+            held: RefCell::default(),
         })
     }
 
@@ -343,7 +396,8 @@ impl Shard {
                 None => {
                     topics.insert(topic.into(), vec![sub.clone()]);
                     self.stats.topics.add(1);
-                    (true, 0)
+                    // A join waiting for its history holds the interest already.
+                    (!self.held.borrow().contains_key(topic), 0)
                 }
             }
         };
@@ -382,7 +436,7 @@ impl Shard {
                 topics.remove(topic);
                 self.stats.topics.sub(1);
             }
-            last
+            last && !self.held.borrow().contains_key(topic)
         };
         if last {
             if let Some(mesh) = &self.mesh {
@@ -470,16 +524,23 @@ impl Shard {
         let mut shared: [Option<Rc<Bytes>>; 2] = [None, None];
         // Built as JSON text: server-made presence (`presence_diff`), under its own bound.
         let presence = b.raw.is_some();
+        // On a topic with history a subscriber that intercepts must get the frames in
+        // the offsets' order: behind its intercepted broadcasts still in its mailbox.
+        let ordered = b.position.is_some();
         let mut delivered = 0u64;
         for sub in subs {
             if Some(sub.conn.id) == skip {
                 continue;
             }
             let conn = &sub.conn;
-            if !sub.intercepts.is_empty() && sub.intercepts.contains(&&*b.event) {
+            let behind_mail = if sub.intercepts.is_empty() {
+                false
+            } else if sub.intercepts.contains(&&*b.event) {
                 conn.mail(Mail::Out(b.clone()));
                 continue;
-            }
+            } else {
+                ordered && conn.has_mail()
+            };
             let slot = &mut shared[sub.vsn as usize];
             if slot.is_none() {
                 *slot = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
@@ -490,7 +551,9 @@ impl Shard {
                 } else {
                     OutFrame::Shared(frame.clone())
                 };
-                if conn.push(frame) {
+                if behind_mail {
+                    conn.mail(Mail::Frame(frame));
+                } else if conn.push(frame) {
                     if conn.fd.get() >= 0 {
                         self.mark_dirty(conn);
                     } else {
@@ -580,6 +643,18 @@ impl Shard {
     pub(crate) fn run_command(&self, cmd: inbox::CoreCommand) {
         use inbox::CoreCommand;
         match cmd {
+            // The endpoint off the cores hands a broadcast to every core; on a topic
+            // with history only its owner takes it, to sequence it.
+            CoreCommand::Deliver(b) if b.position.is_none() && self.history_of(&b.topic).is_some() => {
+                if self.owner_of(&b.topic) == self.index {
+                    self.sequence(history::Publish {
+                        topic: b.topic.clone(),
+                        event: b.event.clone(),
+                        payload: b.payload().clone(),
+                        from: b.from,
+                    });
+                }
+            }
             CoreCommand::Deliver(b) => self.deliver_local(&b),
             CoreCommand::Presence(topic, delta) => self.presence_apply(&topic, &delta),
             CoreCommand::PresenceState(topic, node, entries) => {
@@ -610,6 +685,26 @@ impl Shard {
                     mesh.acked(id);
                 }
             }
+            MeshMsg::Sequence(p) => self.sequence(*p),
+            MeshMsg::HistoryFetch {
+                topic,
+                since,
+                core,
+                id,
+            } => {
+                let answer = Box::new(self.history_answer(&topic, since));
+                if let Some(mesh) = &self.mesh {
+                    mesh.send_to(core, MeshMsg::HistoryReply { id, answer });
+                }
+            }
+            MeshMsg::HistoryReply { id, answer } => {
+                let job = self.awaiting.borrow_mut().remove(&id);
+                if let Some(job) = job {
+                    let topic = job.topic.clone();
+                    self.complete_recovery(job, *answer);
+                    self.release_hold(&topic);
+                }
+            }
         }
         None
     }
@@ -628,6 +723,7 @@ impl Shard {
         if let Some(mesh) = &self.mesh {
             mesh.expire_acks(now, INTEREST_ACK_TIMEOUT.as_millis() as u32);
         }
+        self.sweep_histories();
         let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
         let park_after = PARK_AFTER.as_millis() as u32;
         for (_, conn) in self.conns.borrow().iter() {

@@ -8,12 +8,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+use crate::proto::position::Position;
 use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::socket::Route;
 use crate::proto::{Message, Payload, Ref};
 use crate::shard::api::channel::{HandleResult, Handled, Joined, LocalFuture, Reply, StopReason};
 use crate::shard::api::socket::Socket;
 use crate::shard::conn::{Conn, Mail, OutFrame, Slot};
+use crate::shard::recovery::Recovery;
 use crate::shard::{Shard, Sub};
 
 /// Most channels one connection may join (Phoenix's default).
@@ -22,6 +24,8 @@ pub(crate) const MAX_CHANNELS: usize = 100;
 enum Pending {
     /// A join is done but its answer waits until every core forwards the topic here.
     Barrier { ack: u64, frames: Vec<OutFrame> },
+    /// A join on a topic with history waits for the topic's owner core to answer.
+    Recover { done: Rc<Cell<bool>> },
     Join {
         fut: LocalFuture<Joined>,
         msg_ref: Option<Ref>,
@@ -29,6 +33,8 @@ enum Pending {
         intercepts: &'static [&'static str],
         topic: Rc<str>,
         join_ref: Ref,
+        /// On a topic with history: the join's `since`, if it gave one.
+        history: Option<Option<Position>>,
     },
     Run {
         fut: LocalFuture<Handled>,
@@ -36,6 +42,16 @@ enum Pending {
         topic: Rc<str>,
         join_ref: Ref,
     },
+}
+
+/// The `since` of a join on a topic with history: none, a position, or `Err` for
+/// anything else (answered `{"reason":"invalid"}`).
+fn since(payload: &Payload) -> Result<Option<Position>, ()> {
+    match payload.json().and_then(|p| p.get("since")) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Position::parse(s).map(Some).ok_or(()),
+        Some(_) => Err(()),
+    }
 }
 
 /// Polls a handler future; a panic inside it is `Ready(None)` (the channel crashed).
@@ -242,6 +258,23 @@ impl Session {
         if self.conn.channels.borrow().len() >= MAX_CHANNELS {
             return refuse(self, "too many channels joined");
         }
+        let history = match self.shard.history_of(&msg.topic) {
+            None => None,
+            Some(_) => match since(&msg.payload) {
+                Ok(since) => Some(since),
+                Err(()) => {
+                    let reply = Reply::error("invalid");
+                    let topic = &msg.topic;
+                    return self.refuse_join(
+                        Some(&join_ref),
+                        msg.msg_ref.as_ref(),
+                        topic,
+                        &reply,
+                        replaced.as_ref(),
+                    );
+                }
+            },
+        };
         let topic: Rc<str> = msg.topic.as_str().into();
         let socket = Socket::new(
             self.conn.clone(),
@@ -257,6 +290,7 @@ impl Session {
             intercepts: route.intercepts,
             topic,
             join_ref,
+            history,
         }));
         self.poll_pending(cx);
     }
@@ -278,6 +312,12 @@ impl Session {
                     self.conn.enqueue(frame);
                 }
             }
+            Pending::Recover { done } => {
+                if !done.get() {
+                    return true;
+                }
+                self.pending = None;
+            }
             Pending::Join { fut, .. } => {
                 let Poll::Ready(outcome) = poll_caught(fut, cx) else {
                     return true;
@@ -288,13 +328,14 @@ impl Session {
                     intercepts,
                     topic,
                     join_ref,
+                    history,
                     ..
                 }) = self.pending.take().map(|p| *p)
                 else {
                     unreachable!("matched above")
                 };
                 match outcome {
-                    Some(joined) => self.finish_join(joined, msg_ref, replaced, intercepts),
+                    Some(joined) => self.finish_join(joined, msg_ref, replaced, intercepts, history),
                     None => {
                         tracing::warn!(%topic, "join handler crashed");
                         let reply = Reply::error("join crashed");
@@ -336,10 +377,50 @@ impl Session {
         msg_ref: Option<Ref>,
         replaced: Option<Ref>,
         intercepts: &'static [&'static str],
+        history: Option<Option<Position>>,
     ) {
         let topic = socket.topic.clone();
         let join_ref = socket.join_ref.clone();
         match result {
+            Ok((channel, response)) if history.is_some() => {
+                let deferred = socket.deferred.take().unwrap_or_default();
+                self.conn.channels.borrow_mut().insert(
+                    topic.clone(),
+                    join_ref.clone(),
+                    Slot {
+                        running: Some((channel, socket)),
+                        sub_pos: Cell::new(0),
+                    },
+                );
+                self.shard.stats.channels.add(1);
+                let closed_old = replaced.as_ref().and_then(|old| {
+                    let close = Payload::empty();
+                    let msg = Outgoing {
+                        join_ref: Some(old),
+                        msg_ref: Some(old),
+                        topic: &topic,
+                        event: "phx_close",
+                        body: Body::Payload(&close),
+                    };
+                    encode(self.conn.vsn, &msg).ok()
+                });
+                let done = Rc::new(Cell::new(false));
+                let job = Recovery {
+                    conn: self.conn.clone(),
+                    topic,
+                    join_ref,
+                    msg_ref,
+                    response,
+                    since: history.flatten(),
+                    closed_old,
+                    deferred,
+                    intercepts,
+                    done: done.clone(),
+                };
+                if !self.shard.recover(job) {
+                    self.pending = Some(Box::new(Pending::Recover { done }));
+                }
+            }
             Ok((channel, response)) => {
                 let deferred = socket.deferred.take().unwrap_or_default();
                 self.conn.channels.borrow_mut().insert(
@@ -483,15 +564,18 @@ impl Session {
                         continue;
                     };
                     socket.deferred = None;
+                    socket.position = b.position.map(|p| p.to_ref());
                     let ok = catch_unwind(AssertUnwindSafe(|| {
                         channel.handle_out(&b.event, b.payload(), &mut socket)
                     }));
+                    socket.position = None;
                     let (topic, join_ref) = (socket.topic.clone(), socket.join_ref.clone());
                     self.conn.channels.borrow_mut().get_mut(index).state.running = Some((channel, socket));
                     if ok.is_err() {
                         self.crash(&topic, &join_ref);
                     }
                 }
+                Mail::Frame(frame) => self.conn.enqueue(frame),
                 Mail::Info(topic, join_ref, msg) => {
                     let running = {
                         let mut channels = self.conn.channels.borrow_mut();

@@ -67,11 +67,13 @@ impl Endpoint {
     ///
     /// A payload must be a JSON object or bytes, as in Phoenix.
     pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
-        let broadcast = Broadcast::new(topic, event, payload.into(), None);
+        let payload = payload.into();
         match shard::current() {
-            Ok(shard) if shard.endpoint.id() == self.id() => shard.publish(broadcast),
+            Ok(shard) if shard.endpoint.id() == self.id() => shard.broadcast(topic, event, payload, None),
             _ => {
-                let broadcast = Arc::new(broadcast);
+                // Every core gets it; on a topic with history only its owner takes it,
+                // to sequence it ([`Shard::run_command`]).
+                let broadcast = Arc::new(Broadcast::new(topic, event, payload, None));
                 if let Some(cluster) = &self.inner.cluster {
                     cluster.publish(&broadcast);
                 }

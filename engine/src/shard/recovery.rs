@@ -1,0 +1,338 @@
+//! The shard's side of history and recovery: publishing on a topic with history
+//! (through its owner core, which sequences and keeps it), and answering a join with
+//! its position and, with `since`, its replay. The rules of the ring itself are in
+//! [`super::history`].
+//!
+//! A join on the owner core is answered at once. A join on another core holds the
+//! topic's interest (the owner forwards the topic here from then on), asks the owner
+//! over the mesh, and is subscribed the moment the answer arrives: the owner sent
+//! every broadcast sequenced after its answer behind it on the same ring, so the
+//! joiner gets the replay and then the live broadcasts, none twice, none missing.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::conn::{Conn, Mail, OutFrame};
+use super::history::{self, Answer, History, Publish, Replay};
+use super::mesh::MeshMsg;
+use super::{Broadcast, Shard, Sub};
+use crate::proto::position::Position;
+use crate::proto::serializer::{encode, Outgoing};
+use crate::proto::{Payload, Ref};
+use crate::shard::conn::ConnId;
+
+/// A join on a topic with history, accepted by its channel, waiting to be answered:
+/// everything its reply, its replay and its subscription need.
+pub(crate) struct Recovery {
+    pub(crate) conn: Rc<Conn>,
+    pub(crate) topic: Rc<str>,
+    pub(crate) join_ref: Ref,
+    pub(crate) msg_ref: Option<Ref>,
+    /// The channel's ok response; `position` (and `recovered`) are added to it.
+    pub(crate) response: Payload,
+    pub(crate) since: Option<Position>,
+    /// The `phx_close` of a channel this join replaced, sent right after the reply.
+    pub(crate) closed_old: Option<Bytes>,
+    /// Pushes the channel made while joining, sent after the replay.
+    pub(crate) deferred: Vec<OutFrame>,
+    pub(crate) intercepts: &'static [&'static str],
+    /// Set once answered; the session waits for it.
+    pub(crate) done: Rc<Cell<bool>>,
+}
+
+impl Shard {
+    /// The history `topic` keeps, if its route keeps one. In cluster mode none yet:
+    /// positions must then come from Redis, so that every node agrees on them.
+    pub(crate) fn history_of(&self, topic: &str) -> Option<History> {
+        if self.endpoint.cluster().is_some() {
+            return None;
+        }
+        self.app.router.history_of(topic)
+    }
+
+    /// The core that sequences `topic`.
+    pub(crate) fn owner_of(&self, topic: &str) -> usize {
+        history::owner_core(topic, self.mesh.as_ref().map_or(1, |m| m.peers()))
+    }
+
+    /// Broadcasts from a channel, the endpoint or the HTTP API on this core: a topic
+    /// without history takes today's path ([`Shard::publish`]); one with history goes
+    /// to its owner core to be sequenced.
+    pub(crate) fn broadcast(
+        &self,
+        topic: &str,
+        event: &str,
+        payload: Payload,
+        from: Option<(usize, ConnId)>,
+    ) {
+        if self.history_of(topic).is_none() {
+            return self.publish(Broadcast::new(topic, event, payload, from));
+        }
+        self.stats.broadcasts.add(1);
+        let publish = Publish {
+            topic: topic.into(),
+            event: event.into(),
+            payload,
+            from,
+        };
+        match &self.mesh {
+            Some(mesh) if self.owner_of(topic) != self.index => {
+                let owner = self.owner_of(topic);
+                mesh.send_to(owner, MeshMsg::Sequence(Box::new(publish)));
+            }
+            _ => self.sequence(publish),
+        }
+    }
+
+    /// The ring of `topic`, made with a fresh epoch if this core holds none.
+    fn with_ring<R>(
+        &self,
+        topic: &str,
+        now_ms: u64,
+        f: impl FnOnce(&mut history::Ring<Arc<Broadcast>>) -> R,
+    ) -> R {
+        let mut rings = self.histories.borrow_mut();
+        if let Some(ring) = rings.get_mut(topic) {
+            return f(ring);
+        }
+        let n = self.epochs_made.get();
+        self.epochs_made.set(n + 1);
+        let epoch = history::epoch(self.app.epoch_seed, self.index, n);
+        self.stats.history_topics.add(1);
+        f(rings
+            .entry(topic.into())
+            .or_insert(history::Ring::new(epoch, now_ms)))
+    }
+
+    /// On the owner core: gives the broadcast the topic's next offset, keeps it, and
+    /// fans it out here and to every core with subscribers. A binary payload keeps
+    /// its place in the order but takes no offset (its frame has no `ref` slot).
+    pub(crate) fn sequence(&self, p: Publish) {
+        let Some(history) = self.history_of(&p.topic) else {
+            return self.publish(Broadcast::new(&p.topic, &p.event, p.payload, p.from));
+        };
+        let now = self.clock().now_ms();
+        let b = if matches!(p.payload, Payload::Binary(_)) {
+            Arc::new(Broadcast::new(&p.topic, &p.event, p.payload, p.from))
+        } else {
+            self.with_ring(&p.topic, now, |ring| {
+                let b = Arc::new(Broadcast::at(&p.topic, &p.event, p.payload, p.from, ring.next()));
+                let before = ring.len();
+                ring.push(now, b.clone(), history.size);
+                let after = ring.len();
+                self.stats.history_entries.add(after as u64);
+                self.stats.history_entries.sub(before as u64);
+                b
+            })
+        };
+        if let Some(mesh) = &self.mesh {
+            mesh.forward(&b);
+        }
+        self.deliver_local(&b);
+    }
+
+    /// On the owner core: the topic's position and, for `since`, the replay.
+    pub(crate) fn history_answer(&self, topic: &str, since: Option<Position>) -> Answer {
+        let ttl = self.history_of(topic).map_or(0, |h| h.ttl_ms());
+        let now = self.clock().now_ms();
+        self.with_ring(topic, now, |ring| {
+            let before = ring.len();
+            let replay = match since {
+                None => {
+                    ring.touch(now);
+                    Replay::NotAsked
+                }
+                Some(since) => match ring.since(since, now, ttl) {
+                    Some(list) => Replay::Recovered(list),
+                    None => Replay::Lost,
+                },
+            };
+            self.stats.history_entries.sub((before - ring.len()) as u64);
+            Answer {
+                position: ring.position(),
+                replay,
+            }
+        })
+    }
+
+    /// Answers a join accepted on a topic with history: at once on the owner core
+    /// (`true`), else once the owner's answer arrives (`false`; `job.done` is set then).
+    pub(crate) fn recover(&self, job: Recovery) -> bool {
+        let owner = self.owner_of(&job.topic);
+        match &self.mesh {
+            Some(mesh) if owner != self.index => {
+                self.hold(&job.topic);
+                let id = self.next_fetch.get() + 1;
+                self.next_fetch.set(id);
+                let (topic, since) = (Arc::from(&*job.topic), job.since);
+                self.awaiting.borrow_mut().insert(id, job);
+                let core = self.index;
+                mesh.send_to(
+                    owner,
+                    MeshMsg::HistoryFetch {
+                        topic,
+                        since,
+                        core,
+                        id,
+                    },
+                );
+                false
+            }
+            _ => {
+                let answer = self.history_answer(&job.topic, job.since);
+                self.complete_recovery(job, answer);
+                true
+            }
+        }
+    }
+
+    /// Sends the join reply with `position` (and `recovered`), the replay in order,
+    /// the channel's own pushes, and subscribes the channel, all before any other
+    /// broadcast on the topic can reach it.
+    pub(crate) fn complete_recovery(&self, job: Recovery, answer: Answer) {
+        let conn = job.conn.clone();
+        let alive = conn.close.get().is_none() && {
+            let channels = conn.channels.borrow();
+            channels
+                .position(&job.topic)
+                .is_some_and(|i| channels.get(i).join_ref == job.join_ref)
+        };
+        if alive {
+            self.answer_join(job, answer);
+        } else {
+            job.done.set(true);
+        }
+        conn.wake();
+    }
+
+    fn answer_join(&self, job: Recovery, answer: Answer) {
+        let conn = &job.conn;
+        let mut response = job.response;
+        if let Payload::Json(Value::Object(map)) = &mut response {
+            map.insert("position".into(), answer.position.to_string().into());
+            match &answer.replay {
+                Replay::NotAsked => {}
+                Replay::Recovered(_) => {
+                    map.insert("recovered".into(), true.into());
+                }
+                Replay::Lost => {
+                    map.insert("recovered".into(), false.into());
+                }
+            }
+        }
+        let reply = Outgoing::reply(
+            Some(&job.join_ref),
+            job.msg_ref.as_ref(),
+            &job.topic,
+            "ok",
+            &response,
+        );
+        if let Ok(frame) = encode(conn.vsn, &reply) {
+            conn.enqueue(OutFrame::Own(frame));
+        }
+        if let Some(close) = job.closed_old {
+            conn.enqueue(OutFrame::Own(close));
+        }
+        for frame in job.deferred {
+            conn.enqueue(frame);
+        }
+        match answer.replay {
+            Replay::NotAsked => {}
+            Replay::Lost => self.stats.history_lost.add(1),
+            Replay::Recovered(list) => {
+                self.stats.history_recovered.add(1);
+                self.stats.history_replayed.add(list.len() as u64);
+                // From the first intercepted broadcast on, the replay goes through the
+                // mailbox (`handle_out` runs there), ahead of whatever the join mailed
+                // itself: the replay comes before the channel's after-join work.
+                let mut mails = Vec::new();
+                for b in list {
+                    if job.intercepts.contains(&&*b.event) {
+                        mails.push(Mail::Out(b));
+                    } else if let Some(frame) = b.frame(conn.vsn) {
+                        let frame = OutFrame::Shared(Rc::new(frame.clone()));
+                        if mails.is_empty() {
+                            conn.enqueue(frame);
+                        } else {
+                            mails.push(Mail::Frame(frame));
+                        }
+                    }
+                }
+                conn.mail_first(mails);
+            }
+        }
+        let sub = Sub {
+            conn: conn.clone(),
+            vsn: conn.vsn,
+            intercepts: job.intercepts,
+        };
+        if let (Some(ack), Some(mesh)) = (self.subscribe(&job.topic, sub), &self.mesh) {
+            // Broadcasts on this topic all come from its owner: no ack to wait for.
+            mesh.forget_ack(ack);
+        }
+        job.done.set(true);
+    }
+
+    /// Counts a join waiting for the owner as interest in `topic`.
+    fn hold(&self, topic: &str) {
+        let first = !self.topics.borrow().contains_key(topic) && !self.held.borrow().contains_key(topic);
+        *self.held.borrow_mut().entry(topic.into()).or_default() += 1;
+        if first {
+            let now = self.now_ms();
+            if let Some(ack) = self.mesh.as_ref().and_then(|m| m.announce(topic, true, now)) {
+                if let Some(mesh) = &self.mesh {
+                    mesh.forget_ack(ack);
+                }
+            }
+        }
+    }
+
+    /// The waiting join was answered (and subscribed, unless it went away meanwhile).
+    pub(crate) fn release_hold(&self, topic: &str) {
+        let gone = {
+            let mut held = self.held.borrow_mut();
+            let Some(n) = held.get_mut(topic) else { return };
+            *n -= 1;
+            let gone = *n == 0;
+            if gone {
+                held.remove(topic);
+            }
+            gone
+        };
+        if gone && !self.topics.borrow().contains_key(topic) {
+            if let Some(mesh) = &self.mesh {
+                mesh.announce(topic, false, self.now_ms());
+            }
+        }
+    }
+
+    /// Expires what the histories this core owns kept past their ttl, and forgets a
+    /// topic nobody used for a ttl once it keeps nothing and no core subscribes to it.
+    pub(crate) fn sweep_histories(&self) {
+        if self.histories.borrow().is_empty() {
+            return;
+        }
+        let now = self.clock().now_ms();
+        let mut entries = 0;
+        self.histories.borrow_mut().retain(|topic, ring| {
+            let ttl = self.app.router.history_of(topic).map_or(0, |h| h.ttl_ms());
+            ring.expire(now, ttl);
+            let used = self.topics.borrow().contains_key(topic)
+                || self.held.borrow().contains_key(topic)
+                || self.mesh.as_ref().is_some_and(|m| m.has_interest(topic));
+            let keep = used || !ring.idle(now, ttl);
+            if keep {
+                entries += ring.len() as u64;
+            }
+            keep
+        });
+        self.stats.history_entries.set(entries);
+        self.stats
+            .history_topics
+            .set(self.histories.borrow().len() as u64);
+    }
+}
