@@ -336,3 +336,216 @@ impl Shard {
             .set(self.histories.borrow().len() as u64);
     }
 }
+
+/// Two shards driven in memory over a hand-delivered mesh: a joiner on the core that
+/// does not own the topic, with broadcasts sequenced at every awkward moment of its
+/// fetch, gets the reply, the replay and the live broadcasts once each, in order.
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::Clock;
+    use crate::proto::Vsn;
+    use crate::shard::api::endpoint::Endpoint;
+    use crate::shard::app::{App, Config};
+    use crate::shard::conn::Slot;
+    use crate::shard::mesh::{Mesh, MeshLink};
+    use crate::{Channel, HandleResult, Router, Socket};
+
+    struct Room;
+
+    impl Channel for Room {
+        async fn join(_: &str, _: Payload, _: &mut Socket) -> Result<(Self, Payload), Payload> {
+            Ok((Room, Payload::empty()))
+        }
+        async fn handle_in(&mut self, _: &str, _: Payload, _: &mut Socket) -> HandleResult {
+            HandleResult::NoReply
+        }
+    }
+
+    type Wire = Rc<RefCell<VecDeque<(usize, MeshMsg)>>>;
+
+    struct TestLink(Wire);
+
+    impl MeshLink for TestLink {
+        fn send(&self, peer: usize, msg: MeshMsg) {
+            self.0.borrow_mut().push_back((peer, msg));
+        }
+    }
+
+    fn shards(size: usize) -> (Vec<Rc<Shard>>, Wire) {
+        let config = Config {
+            cores: 2,
+            ..Config::default()
+        };
+        let app = Arc::new(App {
+            router: Router::new().channel::<Room>("h:*").history(size, Duration::from_secs(60)),
+            socket: Box::new(crate::seed::UserSocket::new("s")),
+            presence_fetch: None,
+            stats: (0..2).map(|_| Default::default()).collect(),
+            epoch_seed: 42,
+            config,
+        });
+        let wire = Wire::default();
+        let shards = (0..2)
+            .map(|i| {
+                let mesh = Mesh::new(i, 2, Box::new(TestLink(wire.clone())));
+                Shard::new(i, app.clone(), Endpoint::new(Vec::new(), None), Some(mesh), Clock::manual())
+            })
+            .collect();
+        (shards, wire)
+    }
+
+    /// Delivers the next message on the wire; `false` when none is left.
+    fn step(shards: &[Rc<Shard>], wire: &Wire) -> bool {
+        let next = wire.borrow_mut().pop_front();
+        let Some((to, msg)) = next else { return false };
+        assert!(shards[to].handle_mesh(msg).is_none());
+        true
+    }
+
+    fn deliver_all(shards: &[Rc<Shard>], wire: &Wire) {
+        while step(shards, wire) {}
+    }
+
+    /// A connection on `shard` with a channel slot for `topic` under join_ref "1".
+    fn member(shard: &Shard, topic: &str) -> Rc<Conn> {
+        let conn = shard.add_conn(Vsn::V2, Rc::new(()), None, false);
+        let slot = Slot {
+            running: None,
+            sub_pos: Cell::new(0),
+        };
+        conn.channels.borrow_mut().insert(topic.into(), "1".into(), slot);
+        conn
+    }
+
+    fn joining(conn: &Rc<Conn>, topic: &str, since: Option<Position>) -> (Recovery, Rc<Cell<bool>>) {
+        let done = Rc::new(Cell::new(false));
+        let job = Recovery {
+            conn: conn.clone(),
+            topic: topic.into(),
+            join_ref: "1".into(),
+            msg_ref: Some("1".into()),
+            response: Payload::empty(),
+            since,
+            closed_old: None,
+            deferred: Vec::new(),
+            intercepts: &[],
+            done: done.clone(),
+        };
+        (job, done)
+    }
+
+    /// `(event, ref, payload)` of every frame queued to `conn`, emptying its queue.
+    fn frames(conn: &Conn) -> Vec<(String, Value, Value)> {
+        let mut out = conn.out.borrow_mut();
+        let got = out
+            .frames
+            .iter()
+            .map(|f| {
+                let (_, body) = crate::proto::ws::split_frame(f.bytes()).expect("a whole frame");
+                let v: Value = serde_json::from_slice(body).expect("JSON");
+                (v[3].as_str().unwrap().to_string(), v[1].clone(), v[4].clone())
+            })
+            .collect();
+        let n = out.bytes;
+        out.consume(n);
+        got
+    }
+
+    fn offsets(frames: &[(String, Value, Value)]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter(|(e, _, _)| e == "m")
+            .map(|(_, r, _)| Position::parse(r.as_str().expect("a position")).unwrap().offset)
+            .collect()
+    }
+
+    fn say(shard: &Shard, topic: &str, n: u64) {
+        shard.broadcast(topic, "m", Payload::Json(serde_json::json!({ "n": n })), None);
+    }
+
+    #[test]
+    fn a_joiner_on_the_other_core_gets_reply_replay_and_live_once_each_in_order() {
+        let (shards, wire) = shards(10);
+        let topic = (0..)
+            .map(|i| format!("h:{i}"))
+            .find(|t| history::owner_core(t, 2) == 0)
+            .unwrap();
+        let (owner, other) = (&shards[0], &shards[1]);
+        // A subscriber on each core; broadcasts from both.
+        for shard in [owner, other] {
+            let conn = member(shard, &topic);
+            let (job, done) = joining(&conn, &topic, None);
+            shard.recover(job);
+            deliver_all(&shards, &wire);
+            assert!(done.get());
+        }
+        let watcher = other.topics.borrow()[topic.as_str()][0].conn.clone();
+        frames(&watcher);
+        say(other, &topic, 1);
+        say(owner, &topic, 2);
+        say(other, &topic, 3);
+        deliver_all(&shards, &wire);
+        assert_eq!(offsets(&frames(&watcher)), [1, 2, 3], "one order, from both cores");
+
+        // The watcher leaves: the other core has no subscriber left, and no interest.
+        other.unsubscribe(&topic, watcher.id, 0);
+        deliver_all(&shards, &wire);
+        let joiner = member(other, &topic);
+        let epoch = owner.history_answer(&topic, None).position.epoch;
+        let (job, done) = joining(&joiner, &topic, Some(Position { epoch, offset: 1 }));
+        assert!(!other.recover(job), "the owner is asked");
+        say(owner, &topic, 4); // sequenced before the owner knows of the joiner
+        assert!(step(&shards, &wire), "the interest reaches the owner");
+        say(owner, &topic, 5); // forwarded to the other core, ahead of the answer
+        say(other, &topic, 6); // on its way to the owner, behind the fetch
+        deliver_all(&shards, &wire);
+        assert!(done.get());
+        say(owner, &topic, 7);
+        deliver_all(&shards, &wire);
+
+        let got = frames(&joiner);
+        assert_eq!(got[0].0, "phx_reply");
+        assert_eq!(got[0].2["response"]["recovered"], true);
+        let position = got[0].2["response"]["position"].as_str().unwrap();
+        assert_eq!(Position::parse(position).unwrap().offset, 5, "the answer came after 5");
+        assert_eq!(offsets(&got), [2, 3, 4, 5, 6, 7], "none twice, none missing");
+        assert!(other.held.borrow().is_empty(), "the hold is released");
+    }
+
+    #[test]
+    fn too_old_a_since_is_not_recovered_and_a_gone_joiner_is_not_subscribed() {
+        let (shards, wire) = shards(2);
+        let topic = (0..)
+            .map(|i| format!("h:{i}"))
+            .find(|t| history::owner_core(t, 2) == 0)
+            .unwrap();
+        for n in 1..=4 {
+            say(&shards[1], &topic, n);
+        }
+        deliver_all(&shards, &wire);
+        let epoch = shards[0].history_answer(&topic, None).position.epoch;
+        let conn = member(&shards[1], &topic);
+        let (job, _) = joining(&conn, &topic, Some(Position { epoch, offset: 1 }));
+        shards[1].recover(job);
+        deliver_all(&shards, &wire);
+        let got = frames(&conn);
+        assert_eq!(got.len(), 1, "the reply alone");
+        assert_eq!(got[0].2["response"]["recovered"], false);
+        assert_eq!(shards[1].stats.history_lost.get(), 1);
+
+        // A joiner whose connection closes while the owner answers is not subscribed.
+        let gone = member(&shards[1], &topic);
+        let (job, done) = joining(&gone, &topic, None);
+        shards[1].recover(job);
+        gone.request_close(1000);
+        deliver_all(&shards, &wire);
+        assert!(done.get());
+        let subs = shards[1].topics.borrow()[topic.as_str()].len();
+        assert_eq!(subs, 1, "only the first joiner");
+    }
+}
