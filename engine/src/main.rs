@@ -214,9 +214,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let defaults = Config::default();
     let router = seed::router_with_history(args.history_size, args.history_ttl);
-    if cluster.is_some() {
-        tracing::warn!("cluster mode: rooms:* keeps no history yet (positions must come from Redis to agree across nodes)");
-    }
     let cores = args.cores.unwrap_or(defaults.cores);
     let config = Config {
         listen: args.listen,

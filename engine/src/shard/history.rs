@@ -164,6 +164,20 @@ pub(crate) struct Answer {
     pub(crate) replay: Replay,
 }
 
+impl Answer {
+    /// The answer when history cannot be asked (Redis away): position 0:0, and a
+    /// `since` is not recovered.
+    pub(crate) fn unavailable(since: Option<Position>) -> Answer {
+        Answer {
+            position: Position { epoch: 0, offset: 0 },
+            replay: match since {
+                Some(_) => Replay::Lost,
+                None => Replay::NotAsked,
+            },
+        }
+    }
+}
+
 /// What a join with `since` gets.
 pub(crate) enum Replay {
     /// The join carried no `since`.

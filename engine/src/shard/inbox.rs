@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::proto::presence::{Delta, Meta};
+use crate::shard::history::{Answer, Publish};
 use crate::shard::stats::CoreStats;
 use crate::shard::{Broadcast, Shard};
 
@@ -24,10 +25,16 @@ pub(crate) enum CoreCommand {
     DropNode(u32),
     /// Stop accepting, close every connection with 1001, drain, stop.
     Shutdown,
+    /// Broadcast from a thread outside the cores ([`crate::Endpoint::broadcast`]):
+    /// the core publishes it as its own channels would.
+    Publish(Box<Publish>),
+    /// The answer (from Redis, in cluster mode) to this core's history fetch `id`.
+    HistoryReply(u64, Box<Answer>),
 }
 
 /// Commands a core's inbox holds; past it new ones are dropped and counted
-/// (`ringcast_inbox_dropped_total`), except a shutdown, which waits for room.
+/// (`ringcast_inbox_dropped_total`), except a shutdown and a history answer (a join
+/// waits for it), which wait for room.
 pub(crate) const INBOX_BOUND: usize = 65_536;
 
 /// The sending side of one core's inbox (`Send + Clone`).
@@ -43,7 +50,7 @@ impl CoreInbox {
     /// make its senders' memory grow) and counts the drop.
     pub(crate) fn send(&self, cmd: CoreCommand) {
         let sent = match cmd {
-            CoreCommand::Shutdown => self.tx.send(cmd).is_ok(),
+            CoreCommand::Shutdown | CoreCommand::HistoryReply(..) => self.tx.send(cmd).is_ok(),
             cmd => match self.tx.try_send(cmd) {
                 Ok(()) => true,
                 Err(crossbeam_channel::TrySendError::Full(_)) => {

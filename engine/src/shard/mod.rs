@@ -205,6 +205,9 @@ pub(crate) struct Shard {
     /// Topics with joins waiting for their owner's answer: they count as subscribed,
     /// so that the owner forwards the topic here from the fetch on.
     held: RefCell<HashMap<Box<str>, u32>>,
+    /// Cluster mode: answered joins subscribed once the topic's broadcasts pass the
+    /// position their replay ended at.
+    admitting: RefCell<HashMap<Box<str>, Vec<recovery::Admit>>>,
 }
 
 /// Keeps a subscription's position where its owner can find it.
@@ -278,6 +281,7 @@ impl Shard {
             awaiting: RefCell::default(),
             next_fetch: Cell::new(0),
             held: RefCell::default(),
+            admitting: RefCell::default(),
         })
     }
 
@@ -513,6 +517,12 @@ impl Shard {
 
     /// Fanout to this core's subscribers of the topic.
     pub(crate) fn deliver_local(&self, b: &Arc<Broadcast>) {
+        self.deliver_skipping(b, &[]);
+    }
+
+    /// Fanout to this core's subscribers but those in `also_skip` (in cluster mode,
+    /// joins whose replay already held the broadcast; almost always none).
+    pub(crate) fn deliver_skipping(&self, b: &Arc<Broadcast>, also_skip: &[ConnId]) {
         if &*b.event == DISCONNECT {
             self.disconnect(&b.topic);
         }
@@ -529,7 +539,7 @@ impl Shard {
         let ordered = b.position.is_some();
         let mut delivered = 0u64;
         for sub in subs {
-            if Some(sub.conn.id) == skip {
+            if Some(sub.conn.id) == skip || (!also_skip.is_empty() && also_skip.contains(&sub.conn.id)) {
                 continue;
             }
             let conn = &sub.conn;
@@ -643,19 +653,20 @@ impl Shard {
     pub(crate) fn run_command(&self, cmd: inbox::CoreCommand) {
         use inbox::CoreCommand;
         match cmd {
-            // The endpoint off the cores hands a broadcast to every core; on a topic
-            // with history only its owner takes it, to sequence it.
-            CoreCommand::Deliver(b) if b.position.is_none() && self.history_of(&b.topic).is_some() => {
-                if self.owner_of(&b.topic) == self.index {
-                    self.sequence(history::Publish {
-                        topic: b.topic.clone(),
-                        event: b.event.clone(),
-                        payload: b.payload().clone(),
-                        from: b.from,
-                    });
-                }
+            CoreCommand::Deliver(b) if b.position.is_some() => self.deliver_sequenced(&b),
+            CoreCommand::Deliver(b)
+                if self.endpoint.cluster().is_some() && self.history_of(&b.topic).is_some() =>
+            {
+                self.deliver_unsequenced(&b)
             }
             CoreCommand::Deliver(b) => self.deliver_local(&b),
+            CoreCommand::Publish(p) => self.broadcast(&p.topic, &p.event, p.payload, p.from),
+            CoreCommand::HistoryReply(id, answer) => {
+                let job = self.awaiting.borrow_mut().remove(&id);
+                if let Some(job) = job {
+                    self.complete_recovery(job, *answer);
+                }
+            }
             CoreCommand::Presence(topic, delta) => self.presence_apply(&topic, &delta),
             CoreCommand::PresenceState(topic, node, entries) => {
                 self.presence_replace_node(&topic, node, &entries)
@@ -700,9 +711,7 @@ impl Shard {
             MeshMsg::HistoryReply { id, answer } => {
                 let job = self.awaiting.borrow_mut().remove(&id);
                 if let Some(job) = job {
-                    let topic = job.topic.clone();
                     self.complete_recovery(job, *answer);
-                    self.release_hold(&topic);
                 }
             }
         }

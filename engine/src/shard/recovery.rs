@@ -44,13 +44,27 @@ pub(crate) struct Recovery {
     pub(crate) done: Rc<Cell<bool>>,
 }
 
+/// Cluster mode: a join answered from Redis is subscribed at once (presence and
+/// pushes reach it), but the topic's broadcasts up to `after`, the position its replay
+/// ended at, may still be on their way from Redis: those skip it.
+pub(crate) struct Admit {
+    after: Position,
+    conn: Rc<Conn>,
+}
+
+/// Whether `conn` still has the channel of `topic` joined under `join_ref`.
+fn joined(conn: &Conn, topic: &str, join_ref: &Ref) -> bool {
+    conn.close.get().is_none() && {
+        let channels = conn.channels.borrow();
+        channels
+            .position(topic)
+            .is_some_and(|i| channels.get(i).join_ref == *join_ref)
+    }
+}
+
 impl Shard {
-    /// The history `topic` keeps, if its route keeps one. In cluster mode none yet:
-    /// positions must then come from Redis, so that every node agrees on them.
+    /// The history `topic` keeps, if its route keeps one.
     pub(crate) fn history_of(&self, topic: &str) -> Option<History> {
-        if self.endpoint.cluster().is_some() {
-            return None;
-        }
         self.app.router.history_of(topic)
     }
 
@@ -69,9 +83,9 @@ impl Shard {
         payload: Payload,
         from: Option<(usize, ConnId)>,
     ) {
-        if self.history_of(topic).is_none() {
+        let Some(history) = self.history_of(topic) else {
             return self.publish(Broadcast::new(topic, event, payload, from));
-        }
+        };
         self.stats.broadcasts.add(1);
         let publish = Publish {
             topic: topic.into(),
@@ -79,6 +93,10 @@ impl Shard {
             payload,
             from,
         };
+        if let Some(cluster) = self.endpoint.cluster() {
+            // Redis sequences it; every node, this one included, gets it from there.
+            return cluster.sequence(publish, history);
+        }
         match &self.mesh {
             Some(mesh) if self.owner_of(topic) != self.index => {
                 let owner = self.owner_of(topic);
@@ -163,10 +181,23 @@ impl Shard {
     /// (`true`), else once the owner's answer arrives (`false`; `job.done` is set then).
     pub(crate) fn recover(&self, job: Recovery) -> bool {
         let owner = self.owner_of(&job.topic);
+        let id = self.next_fetch.get() + 1;
+        if let (Some(cluster), Some(history)) = (self.endpoint.cluster(), self.history_of(&job.topic)) {
+            // Redis answers through this core's inbox ([`Shard::complete_recovery`]).
+            self.hold(&job.topic);
+            self.next_fetch.set(id);
+            let (topic, since) = (job.topic.clone(), job.since);
+            self.awaiting.borrow_mut().insert(id, job);
+            if cluster.fetch(self.index, id, &topic, since, history) {
+                return false;
+            }
+            let job = self.awaiting.borrow_mut().remove(&id).expect("just inserted");
+            self.complete_recovery(job, Answer::unavailable(since));
+            return true;
+        }
         match &self.mesh {
             Some(mesh) if owner != self.index => {
                 self.hold(&job.topic);
-                let id = self.next_fetch.get() + 1;
                 self.next_fetch.set(id);
                 let (topic, since) = (Arc::from(&*job.topic), job.since);
                 self.awaiting.borrow_mut().insert(id, job);
@@ -184,32 +215,87 @@ impl Shard {
             }
             _ => {
                 let answer = self.history_answer(&job.topic, job.since);
-                self.complete_recovery(job, answer);
+                if let Some((topic, sub, _)) = self.answer_if_joined(job, answer) {
+                    self.subscribe_now(&topic, sub);
+                }
                 true
             }
         }
     }
 
-    /// Sends the join reply with `position` (and `recovered`), the replay in order,
-    /// the channel's own pushes, and subscribes the channel, all before any other
-    /// broadcast on the topic can reach it.
+    /// A join answered by the owner core over the mesh, or by Redis: reply, replay,
+    /// and the subscription, which now replaces the hold on the topic's interest. The
+    /// owner's later broadcasts come behind its answer; Redis's before the answer's
+    /// position may still be on their way, and skip the joiner, which has them
+    /// ([`Shard::deliver_sequenced`]).
     pub(crate) fn complete_recovery(&self, job: Recovery, answer: Answer) {
-        let conn = job.conn.clone();
-        let alive = conn.close.get().is_none() && {
-            let channels = conn.channels.borrow();
-            channels
-                .position(&job.topic)
-                .is_some_and(|i| channels.get(i).join_ref == job.join_ref)
-        };
-        if alive {
-            self.answer_join(job, answer);
-        } else {
-            job.done.set(true);
+        let topic = job.topic.clone();
+        let after = answer.position;
+        if let Some((_, sub, _)) = self.answer_if_joined(job, answer) {
+            // Position 0:0: Redis was away, there is no order to wait for.
+            if self.endpoint.cluster().is_some() && after.epoch != 0 {
+                let admit = Admit {
+                    after,
+                    conn: sub.conn.clone(),
+                };
+                let mut admitting = self.admitting.borrow_mut();
+                admitting.entry((*topic).into()).or_default().push(admit);
+            }
+            self.subscribe_now(&topic, sub);
         }
-        conn.wake();
+        self.release_hold(&topic);
     }
 
-    fn answer_join(&self, job: Recovery, answer: Answer) {
+    fn subscribe_now(&self, topic: &str, sub: Sub) {
+        if let (Some(ack), Some(mesh)) = (self.subscribe(topic, sub), &self.mesh) {
+            // Broadcasts on this topic all come from its owner (or Redis): no ack to
+            // wait for.
+            mesh.forget_ack(ack);
+        }
+    }
+
+    /// Sends the join's reply and replay if its channel is still there, and returns
+    /// what to subscribe. Either way the session waiting for it goes on.
+    fn answer_if_joined(&self, job: Recovery, answer: Answer) -> Option<(Rc<str>, Sub, Ref)> {
+        if !joined(&job.conn, &job.topic, &job.join_ref) {
+            job.done.set(true);
+            job.conn.wake();
+            return None;
+        }
+        let (topic, join_ref) = (job.topic.clone(), job.join_ref.clone());
+        Some((topic, self.answer_join(job, answer), join_ref))
+    }
+
+    /// A broadcast from Redis on a topic with history. Joins answered with a replay
+    /// that already holds it skip it; the first broadcast past a join's replay ends
+    /// its skipping.
+    pub(crate) fn deliver_sequenced(&self, b: &Arc<Broadcast>) {
+        let at = b.position.expect("a sequenced broadcast");
+        let skip = {
+            let mut admitting = self.admitting.borrow_mut();
+            match admitting.get_mut(&*b.topic) {
+                None => Vec::new(),
+                Some(list) => {
+                    list.retain(|a| at.epoch == a.after.epoch && at.offset <= a.after.offset);
+                    let skip: Vec<ConnId> = list.iter().map(|a| a.conn.id).collect();
+                    if list.is_empty() {
+                        admitting.remove(&*b.topic);
+                    }
+                    skip
+                }
+            }
+        };
+        self.deliver_skipping(b, &skip);
+    }
+
+    /// A broadcast Redis could not sequence (it was away) on a topic with history:
+    /// there is no order to keep, every subscriber takes it.
+    pub(crate) fn deliver_unsequenced(&self, b: &Arc<Broadcast>) {
+        self.admitting.borrow_mut().remove(&*b.topic);
+        self.deliver_local(b);
+    }
+
+    fn answer_join(&self, job: Recovery, answer: Answer) -> Sub {
         let conn = &job.conn;
         let mut response = job.response;
         if let Payload::Json(Value::Object(map)) = &mut response {
@@ -265,16 +351,13 @@ impl Shard {
                 conn.mail_first(mails);
             }
         }
-        let sub = Sub {
+        job.done.set(true);
+        conn.wake();
+        Sub {
             conn: conn.clone(),
             vsn: conn.vsn,
             intercepts: job.intercepts,
-        };
-        if let (Some(ack), Some(mesh)) = (self.subscribe(&job.topic, sub), &self.mesh) {
-            // Broadcasts on this topic all come from its owner: no ack to wait for.
-            mesh.forget_ack(ack);
         }
-        job.done.set(true);
     }
 
     /// Counts a join waiting for the owner as interest in `topic`.
@@ -282,6 +365,9 @@ impl Shard {
         let first = !self.topics.borrow().contains_key(topic) && !self.held.borrow().contains_key(topic);
         *self.held.borrow_mut().entry(topic.into()).or_default() += 1;
         if first {
+            if let Some(cluster) = self.endpoint.cluster() {
+                cluster.interest(self.index, topic, true);
+            }
             let now = self.now_ms();
             if let Some(ack) = self.mesh.as_ref().and_then(|m| m.announce(topic, true, now)) {
                 if let Some(mesh) = &self.mesh {
@@ -307,12 +393,20 @@ impl Shard {
             if let Some(mesh) = &self.mesh {
                 mesh.announce(topic, false, self.now_ms());
             }
+            if let Some(cluster) = self.endpoint.cluster() {
+                cluster.interest(self.index, topic, false);
+            }
         }
     }
 
     /// Expires what the histories this core owns kept past their ttl, and forgets a
     /// topic nobody used for a ttl once it keeps nothing and no core subscribes to it.
     pub(crate) fn sweep_histories(&self) {
+        // Answered joins of connections gone before their topic went past their replay.
+        self.admitting.borrow_mut().retain(|_, list| {
+            list.retain(|a| a.conn.close.get().is_none());
+            !list.is_empty()
+        });
         if self.histories.borrow().is_empty() {
             return;
         }
@@ -382,7 +476,9 @@ mod tests {
             ..Config::default()
         };
         let app = Arc::new(App {
-            router: Router::new().channel::<Room>("h:*").history(size, Duration::from_secs(60)),
+            router: Router::new()
+                .channel::<Room>("h:*")
+                .history(size, Duration::from_secs(60)),
             socket: Box::new(crate::seed::UserSocket::new("s")),
             presence_fetch: None,
             stats: (0..2).map(|_| Default::default()).collect(),
@@ -393,7 +489,13 @@ mod tests {
         let shards = (0..2)
             .map(|i| {
                 let mesh = Mesh::new(i, 2, Box::new(TestLink(wire.clone())));
-                Shard::new(i, app.clone(), Endpoint::new(Vec::new(), None), Some(mesh), Clock::manual())
+                Shard::new(
+                    i,
+                    app.clone(),
+                    Endpoint::new(Vec::new(), None),
+                    Some(mesh),
+                    Clock::manual(),
+                )
             })
             .collect();
         (shards, wire)
@@ -490,7 +592,11 @@ mod tests {
         say(owner, &topic, 2);
         say(other, &topic, 3);
         deliver_all(&shards, &wire);
-        assert_eq!(offsets(&frames(&watcher)), [1, 2, 3], "one order, from both cores");
+        assert_eq!(
+            offsets(&frames(&watcher)),
+            [1, 2, 3],
+            "one order, from both cores"
+        );
 
         // The watcher leaves: the other core has no subscriber left, and no interest.
         other.unsubscribe(&topic, watcher.id, 0);
@@ -512,7 +618,11 @@ mod tests {
         assert_eq!(got[0].0, "phx_reply");
         assert_eq!(got[0].2["response"]["recovered"], true);
         let position = got[0].2["response"]["position"].as_str().unwrap();
-        assert_eq!(Position::parse(position).unwrap().offset, 5, "the answer came after 5");
+        assert_eq!(
+            Position::parse(position).unwrap().offset,
+            5,
+            "the answer came after 5"
+        );
         assert_eq!(offsets(&got), [2, 3, 4, 5, 6, 7], "none twice, none missing");
         assert!(other.held.borrow().is_empty(), "the hold is released");
     }

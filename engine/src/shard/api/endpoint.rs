@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::proto::Payload;
+use crate::shard;
 use crate::shard::cluster::ClusterHandle;
+use crate::shard::history::Publish;
 use crate::shard::inbox::{CoreCommand, CoreInbox};
-use crate::shard::{self, Broadcast};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -23,7 +24,8 @@ struct Inner {
 ///
 /// On one of the server's cores it publishes directly (the frame is encoded once and
 /// crosses the core mesh); from any other thread it hands the broadcast to every core's
-/// inbox and wakes it. In cluster mode the broadcast also goes to the other nodes.
+/// inbox (one core's, which publishes it) and wakes it. In cluster mode the broadcast
+/// also goes to the other nodes.
 #[derive(Clone)]
 pub struct Endpoint {
     inner: Arc<Inner>,
@@ -71,14 +73,17 @@ impl Endpoint {
         match shard::current() {
             Ok(shard) if shard.endpoint.id() == self.id() => shard.broadcast(topic, event, payload, None),
             _ => {
-                // Every core gets it; on a topic with history only its owner takes it,
-                // to sequence it ([`Shard::run_command`]).
-                let broadcast = Arc::new(Broadcast::new(topic, event, payload, None));
-                if let Some(cluster) = &self.inner.cluster {
-                    cluster.publish(&broadcast);
-                }
-                for core in &self.inner.cores {
-                    core.send(CoreCommand::Deliver(broadcast.clone()));
+                // One core publishes it as its channels would: through the mesh, the
+                // topic's owner core or Redis, as the topic needs.
+                let publish = Publish {
+                    topic: topic.into(),
+                    event: event.into(),
+                    payload,
+                    from: None,
+                };
+                let core = crate::shard::history::owner_core(topic, self.inner.cores.len());
+                if let Some(inbox) = self.inner.cores.get(core) {
+                    inbox.send(CoreCommand::Publish(Box::new(publish)));
                 }
             }
         }
