@@ -658,4 +658,73 @@ mod tests {
         let subs = shards[1].topics.borrow()[topic.as_str()].len();
         assert_eq!(subs, 1, "only the first joiner");
     }
+
+    /// Cluster mode, with the Redis link a channel the test reads: the join asks the
+    /// link, the answer comes through the inbox, and sequenced broadcasts the replay
+    /// already held, still on their way, skip the joiner, while the others reach it.
+    #[test]
+    fn in_cluster_mode_broadcasts_the_replay_held_skip_the_joiner_and_later_ones_reach_it() {
+        use crate::shard::cluster::{ClusterHandle, ClusterStats, LinkCmd};
+        use crate::shard::inbox::CoreCommand;
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let cluster = ClusterHandle::new(tx, 1, Arc::new(ClusterStats::default()));
+        let app = Arc::new(App {
+            router: Router::new()
+                .channel::<Room>("h:*")
+                .history(10, Duration::from_secs(60)),
+            socket: Box::new(crate::seed::UserSocket::new("s")),
+            presence_fetch: None,
+            stats: vec![Default::default()],
+            epoch_seed: 42,
+            config: Config {
+                cores: 1,
+                ..Config::default()
+            },
+        });
+        let endpoint = Endpoint::new(Vec::new(), Some(cluster));
+        let shard = Shard::new(0, app, endpoint, None, Clock::manual());
+        let topic = "h:c";
+        let at = |offset| Position { epoch: 9, offset };
+        let sequenced = |n: u64| {
+            let payload = Payload::Json(serde_json::json!({ "n": n }));
+            Arc::new(Broadcast::at(topic, "m", payload, None, at(n)))
+        };
+
+        // Broadcasting goes to Redis, not to the subscribers.
+        shard.broadcast(topic, "m", Payload::empty(), None);
+        assert!(matches!(rx.try_recv(), Ok(LinkCmd::Sequence(..))));
+
+        let joiner = member(&shard, topic);
+        let (job, done) = joining(&joiner, topic, Some(at(1)));
+        assert!(!shard.recover(job), "Redis is asked");
+        assert!(matches!(rx.try_recv(), Ok(LinkCmd::Interest { on: true, .. })));
+        let Ok(LinkCmd::Fetch { id, since, .. }) = rx.try_recv() else {
+            panic!("a fetch")
+        };
+        assert_eq!(since, Some(at(1)));
+        let answer = Answer {
+            position: at(3),
+            replay: Replay::Recovered(vec![sequenced(2), sequenced(3)]),
+        };
+        shard.run_command(CoreCommand::HistoryReply(id, Box::new(answer)));
+        assert!(done.get());
+        for n in [2, 3, 4, 5] {
+            shard.run_command(CoreCommand::Deliver(sequenced(n)));
+        }
+        let got = frames(&joiner);
+        assert_eq!(got[0].0, "phx_reply");
+        assert_eq!(got[0].2["response"]["recovered"], true);
+        assert_eq!(offsets(&got), [2, 3, 4, 5], "2 and 3 from the replay, once");
+        shard.run_command(CoreCommand::Deliver(sequenced(3)));
+        assert_eq!(
+            offsets(&frames(&joiner)),
+            [3],
+            "skipping ended with the first one past it"
+        );
+        assert!(shard.admitting.borrow().is_empty());
+        assert!(
+            shard.held.borrow().is_empty(),
+            "the subscription holds the interest now"
+        );
+    }
 }
