@@ -11,6 +11,10 @@
 // - a SIGKILLed node's presences leave the other nodes' views (heartbeat expiry, 5 s);
 // - Redis going away: local delivery goes on; once Redis is back on the same port,
 //   cross-node delivery works again and presence lists agree again.
+// - history through Redis (issue 16): a phoenix client moved from one node to another
+//   mid-stream, or whose node is SIGKILLed, recovers every missed new_msg exactly once,
+//   and every node's subscribers see one order; a whisper is replayed on another node
+//   to its addressee only; one epoch on every node.
 //
 // Timing rule these tests follow: a node subscribes to a topic's Redis channel when it
 // gets its first local subscriber, and that SUBSCRIBE is asynchronous (the join reply
@@ -387,7 +391,11 @@ e2e('a SIGKILLed node: its presences leave the other nodes\' views within ~7 s (
 // History and recovery through Redis (issue 16)
 // ---------------------------------------------------------------------------
 
-e2e('three nodes: a client moved to another node mid-stream recovers every missed new_msg exactly once; every subscriber on every node sees one order', async () => {
+for (const how of ['moved', 'killed']) {
+const title = how === 'moved'
+  ? 'three nodes: a client moved to another node mid-stream recovers every missed new_msg exactly once; every subscriber on every node sees one order'
+  : 'three nodes: the node of a client is SIGKILLed mid-stream; the client reconnects to another node and loses nothing';
+e2e(title, async () => {
   await withCluster([1, 1, 1], async (nodes) => {
     const topic = uniqueTopic('recover');
     const watchers = [];
@@ -425,10 +433,18 @@ e2e('three nodes: a client moved to another node mid-stream recovers every misse
       }
     })();
     await waitFor(() => state.got.length >= 15, { timeout: 3000, what: '15 messages before the move' });
-    mover.socket.disconnect();
-    await sleep(200);
-    mover.socket.endPoint = `ws://127.0.0.1:${nodes[1].port}/socket/websocket`;
-    mover.socket.connect();
+    if (how === 'moved') {
+      mover.socket.disconnect();
+      await sleep(200);
+      mover.socket.endPoint = `ws://127.0.0.1:${nodes[1].port}/socket/websocket`;
+      mover.socket.connect();
+    } else {
+      // The node dies; the client's own reconnect (its load balancer, here its
+      // endpoint) takes it to another node.
+      mover.socket.endPoint = `ws://127.0.0.1:${nodes[1].port}/socket/websocket`;
+      nodes[0].proc.kill('SIGKILL');
+      watchers.shift();
+    }
     await sending;
     await waitFor(() => state.got.length >= N, { timeout: 6000, what: `all ${N} at the mover (got ${state.got.length})` });
     const newMsgs = (w) => w.all.filter((m) => m.topic === topic && m.event === 'new_msg');
@@ -441,7 +457,8 @@ e2e('three nodes: a client moved to another node mid-stream recovers every misse
     assert.deepEqual([...state.got].sort((a, b) => a - b), Array.from({ length: N }, (_, i) => String(i + 1)), 'every message exactly once');
     const offsets = state.refs.map((r) => Number(r.split(':')[1]));
     assert.deepEqual(offsets, Array.from({ length: N }, (_, i) => i + 1), 'in the offsets\' order, none skipped');
-    for (const [n, w] of watchers.entries()) {
+    for (const w of watchers) {
+      const n = watchers.indexOf(w) + (how === 'killed' ? 1 : 0);
       const got = newMsgs(w);
       assert.equal(got.length, N, `watcher on node ${n} got each once`);
       assert.deepEqual(got.map((m) => m.ref), state.refs, `watcher on node ${n} saw the mover's order`);
@@ -450,6 +467,7 @@ e2e('three nodes: a client moved to another node mid-stream recovers every misse
     mover.closes.length = 0; // the move was this test's own doing
   });
 }, { timeout: 20000 });
+}
 
 e2e('three nodes: a whisper is replayed on another node to its addressee only, and a stale since is not recovered', async () => {
   await withCluster([1, 1, 1], async (nodes) => {
