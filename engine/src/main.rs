@@ -111,6 +111,9 @@ struct ServeArgs {
     /// How long each kept broadcast stays recoverable.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     history_ttl: Duration,
+    /// Keep history on `bench:*` too, to measure what history costs (comparisons only).
+    #[arg(long, hide = true)]
+    bench_history: bool,
     /// Cluster mode: share topics with other nodes through this Redis server.
     #[arg(long, value_name = "redis://HOST:PORT")]
     redis: Option<String>,
@@ -213,7 +216,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
     });
     let defaults = Config::default();
-    let router = seed::router_with_history(args.history_size, args.history_ttl);
+    let router = if args.bench_history {
+        seed::router_with_bench_history(args.history_size, args.history_ttl)
+    } else {
+        seed::router_with_history(args.history_size, args.history_ttl)
+    };
     let cores = args.cores.unwrap_or(defaults.cores);
     let config = Config {
         listen: args.listen,

@@ -75,6 +75,23 @@ pub fn router_with_history(size: usize, ttl: Duration) -> Router {
         .channel::<BenchChannel>("bench:*")
 }
 
+/// The seed app's routes with history on `bench:*` too: the same raw fanout with and
+/// without history, for measuring what history costs (`ringcast serve
+/// --bench-history`). Not the seed app's contract.
+///
+/// ```
+/// let router = ringcast::seed::router_with_bench_history(10, std::time::Duration::from_secs(60));
+/// assert!(router.keeps_history("bench:x"));
+/// ```
+pub fn router_with_bench_history(size: usize, ttl: Duration) -> Router {
+    Router::new()
+        .channel::<RoomChannel>("rooms:*")
+        .history(size, ttl)
+        .channel::<NotificationsChannel>("notifications:*")
+        .channel::<BenchChannel>("bench:*")
+        .history(size, ttl)
+}
+
 fn body(payload: &Payload) -> Option<&str> {
     payload.str_field("body")
 }

@@ -8,6 +8,11 @@
 //! over the mesh, and is subscribed the moment the answer arrives: the owner sent
 //! every broadcast sequenced after its answer behind it on the same ring, so the
 //! joiner gets the replay and then the live broadcasts, none twice, none missing.
+//!
+//! In cluster mode Redis takes the owner's part (`crate::cluster::history`): broadcasts
+//! go to the Redis link to be sequenced, every core gets them back in Redis's order, a
+//! join's fetch goes to the link, and a joiner is subscribed when the answer arrives;
+//! broadcasts up to its answer's position still on their way skip it.
 
 use std::cell::Cell;
 use std::rc::Rc;
