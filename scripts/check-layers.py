@@ -13,7 +13,8 @@ a module may use only modules of a lower layer:
     2  transport, cluster             I/O around the shard: HTTP, WebSocket, long-poll,
                                       parking, the flusher; the Redis link
     3  server                         executors, the mesh's rings, inbox wake-ups, listeners
-    4  seed, testing, bench_support   what runs on a server
+    4  seed, testing, bench_support,  what runs on a server, and the
+       cli                           binary's settings (file, environment, flags)
 
 A module's dependencies are the `crate::NAME` paths in its code (use statements and inline
 paths, grouped imports included); `#[cfg(test)]` modules and comments are skipped. Two
@@ -32,7 +33,7 @@ LAYERS = [
     ["shard"],
     ["transport", "cluster"],
     ["server"],
-    ["seed", "testing", "bench_support"],
+    ["seed", "testing", "bench_support", "cli"],
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 SANS_IO = re.compile(r"glommio|std::net::(TcpStream|TcpListener|UdpSocket|ToSocketAddrs)|std::time::(Instant|SystemTime)|io_uring|libc::")

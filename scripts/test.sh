@@ -31,8 +31,8 @@ fi
 
 python3 scripts/check-layers.py
 
-echo "==> cargo build -p ringcast"
-cargo build -p ringcast
+echo "==> cargo build -p ringcast (and its examples: tests/e2e/pubsub.test.mjs runs one)"
+cargo build -p ringcast --bins --examples
 
 # The fuzz targets are a workspace of their own (they need libFuzzer to run); checking
 # that they still build keeps them in step with the engine's API.

@@ -47,6 +47,7 @@
 
 #[doc(hidden)]
 pub mod bench_support;
+pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod proto;
@@ -59,9 +60,10 @@ pub(crate) mod transport;
 pub use shard::api;
 
 pub use proto::Payload;
-pub use server::{Config, RunningServer, Server, ShutdownHandle};
+pub use server::{CompressionConfig, Config, InboundContext, RunningServer, Server, ShutdownHandle};
 pub use shard::api::channel::{Channel, HandleResult, Reply, StopReason};
 pub use shard::api::endpoint::Endpoint;
+pub use shard::api::pubsub::{Lagged, Message, RemoteChannelRef, Subscription};
 pub use shard::api::router::{ConnectInfo, Router, SocketHandler};
 pub use shard::api::socket::{ChannelRef, Socket};
 pub use shard::stats::CoreStats;

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ringcast::clock::unix_now;
 use ringcast::proto::token;
 use ringcast::seed::{self, UserSocket};
@@ -30,10 +30,35 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print a socket token for a user.
     Token(TokenArgs),
+    /// Work with a `serve` settings file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a settings file (with the RINGCAST_* environment over it) and print the
+    /// settings `serve` would run with, secrets masked.
+    Check {
+        /// The TOML file: the `serve` flags' long names with underscores as keys.
+        path: std::path::PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// Read settings from this TOML file first: keys are these flags' long names with
+    /// underscores (`max_rate = 100`). RINGCAST_* environment variables (the names
+    /// upper-cased: RINGCAST_MAX_RATE) override the file, and flags override both.
+    #[arg(long, value_name = "PATH")]
+    config: Option<std::path::PathBuf>,
+    /// Log lines as plain text or as one JSON object each.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
+    /// A summary line at info this often: connections, joins/s, deliveries/s, drops
+    /// (0s: none). Connection lifecycle events are at debug (RINGCAST_LOG=debug).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    log_summary: Duration,
     /// Address to listen on (WebSocket, long-poll and HTTP share it).
     #[arg(long, default_value = "127.0.0.1:4000")]
     listen: SocketAddr,
@@ -120,6 +145,22 @@ struct ServeArgs {
     /// This node's name in the cluster (default: host name, port and process id).
     #[arg(long)]
     node_name: Option<String>,
+    /// `permessage-deflate`: `on` accepts a client's offer (browsers always make one),
+    /// `off` declines it.
+    #[arg(long, default_value = "on")]
+    compress: Switch,
+    /// Messages at least this long go compressed to clients that negotiated it.
+    #[arg(long, default_value = "1KiB", value_parser = parse_size)]
+    compress_threshold: usize,
+    /// `reset`: ask clients to reset their compressor between messages, so that a
+    /// connection keeps no inflater; `keep`: accept their context takeover, at about
+    /// 40 KiB per connection that sends compressed messages.
+    #[arg(long, default_value = "reset")]
+    compress_client_context: ClientContext,
+    /// `per-connection`: compress a broadcast again for every delivery instead of once
+    /// per core, as servers with a compressor per connection do, for comparisons.
+    #[arg(long, env = "RINGCAST_COMPRESS_PATH", default_value = "once", hide = true)]
+    compress_path: CompressPath,
     /// `off`: idle connections keep their tasks (parking off), for comparisons.
     #[arg(long, env = "RINGCAST_PARK", default_value = "on", hide = true)]
     park: Park,
@@ -133,6 +174,30 @@ struct ServeArgs {
 enum Park {
     On,
     Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ClientContext {
+    Reset,
+    Keep,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CompressPath {
+    Once,
+    PerConnection,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -163,7 +228,117 @@ fn parse_size(s: &str) -> Result<usize, String> {
     usize::try_from(size.as_u64()).map_err(|e| e.to_string())
 }
 
+/// The `serve` subcommand's clap command, with later settings overriding earlier ones
+/// (the file's, then the environment's, then the flags').
+fn serve_command() -> clap::Command {
+    Cli::command()
+        .find_subcommand("serve")
+        .expect("serve is a subcommand")
+        .clone()
+        .args_override_self(true)
+}
+
+/// `serve`'s settings from the file (`file`, or `--config` among `flags`), the
+/// RINGCAST_* environment and `flags`, merged; the flag-level errors of clap exit as
+/// clap does.
+fn layered_serve(
+    file: Option<&std::path::Path>,
+    flags: &[String],
+) -> anyhow::Result<(ServeArgs, ringcast::cli::Layered, clap::ArgMatches)> {
+    let path = file
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| ringcast::cli::config_path(flags).map(Into::into));
+    let text = match &path {
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("config file {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("RINGCAST_"))
+        .collect();
+    let cmd = serve_command();
+    let layered = ringcast::cli::layered(&cmd, path.as_deref().zip(text.as_deref()), &env, flags)
+        .map_err(anyhow::Error::msg)?;
+    let mut argv = vec!["serve".to_string()];
+    argv.extend(layered.args.iter().cloned());
+    let matches = cmd.try_get_matches_from(argv).unwrap_or_else(|e| e.exit());
+    let args = ServeArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    Ok((args, layered, matches))
+}
+
+/// Logs a summary line every `every`: open connections and channels, joins and
+/// deliveries per second, and what was dropped or cut off since the last line.
+fn log_summaries(stats: &[std::sync::Arc<ringcast::CoreStats>], every: Duration) {
+    let sum = |f: &dyn Fn(&ringcast::CoreStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
+    let drops = |s: &ringcast::CoreStats| {
+        s.slow_closed.get()
+            + s.inbox_dropped.get()
+            + s.mesh_dropped.get()
+            + s.mailbox_closed.get()
+            + s.longpoll_inbound_closed.get()
+            + s.subscription_lagged.get()
+    };
+    let mut last = (sum(&|s| s.joins.get()), sum(&|s| s.deliveries.get()), sum(&drops));
+    loop {
+        std::thread::sleep(every);
+        let now = (sum(&|s| s.joins.get()), sum(&|s| s.deliveries.get()), sum(&drops));
+        let secs = every.as_secs_f64();
+        tracing::info!(
+            connections = sum(&|s| s.connections.get()),
+            channels = sum(&|s| s.channels.get()),
+            joins_per_sec = format!("{:.1}", (now.0 - last.0) as f64 / secs),
+            deliveries_per_sec = format!("{:.0}", (now.1 - last.1) as f64 / secs),
+            dropped = now.2 - last.2,
+            "summary"
+        );
+        last = now;
+    }
+}
+
+/// Flags whose values are secrets: never printed, never logged.
+const SECRET_FLAGS: &[&str] = &["secret", "api-key"];
+
+/// `ringcast config check PATH`: the effective settings, one per line, with where each
+/// came from.
+fn config_check(path: &std::path::Path) -> anyhow::Result<()> {
+    let (_, layered, matches) = layered_serve(Some(path), &[])?;
+    println!(
+        "# {}: ok; the settings `ringcast serve --config {}` runs with:",
+        path.display(),
+        path.display()
+    );
+    for arg in serve_command().get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if matches!(long, "help" | "version" | "config") {
+            continue;
+        }
+        let key = long.replace('-', "_");
+        let source = layered
+            .sources
+            .get(long)
+            .map_or("default".to_string(), ToString::to_string);
+        let values: Vec<String> = matches
+            .get_raw(arg.get_id().as_str())
+            .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let shown = match values.as_slice() {
+            [] => "(unset)".to_string(),
+            _ if SECRET_FLAGS.contains(&long) => "\"********\"".to_string(),
+            [one] if !matches!(arg.get_action(), clap::ArgAction::Append) => format!("{one:?}"),
+            many => format!("{many:?}"),
+        };
+        println!("{key} = {shown}  # {source}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("serve") {
+        let (args, _, _) = layered_serve(None, &argv[2..])?;
+        return serve(args);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Token(args) => {
@@ -171,17 +346,21 @@ fn main() -> anyhow::Result<()> {
             println!("{}", token::sign(secret.as_bytes(), &args.user, unix_now()));
             Ok(())
         }
+        Command::Config(ConfigCommand::Check { path }) => config_check(&path),
         Command::Serve(args) => serve(*args),
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGCAST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("RINGCAST_LOG").unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     // A channel handler that panics is a channel crash, not a server fault: one log line,
     // with the backtrace when RUST_BACKTRACE asks for one (a client can make the seed's
     // handlers panic at will, so capturing one every time would be a cost it controls).
@@ -250,6 +429,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster,
         park_idle: args.park == Park::On,
         batched_writes: args.write_path == WritePath::Uring,
+        compression: ringcast::CompressionConfig {
+            enabled: args.compress == Switch::On,
+            threshold: args.compress_threshold,
+            inbound: match args.compress_client_context {
+                ClientContext::Reset => ringcast::InboundContext::Reset,
+                ClientContext::Keep => ringcast::InboundContext::Keep,
+            },
+            once_per_broadcast: args.compress_path == CompressPath::Once,
+        },
+        // The seed app has no Rust subscribers; embedders set their own.
+        subscription_bound: defaults.subscription_bound,
     };
     let cores = config.cores;
     let listen = config.listen;
@@ -258,6 +448,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = server.local_addr();
     let running = server.start()?;
     let shutdown = running.shutdown_handle();
+    if !args.log_summary.is_zero() {
+        let (stats, every) = (running.stats(), args.log_summary);
+        std::thread::spawn(move || log_summaries(&stats, every));
+    }
     let tls = running.tls();
     let scheme = if tls.is_some() { "TLS" } else { "plain TCP" };
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -286,7 +480,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     });
-    eprintln!("ringcast listening on {addr} with {cores} core(s), {scheme}");
+    tracing::info!("ringcast listening on {addr} with {cores} core(s), {scheme}");
     running.join();
     tracing::info!("stopped");
     Ok(())

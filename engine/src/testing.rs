@@ -128,6 +128,24 @@ impl Kit {
     pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
         self.shard.endpoint.broadcast(topic, event, payload);
     }
+
+    /// Listens to `topic` like `Endpoint::subscribe` (read it with `try_next` or as a
+    /// `Stream`; this test's core delivers into it).
+    pub fn subscribe(&self, topic: &str) -> crate::Subscription {
+        self.shard.endpoint.subscribe(topic)
+    }
+
+    /// Sends `msg` to `handle_info` of every channel of `topic`, like
+    /// `Endpoint::send_info`.
+    pub fn send_info(&self, topic: &str, msg: impl std::any::Any + Send + Clone) {
+        self.shard.endpoint.send_info(topic, msg);
+    }
+
+    /// Every presence on `topic` (what `track`, `track_on` and their untracks left),
+    /// like `Endpoint::presence_list`.
+    pub fn presence_list(&self, topic: &str) -> Value {
+        self.shard.endpoint.presence_list(topic)
+    }
 }
 
 /// Drives one test client's session: the in-memory counterpart of the WebSocket pump.

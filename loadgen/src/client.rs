@@ -5,11 +5,11 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::phx;
+use crate::tls::{TlsStream, TlsTarget, Wire};
 use ringcast::proto::ws::client::{self as ws, opcode, MaskGen, Parsed};
 
 /// Bytes of read buffer a connection starts with; it grows only for larger frames.
@@ -35,6 +35,38 @@ pub struct Target {
     pub host: String,
     /// Path of the WebSocket endpoint, e.g. `/socket/websocket`.
     pub path: String,
+    /// `wss://`: TLS with this configuration.
+    pub tls: Option<TlsTarget>,
+    /// Offer `permessage-deflate` (`--compress`), as browsers do.
+    pub compress: bool,
+}
+
+thread_local! {
+    /// What this executor's connections read: WebSocket bytes (after TLS), connections
+    /// that negotiated compression, and compressed messages inflated. Read with
+    /// [`wire_tally`].
+    static WIRE: std::cell::Cell<WireTally> = const { std::cell::Cell::new(WireTally { bytes_in: 0, compressed_conns: 0, inflated: 0 }) };
+}
+
+/// Per executor thread: what its connections read ([`wire_tally`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WireTally {
+    pub bytes_in: u64,
+    pub compressed_conns: u64,
+    pub inflated: u64,
+}
+
+/// What this thread's connections have read so far.
+pub fn wire_tally() -> WireTally {
+    WIRE.with(|w| w.get())
+}
+
+fn tally(f: impl FnOnce(&mut WireTally)) {
+    WIRE.with(|w| {
+        let mut t = w.get();
+        f(&mut t);
+        w.set(t);
+    });
 }
 
 /// Why opening a connection failed. `kind()` is the key of the failure table.
@@ -44,6 +76,8 @@ pub enum Fail {
     Connect(String),
     Status(u16),
     Handshake(String),
+    /// The TLS handshake failed (a certificate not trusted, say).
+    Tls(String),
     Join(String),
     /// Writing a push failed (churn).
     Push(String),
@@ -59,6 +93,7 @@ impl Fail {
             Fail::Connect(e) => format!("connect error: {e}"),
             Fail::Status(s) => format!("handshake status {s}"),
             Fail::Handshake(e) => format!("handshake error: {e}"),
+            Fail::Tls(e) => format!("tls error: {e}"),
             Fail::Join(r) => format!("join error: {r}"),
             Fail::Push(e) => format!("push error: {e}"),
             Fail::Leave(r) => format!("leave error: {r}"),
@@ -90,7 +125,7 @@ impl End {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Wire,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -101,6 +136,10 @@ pub struct Conn {
     next_ref: u64,
     /// Set: read messages as [`Piece`]s without buffering big ones (presence members).
     skim: Option<Stream>,
+    /// `permessage-deflate` was negotiated: RSV1 frames are compressed messages.
+    deflate: bool,
+    /// The message being reassembled from fragments came compressed.
+    frag_compressed: bool,
 }
 
 /// The data frame a skimming connection is reading in pieces.
@@ -139,6 +178,13 @@ impl<'a> Piece<'a> {
     pub fn as_whole(&self) -> Option<&'a [u8]> {
         (self.first && self.last).then_some(self.bytes)
     }
+}
+
+/// A compressed server message, inflated (the server resets its context per message).
+fn inflate(deflated: &[u8]) -> Result<Vec<u8>, End> {
+    tally(|t| t.inflated += 1);
+    ringcast::proto::ws::deflate::inflate_message(deflated, MAX_MESSAGE)
+        .map_err(|e| End::Protocol(e.to_string()))
 }
 
 fn io_fail(e: &io::Error) -> Fail {
@@ -248,12 +294,26 @@ impl Conn {
         let mut mask = MaskGen::new(seed);
         let sock = start_connect(target.addr, src)?;
         let key = ws_key(&mut mask);
+        // glommio builds on another socket2 major version: hand over the raw fd.
+        // SAFETY: `into_raw_fd` gives up ownership of a valid, open socket.
+        let tcp = unsafe {
+            <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock))
+        };
+        let stream = match &target.tls {
+            None => Wire::Plain(tcp),
+            // The ClientHello's write waits for the TCP handshake.
+            Some(tls) => Wire::Tls(Box::new(
+                bounded("tls", stage_timeout, async {
+                    TlsStream::connect(tcp, tls).await.map_err(|e| match e.kind() {
+                        io::ErrorKind::InvalidData => Fail::Tls(e.to_string()),
+                        _ => io_fail(&e),
+                    })
+                })
+                .await?,
+            )),
+        };
         let mut conn = Conn {
-            // glommio builds on another socket2 major version: hand over the raw fd.
-            // SAFETY: `into_raw_fd` gives up ownership of a valid, open socket.
-            stream: unsafe {
-                <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock))
-            },
+            stream,
             buf: vec![0; INITIAL_BUF],
             start: 0,
             end: 0,
@@ -262,10 +322,17 @@ impl Conn {
             mask,
             next_ref: 2,
             skim: None,
+            deflate: false,
+            frag_compressed: false,
+        };
+        let offer = if target.compress {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
         };
         let request = format!(
             "GET {}?token={token}&vsn=2.0.0 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+             Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
             target.path, target.host
         );
         // The write waits for the TCP handshake (the socket is still connecting).
@@ -309,6 +376,16 @@ impl Conn {
                     });
                     if !upgraded {
                         return Err(Fail::Handshake("101 without Upgrade: websocket".into()));
+                    }
+                    // The client sends uncompressed (RSV1 never set), so only the
+                    // server's side of the agreement matters: it resets its context.
+                    self.deflate = resp.headers.iter().any(|h| {
+                        h.name.eq_ignore_ascii_case("sec-websocket-extensions")
+                            && std::str::from_utf8(h.value)
+                                .is_ok_and(|v| v.trim_start().starts_with("permessage-deflate"))
+                    });
+                    if self.deflate {
+                        tally(|t| t.compressed_conns += 1);
                     }
                     self.start += len;
                     return Ok(());
@@ -370,6 +447,7 @@ impl Conn {
         }
         let n = self.stream.read(&mut self.buf[self.end..]).await?;
         self.end += n;
+        tally(|t| t.bytes_in += n as u64);
         Ok(n)
     }
 
@@ -378,7 +456,7 @@ impl Conn {
     fn drain_frames(&mut self, on_msg: &mut impl FnMut(&[u8])) -> Result<(), End> {
         loop {
             let avail = &self.buf[self.start..self.end];
-            let frame = match ws::parse_frame(avail, MAX_MESSAGE) {
+            let frame = match ws::parse_frame_with(avail, MAX_MESSAGE, self.deflate) {
                 Ok(Parsed::Frame(f)) => f,
                 Ok(Parsed::Incomplete(need)) => {
                     // Make sure the buffer can hold the whole frame.
@@ -402,12 +480,17 @@ impl Conn {
             self.start = p1;
             match frame.opcode {
                 opcode::TEXT | opcode::BINARY if frame.fin && self.frag.is_empty() => {
-                    on_msg(&self.buf[p0..p1]);
+                    if frame.compressed {
+                        on_msg(&inflate(&self.buf[p0..p1])?);
+                    } else {
+                        on_msg(&self.buf[p0..p1]);
+                    }
                 }
                 opcode::TEXT | opcode::BINARY => {
                     if !self.frag.is_empty() {
                         return Err(End::Protocol("new message inside a fragmented one".into()));
                     }
+                    self.frag_compressed = frame.compressed;
                     // Keep at least one byte so an empty first fragment still counts.
                     self.frag.push(0);
                     self.frag.extend_from_slice(&self.buf[p0..p1]);
@@ -422,7 +505,11 @@ impl Conn {
                     self.frag.extend_from_slice(&self.buf[p0..p1]);
                     if frame.fin {
                         let msg = std::mem::take(&mut self.frag);
-                        on_msg(&msg[1..]);
+                        if self.frag_compressed {
+                            on_msg(&inflate(&msg[1..])?);
+                        } else {
+                            on_msg(&msg[1..]);
+                        }
                     }
                 }
                 _ => self.control(frame.opcode, p0, p1)?,
@@ -514,12 +601,20 @@ impl Conn {
                 return Ok(());
             }
             let avail = &self.buf[self.start..self.end];
-            let need = match ws::parse_frame(avail, MAX_MESSAGE) {
+            let need = match ws::parse_frame_with(avail, MAX_MESSAGE, self.deflate) {
                 Ok(Parsed::Frame(frame)) => {
                     let p0 = self.start + frame.header_len;
                     let p1 = self.start + frame.total_len();
                     self.start = p1;
                     match frame.opcode {
+                        // A compressed message is read whole (the server never
+                        // fragments one) and handed over inflated, in one piece.
+                        opcode::TEXT | opcode::BINARY if frame.compressed => {
+                            if st.in_msg || !frame.fin {
+                                return Err(End::Protocol("fragmented compressed message".into()));
+                            }
+                            on(Piece::whole(&inflate(&self.buf[p0..p1])?));
+                        }
                         opcode::TEXT | opcode::BINARY | opcode::CONTINUATION => {
                             if (frame.opcode == opcode::CONTINUATION) != st.in_msg {
                                 return Err(End::Protocol("bad fragment sequence".into()));
@@ -545,8 +640,10 @@ impl Conn {
             };
             let op = avail[0] & 0x0F;
             let data = matches!(op, opcode::TEXT | opcode::BINARY | opcode::CONTINUATION);
-            if avail.len() < header_len || need <= header_len || !data || need <= SKIM_WHOLE {
-                // Not even the header yet, a control frame, or small: wait for all of it.
+            let compressed = avail[0] & 0x40 != 0;
+            if avail.len() < header_len || need <= header_len || !data || need <= SKIM_WHOLE || compressed {
+                // Not even the header yet, a control frame, small or compressed: wait
+                // for all of it.
                 self.make_room(need);
                 return Ok(());
             }
@@ -706,6 +803,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     /// An unmasked server frame.
     fn server_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
@@ -725,9 +823,60 @@ mod tests {
         f
     }
 
+    /// The server side of the skimming test: the upgrade, then `wire` (its first
+    /// `first_len` bytes alone, the rest in `chunk`-sized writes).
+    fn serve_wire(mut s: impl std::io::Read + std::io::Write, wire: &[u8], first_len: usize, chunk: usize) {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .unwrap();
+        // First one frame alone, so that a read ends exactly at a frame's end (a
+        // drained buffer, the case that once indexed an empty slice); then odd-sized
+        // writes, so that frames and headers straddle reads.
+        s.write_all(&wire[..first_len]).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        for part in wire[first_len..].chunks(chunk) {
+            s.write_all(part).unwrap();
+            s.flush().unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+
+    /// A rustls server configuration with a fresh self-signed certificate.
+    fn test_server_tls() -> Arc<rustls::ServerConfig> {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(made.key_pair.serialize_der()).unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![made.cert.der().clone()], key)
+                .unwrap();
+        Arc::new(config)
+    }
+
     #[test]
     fn a_skimming_connection_hands_over_every_message_in_pieces_and_stays_small() {
-        use std::io::{Read, Write};
+        skim_over(false, 7_777);
+    }
+
+    /// Over TLS, with writes of several records each, so that one read brings more
+    /// plaintext than rustls holds at once and the rest of the ciphertext waits.
+    #[test]
+    fn a_skimming_connection_over_tls_hands_over_every_message_too() {
+        skim_over(true, 7_777);
+        skim_over(true, 60_000);
+    }
+
+    fn skim_over(tls: bool, chunk: usize) {
         let big_state = {
             let mut m = br#"["1",null,"rooms:r","presence_state",{"#.to_vec();
             while m.len() < 300_000 {
@@ -751,34 +900,26 @@ mod tests {
         wire.extend(server_frame(true, opcode::CLOSE, &1000u16.to_be_bytes()));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let server_tls = tls.then(test_server_tls);
         let server = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                s.read_exact(&mut b).unwrap();
-                head.push(b[0]);
+            let (s, _) = listener.accept().unwrap();
+            match server_tls {
+                None => serve_wire(s, &wire, first_len, chunk),
+                Some(config) => {
+                    let conn = rustls::ServerConnection::new(config).unwrap();
+                    serve_wire(rustls::StreamOwned::new(conn, s), &wire, first_len, chunk)
+                }
             }
-            s.write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-            )
-            .unwrap();
-            // First one frame alone, so that a read ends exactly at a frame's end (a
-            // drained buffer, the case that once indexed an empty slice); then odd-sized
-            // writes, so that frames and headers straddle reads.
-            s.write_all(&wire[..first_len]).unwrap();
-            std::thread::sleep(Duration::from_millis(30));
-            for chunk in wire[first_len..].chunks(7_777) {
-                s.write_all(chunk).unwrap();
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            let mut rest = Vec::new();
-            let _ = s.read_to_end(&mut rest);
         });
         let target = Target {
             addr,
             host: addr.to_string(),
             path: "/socket/websocket".into(),
+            tls: tls.then(|| TlsTarget {
+                config: crate::tls::client_config(crate::tls::Trust::Any).unwrap(),
+                name: crate::tls::server_name("localhost").unwrap(),
+            }),
+            compress: false,
         };
         let (msgs, max_buf, end) = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
             .spawn(move || async move {

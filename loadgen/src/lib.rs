@@ -35,6 +35,7 @@ mod recover;
 pub mod report;
 mod run;
 pub mod sys;
+pub mod tls;
 
 pub use newcomer::NewcomerReport;
 pub use phx::timed_body;
@@ -91,6 +92,17 @@ pub struct Cli {
     /// No progress bars.
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// `wss://`: trust the CA certificates in this PEM file.
+    #[arg(long, global = true, value_name = "PATH", conflicts_with = "tls_insecure")]
+    pub tls_ca: Option<PathBuf>,
+    /// `wss://`: accept any server certificate, self-signed included (handshake
+    /// signatures are still checked). For trying a server locally.
+    #[arg(long, global = true)]
+    pub tls_insecure: bool,
+    /// Offer `permessage-deflate`, as browsers do; reports then count the WebSocket
+    /// bytes received per delivery.
+    #[arg(long, global = true)]
+    pub compress: bool,
     /// Internal: run as a worker for connections START:COUNT, reporting JSON lines on
     /// stdout.
     #[arg(long, global = true, hide = true)]
@@ -157,7 +169,7 @@ pub struct RecoverArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct PresenceArgs {
-    /// Server URL (ws://HOST:PORT[/path]).
+    /// Server URL (ws:// or wss://HOST:PORT[/path]).
     #[arg(long, default_value = "ws://127.0.0.1:4000")]
     pub url: String,
     /// Members to join.
@@ -200,7 +212,7 @@ pub struct PresenceArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct NewcomerArgs {
-    /// Server URL (ws://HOST:PORT[/path]).
+    /// Server URL (ws:// or wss://HOST:PORT[/path]).
     #[arg(long, default_value = "ws://127.0.0.1:4000")]
     pub url: String,
     /// The room.
@@ -226,7 +238,7 @@ pub struct NewcomerArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ConnectArgs {
-    /// Server URL (ws://HOST:PORT, optionally with the socket path, default
+    /// Server URL (ws:// or wss://HOST:PORT, optionally with the socket path, default
     /// /socket/websocket).
     #[arg(long, default_value = "ws://127.0.0.1:4000")]
     pub url: String,
@@ -249,7 +261,7 @@ pub struct ConnectArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct FanoutArgs {
-    /// Server URL (ws://HOST:PORT[/path]).
+    /// Server URL (ws:// or wss://HOST:PORT[/path]).
     #[arg(long, default_value = "ws://127.0.0.1:4000")]
     pub url: String,
     /// Subscriber connections.
@@ -277,11 +289,15 @@ pub struct FanoutArgs {
     /// Time limit of the publish phase (from the first send to the last).
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub publish_timeout: Duration,
+    /// Pad each message's body with this many bytes of chat-like text (for compression:
+    /// the seed's `new_msg` is small, under the server's 1 KiB threshold).
+    #[arg(long, default_value_t = 0)]
+    pub pad: usize,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct RoomsArgs {
-    /// Server URL (ws://HOST:PORT[/path]).
+    /// Server URL (ws:// or wss://HOST:PORT[/path]).
     #[arg(long, default_value = "ws://127.0.0.1:4000")]
     pub url: String,
     /// Rooms.
@@ -310,7 +326,7 @@ pub struct RoomsArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ChurnArgs {
-    /// Server URL (ws://HOST:PORT[/path]).
+    /// Server URL (ws:// or wss://HOST:PORT[/path]).
     #[arg(long, default_value = "ws://127.0.0.1:4000")]
     pub url: String,
     /// Concurrent slots, each running one cycle at a time.
@@ -339,11 +355,28 @@ pub fn room_schedule(rate_per_member: f64, duration: Duration) -> (u64, Duration
     (n, Duration::from_secs_f64(1.0 / rate_per_member))
 }
 
-/// `ws://host:port[/path]` → target address, Host header, WebSocket path.
-pub fn parse_url(url: &str) -> anyhow::Result<Target> {
-    let rest = url
-        .strip_prefix("ws://")
-        .with_context(|| format!("--url {url}: only ws:// URLs are supported"))?;
+/// How `wss://` URLs check the server's certificate, from the flags.
+pub fn trust_of(cli: &Cli) -> tls::Trust<'_> {
+    match (&cli.tls_ca, cli.tls_insecure) {
+        (_, true) => tls::Trust::Any,
+        (Some(ca), false) => tls::Trust::CaFile(ca),
+        (None, false) => tls::Trust::Nothing,
+    }
+}
+
+/// `ws://` or `wss://host:port[/path]` → target address, Host header, WebSocket path
+/// and, for `wss://`, the TLS configuration (checking certificates as `trust` says).
+pub fn parse_url(url: &str, trust: tls::Trust) -> anyhow::Result<Target> {
+    let (secure, rest) = if let Some(rest) = url.strip_prefix("wss://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("ws://") {
+        (false, rest)
+    } else {
+        bail!("--url {url}: only ws:// and wss:// URLs are supported");
+    };
+    if !secure && trust != tls::Trust::Nothing {
+        bail!("--url {url}: --tls-ca and --tls-insecure need a wss:// URL");
+    }
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
@@ -361,6 +394,8 @@ pub fn parse_url(url: &str) -> anyhow::Result<Target> {
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
     {
         hostport.to_string()
+    } else if secure {
+        format!("{hostport}:443")
     } else {
         format!("{hostport}:80")
     };
@@ -374,10 +409,19 @@ pub fn parse_url(url: &str) -> anyhow::Result<Target> {
         .or(addrs.first())
         .copied()
         .with_context(|| format!("--url {url}: {hostport} resolves to nothing"))?;
+    let tls = match secure {
+        false => None,
+        true => Some(tls::TlsTarget {
+            config: tls::client_config(trust)?,
+            name: tls::server_name(hostport).with_context(|| format!("--url {url}"))?,
+        }),
+    };
     Ok(Target {
         addr,
         host: hostport.to_string(),
         path,
+        tls,
+        compress: false,
     })
 }
 
@@ -401,7 +445,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             if a.rate.is_nan() || a.rate <= 0.0 {
                 bail!("--rate must be above 0");
             }
-            let target = parse_url(&a.url)?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 mode: Mode::Hold,
                 sources: sources_for(&target.addr, cli.sources)?,
@@ -431,7 +478,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             if a.rate < 0.0 || (a.rate == 0.0 && a.window == 0) {
                 bail!("--rate must be >= 0, and --window > 0 when --rate is 0");
             }
-            let target = parse_url(&a.url)?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 mode: Mode::Subscribe { messages: a.messages },
                 sources: sources_for(&target.addr, cli.sources)?,
@@ -467,7 +517,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 .checked_mul(a.members)
                 .context("--rooms x --members is too large")?;
             let (per_sender, interval) = room_schedule(a.rate_per_member, a.duration);
-            let target = parse_url(&a.url)?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 mode: Mode::Room {
                     rooms: a.rooms,
@@ -504,7 +557,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             if a.connections == 0 {
                 bail!("--connections must be at least 1");
             }
-            let target = parse_url(&a.url)?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 // Each slot runs a cycle every N / rate seconds; the ramp staggers them.
                 mode: Mode::Churn {
@@ -536,7 +592,10 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             if a.user_prefix.starts_with(presence::NEWCOMER_PREFIX) {
                 bail!("--user-prefix may not start with {}", presence::NEWCOMER_PREFIX);
             }
-            let target = parse_url(&a.url)?;
+            let target = Target {
+                compress: cli.compress,
+                ..parse_url(&a.url, trust_of(cli))?
+            };
             Job {
                 mode: Mode::Presence { window: a.window },
                 sources: sources_for(&target.addr, cli.sources)?,
@@ -624,19 +683,35 @@ mod tests {
 
     #[test]
     fn urls() {
-        let t = parse_url("ws://127.0.0.1:4600").unwrap();
+        let none = tls::Trust::Nothing;
+        let t = parse_url("ws://127.0.0.1:4600", none).unwrap();
         assert_eq!(t.addr, "127.0.0.1:4600".parse().unwrap());
         assert_eq!(t.path, "/socket/websocket");
         assert_eq!(t.host, "127.0.0.1:4600");
+        assert!(t.tls.is_none());
         assert_eq!(
-            parse_url("ws://127.0.0.1:1/socket").unwrap().path,
+            parse_url("ws://127.0.0.1:1/socket", none).unwrap().path,
             "/socket/websocket"
         );
         assert_eq!(
-            parse_url("ws://127.0.0.1:1/live/websocket?x=1").unwrap().path,
+            parse_url("ws://127.0.0.1:1/live/websocket?x=1", none)
+                .unwrap()
+                .path,
             "/live/websocket"
         );
-        assert!(parse_url("http://127.0.0.1:1").is_err());
+        assert!(parse_url("http://127.0.0.1:1", none).is_err());
+        // wss: TLS, port 443 by default, the certificate checked against the host.
+        let t = parse_url("wss://localhost/socket", tls::Trust::Any).unwrap();
+        assert_eq!(t.addr.port(), 443);
+        assert_eq!(t.path, "/socket/websocket");
+        let tls = t.tls.expect("wss has TLS");
+        assert_eq!(
+            tls.name,
+            rustls::pki_types::ServerName::try_from("localhost").unwrap()
+        );
+        assert!(parse_url("wss://127.0.0.1:4600", none).unwrap().tls.is_some());
+        // The trust flags mean nothing to ws://.
+        assert!(parse_url("ws://127.0.0.1:4600", tls::Trust::Any).is_err());
     }
 
     #[test]

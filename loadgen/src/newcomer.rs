@@ -69,7 +69,7 @@ async fn check(cli: Cli, a: NewcomerArgs) -> NewcomerReport {
         expected_newcomers: a.newcomers,
         ..Default::default()
     };
-    let target = match parse_url(&a.url) {
+    let target = match parse_url(&a.url, crate::trust_of(&cli)) {
         Ok(t) => t,
         Err(e) => {
             r.problems.push(format!("{e:#}"));

@@ -486,9 +486,14 @@ fn preflight(cli: &Cli, job: &Job, parent_extra: u64) -> anyhow::Result<Vec<(u64
         std::net::TcpListener::bind((*last, 0))
             .with_context(|| format!("cannot bind source address {last}; is 127.0.0.0/8 routed to lo?"))?;
     }
-    match std::net::TcpStream::connect_timeout(&job.target.addr, Duration::from_secs(3)) {
-        Ok(_) => {}
-        Err(e) => bail!("no server reachable at {}: {e}", job.target.addr),
+    match &job.target.tls {
+        None => match std::net::TcpStream::connect_timeout(&job.target.addr, Duration::from_secs(3)) {
+            Ok(_) => {}
+            Err(e) => bail!("no server reachable at {}: {e}", job.target.addr),
+        },
+        // One handshake first, so that a certificate the flags do not trust is one
+        // clear error rather than N failed connections.
+        Some(tls) => crate::tls::probe(job.target.addr, tls, Duration::from_secs(3))?,
     }
     if let Some(pid) = cli.server_pid {
         if sys::sample(pid).is_none() {
@@ -812,7 +817,7 @@ fn fanout(cli: &Cli, job: Job, a: &crate::FanoutArgs) -> anyhow::Result<bool> {
         }
     );
     let ps = Arc::new(PubShared::default());
-    let publisher = run::run_publisher(job.clone(), ps.clone(), a.messages, pace, cli.server_pid)?;
+    let publisher = run::run_publisher(job.clone(), ps.clone(), a.messages, pace, cli.server_pid, a.pad)?;
     let expected = ramped.joined * a.messages;
     let pb = bar(
         cli,

@@ -34,6 +34,21 @@ pub fn publish(topic: &str, reference: u64, seq: u64, unix_nanos: u64) -> String
     new_msg(topic, reference, &timed_body(seq, unix_nanos))
 }
 
+/// [`publish`] with `pad` bytes of chat-like text after the numbers (a space first),
+/// which [`find_seq_ts`] skips.
+pub fn publish_padded(topic: &str, reference: u64, seq: u64, unix_nanos: u64, pad: usize) -> String {
+    if pad == 0 {
+        return publish(topic, reference, seq, unix_nanos);
+    }
+    const TEXT: &str = "lorem ipsum dolor sit amet, the match starts at eight and the weather is fine. ";
+    let filler: String = TEXT.chars().cycle().take(pad - 1).collect();
+    new_msg(
+        topic,
+        reference,
+        &format!("{} {filler}", timed_body(seq, unix_nanos)),
+    )
+}
+
 /// The body of a timed broadcast, `"<seq>:<send unix nanos>"`: what [`find_seq_ts`]
 /// reads back on the receiving side.
 ///
@@ -134,7 +149,9 @@ fn body_numbers<const N: usize>(msg: &[u8]) -> Option<[u64; N]> {
     for (k, slot) in out.iter_mut().enumerate() {
         let (v, next) = digits(msg, i + 1)?;
         let sep = if k + 1 == N { b'"' } else { b':' };
-        if msg.get(next) != Some(&sep) {
+        // After the last number: the end of the body, or a space and padding.
+        let padded = k + 1 == N && msg.get(next) == Some(&b' ');
+        if msg.get(next) != Some(&sep) && !padded {
             return None;
         }
         *slot = v;
@@ -183,6 +200,19 @@ pub fn reply_to(msg: &[u8], reference: &str) -> Option<JoinReply> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padded_bodies_keep_their_numbers_readable() {
+        let m = publish_padded("bench:x", 2, 7, 42, 12);
+        assert!(m.contains(r#""body":"7:42 lorem ipsum"}"#), "{m}");
+        assert_eq!(find_seq_ts(m.as_bytes()), Some((7, 42)));
+        assert_eq!(
+            publish_padded("bench:x", 2, 7, 42, 0),
+            publish("bench:x", 2, 7, 42)
+        );
+        // A body that only starts with numbers, without the space, is not a timed one.
+        assert_eq!(find_seq_ts(br#"["1",null,"t","new_msg",{"body":"7:42x"}]"#), None);
+    }
 
     #[test]
     fn builds_messages() {

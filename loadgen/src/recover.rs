@@ -244,7 +244,7 @@ async fn run(cli: Cli, a: RecoverArgs) -> RecoverReport {
         away_ms: a.away.as_millis() as u64,
         ..Default::default()
     };
-    let target = match parse_url(&a.url) {
+    let target = match parse_url(&a.url, crate::trust_of(&cli)) {
         Ok(t) => t,
         Err(e) => {
             r.problems.push(format!("{e:#}"));

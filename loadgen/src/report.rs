@@ -468,6 +468,13 @@ pub struct FanoutReport {
     pub deliveries_per_sec: f64,
     pub publish_secs: f64,
     pub latency: Latency,
+    /// WebSocket bytes the subscribers read, joins and replies included.
+    pub wire_bytes_in: u64,
+    /// `wire_bytes_in` over `deliveries`.
+    pub wire_bytes_per_delivery: f64,
+    /// Subscribers that negotiated `permessage-deflate`, and the messages they inflated.
+    pub compressed_connections: u64,
+    pub inflated_messages: u64,
     pub stopped_because: String,
     pub server: Option<ServerFanout>,
     pub problems: Vec<String>,
@@ -534,6 +541,10 @@ impl FanoutReport {
                 0.0
             },
             latency: Latency::of(&m.latency),
+            wire_bytes_in: m.wire_bytes_in,
+            wire_bytes_per_delivery: m.wire_bytes_in as f64 / m.deliveries.max(1) as f64,
+            compressed_connections: m.compressed_connections,
+            inflated_messages: m.inflated_messages,
             stopped_because: why.to_string(),
             server,
             problems,
@@ -629,6 +640,10 @@ pub fn print_fanout(r: &FanoutReport) {
     );
     print_map("ended early, by kind", &r.ends);
     println!("  latency        {}", r.latency.line());
+    println!(
+        "  received       {} WebSocket bytes, {:.1} per delivery; {} subscriber(s) compressed, {} message(s) inflated",
+        r.wire_bytes_in, r.wire_bytes_per_delivery, r.compressed_connections, r.inflated_messages
+    );
     println!("  stopped        {}", r.stopped_because);
     if let Some(s) = &r.server {
         s.print("subscribers");

@@ -180,6 +180,15 @@ pub struct SliceReport {
     /// presence: what the members read.
     #[serde(default)]
     pub presence: PresenceTally,
+    /// WebSocket bytes the connections read (after TLS), all messages included.
+    #[serde(default)]
+    pub wire_bytes_in: u64,
+    /// Connections that negotiated `permessage-deflate` (`--compress`).
+    #[serde(default)]
+    pub compressed_connections: u64,
+    /// Compressed messages the connections inflated.
+    #[serde(default)]
+    pub inflated_messages: u64,
 }
 
 fn min_nz(a: u64, b: u64) -> u64 {
@@ -219,6 +228,9 @@ impl SliceReport {
         merge_hist(&mut self.latency, &o.latency);
         merge_hist(&mut self.cycle_latency, &o.cycle_latency);
         self.presence.merge(&o.presence);
+        self.wire_bytes_in += o.wire_bytes_in;
+        self.compressed_connections += o.compressed_connections;
+        self.inflated_messages += o.inflated_messages;
     }
 
     /// Rooms: the deliveries that should arrive, Σ over rooms of sends × joined members.
@@ -1055,7 +1067,11 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
     }
     ctl.await;
     let s = stats.borrow();
+    let wire = crate::client::wire_tally();
     SliceReport {
+        wire_bytes_in: wire.bytes_in,
+        compressed_connections: wire.compressed_conns,
+        inflated_messages: wire.inflated,
         attempted: i,
         joined: 0,
         failed: s.failures.values().sum(),
@@ -1158,13 +1174,14 @@ pub fn run_publisher(
     messages: u64,
     pace: Pace,
     server_pid: Option<u32>,
+    pad: usize,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let h = std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {
             let r = LocalExecutorBuilder::new(Placement::Unbound)
                 .name("publisher")
-                .spawn(move || publisher_main(job, ps.clone(), messages, pace, server_pid))
+                .spawn(move || publisher_main(job, ps.clone(), messages, pace, server_pid, pad))
                 .and_then(|h| h.join());
             if let Err(e) = r {
                 eprintln!("publisher executor failed: {e}");
@@ -1179,6 +1196,7 @@ async fn publisher_main(
     messages: u64,
     pace: Pace,
     server_pid: Option<u32>,
+    pad: usize,
 ) {
     let open = |user: &str, idx: u64| {
         let token = ringcast::proto::token::sign(job.secret.as_bytes(), user, unix_nanos() / 1_000_000_000);
@@ -1296,7 +1314,7 @@ async fn publisher_main(
                     ps.first_send_nanos.store(now, Relaxed);
                 }
                 let r = publisher.next_ref();
-                publisher.queue_text(phx::publish(&job.topic, r, sent, now).as_bytes());
+                publisher.queue_text(phx::publish_padded(&job.topic, r, sent, now, pad).as_bytes());
                 sent += 1;
                 // Keep frames flowing in small batches.
                 if sent.is_multiple_of(16) {
@@ -1384,6 +1402,8 @@ mod tests {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 host: "127.0.0.1:1".into(),
                 path: "/socket/websocket".into(),
+                tls: None,
+                compress: false,
             },
             sources: Vec::new(),
             secret: "s".into(),

@@ -9,8 +9,11 @@
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
 import { chromium } from 'playwright-core';
-import { e2e, startServer, connect, mintToken, collect } from './lib.mjs';
+import { e2e, startServer, connect, rawConnect, mintToken, collect, REPO_ROOT, SECRET } from './lib.mjs';
 
 const CHROMIUM = process.env.RINGCAST_CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = '/tmp/ringcast-demo.png';
@@ -37,7 +40,7 @@ after(async () => {
 });
 
 /** Opens the chat page as `user` in a fresh browser context (its own sessionStorage). */
-async function openTab(user, room, { query = '', blockWebSocket = false } = {}) {
+async function openTab(user, room, { query = '', blockWebSocket = false, base = server.httpUrl } = {}) {
   const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
   const page = await context.newPage();
   page.errors = [];
@@ -67,7 +70,7 @@ async function openTab(user, room, { query = '', blockWebSocket = false } = {}) 
     });
   }
   const qs = new URLSearchParams({ token: mintToken(user), user, room });
-  await page.goto(`${server.httpUrl}/?${qs}${query}`, { timeout: 10000 });
+  await page.goto(`${base}/?${qs}${query}`, { timeout: 10000 });
   await page.waitForSelector('body[data-joined="true"]', { timeout: 8000 });
   return page;
 }
@@ -179,3 +182,111 @@ e2e('?longpoll uses the LongPoll transport from the start', async () => {
   await erin.context().close();
   await frank.context().close();
 }, { timeout: 30000 });
+
+/**
+ * A TCP proxy in front of the server that counts, for each connection the server
+ * upgrades to a WebSocket, the bytes it sends: what the browser receives on the wire.
+ */
+async function countingProxy(port) {
+  const upgraded = [];
+  const proxy = net.createServer((client) => {
+    const upstream = net.connect(port, '127.0.0.1');
+    const entry = { bytes: 0, websocket: null };
+    upstream.on('data', (d) => {
+      if (entry.websocket === null) {
+        entry.websocket = d.subarray(0, 12).toString('latin1') === 'HTTP/1.1 101';
+        if (entry.websocket) upgraded.push(entry);
+      }
+      if (entry.websocket) entry.bytes += d.length;
+      client.write(d);
+    });
+    client.on('data', (d) => upstream.write(d));
+    const end = () => { client.destroy(); upstream.destroy(); };
+    for (const s of [client, upstream]) { s.on('close', end); s.on('error', end); }
+  });
+  await new Promise((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  return { url: `http://127.0.0.1:${proxy.address().port}`, upgraded, close: () => new Promise((r) => proxy.close(r)) };
+}
+
+e2e('Chromium negotiates permessage-deflate: a 100-member presence_state arrives compressed on the wire and intact, as does a big message', async () => {
+  const room = 'zipbrowser';
+  const topic = `rooms:${room}`;
+  const members = [];
+  for (let i = 0; i < 100; i++) {
+    const m = await rawConnect(server.port, { userId: `m${i}` });
+    await m.join(topic, { name: `member ${i} with a long display name `.repeat(6).slice(0, 200) });
+    members.push(m);
+  }
+  // The presence_state a joiner gets now, uncompressed.
+  const probe = await rawConnect(server.port, { userId: 'probe' });
+  await probe.join(topic);
+  const stateLen = (await probe.event(topic, 'presence_state')).text.length;
+  await probe.close();
+  const proxy = await countingProxy(server.port);
+  try {
+    const page = await openTab('zip', room, { base: proxy.url });
+    await waitPresence(page, ['zip', ...members.map((_, i) => `m${i}`)]);
+    assert.match(await page.evaluate(() => socket.conn.extensions), /permessage-deflate/);
+    assert.equal(proxy.upgraded.length, 1, 'one WebSocket through the proxy');
+    const wire = proxy.upgraded[0].bytes;
+    assert.ok(wire * 3 < stateLen, `${wire} bytes on the wire, the presence_state alone is ${stateLen}`);
+    // A big broadcast arrives whole.
+    const body = Array.from({ length: 700 }, (_, i) => `w${i}`).join(' ').slice(0, 6000);
+    members[0].send([null, null, topic, 'new_msg', { body }]);
+    await waitMessage(page, `m0: ${body}`);
+    assert.deepEqual(page.errors, [], 'no page errors');
+    await page.context().close();
+  } finally {
+    for (const m of members) await m.close();
+    await proxy.close();
+  }
+}, { timeout: 40000 });
+
+e2e('the admin page: log in with the API key, numbers and charts move while a loadgen runs, a broadcast from its form reaches a phoenix client', async () => {
+  const key = 'admin-test-key';
+  const admin = await startServer({ cores: 2, args: ['--api-key', key] });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  page.errors = [];
+  page.on('pageerror', (e) => page.errors.push(String(e)));
+  let loadgen;
+  try {
+    await page.goto(`${admin.httpUrl}/admin`, { timeout: 10000 });
+    // A wrong key is refused, the right one logs in.
+    await page.fill('#key', 'wrong');
+    await page.click('#login-form button');
+    await page.waitForFunction(() => /refused/.test(document.getElementById('login-error').textContent), null, { timeout: 5000 });
+    await page.fill('#key', key);
+    await page.click('#login-form button');
+    await page.waitForSelector('body[data-ready="true"]', { timeout: 5000 });
+
+    const node = await connect(admin.port, 'watcher');
+    const lobby = await node.joined('rooms:lobby', { name: 'watcher' });
+    const loadgenBin = process.env.RINGCAST_LOADGEN_BIN || path.join(REPO_ROOT, 'target', 'debug', 'ringcast-loadgen');
+    loadgen = spawn(loadgenBin, ['--quiet', '--sources', '4', '--secret', SECRET, 'fanout', '--url', `ws://127.0.0.1:${admin.port}`,
+      '-n', '40', '-m', '400', '--rate', '50', '--topic', 'bench:admin'], { stdio: 'ignore' });
+    await page.waitForFunction(() => Number(document.getElementById('total-connections').textContent) >= 41, null, { timeout: 15000 });
+    await page.waitForFunction(() => Number(document.getElementById('deliveries-rate').textContent) > 100, null, { timeout: 15000 });
+    await page.waitForFunction(() => [...document.querySelectorAll('#topics tbody tr')]
+      .some((tr) => tr.cells[0].textContent === 'bench:admin' && Number(tr.cells[1].textContent) >= 40), null, { timeout: 5000 });
+    await page.waitForFunction(() => [...document.querySelectorAll('#topics tbody tr')]
+      .some((tr) => tr.cells[0].textContent === 'rooms:lobby' && tr.cells[2].textContent === '1'), null, { timeout: 5000 });
+    assert.ok(await page.$('#chart canvas'), 'the chart is drawn');
+    await page.waitForFunction(() => Number(document.body.dataset.points) >= 5, null, { timeout: 10000 });
+    await page.screenshot({ path: '/tmp/ringcast-admin.png', fullPage: true });
+
+    const got = new Promise((resolve) => lobby.on('new_msg', resolve));
+    await page.fill('#b-topic', 'rooms:lobby');
+    await page.fill('#b-event', 'new_msg');
+    await page.fill('#b-payload', '{"body": "from the admin page", "user": "admin"}');
+    await page.click('#broadcast-form button');
+    assert.deepEqual(await got, { body: 'from the admin page', user: 'admin' });
+    await page.waitForFunction(() => document.getElementById('broadcast-status').textContent === 'sent', null, { timeout: 3000 });
+    assert.deepEqual(page.errors, [], 'no page errors');
+    await node.close();
+  } finally {
+    if (loadgen) loadgen.kill('SIGKILL');
+    await context.close();
+    await admin.stop();
+  }
+}, { timeout: 60000 });

@@ -27,10 +27,9 @@
 // here FAILS with a message saying so; it is never skipped.
 
 import { before, after } from 'node:test';
-import { spawn } from 'node:child_process';
 import assert from 'node:assert/strict';
 import {
-  e2e, startServer, connect, rawConnect, collect, waitFor, sleep, freePort, assertAlive, POSITION,
+  e2e, startServer, connect, rawConnect, collect, waitFor, sleep, freePort, assertAlive, startRedis, POSITION,
 } from './lib.mjs';
 import { API_KEY, Presence, apiBroadcast } from './httplib.mjs';
 
@@ -43,40 +42,6 @@ const SUBSCRIBE_SETTLE_MS = 200;
 let redis = null; // { port, proc, exited, log() }
 let redisPort = 0;
 const redisUrl = () => `redis://127.0.0.1:${redisPort}`;
-
-/** Starts redis-server on `port` and resolves once it accepts connections. */
-function startRedis(port) {
-  return new Promise((resolve, reject) => {
-    const proc = spawn('redis-server', [
-      '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
-    ], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const chunks = [];
-    const r = { port, proc, exited: null, log: () => chunks.join('') };
-    r.exitPromise = new Promise((res) => proc.on('exit', (code, signal) => {
-      r.exited = signal ? `signal ${signal}` : `code ${code}`;
-      res();
-    }));
-    let done = false;
-    const finish = (err) => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      if (err) reject(err); else resolve(r);
-    };
-    const timer = setTimeout(() => { proc.kill('SIGKILL'); finish(new Error(`redis-server did not get ready within 5 s:\n${r.log()}`)); }, 5000);
-    proc.on('error', (err) => finish(err.code === 'ENOENT'
-      ? new Error('redis-server is not installed (not on PATH): the cluster tests need a real Redis. '
-        + 'Install it (apt-get install -y redis-server; scripts/test.sh does so) and run again.')
-      : new Error(`cannot start redis-server: ${err.message}`)));
-    proc.on('exit', () => finish(new Error(`redis-server exited (${r.exited}) before it was ready:\n${r.log()}`)));
-    const onData = (buf) => {
-      chunks.push(buf.toString('utf8'));
-      if (r.log().includes('Ready to accept connections')) finish();
-    };
-    proc.stdout.on('data', onData);
-    proc.stderr.on('data', onData);
-  });
-}
 
 async function killRedis() {
   if (!redis || redis.exited) return;

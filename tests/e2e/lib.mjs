@@ -113,12 +113,16 @@ export function freePort() {
  * Returns `{port, url, httpUrl, proc, log(), stop()}`; `url` is the phoenix endpoint
  * (`ws://127.0.0.1:PORT/socket`).
  */
-export async function startServer({ cores = 1, args = [], env = {}, secret = SECRET } = {}) {
+export async function startServer({ cores = 1, args = [], env = {}, secret = SECRET, bin = null } = {}) {
   const port = await freePort();
-  const argv = ['serve', '--listen', `127.0.0.1:${port}`, '--cores', String(cores), ...(secret === null ? [] : ['--secret', secret]), ...args];
-  const proc = spawn(BIN, argv, {
+  // `bin`: another program that serves like `ringcast serve` (an example embedding the
+  // library): it gets `--listen` and `args`, and the secret through the environment.
+  const argv = bin
+    ? ['--listen', `127.0.0.1:${port}`, ...args]
+    : ['serve', '--listen', `127.0.0.1:${port}`, '--cores', String(cores), ...(secret === null ? [] : ['--secret', secret]), ...args];
+  const proc = spawn(bin || BIN, argv, {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { NO_COLOR: '1', ...withoutSecretEnv(process.env), ...env },
+    env: { NO_COLOR: '1', ...withoutSecretEnv(process.env), ...(bin && secret !== null ? { RINGCAST_SECRET: secret } : {}), ...env },
   });
   const chunks = [];
   let logLen = 0;
@@ -239,6 +243,7 @@ export async function connect(port, userId, { token, params, timeout = 3000, soc
       super(url, protocols);
       this.on('upgrade', (res) => {
         client.core = res.headers['x-ringcast-core'];
+        client.upgradeHeaders = res.headers;
       });
     }
   }
@@ -702,4 +707,42 @@ export async function assertUnharmed(server, { phx, chan, raw }, topic) {
   await fresh.close();
   await phx.close();
   await raw.close();
+}
+
+// ---------------------------------------------------------------------------
+// redis-server
+// ---------------------------------------------------------------------------
+
+/** Starts redis-server on `port` and resolves once it accepts connections. */
+export function startRedis(port) {
+  return new Promise((resolve, reject) => {
+    const proc = spawn('redis-server', [
+      '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+    ], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const chunks = [];
+    const r = { port, proc, exited: null, log: () => chunks.join('') };
+    r.exitPromise = new Promise((res) => proc.on('exit', (code, signal) => {
+      r.exited = signal ? `signal ${signal}` : `code ${code}`;
+      res();
+    }));
+    let done = false;
+    const finish = (err) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      if (err) reject(err); else resolve(r);
+    };
+    const timer = setTimeout(() => { proc.kill('SIGKILL'); finish(new Error(`redis-server did not get ready within 5 s:\n${r.log()}`)); }, 5000);
+    proc.on('error', (err) => finish(err.code === 'ENOENT'
+      ? new Error('redis-server is not installed (not on PATH): the cluster tests need a real Redis. '
+        + 'Install it (apt-get install -y redis-server; scripts/test.sh does so) and run again.')
+      : new Error(`cannot start redis-server: ${err.message}`)));
+    proc.on('exit', () => finish(new Error(`redis-server exited (${r.exited}) before it was ready:\n${r.log()}`)));
+    const onData = (buf) => {
+      chunks.push(buf.toString('utf8'));
+      if (r.log().includes('Ready to accept connections')) finish();
+    };
+    proc.stdout.on('data', onData);
+    proc.stderr.on('data', onData);
+  });
 }

@@ -89,6 +89,14 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every value of header `name` (lower case), in order: a header may be repeated.
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// Whether a comma-separated header contains `token`, case-insensitively.
     pub fn header_has_token(&self, name: &str, token: &str) -> bool {
         self.headers

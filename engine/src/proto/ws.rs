@@ -7,6 +7,7 @@
 //! buffer of its own between messages unless a message arrives in fragments.
 
 pub mod client;
+pub mod deflate;
 
 use std::io::Cursor;
 
@@ -93,16 +94,31 @@ pub enum Parsed<'b> {
     },
 }
 
-/// Per-connection reader state: the size limit and a fragment being reassembled.
+/// Per-connection reader state: the size limit, a fragment being reassembled, and
+/// what `permessage-deflate` the connection negotiated.
 #[derive(Debug)]
 pub struct FrameReader {
     max_message: usize,
     fragment: Option<Box<Fragment>>,
+    inflate: Inflate,
+}
+
+/// How a reader treats compressed messages (RSV1 on a message's first frame).
+#[derive(Debug)]
+enum Inflate {
+    /// Not negotiated: RSV1 is a protocol error.
+    Off,
+    /// Each message on its own, with the core's inflater.
+    PerMessage,
+    /// The client keeps its context: the connection's own inflater, made at the first
+    /// compressed message.
+    Context(Option<Box<deflate::Inflater>>),
 }
 
 #[derive(Debug)]
 struct Fragment {
     binary: bool,
+    compressed: bool,
     data: Vec<u8>,
 }
 
@@ -112,12 +128,50 @@ impl FrameReader {
         FrameReader {
             max_message,
             fragment: None,
+            inflate: Inflate::Off,
         }
     }
 
-    /// No fragmented message is being reassembled.
+    /// A reader for a connection that negotiated `permessage-deflate`; `client_resets`
+    /// as agreed ([`deflate::Agreed`]). Inflated messages are held to `max_message`
+    /// too: past it, [`ProtocolError::TooBig`].
+    pub fn with_deflate(max_message: usize, client_resets: bool) -> Self {
+        FrameReader {
+            inflate: if client_resets {
+                Inflate::PerMessage
+            } else {
+                Inflate::Context(None)
+            },
+            ..FrameReader::new(max_message)
+        }
+    }
+
+    /// No fragmented message is being reassembled, and no compression context is held:
+    /// the reader can be dropped and made anew without losing anything.
     pub fn is_idle(&self) -> bool {
-        self.fragment.is_none()
+        self.fragment.is_none() && !matches!(self.inflate, Inflate::Context(Some(_)))
+    }
+
+    /// A complete message's data, inflated if it came compressed.
+    fn message_data<'b>(
+        &mut self,
+        compressed: bool,
+        data: MessageData<'b>,
+    ) -> Result<MessageData<'b>, ProtocolError> {
+        if !compressed {
+            return Ok(data);
+        }
+        let input = data.as_slice();
+        match &mut self.inflate {
+            Inflate::Off => Err(ProtocolError::BadFrame("reserved bits set")),
+            Inflate::PerMessage => deflate::inflate_message(input, self.max_message).map(MessageData::Owned),
+            Inflate::Context(kept) => {
+                let mut out = Vec::new();
+                kept.get_or_insert_with(Box::default)
+                    .inflate(input, self.max_message, &mut out)?;
+                Ok(MessageData::Owned(out))
+            }
+        }
     }
 
     /// Parses at most one frame from the front of `buf`, unmasking it in place.
@@ -140,7 +194,10 @@ impl FrameReader {
             Err(_) => return Err(ProtocolError::BadFrame("unreadable frame header")),
         };
         let header_len = cursor.position() as usize;
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        // RSV1 marks a compressed message, on its first frame only (RFC 7692 §6).
+        let starts_data = matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
+        let deflate_ok = !matches!(self.inflate, Inflate::Off) && starts_data;
+        if (header.rsv1 && !deflate_ok) || header.rsv2 || header.rsv3 {
             return Err(ProtocolError::BadFrame("reserved bits set"));
         }
         let Some(mask) = header.mask else {
@@ -178,7 +235,8 @@ impl FrameReader {
                 fragment.data.extend_from_slice(payload);
                 if header.is_final {
                     let fragment = self.fragment.take().expect("checked above");
-                    Some(data_message(fragment.binary, MessageData::Owned(fragment.data))?)
+                    let data = self.message_data(fragment.compressed, MessageData::Owned(fragment.data))?;
+                    Some(data_message(fragment.binary, data)?)
                 } else {
                     None
                 }
@@ -189,10 +247,12 @@ impl FrameReader {
                 }
                 let binary = kind == Data::Binary;
                 if header.is_final {
-                    Some(data_message(binary, MessageData::Borrowed(payload))?)
+                    let data = self.message_data(header.rsv1, MessageData::Borrowed(payload))?;
+                    Some(data_message(binary, data)?)
                 } else {
                     self.fragment = Some(Box::new(Fragment {
                         binary,
+                        compressed: header.rsv1,
                         data: payload.to_vec(),
                     }));
                     None
@@ -306,7 +366,7 @@ impl FrameBuilder {
     }
 }
 
-fn finish_frame(mut buf: Vec<u8>, first_byte: u8) -> Bytes {
+pub(crate) fn finish_frame(mut buf: Vec<u8>, first_byte: u8) -> Bytes {
     let len = buf.len() - HEADER_ROOM;
     let start = if len < 126 {
         buf[HEADER_ROOM - 1] = len as u8;
@@ -587,5 +647,88 @@ mod tests {
             &[0x88, 5, 0x03, 0xEF, b'b', b'a', b'd']
         );
         assert_eq!(&pong_frame(b"x")[..], &[0x8A, 1, b'x']);
+    }
+
+    /// `text` deflated as one message, the way a resetting client sends it.
+    fn deflated(text: &[u8]) -> Vec<u8> {
+        let frame = deflate::compress_frame(
+            &{
+                let mut f = FrameBuilder::with_capacity(text.len());
+                f.payload().extend_from_slice(text);
+                f.finish(FrameKind::Text)
+            },
+            deflate::BROADCAST_LEVEL,
+        )
+        .expect("compressible");
+        split_frame(&frame).unwrap().1.to_vec()
+    }
+
+    #[test]
+    fn compressed_messages_inflate_only_where_negotiated_and_only_on_a_first_frame() {
+        let text = "compress me, compress me, compress me, compress me".as_bytes();
+        let payload = deflated(text);
+        let mut reader = FrameReader::with_deflate(1024, true);
+        let mut frame = client_frame(0xC1, &payload, [9, 8, 7, 6]);
+        let (_, msg) = read_one(&mut reader, &mut frame).unwrap();
+        assert_eq!(
+            msg.as_deref(),
+            Some("text:compress me, compress me, compress me, compress me")
+        );
+        assert!(reader.is_idle(), "a resetting client leaves no state behind");
+
+        // Not negotiated: RSV1 is a protocol error.
+        let mut frame = client_frame(0xC1, &payload, [9, 8, 7, 6]);
+        assert!(matches!(
+            FrameReader::new(1024).read(&mut frame),
+            Err(ProtocolError::BadFrame(_))
+        ));
+        // RSV1 on a control frame or a continuation is an error even when negotiated.
+        let mut ping = client_frame(0xC9, b"", [1, 1, 1, 1]);
+        assert!(FrameReader::with_deflate(1024, true).read(&mut ping).is_err());
+        let mut reader = FrameReader::with_deflate(1024, true);
+        let mut first = client_frame(0x41, &payload[..4], [1, 2, 3, 4]);
+        assert_eq!(read_one(&mut reader, &mut first).unwrap().1, None);
+        let mut cont = client_frame(0xC0, &payload[4..], [1, 2, 3, 4]);
+        assert!(reader.read(&mut cont).is_err());
+
+        // A compressed message in fragments: RSV1 on the first, inflated at the end.
+        let mut reader = FrameReader::with_deflate(1024, true);
+        let mut first = client_frame(0x41, &payload[..4], [1, 2, 3, 4]);
+        let mut last = client_frame(0x80, &payload[4..], [4, 3, 2, 1]);
+        assert_eq!(read_one(&mut reader, &mut first).unwrap().1, None);
+        let (_, msg) = read_one(&mut reader, &mut last).unwrap();
+        assert_eq!(
+            msg.as_deref(),
+            Some("text:compress me, compress me, compress me, compress me")
+        );
+    }
+
+    #[test]
+    fn an_inflated_message_is_held_to_the_limit_and_checked_as_text() {
+        let big = vec![b'a'; 5000];
+        let mut frame = client_frame(0xC1, &deflated(&big), [1, 2, 3, 4]);
+        assert!(frame.len() < 100, "5000 bytes deflate small");
+        assert!(matches!(
+            FrameReader::with_deflate(4999, true).read(&mut frame),
+            Err(ProtocolError::TooBig)
+        ));
+        let mut frame = client_frame(0xC1, &deflated(&[0xff; 300]), [1, 2, 3, 4]);
+        assert!(matches!(
+            FrameReader::with_deflate(1024, true).read(&mut frame),
+            Err(ProtocolError::BadUtf8)
+        ));
+    }
+
+    #[test]
+    fn a_reader_that_keeps_the_clients_context_is_not_idle_once_it_holds_one() {
+        let payload = deflated(b"hello hello hello hello hello hello");
+        let mut reader = FrameReader::with_deflate(1024, false);
+        assert!(reader.is_idle());
+        let mut frame = client_frame(0xC1, &payload, [5, 5, 5, 5]);
+        read_one(&mut reader, &mut frame).unwrap();
+        assert!(
+            !reader.is_idle(),
+            "its window must survive until the next message"
+        );
     }
 }

@@ -18,7 +18,9 @@ use crate::cluster;
 use crate::shard::api::endpoint::Endpoint;
 use crate::shard::api::router::{Router, SocketHandler};
 use crate::shard::app::App;
-pub use crate::shard::app::{Config, PresenceFetch, TlsSource, DEFAULT_MAX_HTTP_CONNECTIONS};
+pub use crate::shard::app::{
+    CompressionConfig, Config, InboundContext, PresenceFetch, TlsSource, DEFAULT_MAX_HTTP_CONNECTIONS,
+};
 use crate::shard::inbox;
 use crate::shard::mesh::{Mesh, MeshMsg};
 use crate::shard::stats::CoreStats;
@@ -115,6 +117,8 @@ impl Server {
             link.spawn(core_inboxes.clone());
         }
         let config = Config { cores, ..config };
+        let endpoint =
+            Endpoint::new(core_inboxes, cluster).with_subscription_bound(config.subscription_bound);
         Ok(Server {
             app: Arc::new(App {
                 config,
@@ -124,7 +128,7 @@ impl Server {
                 stats,
                 epoch_seed: crate::clock::unix_nanos(),
             }),
-            endpoint: Endpoint::new(core_inboxes, cluster),
+            endpoint,
             inboxes,
             listeners,
             local_addr,
@@ -228,6 +232,7 @@ impl Server {
             local_addr: self.local_addr,
             endpoint: self.endpoint,
             tls: self.tls,
+            stats: self.app.stats.clone(),
         })
     }
 }
@@ -240,8 +245,13 @@ async fn run_sweeper(shard: std::rc::Rc<Shard>) {
     // at most half a second, so idle connections park soon after PARK_AFTER.
     let period =
         (shard.app.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let mut last_top = std::time::Instant::now();
     loop {
         glommio::timer::sleep(period).await;
+        if last_top.elapsed() >= Duration::from_secs(1) {
+            shard.refresh_top_topics(crate::shard::stats::TOP_TOPICS);
+            last_top = std::time::Instant::now();
+        }
         shard.sweep_idle(shard.now_ms(), transport::park::available());
         transport::longpoll::sweep(&shard, std::time::Instant::now());
         crate::transport::park::poll_now(&shard);
@@ -268,9 +278,15 @@ pub struct RunningServer {
     local_addr: SocketAddr,
     endpoint: Endpoint,
     tls: Option<Arc<Tls>>,
+    stats: Vec<Arc<CoreStats>>,
 }
 
 impl RunningServer {
+    /// Every core's counters (what `/metrics` shows), to read from any thread.
+    pub fn stats(&self) -> Vec<Arc<CoreStats>> {
+        self.stats.clone()
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

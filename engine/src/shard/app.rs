@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::proto::ws::deflate::InboundContext;
 use crate::shard::api::router::{DynSocketHandler, Router};
 use crate::shard::cluster::ClusterConfig;
 use crate::shard::stats::CoreStats;
@@ -64,6 +65,39 @@ pub struct Config {
     /// Write a fanout's frames with one io_uring submission per batch; `false` writes
     /// with one `send` per connection (for comparisons).
     pub batched_writes: bool,
+    /// `permessage-deflate` (RFC 7692).
+    pub compression: CompressionConfig,
+    /// Messages a Rust subscription (`Endpoint::subscribe`) may hold before it lags.
+    pub subscription_bound: usize,
+}
+
+/// `permessage-deflate`: whether it is accepted, from what size messages go
+/// compressed, and what the server asks of the client's compressor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressionConfig {
+    /// Accept a client's offer; `false` declines every offer.
+    pub enabled: bool,
+    /// Messages at least this long (bytes, uncompressed) go compressed to clients that
+    /// negotiated it; smaller ones go as they are.
+    pub threshold: usize,
+    /// Ask clients to reset their compressor between messages (the default), or accept
+    /// their context takeover at the cost of an inflater per connection.
+    pub inbound: InboundContext,
+    /// Compress each broadcast once per core for all its subscribers (the default);
+    /// `false` compresses it again for every delivery, as servers that keep a
+    /// compressor per connection do (for comparisons).
+    pub once_per_broadcast: bool,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: true,
+            threshold: 1024,
+            inbound: InboundContext::Reset,
+            once_per_broadcast: true,
+        }
+    }
 }
 
 /// Per core: TCP connections in their HTTP phase (being read, answered, held by a
@@ -95,6 +129,8 @@ impl Default for Config {
             cluster: None,
             park_idle: true,
             batched_writes: true,
+            compression: CompressionConfig::default(),
+            subscription_bound: crate::shard::api::endpoint::DEFAULT_SUBSCRIPTION_BOUND,
         }
     }
 }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use thin_vec::ThinVec;
 
 use crate::proto::socket::ChannelTable;
-use crate::proto::ws::close_code;
+use crate::proto::ws::{close_code, deflate};
 use crate::proto::{Ref, Vsn};
 use crate::shard::api::channel::DynChannel;
 use crate::shard::api::socket::Socket;
@@ -218,15 +218,45 @@ pub(crate) struct ConnLimits {
     pub(crate) max_outbound_bytes: u32,
     pub(crate) messages_per_sec: u32,
     pub(crate) message_burst: u32,
+    /// Frames of this connection's own at least this long go compressed once it
+    /// negotiated `permessage-deflate` ([`Conn::deflate`]).
+    pub(crate) deflate_min: u32,
 }
 
-/// Why a connection is being closed, for the close frame's reason.
+/// Why a connection is being closed, for the close frame's reason: one byte in the
+/// connection, the text when the close frame is made.
 pub(crate) mod why {
-    pub(crate) const SLOW: &str = "outbound queue over its bound";
-    pub(crate) const FLOOD: &str = "message rate over its limit";
-    pub(crate) const MAILBOX: &str = "mailbox over its bound";
-}
+    /// A close reason more specific than its code.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    #[repr(u8)]
+    pub(crate) enum Why {
+        /// None beyond the close code.
+        #[default]
+        None,
+        Slow,
+        Flood,
+        Mailbox,
+        LongPollInbound,
+    }
 
+    pub(crate) const SLOW: Why = Why::Slow;
+    pub(crate) const FLOOD: Why = Why::Flood;
+    pub(crate) const MAILBOX: Why = Why::Mailbox;
+    pub(crate) const LONG_POLL_INBOUND: Why = Why::LongPollInbound;
+
+    impl Why {
+        /// The close frame's reason text ("" for [`Why::None`]).
+        pub(crate) fn text(self) -> &'static str {
+            match self {
+                Why::None => "",
+                Why::Slow => "outbound queue over its bound",
+                Why::Flood => "message rate over its limit",
+                Why::Mailbox => "mailbox over its bound",
+                Why::LongPollInbound => "long-poll messages over their bound",
+            }
+        }
+    }
+}
 /// Field order is deliberate (`repr(C)`): what fanout touches for every subscriber
 /// (the close flag, the outbound queue, its bound, the waker) sits in the first two
 /// cache lines; the rest is for the connection's own task.
@@ -239,6 +269,8 @@ pub(crate) struct Conn {
     pub(crate) vsn: Vsn,
     /// A long-poll session rather than a WebSocket.
     pub(crate) long_poll: bool,
+    /// Negotiated `permessage-deflate`: large frames go to it compressed.
+    pub(crate) deflate: Cell<bool>,
     /// The socket to write to directly, or -1 (long-poll, test kit, closed).
     pub(crate) fd: Cell<i32>,
     /// Milliseconds (wrapping) since the shard's epoch when the client last sent anything.
@@ -262,7 +294,7 @@ pub(crate) struct Conn {
     /// Presences this connection tracked.
     pub(crate) tracked: RefCell<ThinVec<Tracked>>,
     /// The reason sent with that close, when it is more specific than the code.
-    pub(crate) close_why: Cell<&'static str>,
+    pub(crate) close_why: Cell<why::Why>,
 }
 
 impl Conn {
@@ -288,8 +320,9 @@ impl Conn {
             tracked: RefCell::new(ThinVec::new()),
             close: Cell::new(None),
             dirty: Cell::new(false),
+            deflate: Cell::new(false),
             fd: Cell::new(-1),
-            close_why: Cell::new(""),
+            close_why: Cell::new(why::Why::None),
             tokens: Cell::new(limits.message_burst as f32),
             refilled: Cell::new(now),
             park_seq: Cell::new(0),
@@ -311,6 +344,7 @@ impl Conn {
         if self.close.get().is_some() {
             return false;
         }
+        let frame = self.compress_own(frame);
         let over = {
             let mut out = self.out.borrow_mut();
             let len = frame.bytes().len();
@@ -334,6 +368,27 @@ impl Conn {
             self.request_close(close_code::POLICY);
         }
         !over
+    }
+
+    /// A frame made for this connection alone, compressed for it when it negotiated
+    /// compression and the frame is large enough; shared frames come compressed already
+    /// (once per broadcast, [`crate::shard::Shard::deliver_local`]).
+    fn compress_own(&self, frame: OutFrame) -> OutFrame {
+        if !self.deflate.get() {
+            return frame;
+        }
+        let min = self.limits.deflate_min as usize;
+        let packed = match &frame {
+            OutFrame::Own(b) | OutFrame::PresenceOwn(b) if b.len() >= min => {
+                deflate::compress_frame(b, deflate::OWN_LEVEL)
+            }
+            _ => None,
+        };
+        match (packed, frame) {
+            (Some(packed), OutFrame::PresenceOwn(_)) => OutFrame::PresenceOwn(packed),
+            (Some(packed), _) => OutFrame::Own(packed),
+            (None, frame) => frame,
+        }
     }
 
     pub(crate) fn enqueue_own(&self, frame: Bytes) {
@@ -461,6 +516,7 @@ mod tests {
             max_outbound_bytes,
             messages_per_sec,
             message_burst,
+            deflate_min: 1024,
         };
         Conn::new(
             ConnId { key: 0, gen: 1 },

@@ -3,9 +3,12 @@
 //! the server provides (a byte on a Unix socket that the core reads through io_uring).
 //! The core's driver drains it ([`InboxReceiver::drain`]) when woken.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use crate::proto::presence::{Delta, Meta};
+use crate::shard::api::pubsub::{InfoMsg, SubSink};
+use crate::shard::conn::ConnId;
 use crate::shard::history::{Answer, Publish};
 use crate::shard::stats::CoreStats;
 use crate::shard::{Broadcast, Shard};
@@ -30,6 +33,26 @@ pub(crate) enum CoreCommand {
     Publish(Box<Publish>),
     /// The answer (from Redis, in cluster mode) to this core's history fetch `id`.
     HistoryReply(u64, Box<Answer>),
+    /// A Rust subscription to a topic; `registered` hears once it listens and the other
+    /// cores know.
+    Listen {
+        topic: Arc<str>,
+        sink: Arc<SubSink>,
+        registered: crossbeam_channel::Sender<()>,
+    },
+    /// The subscription with this id was dropped.
+    Unlisten(Arc<str>, u64),
+    /// `Endpoint::send_info`: for `handle_info` of every channel of the topic on this core.
+    Info(Arc<str>, Box<dyn InfoMsg>),
+    /// `RemoteChannelRef::send`: for `handle_info` of one channel.
+    ChannelInfo {
+        conn: ConnId,
+        topic: Arc<str>,
+        join_ref: Arc<str>,
+        msg: Box<dyn Any + Send>,
+    },
+    /// `Endpoint::presence_list` from outside the cores: this core's view, as JSON.
+    PresenceList(Arc<str>, crossbeam_channel::Sender<String>),
 }
 
 /// Commands a core's inbox holds; past it new ones are dropped and counted
@@ -46,11 +69,20 @@ pub(crate) struct CoreInbox {
 }
 
 impl CoreInbox {
+    /// The counters of the core behind this inbox.
+    pub(crate) fn stats(&self) -> &Arc<CoreStats> {
+        &self.stats
+    }
+
     /// Hands `cmd` to the core; a full inbox drops it (a core that far behind must not
     /// make its senders' memory grow) and counts the drop.
     pub(crate) fn send(&self, cmd: CoreCommand) {
         let sent = match cmd {
-            CoreCommand::Shutdown | CoreCommand::HistoryReply(..) => self.tx.send(cmd).is_ok(),
+            // A shutdown, a subscription whose thread waits for it and a history answer
+            // a join waits for, wait for room.
+            CoreCommand::Shutdown | CoreCommand::Listen { .. } | CoreCommand::HistoryReply(..) => {
+                self.tx.send(cmd).is_ok()
+            }
             cmd => match self.tx.try_send(cmd) {
                 Ok(()) => true,
                 Err(crossbeam_channel::TrySendError::Full(_)) => {

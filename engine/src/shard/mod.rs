@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod conn;
 pub(crate) mod history;
 pub(crate) mod inbox;
+pub(crate) mod listeners;
 pub(crate) mod mesh;
 pub(crate) mod presence;
 pub(crate) mod recovery;
@@ -32,7 +33,7 @@ use slab::Slab;
 use crate::clock::Clock;
 use crate::proto::position::Position;
 use crate::proto::serializer::{encode, Body, EncodeError, Outgoing};
-use crate::proto::ws::close_code;
+use crate::proto::ws::{close_code, deflate};
 use crate::proto::{Payload, Vsn};
 use crate::shard::api::endpoint::Endpoint;
 use app::App;
@@ -54,6 +55,8 @@ pub struct Broadcast {
     pub(crate) from: Option<(usize, ConnId)>,
     /// Its place in the topic's history, which the frames carry in their `ref` slot.
     pub(crate) position: Option<Position>,
+    /// When it was accepted (Unix µs): the start of `ringcast_fanout_seconds`.
+    pub(crate) accepted_us: u64,
 }
 
 impl Broadcast {
@@ -68,6 +71,7 @@ impl Broadcast {
             v1: OnceLock::new(),
             from,
             position: None,
+            accepted_us: crate::clock::unix_nanos() / 1000,
         }
     }
 
@@ -95,6 +99,7 @@ impl Broadcast {
             v1: OnceLock::new(),
             from,
             position: Some(position),
+            accepted_us: crate::clock::unix_nanos() / 1000,
         }
     }
 
@@ -111,6 +116,7 @@ impl Broadcast {
             v1: OnceLock::new(),
             from: None,
             position: None,
+            accepted_us: crate::clock::unix_nanos() / 1000,
         }
     }
 
@@ -185,11 +191,15 @@ pub(crate) struct Shard {
     next_gen: Cell<u32>,
     conns: RefCell<Slab<Rc<Conn>>>,
     topics: RefCell<HashMap<Box<str>, Vec<Sub>>>,
+    /// Rust subscriptions and channels listening to topics they did not join.
+    listeners: RefCell<HashMap<Box<str>, Vec<listeners::Listener>>>,
     mesh: Option<Mesh>,
     presence: presence::PresenceHub,
     /// Connections with broadcast frames for the flusher, and the flusher's waker.
     dirty: RefCell<Vec<Rc<Conn>>>,
     flusher: RefCell<Option<std::task::Waker>>,
+    /// When the oldest broadcast waiting for the flusher was accepted (Unix µs; 0: none).
+    fanout_since: Cell<u64>,
     /// Set once shutdown began; wakes the accept loop.
     stopping: Cell<bool>,
     /// The first slab key the drain has not asked to go yet.
@@ -269,10 +279,12 @@ impl Shard {
             next_gen: Cell::new(0),
             conns: RefCell::default(),
             topics: RefCell::default(),
+            listeners: RefCell::default(),
             mesh,
             presence: presence::PresenceHub::new(),
             dirty: RefCell::default(),
             flusher: RefCell::new(None),
+            fanout_since: Cell::new(0),
             stopping: Cell::new(false),
             drain_next: Cell::new(0),
             stop_waker: RefCell::new(None),
@@ -349,6 +361,7 @@ impl Shard {
             max_outbound_bytes: self.app.config.max_outbound_bytes.min(u32::MAX as usize) as u32,
             messages_per_sec: self.app.config.max_messages_per_sec,
             message_burst: self.app.config.message_burst.max(1),
+            deflate_min: self.app.config.compression.threshold.min(u32::MAX as usize) as u32,
         };
         let mut conns = self.conns.borrow_mut();
         let entry = conns.vacant_entry();
@@ -382,6 +395,9 @@ impl Shard {
         if conns.get(conn.id.key as usize).is_some_and(|c| c.id == conn.id) {
             conns.remove(conn.id.key as usize);
             self.stats.connections.sub(1);
+            if conn.deflate.get() {
+                self.stats.deflate_connections.sub(1);
+            }
         }
     }
 
@@ -406,9 +422,15 @@ impl Shard {
             }
         };
         record_position(&sub, topic, pos as u32);
-        if !first {
+        if !first || self.listeners.borrow().contains_key(topic) {
             return None;
         }
+        self.interest_up(topic)
+    }
+
+    /// The topic's first interest on this core: the other cores and the cluster hear
+    /// of it; the id of the announcement they must ack.
+    fn interest_up(&self, topic: &str) -> Option<u64> {
         if let Some(cluster) = self.endpoint.cluster() {
             cluster.interest(self.index, topic, true);
         }
@@ -416,6 +438,16 @@ impl Shard {
         self.mesh
             .as_ref()
             .and_then(|mesh| mesh.announce(topic, true, now))
+    }
+
+    /// The topic's last interest on this core went.
+    fn interest_down(&self, topic: &str) {
+        if let Some(mesh) = &self.mesh {
+            mesh.announce(topic, false, self.now_ms());
+        }
+        if let Some(cluster) = self.endpoint.cluster() {
+            cluster.interest(self.index, topic, false);
+        }
     }
 
     /// Removes `conn`'s subscription at `pos` (found by a scan if `pos` is stale).
@@ -442,13 +474,8 @@ impl Shard {
             }
             last && !self.held.borrow().contains_key(topic)
         };
-        if last {
-            if let Some(mesh) = &self.mesh {
-                mesh.announce(topic, false, self.now_ms());
-            }
-            if let Some(cluster) = self.endpoint.cluster() {
-                cluster.interest(self.index, topic, false);
-            }
+        if last && !self.listeners.borrow().contains_key(topic) {
+            self.interest_down(topic);
         }
     }
 
@@ -495,6 +522,27 @@ impl Shard {
         std::task::Poll::Ready(std::mem::take(&mut *dirty))
     }
 
+    /// When the oldest broadcast of the batch the flusher just wrote was accepted, if
+    /// any: the flusher records its fanout latency.
+    pub(crate) fn take_fanout_since(&self) -> Option<u64> {
+        Some(self.fanout_since.replace(0)).filter(|&t| t > 0)
+    }
+
+    /// The `n` topics with the most subscribers on this core, biggest first, into the
+    /// core's counters for `/metrics` (once a second, from the sweeper).
+    pub(crate) fn refresh_top_topics(&self, n: usize) {
+        let mut all: Vec<(&str, u64)> = Vec::new();
+        let topics = self.topics.borrow();
+        all.extend(topics.iter().map(|(t, subs)| (&**t, subs.len() as u64)));
+        if all.len() > n {
+            all.select_nth_unstable_by(n, |a, b| b.1.cmp(&a.1));
+            all.truncate(n);
+        }
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let top = all.into_iter().map(|(t, c)| (t.to_string(), c)).collect();
+        *self.stats.top_topics.lock().expect("top topics") = top;
+    }
+
     /// Gives a written batch's allocation back for the next one.
     pub(crate) fn recycle_dirty(&self, mut batch: Vec<Rc<Conn>>) {
         let mut dirty = self.dirty.borrow_mut();
@@ -526,12 +574,16 @@ impl Shard {
         if &*b.event == DISCONNECT {
             self.disconnect(&b.topic);
         }
+        self.deliver_listeners(b);
         let topics = self.topics.borrow();
         let Some(subs) = topics.get(&*b.topic) else {
             return;
         };
         let skip = b.from.filter(|(core, _)| *core == self.index).map(|(_, id)| id);
-        let mut shared: [Option<Rc<Bytes>>; 2] = [None, None];
+        // The frame per serializer version, plain and compressed: each made at most
+        // once per core, for every subscriber alike.
+        let mut shared: [[Option<Rc<Bytes>>; 2]; 2] = Default::default();
+        let compression = &self.app.config.compression;
         // Built as JSON text: server-made presence (`presence_diff`), under its own bound.
         let presence = b.raw.is_some();
         // On a topic with history a subscriber that intercepts must get the frames in
@@ -551,10 +603,22 @@ impl Shard {
             } else {
                 ordered && conn.has_mail()
             };
-            let slot = &mut shared[sub.vsn as usize];
-            if slot.is_none() {
-                *slot = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
+            let deflate = conn.deflate.get();
+            let [plain, packed] = &mut shared[sub.vsn as usize];
+            if plain.is_none() {
+                *plain = b.frame(sub.vsn).map(|f| Rc::new(f.clone()));
             }
+            let slot = match plain {
+                Some(frame) if deflate && frame.len() >= compression.threshold => {
+                    if packed.is_none() || !compression.once_per_broadcast {
+                        let made = deflate::compress_frame(frame, deflate::BROADCAST_LEVEL);
+                        self.stats.deflate_broadcasts.add(1);
+                        *packed = Some(made.map_or_else(|| frame.clone(), Rc::new));
+                    }
+                    &*packed
+                }
+                _ => &*plain,
+            };
             if let Some(frame) = slot {
                 let frame = if presence {
                     OutFrame::PresenceShared(frame.clone())
@@ -576,6 +640,10 @@ impl Shard {
             }
         }
         self.stats.deliveries.add(delivered);
+        // The flusher times the fanout from the oldest broadcast it has frames of.
+        if self.fanout_since.get() == 0 && !self.dirty.borrow().is_empty() {
+            self.fanout_since.set(b.accepted_us.max(1));
+        }
     }
 
     /// Graceful shutdown, as Phoenix drains: new connections are refused (503) and
@@ -673,6 +741,22 @@ impl Shard {
             }
             CoreCommand::DropNode(node) => self.presence_drop_node(node),
             CoreCommand::Shutdown => self.shutdown(),
+            CoreCommand::Listen {
+                topic,
+                sink,
+                registered,
+            } => self.listen_and_confirm(&topic, sink, registered),
+            CoreCommand::Unlisten(topic, id) => self.unlisten_rust(&topic, id),
+            CoreCommand::Info(topic, msg) => self.send_info_local(&topic, &*msg),
+            CoreCommand::ChannelInfo {
+                conn,
+                topic,
+                join_ref,
+                msg,
+            } => self.channel_info(conn, &topic, &join_ref, msg),
+            CoreCommand::PresenceList(topic, answer) => {
+                let _ = answer.send(self.presence_state_json(&topic));
+            }
         }
     }
 

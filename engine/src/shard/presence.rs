@@ -61,6 +61,11 @@ impl PresenceHub {
     pub(crate) fn list_json(&self, topic: &str) -> String {
         self.state.borrow().list_json(topic)
     }
+
+    /// Presences on `topic` (every core's and node's).
+    pub(crate) fn count(&self, topic: &str) -> usize {
+        self.state.borrow().count(topic)
+    }
 }
 
 impl Shard {
@@ -252,6 +257,11 @@ impl Shard {
     }
 
     /// The `presence_state` payload for `topic`, through the fetch hook if any.
+    /// Presences on `topic`, every core's and node's.
+    pub(crate) fn presence_count(&self, topic: &str) -> usize {
+        self.presence.count(topic)
+    }
+
     pub(crate) fn presence_state_json(&self, topic: &str) -> String {
         let json = self.presence.list_json(topic);
         match &self.app.presence_fetch {

@@ -367,41 +367,38 @@ impl Shard {
 
     /// Counts a join waiting for the owner as interest in `topic`.
     fn hold(&self, topic: &str) {
-        let first = !self.topics.borrow().contains_key(topic) && !self.held.borrow().contains_key(topic);
+        let first = !self.interested_locally(topic);
         *self.held.borrow_mut().entry(topic.into()).or_default() += 1;
         if first {
-            if let Some(cluster) = self.endpoint.cluster() {
-                cluster.interest(self.index, topic, true);
-            }
-            let now = self.now_ms();
-            if let Some(ack) = self.mesh.as_ref().and_then(|m| m.announce(topic, true, now)) {
-                if let Some(mesh) = &self.mesh {
-                    mesh.forget_ack(ack);
-                }
+            if let (Some(ack), Some(mesh)) = (self.interest_up(topic), &self.mesh) {
+                // Broadcasts on this topic come from its owner (or Redis): no ack to
+                // wait for.
+                mesh.forget_ack(ack);
             }
         }
     }
 
     /// The waiting join was answered (and subscribed, unless it went away meanwhile).
     pub(crate) fn release_hold(&self, topic: &str) {
-        let gone = {
+        {
             let mut held = self.held.borrow_mut();
             let Some(n) = held.get_mut(topic) else { return };
             *n -= 1;
-            let gone = *n == 0;
-            if gone {
-                held.remove(topic);
+            if *n > 0 {
+                return;
             }
-            gone
-        };
-        if gone && !self.topics.borrow().contains_key(topic) {
-            if let Some(mesh) = &self.mesh {
-                mesh.announce(topic, false, self.now_ms());
-            }
-            if let Some(cluster) = self.endpoint.cluster() {
-                cluster.interest(self.index, topic, false);
-            }
+            held.remove(topic);
         }
+        if !self.interested_locally(topic) {
+            self.interest_down(topic);
+        }
+    }
+
+    /// Whether this core has subscribers, listeners or waiting joins for `topic`.
+    fn interested_locally(&self, topic: &str) -> bool {
+        self.topics.borrow().contains_key(topic)
+            || self.listeners.borrow().contains_key(topic)
+            || self.held.borrow().contains_key(topic)
     }
 
     /// Expires what the histories this core owns kept past their ttl, and forgets a

@@ -23,10 +23,17 @@ pub(crate) const MAX_CHANNELS: usize = 100;
 
 enum Pending {
     /// A join is done but its answer waits until every core forwards the topic here.
-    Barrier { ack: u64, frames: Vec<OutFrame> },
-    /// A join on a topic with history waits for the topic's owner core to answer.
-    Recover { done: Rc<Cell<bool>> },
+    Barrier {
+        ack: u64,
+        frames: Vec<OutFrame>,
+        /// When the join came in (Unix µs).
+        started_us: u64,
+    },
+    /// A join on a topic with history waits for the topic's owner core (or Redis) to
+    /// answer.
+    Recover { done: Rc<Cell<bool>>, started_us: u64 },
     Join {
+        started_us: u64,
         fut: LocalFuture<Joined>,
         msg_ref: Option<Ref>,
         replaced: Option<Ref>,
@@ -284,6 +291,7 @@ impl Session {
         );
         let fut = (route.join)(msg.topic, msg.payload, socket);
         self.pending = Some(Box::new(Pending::Join {
+            started_us: crate::clock::unix_nanos() / 1000,
             fut,
             msg_ref: msg.msg_ref,
             replaced,
@@ -305,18 +313,24 @@ impl Session {
                 if !self.shard.poll_interest_acked(*ack, cx) {
                     return true;
                 }
-                let Some(Pending::Barrier { frames, .. }) = self.pending.take().map(|p| *p) else {
+                let Some(Pending::Barrier {
+                    frames, started_us, ..
+                }) = self.pending.take().map(|p| *p)
+                else {
                     unreachable!("matched above")
                 };
                 for frame in frames {
                     self.conn.enqueue(frame);
                 }
+                self.joined_in(started_us);
             }
-            Pending::Recover { done } => {
+            Pending::Recover { done, started_us } => {
                 if !done.get() {
                     return true;
                 }
+                let started_us = *started_us;
                 self.pending = None;
+                self.joined_in(started_us);
             }
             Pending::Join { fut, .. } => {
                 let Poll::Ready(outcome) = poll_caught(fut, cx) else {
@@ -329,13 +343,16 @@ impl Session {
                     topic,
                     join_ref,
                     history,
+                    started_us,
                     ..
                 }) = self.pending.take().map(|p| *p)
                 else {
                     unreachable!("matched above")
                 };
                 match outcome {
-                    Some(joined) => self.finish_join(joined, msg_ref, replaced, intercepts, history),
+                    Some(joined) => {
+                        self.finish_join(joined, msg_ref, replaced, intercepts, history, started_us)
+                    }
                     None => {
                         tracing::warn!(%topic, "join handler crashed");
                         let reply = Reply::error("join crashed");
@@ -378,6 +395,7 @@ impl Session {
         replaced: Option<Ref>,
         intercepts: &'static [&'static str],
         history: Option<Option<Position>>,
+        started_us: u64,
     ) {
         let topic = socket.topic.clone();
         let join_ref = socket.join_ref.clone();
@@ -417,8 +435,10 @@ impl Session {
                     intercepts,
                     done: done.clone(),
                 };
-                if !self.shard.recover(job) {
-                    self.pending = Some(Box::new(Pending::Recover { done }));
+                if self.shard.recover(job) {
+                    self.joined_in(started_us);
+                } else {
+                    self.pending = Some(Box::new(Pending::Recover { done, started_us }));
                 }
             }
             Ok((channel, response)) => {
@@ -438,6 +458,7 @@ impl Session {
                 };
                 let ack = self.shard.subscribe(&topic, sub);
                 self.shard.stats.channels.add(1);
+                self.shard.stats.joins.add(1);
                 let mut frames = Vec::with_capacity(2 + deferred.len());
                 let reply = Reply::Ok(response);
                 let (status, response) = reply.parts();
@@ -456,8 +477,17 @@ impl Session {
                 }
                 frames.extend(deferred);
                 match ack {
-                    Some(ack) => self.pending = Some(Box::new(Pending::Barrier { ack, frames })),
-                    None => frames.into_iter().for_each(|f| self.conn.enqueue(f)),
+                    Some(ack) => {
+                        self.pending = Some(Box::new(Pending::Barrier {
+                            ack,
+                            frames,
+                            started_us,
+                        }))
+                    }
+                    None => {
+                        frames.into_iter().for_each(|f| self.conn.enqueue(f));
+                        self.joined_in(started_us);
+                    }
                 }
             }
             Err(response) => {
@@ -508,6 +538,15 @@ impl Session {
                 self.control(&join_ref, &topic, "phx_close", &Payload::empty());
             }
         }
+    }
+
+    /// A join that came in at `started_us` was answered ok just now.
+    fn joined_in(&self, started_us: u64) {
+        let now = crate::clock::unix_nanos() / 1000;
+        self.shard
+            .stats
+            .join_latency
+            .observe_us(now.saturating_sub(started_us));
     }
 
     /// Removes the channel at `index`, calls its `terminate`, unsubscribes it.

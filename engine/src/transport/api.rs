@@ -17,6 +17,9 @@ use crate::transport::longpoll;
 
 const INDEX_HTML: &str = include_str!("../../assets/index.html");
 const PHOENIX_JS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/phoenix.min.js"));
+const ADMIN_HTML: &str = include_str!("../../assets/admin.html");
+const UPLOT_JS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/uplot.min.js"));
+const UPLOT_CSS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/uplot.min.css"));
 
 fn error(status: u16, message: &str) -> Response {
     Response::json(status, serde_json::json!({ "error": message }).to_string())
@@ -48,7 +51,9 @@ pub(crate) async fn route(
             let core = session.as_deref().and_then(longpoll::token_core);
             longpoll::route(shard, core, req, body, peer).await
         }
-        (_, "/api/broadcast") | (_, "/api/stats") if !authorized(&req, app.config.api_key.as_deref()) => {
+        (_, "/api/broadcast") | (_, "/api/stats") | (_, "/api/admin")
+            if !authorized(&req, app.config.api_key.as_deref()) =>
+        {
             error(401, "missing or wrong bearer key").header("www-authenticate", "Bearer")
         }
         ("POST", "/api/broadcast") => broadcast(shard, &body),
@@ -60,8 +65,21 @@ pub(crate) async fn route(
             }
             Response::json(200, json.to_string())
         }
+        ("GET", "/api/admin") => Response::json(200, admin_json(shard).to_string()),
+        // The page holds no data: it asks /api/admin with the key the operator types in.
+        ("GET", "/admin") => Response::new(200, "text/html; charset=utf-8", ADMIN_HTML),
+        ("GET", "/admin/uplot.min.js") => {
+            Response::new(200, "application/javascript", UPLOT_JS).header("cache-control", "max-age=3600")
+        }
+        ("GET", "/admin/uplot.min.css") => {
+            Response::new(200, "text/css", UPLOT_CSS).header("cache-control", "max-age=3600")
+        }
         ("GET", "/metrics") => {
-            let mut text = stats::prometheus(app.stats.iter().map(|s| &**s));
+            let cluster_dropped = shard
+                .endpoint
+                .cluster()
+                .map(|c| c.stats().dropped.load(Relaxed) + c.stats().lost.load(Relaxed));
+            let mut text = stats::prometheus(app.stats.iter().map(|s| &**s), cluster_dropped);
             if let Some(cluster) = shard.endpoint.cluster() {
                 text.push_str(&cluster_prometheus(cluster.stats()));
             }
@@ -134,6 +152,58 @@ fn cluster_figures(c: &ClusterStats) -> [(&'static str, &'static str, &'static s
             c.dropped.load(Relaxed),
         ),
     ]
+}
+
+/// What the admin page shows: per core connections, parked connections and channels;
+/// running totals (the page turns them into rates); the biggest topics with their
+/// subscribers and presences; the Redis link.
+fn admin_json(shard: &Shard) -> serde_json::Value {
+    use serde_json::json;
+    let stats = &shard.app.stats;
+    let cores: Vec<_> = stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "core": i,
+                "connections": s.connections.get(),
+                "parked": s.parked.get(),
+                "channels": s.channels.get(),
+            })
+        })
+        .collect();
+    let total = |f: fn(&stats::CoreStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
+    let mut topics = std::collections::HashMap::<String, u64>::new();
+    for s in stats {
+        for (t, n) in s.top_topics.lock().expect("top topics").iter() {
+            *topics.entry(t.clone()).or_default() += n;
+        }
+    }
+    let mut topics: Vec<_> = topics.into_iter().collect();
+    topics.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    topics.truncate(stats::TOP_TOPICS);
+    let top: Vec<_> = topics
+        .into_iter()
+        .map(|(t, n)| json!({"topic": t, "subscribers": n, "presences": shard.presence_count(&t)}))
+        .collect();
+    json!({
+        "time_ms": crate::clock::unix_nanos() / 1_000_000,
+        "cores": cores,
+        "totals": {
+            "connections": total(|s| s.connections.get()),
+            "parked": total(|s| s.parked.get()),
+            "channels": total(|s| s.channels.get()),
+            "joins": total(|s| s.joins.get()),
+            "deliveries": total(|s| s.deliveries.get()),
+            "broadcasts": total(|s| s.broadcasts.get()),
+        },
+        "top_topics": top,
+        "cluster": shard.endpoint.cluster().map(|c| {
+            let mut v = cluster_json(c.stats());
+            v["node"] = c.node().into();
+            v
+        }),
+    })
 }
 
 fn cluster_json(c: &ClusterStats) -> serde_json::Value {

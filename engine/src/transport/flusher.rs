@@ -28,6 +28,10 @@ pub(crate) async fn run(shard: Rc<Shard>) {
             }
             glommio::yield_if_needed().await;
         }
+        if let Some(since) = shard.take_fanout_since() {
+            let now = crate::clock::unix_nanos() / 1000;
+            shard.stats.fanout_latency.observe_us(now.saturating_sub(since));
+        }
         shard.recycle_dirty(batch);
     }
 }

@@ -456,7 +456,7 @@ fn publish(shard: &Shard, lp: &LpSession, req: &Request, body: &[u8]) -> Respons
         Ok(messages) if lp.inbound.borrow().len() + messages.len() > INBOUND_BOUND => {
             // Posted faster than the session handles them: close it, as a WebSocket
             // that floods is closed.
-            lp.conn.close_why.set("long-poll messages over their bound");
+            lp.conn.close_why.set(crate::shard::conn::why::LONG_POLL_INBOUND);
             lp.conn.request_close(crate::proto::ws::close_code::POLICY);
             shard.stats.longpoll_inbound_closed.add(1);
             status(410, None, None)
@@ -557,7 +557,7 @@ mod tests {
         assert_eq!(shard.stats.longpoll_inbound_closed.get(), 1);
         assert_eq!(
             flooder.conn.close_why.get(),
-            "long-poll messages over their bound"
+            crate::shard::conn::why::LONG_POLL_INBOUND
         );
         assert_eq!(
             flooder.inbound.borrow().len(),

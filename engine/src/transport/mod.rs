@@ -18,6 +18,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::proto::http::{self, Request, MAX_HEAD};
+use crate::proto::ws::deflate;
 use crate::shard::admission::{connect_info, Admitted, Refused};
 use crate::shard::session::Session;
 use crate::shard::Shard;
@@ -276,7 +277,15 @@ async fn serve<S: Wire>(shard: Rc<Shard>, mut stream: S) {
         }
         shard.stats.bytes_in.add(body.len() as u64);
         let keep_alive = !http::wants_close(&req);
+        let is_api = req.path.starts_with("/api/");
+        let t0 = std::time::Instant::now();
         let response = Box::pin(api::route(&shard, req, body, stream.tcp().peer_addr().ok())).await;
+        if is_api {
+            shard
+                .stats
+                .api_latency
+                .observe_us(t0.elapsed().as_micros() as u64);
+        }
         shard.stats.bytes_out.add(response.body.len() as u64);
         if stream.write_all(&response.to_bytes(keep_alive)).await.is_err() || !keep_alive {
             return;
@@ -312,9 +321,12 @@ async fn upgrade<S: Wire>(shard: &Rc<Shard>, stream: &mut S, req: Request) -> Op
         let _ = stream.write_all(&response).await;
         return None;
     };
-    let admitted = match admit(shard, &req, stream.tcp().peer_addr().ok()).await {
+    let peer = stream.tcp().peer_addr().ok();
+    let admitted = match admit(shard, &req, peer).await {
         Ok(admitted) => admitted,
         Err(refused) => {
+            // Never the URI or headers: they carry tokens.
+            tracing::debug!(core = shard.index, ?peer, reason = ?refused, "websocket refused");
             let response = match refused {
                 Refused::Forbidden => http::response(403, "text/plain", b""),
                 Refused::ShuttingDown => http::response(503, "text/plain", b"shutting down\n"),
@@ -333,9 +345,22 @@ async fn upgrade<S: Wire>(shard: &Rc<Shard>, stream: &mut S, req: Request) -> Op
     if req.subprotocols().any(|p| p == PHOENIX_SUBPROTOCOL) {
         headers.push(("sec-websocket-protocol", PHOENIX_SUBPROTOCOL));
     }
+    let compression = &shard.app.config.compression;
+    let agreed = compression
+        .enabled
+        .then(|| deflate::negotiate(req.header_values("sec-websocket-extensions"), compression.inbound))
+        .flatten();
+    if let Some(agreed) = &agreed {
+        headers.push(("sec-websocket-extensions", agreed.response()));
+    }
     let response = http::upgrade_response(&key, &headers);
     stream.write_all(&response).await.ok()?;
     let conn = shard.add_conn(admitted.vsn, admitted.assigns, admitted.socket_id, false);
+    if agreed.is_some() {
+        conn.deflate.set(true);
+        shard.stats.deflate_connections.add(1);
+    }
+    tracing::debug!(core = shard.index, conn = ?conn.id, ?peer, compressed = agreed.is_some(), "websocket connected");
     Some(Session::new(shard.clone(), conn))
 }
 

@@ -17,6 +17,7 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
 use crate::proto::serializer::{decode_binary, decode_text};
+use crate::proto::ws::deflate::InboundContext;
 use crate::proto::ws::{close_code, close_frame, pong_frame, FrameReader, Parsed, WsMessage};
 use crate::proto::ProtocolError;
 use crate::shard::conn::{why, OutFrame};
@@ -67,10 +68,16 @@ impl<S: Wire> Pump<S> {
         // Broadcasts are written straight to the socket by the core's flusher, unless
         // they must pass through the stream (TLS): then this pump is woken to write them.
         session.conn.fd.set(stream.direct_fd().unwrap_or(-1));
+        let reader = if session.conn.deflate.get() {
+            let inbound = session.shard.app.config.compression.inbound;
+            FrameReader::with_deflate(max_frame, inbound == InboundContext::Reset)
+        } else {
+            FrameReader::new(max_frame)
+        };
         Pump {
             stream,
             session,
-            reader: FrameReader::new(max_frame),
+            reader,
             partial: leftover,
             phase: Phase::Open,
             parked: false,
@@ -235,7 +242,7 @@ impl<S: Wire> Pump<S> {
             out.clear();
         }
         let reason = match code {
-            _ if !why.is_empty() => why,
+            _ if why != why::Why::None => why.text(),
             close_code::GOING_AWAY => "going away",
             close_code::INVALID_PAYLOAD => "malformed frame or message",
             close_code::TOO_BIG => "frame too large",
@@ -377,6 +384,18 @@ impl<S: Wire> Future for Pump<S> {
 impl<S: Wire> Drop for Pump<S> {
     fn drop(&mut self) {
         if !self.parked {
+            let conn = &self.session.conn;
+            let stats = &self.session.shard.stats;
+            stats.count_close(conn.close.get());
+            if conn.close_why.get() == why::FLOOD {
+                stats.flood_closed.add(1);
+            }
+            match conn.close.get() {
+                Some(code) => {
+                    tracing::debug!(conn = ?conn.id, code, reason = conn.close_why.get().text(), "websocket closed")
+                }
+                None => tracing::debug!(conn = ?conn.id, "websocket ended by the client"),
+            }
             self.session.conn.fd.set(-1);
             self.session.finish();
         }

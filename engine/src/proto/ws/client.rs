@@ -11,6 +11,8 @@ pub struct Frame {
     pub fin: bool,
     /// Its opcode ([`opcode`]).
     pub opcode: u8,
+    /// RSV1: the message this frame starts is compressed (`permessage-deflate`).
+    pub compressed: bool,
     /// Bytes of header (2, 4 or 10 for unmasked frames).
     pub header_len: usize,
     /// Bytes of payload after the header.
@@ -60,14 +62,23 @@ impl std::fmt::Display for FrameError {
     }
 }
 
-/// Parses the header of the server frame at the start of `buf`.
+/// Parses the header of the server frame at the start of `buf`, on a connection that
+/// negotiated no extension.
 pub fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Parsed, FrameError> {
+    parse_frame_with(buf, max_payload, false)
+}
+
+/// [`parse_frame`] on a connection that negotiated `permessage-deflate` when `deflate`:
+/// RSV1 may then mark the first frame of a data message as compressed.
+pub fn parse_frame_with(buf: &[u8], max_payload: usize, deflate: bool) -> Result<Parsed, FrameError> {
     if buf.len() < 2 {
         return Ok(Parsed::Incomplete(2));
     }
     let b0 = buf[0];
     let b1 = buf[1];
-    if b0 & 0x70 != 0 {
+    let compressed = b0 & 0x40 != 0;
+    let data_start = matches!(b0 & 0x0F, opcode::TEXT | opcode::BINARY);
+    if b0 & 0x30 != 0 || (compressed && !(deflate && data_start)) {
         return Err(FrameError::Reserved);
     }
     if b1 & 0x80 != 0 {
@@ -107,6 +118,7 @@ pub fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Parsed, FrameError>
     let frame = Frame {
         fin,
         opcode: op,
+        compressed,
         header_len,
         payload_len: len as usize,
     };
@@ -201,6 +213,7 @@ mod tests {
                 Parsed::Frame(Frame {
                     fin: true,
                     opcode: opcode::TEXT,
+                    compressed: false,
                     header_len: header,
                     payload_len: len
                 }),
@@ -241,6 +254,24 @@ mod tests {
     fn rejects_protocol_violations() {
         assert_eq!(parse_frame(&[0x81, 0x85], 1024), Err(FrameError::Masked));
         assert_eq!(parse_frame(&[0xC1, 0x00], 1024), Err(FrameError::Reserved));
+        // With permessage-deflate, RSV1 marks a compressed data message; on a control
+        // frame or a continuation it stays an error, and RSV2/RSV3 always are.
+        assert!(matches!(
+            parse_frame_with(&[0xC1, 0x00], 1024, true),
+            Ok(Parsed::Frame(Frame { compressed: true, .. }))
+        ));
+        assert_eq!(
+            parse_frame_with(&[0xC9, 0x00], 1024, true),
+            Err(FrameError::Reserved)
+        );
+        assert_eq!(
+            parse_frame_with(&[0xC0, 0x00], 1024, true),
+            Err(FrameError::Reserved)
+        );
+        assert_eq!(
+            parse_frame_with(&[0xA1, 0x00], 1024, true),
+            Err(FrameError::Reserved)
+        );
         assert_eq!(parse_frame(&[0x83, 0x00], 1024), Err(FrameError::BadOpcode(3)));
         assert_eq!(parse_frame(&[0x09, 0x00], 1024), Err(FrameError::BadControl));
         assert_eq!(parse_frame(&[0x89, 126], 1024), Err(FrameError::BadControl));

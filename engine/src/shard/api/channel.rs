@@ -107,8 +107,10 @@ pub trait Channel: Sized + 'static {
         socket.push(event, payload.clone());
     }
 
-    /// A message sent to this channel with [`crate::ChannelRef::send`] or
-    /// [`Socket::send_after`]. The default ignores it.
+    /// A message sent to this channel with [`crate::ChannelRef::send`],
+    /// [`crate::RemoteChannelRef::send`], [`Socket::send_after`] or
+    /// [`crate::Endpoint::send_info`], or a broadcast on a topic it listens to with
+    /// [`Socket::subscribe`] (a [`crate::Message`]). The default ignores it.
     async fn handle_info(&mut self, msg: Box<dyn Any>, socket: &mut Socket) -> HandleResult {
         let _ = (msg, socket);
         HandleResult::NoReply

@@ -4,12 +4,16 @@
 
 use std::any::Any;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::{Payload, Ref};
 use crate::shard::api::endpoint::Endpoint;
+use crate::shard::api::pubsub::RemoteChannelRef;
 use crate::shard::conn::{Conn, Mail, OutFrame};
+use crate::shard::listeners::Listener;
 use crate::shard::Shard;
 
 /// One channel's view of its connection.
@@ -23,6 +27,17 @@ pub struct Socket {
     /// While `handle_out` runs for a broadcast on a topic with history: its position,
     /// which the pushes it makes carry in their `ref`.
     pub(crate) position: Option<Ref>,
+    /// What the channel holds beyond its own topic, let go when it ends.
+    extras: Option<Box<Extras>>,
+}
+
+/// A channel's subscriptions to other topics, its presences on them, and the liveness
+/// its remote refs read. Most channels have none: one pointer, allocated at first use.
+#[derive(Default)]
+struct Extras {
+    listens: Vec<Box<str>>,
+    tracks_on: Vec<(Rc<str>, Box<str>)>,
+    alive: Option<Arc<AtomicBool>>,
 }
 
 impl Socket {
@@ -34,7 +49,12 @@ impl Socket {
             join_ref,
             deferred: Some(Vec::new()),
             position: None,
+            extras: None,
         }
+    }
+
+    fn extras(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
     }
 
     /// The joined topic, e.g. `rooms:lobby`.
@@ -155,6 +175,101 @@ impl Socket {
     /// The endpoint of the server this channel runs in.
     pub fn endpoint(&self) -> Endpoint {
         self.shard.endpoint.clone()
+    }
+
+    /// Listens to `topic` as well (Phoenix's `PubSub.subscribe` in a channel): its
+    /// broadcasts arrive in this channel's `handle_info` as a
+    /// [`crate::api::pubsub::Message`], until [`Socket::unsubscribe`] or the channel
+    /// ends. Broadcasts from other cores reach it once they learnt of it (microseconds).
+    pub fn subscribe(&mut self, topic: &str) {
+        if self
+            .extras
+            .as_ref()
+            .is_some_and(|e| e.listens.iter().any(|t| &**t == topic))
+        {
+            return;
+        }
+        self.shard.listen(
+            topic,
+            Listener::Channel {
+                conn: self.conn.clone(),
+                topic: self.topic.clone(),
+                join_ref: self.join_ref.clone(),
+            },
+        );
+        self.extras().listens.push(topic.into());
+    }
+
+    /// Stops listening to `topic`.
+    pub fn unsubscribe(&mut self, topic: &str) {
+        let Some(extras) = self.extras.as_mut() else {
+            return;
+        };
+        let Some(i) = extras.listens.iter().position(|t| &**t == topic) else {
+            return;
+        };
+        extras.listens.swap_remove(i);
+        self.shard.unlisten_channel(topic, self.conn.id, &self.topic);
+    }
+
+    /// Tracks this connection in the presence of `topic`, a topic other than the
+    /// channel's own, under `key` with `meta`. It leaves when the channel ends, or with
+    /// [`Socket::untrack_on`].
+    pub fn track_on(&mut self, topic: &str, key: &str, meta: serde_json::Value) {
+        let topic: Rc<str> = topic.into();
+        self.shard.presence_track(&self.conn, &topic, key, meta);
+        self.extras().tracks_on.push((topic, key.into()));
+    }
+
+    /// Stops tracking this connection on `topic` under `key` (after `track_on`).
+    pub fn untrack_on(&mut self, topic: &str, key: &str) {
+        self.shard.presence_untrack(&self.conn, topic, Some(key));
+        if let Some(extras) = self.extras.as_mut() {
+            extras.tracks_on.retain(|(t, k)| !(&**t == topic && &**k == key));
+        }
+    }
+
+    /// A `Send + Clone` handle to this channel for other threads and runtimes: what it
+    /// sends arrives in `handle_info`; once the channel ends, `send` returns `false`.
+    ///
+    /// # Panics
+    /// In a channel of a server with no core inboxes (the test kit has none).
+    pub fn remote_ref(&mut self) -> RemoteChannelRef {
+        let core = self
+            .shard
+            .endpoint
+            .core_inbox(self.shard.index)
+            .expect("remote_ref needs a running server")
+            .clone();
+        let alive = self
+            .extras()
+            .alive
+            .get_or_insert_with(|| Arc::new(AtomicBool::new(true)))
+            .clone();
+        RemoteChannelRef {
+            core,
+            conn: self.conn.id,
+            topic: Arc::from(&*self.topic),
+            join_ref: Arc::from(self.join_ref.json()),
+            alive,
+        }
+    }
+}
+
+impl Drop for Socket {
+    /// The channel ended (or never joined): its other subscriptions and presences go,
+    /// and its remote refs see it gone.
+    fn drop(&mut self) {
+        let Some(extras) = self.extras.take() else { return };
+        for topic in &extras.listens {
+            self.shard.unlisten_channel(topic, self.conn.id, &self.topic);
+        }
+        for (topic, key) in &extras.tracks_on {
+            self.shard.presence_untrack(&self.conn, topic, Some(key));
+        }
+        if let Some(alive) = &extras.alive {
+            alive.store(false, Ordering::Release);
+        }
     }
 }
 
