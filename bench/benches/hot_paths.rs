@@ -67,6 +67,36 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
+/// The cost of history on a fanout: the same broadcast to the same subscribers on a
+/// topic without history and on one that keeps the last 100 (sequenced, kept and
+/// carrying its position).
+fn fanout_history(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fanout_history");
+    g.sample_size(10);
+    let p = payload();
+    for n in [1_000usize, 100_000] {
+        for (name, fixture) in [
+            ("none", FanoutFixture::new(n, 0)),
+            ("kept", FanoutFixture::with_history(n, 0, 100)),
+        ] {
+            g.throughput(Throughput::Elements(n as u64));
+            g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let start = Instant::now();
+                        fixture.broadcast(&p);
+                        total += start.elapsed();
+                        black_box(fixture.drain());
+                    }
+                    total
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn mesh_hop(c: &mut Criterion) {
     // A round trip core 0 -> core 1 -> core 0 over glommio's SPSC mesh, carrying what a
     // broadcast carries (an Arc of a finished frame); one hop is half of it.
@@ -144,6 +174,7 @@ criterion_group!(
     encode_frames,
     decode_messages,
     fanout,
+    fanout_history,
     mesh_hop,
     presence_state
 );

@@ -8,7 +8,7 @@ use crate::proto::{Payload, Vsn};
 use crate::shard::api::endpoint::Endpoint;
 use crate::shard::app::{App, Config};
 use crate::shard::conn::Conn;
-use crate::shard::{Broadcast, Shard, Sub};
+use crate::shard::{Shard, Sub};
 use crate::Router;
 
 /// `subscribers` connections subscribed to one topic on one shard.
@@ -30,11 +30,28 @@ impl crate::SocketHandler for Nobody {
 /// An app with no channels whose socket handler refuses everyone, for shards that
 /// tests and fixtures drive without sockets.
 pub(crate) fn bare_app(config: Config) -> Arc<App> {
+    app_with(config, Router::new())
+}
+
+/// A channel for fixtures' routes; fixtures never join it.
+struct Quiet;
+
+impl crate::Channel for Quiet {
+    async fn join(_: &str, _: Payload, _: &mut crate::Socket) -> Result<(Self, Payload), Payload> {
+        Ok((Quiet, Payload::empty()))
+    }
+    async fn handle_in(&mut self, _: &str, _: Payload, _: &mut crate::Socket) -> crate::HandleResult {
+        crate::HandleResult::NoReply
+    }
+}
+
+fn app_with(config: Config, router: Router) -> Arc<App> {
     Arc::new(App {
-        router: Router::new(),
+        router,
         socket: Box::new(Nobody),
         presence_fetch: None,
         stats: (0..config.cores.max(1)).map(|_| Default::default()).collect(),
+        epoch_seed: 1,
         config,
     })
 }
@@ -56,10 +73,36 @@ pub(crate) fn lone_shard(config: Config) -> Rc<Shard> {
 impl FanoutFixture {
     /// Builds the fixture; `v1_every` makes every n-th subscriber a V1 client (0: none).
     pub fn new(subscribers: usize, v1_every: usize) -> Self {
-        let shard = lone_shard(Config {
+        Self::build(subscribers, v1_every, None)
+    }
+
+    /// The same on a topic that keeps the last `size` broadcasts (its shard is its
+    /// owner core): what history adds to a fanout.
+    pub fn with_history(subscribers: usize, v1_every: usize, size: usize) -> Self {
+        Self::build(subscribers, v1_every, Some(size))
+    }
+
+    fn build(subscribers: usize, v1_every: usize, history: Option<usize>) -> Self {
+        let config = Config {
             max_outbound_bytes: usize::MAX,
+            cores: 1,
             ..Config::default()
-        });
+        };
+        let shard = match history {
+            None => lone_shard(config),
+            Some(size) => {
+                let router = Router::new()
+                    .channel::<Quiet>("bench:*")
+                    .history(size, std::time::Duration::from_secs(300));
+                Shard::new(
+                    0,
+                    app_with(config, router),
+                    Endpoint::new(Vec::new(), None),
+                    None,
+                    crate::clock::Clock::manual(),
+                )
+            }
+        };
         let topic = "bench:fanout".to_string();
         let conns = (0..subscribers)
             .map(|i| {
@@ -83,10 +126,11 @@ impl FanoutFixture {
         FanoutFixture { shard, conns, topic }
     }
 
-    /// Publishes one broadcast (encoded once) and queues its frame to every subscriber.
+    /// Publishes one broadcast (encoded once; on a topic with history, sequenced and
+    /// kept first) and queues its frame to every subscriber.
     pub fn broadcast(&self, payload: &Payload) {
         self.shard
-            .publish(Broadcast::new(&self.topic, "new_msg", payload.clone(), None));
+            .broadcast(&self.topic, "new_msg", payload.clone(), None);
     }
 
     /// Empties every subscriber's queue, as the writers would; returns the bytes.

@@ -130,6 +130,15 @@ struct ServeArgs {
     /// ... and exit at the latest this long after the signal.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Broadcasts each `rooms:*` topic keeps for recovery (a rejoin with `since`).
+    #[arg(long, default_value_t = seed::HISTORY_SIZE)]
+    history_size: usize,
+    /// How long each kept broadcast stays recoverable.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    history_ttl: Duration,
+    /// Keep history on `bench:*` too, to measure what history costs (comparisons only).
+    #[arg(long, hide = true)]
+    bench_history: bool,
     /// Cluster mode: share topics with other nodes through this Redis server.
     #[arg(long, value_name = "redis://HOST:PORT")]
     redis: Option<String>,
@@ -386,6 +395,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
     });
     let defaults = Config::default();
+    let router = if args.bench_history {
+        seed::router_with_bench_history(args.history_size, args.history_ttl)
+    } else {
+        seed::router_with_history(args.history_size, args.history_ttl)
+    };
     let cores = args.cores.unwrap_or(defaults.cores);
     let config = Config {
         listen: args.listen,
@@ -429,7 +443,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let cores = config.cores;
     let listen = config.listen;
-    let server = Server::bind(config, UserSocket::new(&secret), seed::router())
+    let server = Server::bind(config, UserSocket::new(&secret), router)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = server.local_addr();
     let running = server.start()?;

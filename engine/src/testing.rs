@@ -10,12 +10,16 @@
 //! testing::run(seed::UserSocket::new("s"), seed::router(), |kit| async move {
 //!     let token = ringcast::proto::token::sign(b"s", "42", testing::unix_now());
 //!     let mut client = kit.socket(&[("token", &token)]).await.expect("connects");
-//!     assert_eq!(client.subscribe_and_join("rooms:lobby", json!({})).await, Reply::ok());
+//!     assert_eq!(client.subscribe_and_join("notifications:42", json!({})).await, Reply::ok());
+//!     // rooms:* keeps history: its join reply carries the room's position.
+//!     let Reply::Ok(joined) = client.subscribe_and_join("rooms:lobby", json!({})).await else { panic!() };
+//!     assert_eq!(joined.str_field("position").map(|p| p.ends_with(":0")), Some(true));
 //!     client.assert_push("rooms:lobby", "welcome", json!({"msg": "Welcome to room lobby!"})).await;
 //!     let r = client.push("rooms:lobby", "ping", json!({"n": 1}));
 //!     client.assert_reply(&r, Reply::Ok(json!({"n": 1}).into())).await;
 //!     client.push("rooms:lobby", "new_msg", json!({"body": "hi"}));
-//!     client.assert_broadcast("rooms:lobby", "new_msg", json!({"body": "hi", "user": "42"})).await;
+//!     let position = client.assert_broadcast("rooms:lobby", "new_msg", json!({"body": "hi", "user": "42"})).await;
+//!     assert!(position.unwrap().ends_with(":1"));
 //! });
 //! ```
 
@@ -31,6 +35,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::proto::position::Position;
 use crate::proto::ws::{opcode, split_frame};
 use crate::proto::{Message, Payload, Ref, Vsn};
 use crate::shard::api::endpoint::Endpoint;
@@ -64,6 +69,7 @@ where
         socket: Box::new(socket),
         presence_fetch: None,
         stats: vec![Default::default()],
+        epoch_seed: crate::clock::unix_nanos(),
     });
     let executor = glommio::LocalExecutorBuilder::default()
         .make()
@@ -353,30 +359,40 @@ impl Client {
         assert_eq!(to_reply(&frame), reply, "reply to {msg_ref}");
     }
 
-    /// Asserts a channel push (it carries a join_ref) of `event` with `payload` on `topic`.
+    /// Asserts a channel push (it carries a join_ref) of `event` with `payload` on
+    /// `topic`. Its ref is none, or, for a push `handle_out` made for a broadcast on a
+    /// topic with history, that broadcast's position.
     pub async fn assert_push(&mut self, topic: &str, event: &str, payload: impl Into<Payload>) {
         let payload = payload.into();
         self.expect(&format!("push {event} {payload:?} on {topic}"), |f| {
             f.topic == topic
                 && f.event == event
                 && f.join_ref.is_some()
-                && f.msg_ref.is_none()
+                && f.msg_ref.as_deref().is_none_or(|r| Position::parse(r).is_some())
                 && f.payload == payload
         })
         .await;
     }
 
-    /// Asserts a fastlane broadcast of `event` with `payload` on `topic` reached this client.
-    pub async fn assert_broadcast(&mut self, topic: &str, event: &str, payload: impl Into<Payload>) {
+    /// Asserts a fastlane broadcast of `event` with `payload` on `topic` reached this
+    /// client; returns its ref: `None`, or its position on a topic with history.
+    pub async fn assert_broadcast(
+        &mut self,
+        topic: &str,
+        event: &str,
+        payload: impl Into<Payload>,
+    ) -> Option<String> {
         let payload = payload.into();
-        self.expect(&format!("broadcast {event} {payload:?} on {topic}"), |f| {
-            f.topic == topic
-                && f.event == event
-                && f.join_ref.is_none()
-                && f.msg_ref.is_none()
-                && f.payload == payload
-        })
-        .await;
+        let frame = self
+            .expect(&format!("broadcast {event} {payload:?} on {topic}"), |f| {
+                f.topic == topic
+                    && f.event == event
+                    && f.join_ref.is_none()
+                    && f.msg_ref.as_deref().is_none_or(|r| Position::parse(r).is_some())
+                    && f.payload == payload
+            })
+            .await;
+        frame.msg_ref
     }
 
     /// Asserts nothing matching arrives within `within`.

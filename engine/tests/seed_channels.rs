@@ -24,6 +24,20 @@ async fn client(kit: &Kit, user: &str) -> testing::Client {
         .expect("token accepted")
 }
 
+/// The ok reply of a `rooms:*` join: `{"position": "<epoch>:<offset>"}` and nothing else.
+fn room_position(reply: Reply) -> String {
+    let Reply::Ok(Payload::Json(response)) = reply else {
+        panic!("not an ok reply: {reply:?}")
+    };
+    let position = response["position"].as_str().expect("a position").to_string();
+    assert_eq!(response.as_object().map(|o| o.len()), Some(1), "{response}");
+    assert!(
+        ringcast::proto::position::Position::parse(&position).is_some(),
+        "{position}"
+    );
+    position
+}
+
 #[test]
 fn refused_tokens_do_not_connect() {
     run(|kit| async move {
@@ -39,10 +53,8 @@ fn refused_tokens_do_not_connect() {
 fn room_join_welcome_and_locked_room() {
     run(|kit| async move {
         let mut c = client(&kit, "42").await;
-        assert_eq!(
-            c.subscribe_and_join("rooms:lobby", json!({"name": "ada"})).await,
-            Reply::ok()
-        );
+        let position = room_position(c.subscribe_and_join("rooms:lobby", json!({"name": "ada"})).await);
+        assert!(position.ends_with(":0"), "nothing broadcast yet: {position}");
         c.assert_push("rooms:lobby", "welcome", json!({"msg": "Welcome to room lobby!"}))
             .await;
         assert_eq!(
@@ -169,7 +181,7 @@ fn crash_sends_phx_error_and_other_channels_go_on() {
         let r = c.push("rooms:y", "ping", json!({}));
         c.assert_reply(&r, Reply::ok()).await;
         // The crashed channel can be joined again.
-        assert_eq!(c.subscribe_and_join("rooms:x", json!({})).await, Reply::ok());
+        room_position(c.subscribe_and_join("rooms:x", json!({})).await);
     });
 }
 
@@ -237,7 +249,7 @@ fn duplicate_join_replaces_the_channel() {
         let mut c = client(&kit, "3").await;
         c.subscribe_and_join("rooms:d", json!({})).await;
         c.frames();
-        assert_eq!(c.subscribe_and_join("rooms:d", json!({})).await, Reply::ok());
+        room_position(c.subscribe_and_join("rooms:d", json!({})).await);
         let frames = c.frames();
         assert_eq!(frames[0].event, "phx_close");
         assert_eq!(frames[0].join_ref.as_deref(), Some("1"));
@@ -282,5 +294,65 @@ fn leaving_in_any_order_keeps_the_subscriber_list_exact() {
                 c.refute(Duration::ZERO, |f| f.event == "new_msg").await;
             }
         }
+    });
+}
+
+#[test]
+fn a_rejoin_with_since_recovers_what_it_missed_and_whispers_only_reach_their_addressee() {
+    run(|kit| async move {
+        let mut a = client(&kit, "a").await;
+        let mut b = client(&kit, "b").await;
+        let start = room_position(a.subscribe_and_join("rooms:h", json!({})).await);
+        room_position(b.subscribe_and_join("rooms:h", json!({})).await);
+        assert_eq!(a.leave("rooms:h").await, Reply::ok());
+        b.push("rooms:h", "new_msg", json!({"body": "1"}));
+        b.push("rooms:h", "whisper", json!({"to": "b", "body": "2"}));
+        b.push("rooms:h", "whisper", json!({"to": "a", "body": "3"}));
+        b.push("rooms:h", "new_msg", json!({"body": "4"}));
+        let last = b
+            .assert_broadcast("rooms:h", "new_msg", json!({"body": "4", "user": "b"}))
+            .await
+            .expect("a position");
+        let epoch = start.split(':').next().unwrap();
+        assert_eq!(last, format!("{epoch}:4"));
+        a.frames();
+
+        let reply = a.subscribe_and_join("rooms:h", json!({"since": start})).await;
+        let expected = json!({"position": format!("{epoch}:4"), "recovered": true});
+        assert_eq!(reply, Reply::Ok(expected.into()));
+        let got: Vec<_> = a
+            .frames()
+            .into_iter()
+            .filter(|f| f.event == "new_msg" || f.event == "whisper")
+            .map(|f| {
+                (
+                    f.event,
+                    f.payload.str_field("body").map(str::to_string),
+                    f.msg_ref,
+                )
+            })
+            .collect();
+        let at = |n: u32| Some(format!("{epoch}:{n}"));
+        assert_eq!(
+            got,
+            vec![
+                ("new_msg".to_string(), Some("1".to_string()), at(1)),
+                ("whisper".to_string(), Some("3".to_string()), at(3)),
+                ("new_msg".to_string(), Some("4".to_string()), at(4)),
+            ],
+            "the replay, in order; the whisper to b is not a's"
+        );
+
+        let reply = a
+            .subscribe_and_join("rooms:h2", json!({"since": format!("{epoch}:1")}))
+            .await;
+        let Reply::Ok(Payload::Json(r)) = reply else {
+            panic!()
+        };
+        assert_eq!(r["recovered"], json!(false), "another room has another epoch");
+        assert_eq!(
+            a.subscribe_and_join("rooms:h3", json!({"since": "4"})).await,
+            Reply::error("invalid")
+        );
     });
 }

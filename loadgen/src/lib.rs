@@ -15,6 +15,9 @@
 //!   by a prefix check); on a signal file they time the first diff with a newcomer's key.
 //! - `newcomer`: one connection joins the room and checks its `presence_state` (and the
 //!   diffs after it, applied as phoenix.js `Presence` does) against the expected members.
+//! - `recover`: subscribers of a topic with history drop their connections and rejoin
+//!   with `since` while a publisher sends; lost, duplicated and reordered messages,
+//!   recovered joins and the time to recover.
 //!
 //! Thread-per-core on glommio; one process holds at most RLIMIT_NOFILE - 100
 //! connections and spawns worker processes of itself beyond that.
@@ -28,6 +31,7 @@ mod newcomer;
 mod orchestrate;
 mod phx;
 pub mod presence;
+mod recover;
 pub mod report;
 mod run;
 pub mod sys;
@@ -35,6 +39,7 @@ pub mod tls;
 
 pub use newcomer::NewcomerReport;
 pub use phx::timed_body;
+pub use recover::RecoverReport;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -125,6 +130,41 @@ pub enum Cmd {
     /// One newcomer joins a presence room and counts the keys of its presence_state
     /// and the diffs after it, against the members expected.
     Newcomer(NewcomerArgs),
+    /// Subscribers of a topic with history drop their connections (at random, or all
+    /// at once) and rejoin with `since` while a publisher sends at a steady rate: lost,
+    /// duplicated, reordered, recovered joins, time to recover.
+    Recover(RecoverArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RecoverArgs {
+    /// Server URL (ws://HOST:PORT[/path]).
+    #[arg(long, default_value = "ws://127.0.0.1:4000")]
+    pub url: String,
+    /// The topic (one with history, e.g. `rooms:*` of the seed app).
+    #[arg(long, default_value = "rooms:recover")]
+    pub topic: String,
+    /// Subscribers; each drops its connection once.
+    #[arg(long, short = 'n', default_value_t = 50)]
+    pub subscribers: u64,
+    /// Messages the publisher sends per second ...
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// ... for this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// How long a dropped subscriber stays away before it connects again.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub away: Duration,
+    /// Drop every subscriber at the same moment (else each at a random one).
+    #[arg(long)]
+    pub all_at_once: bool,
+    /// After the last message, how long the subscribers keep reading.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// Seed of the random drop times.
+    #[arg(long, default_value_t = 16)]
+    pub seed: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -576,6 +616,7 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
             }
         }
         Cmd::Newcomer(_) => bail!("newcomer runs no slices"),
+        Cmd::Recover(_) => bail!("recover runs no slices"),
     };
     let total = job.total;
     Ok((job, total))
@@ -613,6 +654,7 @@ pub fn hard_deadline(cli: &Cli) -> Duration {
                 + a.connections as f64 / 1000.0
         }
         Cmd::Newcomer(a) => a.timeout.as_secs_f64() + 3.0 * st + 20.0,
+        Cmd::Recover(a) => (a.duration + a.away + a.grace).as_secs_f64() + 3.0 * st + 20.0,
     };
     Duration::from_secs_f64(secs)
 }

@@ -546,6 +546,9 @@ fn sample(pid: Option<u32>) -> Option<sys::ProcSample> {
 pub fn parent_main(cli: &Cli) -> anyhow::Result<bool> {
     let deadline = hard_deadline(cli);
     watchdog(deadline, "parent");
+    if let Cmd::Recover(a) = &cli.cmd {
+        return crate::recover::main(cli, a);
+    }
     if let Cmd::Newcomer(a) = &cli.cmd {
         return crate::newcomer::main(cli, a);
     }
@@ -556,7 +559,7 @@ pub fn parent_main(cli: &Cli) -> anyhow::Result<bool> {
         Cmd::Rooms(a) => rooms(cli, job, a),
         Cmd::Churn(a) => churn(cli, job, a),
         Cmd::Presence(a) => presence(cli, job, a),
-        Cmd::Newcomer(_) => unreachable!("handled above"),
+        Cmd::Newcomer(_) | Cmd::Recover(_) => unreachable!("handled above"),
     }
 }
 

@@ -11,6 +11,10 @@
 // - a SIGKILLed node's presences leave the other nodes' views (heartbeat expiry, 5 s);
 // - Redis going away: local delivery goes on; once Redis is back on the same port,
 //   cross-node delivery works again and presence lists agree again.
+// - history through Redis (issue 16): a phoenix client moved from one node to another
+//   mid-stream, or whose node is SIGKILLed, recovers every missed new_msg exactly once,
+//   and every node's subscribers see one order; a whisper is replayed on another node
+//   to its addressee only; one epoch on every node.
 //
 // Timing rule these tests follow: a node subscribes to a topic's Redis channel when it
 // gets its first local subscriber, and that SUBSCRIBE is asynchronous (the join reply
@@ -25,7 +29,7 @@
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  e2e, startServer, connect, rawConnect, collect, waitFor, sleep, freePort, assertAlive, startRedis,
+  e2e, startServer, connect, rawConnect, collect, waitFor, sleep, freePort, assertAlive, startRedis, POSITION,
 } from './lib.mjs';
 import { API_KEY, Presence, apiBroadcast } from './httplib.mjs';
 
@@ -347,6 +351,121 @@ e2e('a SIGKILLed node: its presences leave the other nodes\' views within ~7 s (
     await assertEachGotExactlyOnce(members, [{ body: 'still here', user: members[0].user }]);
   });
 }, { timeout: 20000 });
+
+// ---------------------------------------------------------------------------
+// History and recovery through Redis (issue 16)
+// ---------------------------------------------------------------------------
+
+for (const how of ['moved', 'killed']) {
+const title = how === 'moved'
+  ? 'three nodes: a client moved to another node mid-stream recovers every missed new_msg exactly once; every subscriber on every node sees one order'
+  : 'three nodes: the node of a client is SIGKILLed mid-stream; the client reconnects to another node and loses nothing';
+e2e(title, async () => {
+  await withCluster([1, 1, 1], async (nodes) => {
+    const topic = uniqueTopic('recover');
+    const watchers = [];
+    for (const [n, node] of nodes.entries()) {
+      const w = await rawConnectT(node.port, { userId: `hw${n}` });
+      const reply = await w.join(topic);
+      assert.match(reply.payload.response.position, POSITION);
+      watchers.push(w);
+    }
+    // The mover does what the issue's snippet does, on node 0.
+    const mover = await connectT(nodes[0].port, 'mover');
+    const state = { pos: null, got: [], refs: [], replies: [] };
+    const room = mover.channel(topic, () => (state.pos ? { since: state.pos } : {}));
+    room.on('new_msg', (msg, ref) => {
+      if (ref) state.pos = ref;
+      state.got.push(msg.body);
+      state.refs.push(ref);
+    });
+    await new Promise((resolve) => {
+      room.join().receive('ok', (r) => { state.replies.push(r); state.pos = state.pos || r.position; resolve(); });
+    });
+    const pubs = [];
+    for (const n of [1, 2]) {
+      const p = await rawConnectT(nodes[n].port, { userId: `hp${n}` });
+      await p.join(topic);
+      pubs.push(p);
+    }
+    await sleep(SUBSCRIBE_SETTLE_MS);
+
+    const N = 60;
+    const sending = (async () => {
+      for (let i = 1; i <= N; i++) {
+        pubs[i % 2].send(['1', `m${i}`, topic, 'new_msg', { body: String(i) }]);
+        await sleep(10);
+      }
+    })();
+    await waitFor(() => state.got.length >= 15, { timeout: 3000, what: '15 messages before the move' });
+    if (how === 'moved') {
+      mover.socket.disconnect();
+      await sleep(200);
+      mover.socket.endPoint = `ws://127.0.0.1:${nodes[1].port}/socket/websocket`;
+      mover.socket.connect();
+    } else {
+      // The node dies; the client's own reconnect (its load balancer, here its
+      // endpoint) takes it to another node.
+      mover.socket.endPoint = `ws://127.0.0.1:${nodes[1].port}/socket/websocket`;
+      nodes[0].proc.kill('SIGKILL');
+      watchers.shift();
+    }
+    await sending;
+    await waitFor(() => state.got.length >= N, { timeout: 6000, what: `all ${N} at the mover (got ${state.got.length})` });
+    const newMsgs = (w) => w.all.filter((m) => m.topic === topic && m.event === 'new_msg');
+    await waitFor(() => watchers.every((w) => newMsgs(w).length >= N), { timeout: 3000, what: 'all at every watcher' });
+    await sleep(300);
+
+    assert.equal(mover.socket.conn.url.includes(`:${nodes[1].port}/`), true, 'the mover is on node 1 now');
+    assert.equal(state.replies.length, 2, 'joined on node 0, rejoined on node 1');
+    assert.equal(state.replies[1].recovered, true, 'recovered on another node');
+    assert.deepEqual([...state.got].sort((a, b) => a - b), Array.from({ length: N }, (_, i) => String(i + 1)), 'every message exactly once');
+    const offsets = state.refs.map((r) => Number(r.split(':')[1]));
+    assert.deepEqual(offsets, Array.from({ length: N }, (_, i) => i + 1), 'in the offsets\' order, none skipped');
+    for (const w of watchers) {
+      const n = watchers.indexOf(w) + (how === 'killed' ? 1 : 0);
+      const got = newMsgs(w);
+      assert.equal(got.length, N, `watcher on node ${n} got each once`);
+      assert.deepEqual(got.map((m) => m.ref), state.refs, `watcher on node ${n} saw the mover's order`);
+      assert.deepEqual(got.map((m) => m.payload.body), state.got);
+    }
+    mover.closes.length = 0; // the move was this test's own doing
+  });
+}, { timeout: 20000 });
+}
+
+e2e('three nodes: a whisper is replayed on another node to its addressee only, and a stale since is not recovered', async () => {
+  await withCluster([1, 1, 1], async (nodes) => {
+    const topic = uniqueTopic('hwhisper');
+    const to = await rawConnectT(nodes[0].port, { userId: 'hwto' });
+    const by = await rawConnectT(nodes[0].port, { userId: 'hwby' });
+    const start = (await to.join(topic)).payload.response.position;
+    await by.join(topic);
+    const from = await rawConnectT(nodes[2].port, { userId: 'hwfrom' });
+    await from.join(topic);
+    await sleep(SUBSCRIBE_SETTLE_MS);
+    from.send(['1', 'a', topic, 'new_msg', { body: 'one' }]);
+    from.send(['1', 'b', topic, 'whisper', { to: 'hwto', body: 'psst' }]);
+    await from.reply('b');
+    await waitFor(() => from.all.some((m) => m.event === 'new_msg'), { what: 'the sender\'s own new_msg' });
+    const to2 = await rawConnectT(nodes[1].port, { userId: 'hwto' });
+    const by2 = await rawConnectT(nodes[1].port, { userId: 'hwby' });
+    const rTo = await to2.join(topic, { since: start });
+    const rBy = await by2.join(topic, { since: start });
+    assert.equal(rTo.payload.response.recovered, true);
+    assert.equal(rBy.payload.response.recovered, true);
+    const w = await to2.event(topic, 'whisper');
+    assert.deepEqual(w.payload, { to: 'hwto', body: 'psst', from: 'hwfrom' });
+    assert.equal(Number(w.ref.split(':')[1]), 2, 'the whisper carries its position');
+    assert.equal((await by2.event(topic, 'new_msg')).payload.body, 'one');
+    await by2.expectNone((m) => m.event === 'whisper', 300, 'whisper at the bystander');
+    const stale = await rawConnectT(nodes[1].port, { userId: 'hwstale' });
+    const epochOther = start.startsWith('a') ? 'b' : 'a';
+    const r = await stale.join(topic, { since: `${epochOther}:1` });
+    assert.equal(r.payload.response.recovered, false);
+    assert.equal(r.payload.response.position.split(':')[0], start.split(':')[0], 'one epoch on every node');
+  });
+});
 
 // ---------------------------------------------------------------------------
 // Redis restart (last: it takes Redis away from everyone)

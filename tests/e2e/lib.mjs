@@ -404,6 +404,28 @@ export async function waitFor(cond, { timeout = 2000, interval = 20, what = 'con
 
 export const isPresence = (m) => m.event === 'presence_state' || m.event === 'presence_diff';
 
+/** A broadcast's position on a topic with history: "<epoch>:<offset>" (seed-app.md, "History and recovery"). */
+export const POSITION = /^[0-9a-f]{1,16}:\d+$/;
+
+/**
+ * Takes the "position" out of a `rooms:*` join reply, after checking that it is one, so
+ * that a test of another contract compares the rest as before. Takes a reply
+ * `{status, response}`, a V2 reply frame (array) or a V1 reply frame (object).
+ */
+export function sansPosition(x) {
+  const strip = (reply) => {
+    if (!reply || typeof reply.response !== 'object' || reply.response === null) {
+      throw new Error(`not a join reply: ${JSON.stringify(reply)}`);
+    }
+    const { position, ...rest } = reply.response;
+    assert.match(String(position), POSITION, `a rooms:* join reply carries its position: ${JSON.stringify(reply)}`);
+    return { ...reply, response: rest };
+  };
+  if (Array.isArray(x)) return [...x.slice(0, 4), strip(x[4]), ...x.slice(5)];
+  if (x && x.event === 'phx_reply' && x.payload) return { ...x, payload: strip(x.payload) };
+  return strip(x);
+}
+
 // ---------------------------------------------------------------------------
 // Raw WebSocket
 // ---------------------------------------------------------------------------

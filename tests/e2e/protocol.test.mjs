@@ -4,7 +4,9 @@
 
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { e2e, startServer, rawConnect, connect, nextEvent, isPresence } from './lib.mjs';
+import {
+  e2e, startServer, rawConnect, connect, nextEvent, isPresence, sansPosition, POSITION,
+} from './lib.mjs';
 
 let server;
 before(async () => { server = await startServer(); });
@@ -25,7 +27,7 @@ e2e('refs are opaque strings echoed byte for byte', async () => {
   const ref = 'réf-ü/007 ✓';
   ws.send([ref, ref, 'rooms:refs', 'phx_join', {}]);
   const reply = await ws.reply(ref);
-  assert.deepEqual(reply.frame, [ref, ref, 'rooms:refs', 'phx_reply', ok()]);
+  assert.deepEqual(sansPosition(reply.frame), [ref, ref, 'rooms:refs', 'phx_reply', ok()]);
   ws.send([ref, '00', 'rooms:refs', 'ping', { a: 1 }]);
   assert.deepEqual((await ws.reply('00')).frame, [ref, '00', 'rooms:refs', 'phx_reply', ok({ a: 1 })]);
 });
@@ -35,7 +37,7 @@ e2e('join reply and welcome push have the V2 shapes of PROTOCOL.md', async () =>
   ws.send(['3', '3', 'rooms:shape', 'phx_join', { name: 'ada' }]);
   const msgs = [];
   while (!msgs.some((m) => m.event === 'welcome')) msgs.push(await ws.next(notPresence));
-  assert.deepEqual(msgs.map((m) => m.frame), [
+  assert.deepEqual(msgs.map((m, i) => (i === 0 ? sansPosition(m.frame) : m.frame)), [
     ['3', '3', 'rooms:shape', 'phx_reply', ok()],
     ['3', null, 'rooms:shape', 'welcome', { msg: 'Welcome to room shape!' }],
   ]);
@@ -109,7 +111,7 @@ e2e('crash: phx_error {"reason":"channel_crash"} with join_ref = ref = the join_
   ws.send(['22', '25', 'rooms:rawother', 'ping', { x: 1 }]);
   assert.deepEqual((await ws.reply('25')).frame, ['22', '25', 'rooms:rawother', 'phx_reply', ok({ x: 1 })]);
   ws.send(['26', '26', 'rooms:rawcrash', 'phx_join', {}]);
-  assert.deepEqual((await ws.reply('26')).payload, ok(), 'the crashed topic can be joined again');
+  assert.deepEqual(sansPosition((await ws.reply('26')).payload), ok(), 'the crashed topic can be joined again');
 });
 
 e2e('duplicate join: the new join is answered first, then phx_close for the old join_ref', async () => {
@@ -120,7 +122,7 @@ e2e('duplicate join: the new join is answered first, then phx_close for the old 
   ws.send(['2', '2', 'rooms:dup', 'phx_join', {}]);
   const seq = [];
   while (!seq.some((m) => m.event === 'welcome')) seq.push(await ws.next(notPresence));
-  assert.deepEqual(seq.map((m) => m.frame), [
+  assert.deepEqual(seq.map((m, i) => (i === 0 ? sansPosition(m.frame) : m.frame)), [
     ['2', '2', 'rooms:dup', 'phx_reply', ok()],
     ['1', '1', 'rooms:dup', 'phx_close', {}],
     ['2', null, 'rooms:dup', 'welcome', { msg: 'Welcome to room dup!' }],
@@ -161,7 +163,7 @@ e2e('a push with join_ref null is delivered to the channel', async () => {
 e2e('elements after the fifth are ignored', async () => {
   const ws = await rawConnect(server.port, { userId: 'h1' });
   ws.send(['1', '1', 'rooms:six', 'phx_join', {}, 'extra']);
-  assert.deepEqual((await ws.reply('1')).payload, ok());
+  assert.deepEqual(sansPosition((await ws.reply('1')).payload), ok());
   ws.send(['1', '2', 'rooms:six', 'ping', { six: 6 }, 'extra', 7]);
   assert.deepEqual((await ws.reply('2')).payload, ok({ six: 6 }));
 });
@@ -182,7 +184,7 @@ e2e('V1 (vsn=1.0.0): join reply is an object with exactly topic/event/payload/re
   ws.send({ topic: 'rooms:v1', event: 'phx_join', payload: { name: 'ada' }, ref: '1' });
   const reply = await ws.next((m) => m.event === 'phx_reply');
   assert.ok(!Array.isArray(reply.frame), `V1 frames are objects, got ${reply.text}`);
-  assert.deepEqual(reply.frame, { topic: 'rooms:v1', event: 'phx_reply', payload: { status: 'ok', response: {} }, ref: '1' });
+  assert.deepEqual(sansPosition(reply.frame), { topic: 'rooms:v1', event: 'phx_reply', payload: { status: 'ok', response: {} }, ref: '1' });
   assert.deepEqual(Object.keys(reply.frame).sort(), ['event', 'payload', 'ref', 'topic'], 'no join_ref key in V1');
   const welcome = await ws.next((m) => m.event === 'welcome');
   assert.deepEqual(welcome.frame, { topic: 'rooms:v1', event: 'welcome', payload: { msg: 'Welcome to room v1!' }, ref: null });
@@ -225,16 +227,17 @@ e2e('a V1 and a V2 client in one room both get new_msg, each in its own encoding
   ch.push('new_msg', { body: 'from v2' });
   assert.deepEqual(await got2, { body: 'from v2', user: 'two' });
   const at1 = await v1.next((m) => m.event === 'new_msg');
-  assert.deepEqual(at1.frame, { topic: 'rooms:mixed', event: 'new_msg', payload: { body: 'from v2', user: 'two' }, ref: null });
+  assert.match(at1.frame.ref, POSITION, 'a rooms:* broadcast carries its position in V1 too');
+  assert.deepEqual(at1.frame, { topic: 'rooms:mixed', event: 'new_msg', payload: { body: 'from v2', user: 'two' }, ref: at1.frame.ref });
 
   const again2 = nextEvent(ch, 'new_msg');
   v1.send({ topic: 'rooms:mixed', event: 'new_msg', payload: { body: 'from v1' }, ref: '2' });
   assert.deepEqual(await again2, { body: 'from v1', user: 'one' });
   const raw2 = v2.received('rooms:mixed', 'new_msg').at(-1);
   assert.equal(raw2.join_ref, null);
-  assert.equal(raw2.ref, null);
+  assert.match(raw2.ref, POSITION);
   const self1 = await v1.next((m) => m.event === 'new_msg');
-  assert.deepEqual(self1.frame, { topic: 'rooms:mixed', event: 'new_msg', payload: { body: 'from v1', user: 'one' }, ref: null });
+  assert.deepEqual(self1.frame, { topic: 'rooms:mixed', event: 'new_msg', payload: { body: 'from v1', user: 'one' }, ref: raw2.ref }, 'one position for both encodings');
 });
 
 e2e('a V2 broadcast arrives as [null,null,topic,event,payload]', async () => {

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 
+use crate::proto::position::Position;
 use crate::proto::presence::{Delta, Meta, Owner};
 use crate::proto::Payload;
 
@@ -39,6 +40,21 @@ pub enum Envelope {
     SyncRequest {
         /// Sending node.
         node: u32,
+    },
+    /// A broadcast on a topic with history, as Redis sequenced it (the history
+    /// script publishes it, to every node the sender's included, and keeps it).
+    Sequenced {
+        /// Sending node.
+        node: u32,
+        /// Its position, assigned by Redis.
+        position: Position,
+        /// `broadcast_from` on the sending node: the (core, connection key, generation)
+        /// not to deliver to.
+        from: Option<(u32, u32, u32)>,
+        /// Event.
+        event: String,
+        /// Payload.
+        payload: Payload,
     },
     /// "I am alive".
     Heartbeat {
@@ -81,6 +97,68 @@ fn from_rows(rows: Vec<MetaRow>) -> Vec<(Box<str>, Meta)> {
         .collect()
 }
 
+fn bad(why: &str) -> String {
+    format!("bad cluster message: {why}")
+}
+
+/// A broadcast's event and payload as bytes: the event's length (u16), the event, the
+/// payload's kind (0 JSON, 1 bytes) and the payload.
+fn broadcast_body(event: &str, payload: &Payload) -> Vec<u8> {
+    let mut body = Vec::with_capacity(64);
+    body.extend_from_slice(&(event.len() as u16).to_be_bytes());
+    body.extend_from_slice(event.as_bytes());
+    match payload {
+        Payload::Json(v) => {
+            body.push(0);
+            serde_json::to_writer(&mut body, v).expect("writing to a Vec cannot fail");
+        }
+        Payload::Binary(b) => {
+            body.push(1);
+            body.extend_from_slice(b);
+        }
+    }
+    body
+}
+
+fn decode_broadcast_body(body: &[u8]) -> Result<(String, Payload), String> {
+    let len = u16::from_be_bytes(
+        body.get(..2)
+            .ok_or_else(|| bad("no event"))?
+            .try_into()
+            .expect("two"),
+    ) as usize;
+    let event = body.get(2..2 + len).ok_or_else(|| bad("short event"))?;
+    let event = std::str::from_utf8(event)
+        .map_err(|_| bad("event not UTF-8"))?
+        .to_string();
+    let rest = &body[2 + len..];
+    let payload = match rest.first() {
+        Some(0) => Payload::Json(serde_json::from_slice(&rest[1..]).map_err(|e| bad(&e.to_string()))?),
+        Some(1) => Payload::Binary(Bytes::copy_from_slice(&rest[1..])),
+        _ => return Err(bad("payload kind")),
+    };
+    Ok((event, payload))
+}
+
+/// A [`Envelope::Sequenced`] but for its position, in two parts, for Redis to put the
+/// position it assigns between them: the kind and node, then the rest of the header
+/// line and the broadcast.
+pub fn sequenced_parts(
+    node: u32,
+    from: Option<(u32, u32, u32)>,
+    event: &str,
+    payload: &Payload,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut prefix = vec![6];
+    prefix.extend_from_slice(&node.to_be_bytes());
+    let mut suffix = match from {
+        Some((core, key, gen)) => format!(" {core} {key} {gen}\n").into_bytes(),
+        None => b" - - -\n".to_vec(),
+    };
+    suffix.extend_from_slice(&broadcast_body(event, payload));
+    (prefix, suffix)
+}
+
 impl Envelope {
     /// The sending node.
     pub fn node(&self) -> u32 {
@@ -89,6 +167,7 @@ impl Envelope {
             | Envelope::Presence { node, .. }
             | Envelope::PresenceState { node, .. }
             | Envelope::SyncRequest { node }
+            | Envelope::Sequenced { node, .. }
             | Envelope::Heartbeat { node, .. } => *node,
         }
     }
@@ -96,21 +175,18 @@ impl Envelope {
     /// The bytes on the wire.
     pub fn encode(&self) -> Vec<u8> {
         let (kind, body): (u8, Vec<u8>) = match self {
-            Envelope::Broadcast { event, payload, .. } => {
-                let mut body = Vec::with_capacity(64);
-                body.extend_from_slice(&(event.len() as u16).to_be_bytes());
-                body.extend_from_slice(event.as_bytes());
-                match payload {
-                    Payload::Json(v) => {
-                        body.push(0);
-                        serde_json::to_writer(&mut body, v).expect("writing to a Vec cannot fail");
-                    }
-                    Payload::Binary(b) => {
-                        body.push(1);
-                        body.extend_from_slice(b);
-                    }
-                }
-                (1, body)
+            Envelope::Broadcast { event, payload, .. } => (1, broadcast_body(event, payload)),
+            Envelope::Sequenced {
+                node,
+                position,
+                from,
+                event,
+                payload,
+            } => {
+                let (mut out, suffix) = sequenced_parts(*node, *from, event, payload);
+                out.extend_from_slice(position.to_string().as_bytes());
+                out.extend_from_slice(&suffix);
+                return out;
             }
             Envelope::Presence { delta, .. } => {
                 let body =
@@ -132,7 +208,6 @@ impl Envelope {
 
     /// Reads an envelope.
     pub fn decode(data: &[u8]) -> Result<Envelope, String> {
-        let bad = |why: &str| format!("bad cluster message: {why}");
         if data.len() < 5 {
             return Err(bad("too short"));
         }
@@ -140,24 +215,7 @@ impl Envelope {
         let body = &data[5..];
         match data[0] {
             1 => {
-                let len = u16::from_be_bytes(
-                    body.get(..2)
-                        .ok_or_else(|| bad("no event"))?
-                        .try_into()
-                        .expect("two"),
-                ) as usize;
-                let event = body.get(2..2 + len).ok_or_else(|| bad("short event"))?;
-                let event = std::str::from_utf8(event)
-                    .map_err(|_| bad("event not UTF-8"))?
-                    .to_string();
-                let rest = &body[2 + len..];
-                let payload = match rest.first() {
-                    Some(0) => {
-                        Payload::Json(serde_json::from_slice(&rest[1..]).map_err(|e| bad(&e.to_string()))?)
-                    }
-                    Some(1) => Payload::Binary(Bytes::copy_from_slice(&rest[1..])),
-                    _ => return Err(bad("payload kind")),
-                };
+                let (event, payload) = decode_broadcast_body(body)?;
                 Ok(Envelope::Broadcast { node, event, payload })
             }
             2 => {
@@ -179,6 +237,31 @@ impl Envelope {
                 })
             }
             4 => Ok(Envelope::SyncRequest { node }),
+            6 => {
+                let nl = body
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .ok_or_else(|| bad("no header"))?;
+                let header = std::str::from_utf8(&body[..nl]).map_err(|_| bad("header not UTF-8"))?;
+                let mut fields = header.split(' ');
+                let position = fields
+                    .next()
+                    .and_then(Position::parse)
+                    .ok_or_else(|| bad("position"))?;
+                let from: Vec<Option<u32>> = fields.map(|f| f.parse().ok()).collect();
+                let from = match from[..] {
+                    [Some(core), Some(key), Some(gen)] => Some((core, key, gen)),
+                    _ => None,
+                };
+                let (event, payload) = decode_broadcast_body(&body[nl + 1..])?;
+                Ok(Envelope::Sequenced {
+                    node,
+                    position,
+                    from,
+                    event,
+                    payload,
+                })
+            }
             5 => Ok(Envelope::Heartbeat {
                 node,
                 name: String::from_utf8_lossy(body).into_owned(),
@@ -219,6 +302,23 @@ mod tests {
                 entries: vec![("42".into(), meta)],
             },
             Envelope::SyncRequest { node: 9 },
+            Envelope::Sequenced {
+                node: 7,
+                position: Position {
+                    epoch: 0xabc,
+                    offset: 12,
+                },
+                from: Some((1, 40, 3)),
+                event: "new_msg".into(),
+                payload: Payload::Json(json!({"body": "hi"})),
+            },
+            Envelope::Sequenced {
+                node: 7,
+                position: Position { epoch: 1, offset: 1 },
+                from: None,
+                event: "bin".into(),
+                payload: Payload::Binary(Bytes::from_static(&[b'\n', 0])),
+            },
             Envelope::Heartbeat {
                 node: 9,
                 name: "n1".into(),

@@ -14,6 +14,7 @@
 //! dead and its presences leave everyone's view.
 
 pub mod envelope;
+pub(crate) mod history;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -25,6 +26,7 @@ use crossbeam_channel::Receiver;
 use crate::proto::presence::PresenceState;
 use crate::shard::cluster::LinkCmd;
 pub use crate::shard::cluster::{ClusterConfig, ClusterHandle, ClusterStats};
+use crate::shard::history::{Answer, Publish};
 use crate::shard::inbox::{CoreCommand, CoreInbox};
 use crate::shard::Broadcast;
 use envelope::Envelope;
@@ -62,6 +64,8 @@ pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), re
         interest: HashMap::new(),
         own: PresenceState::default(),
         peers: HashMap::new(),
+        epoch_seed: crate::clock::unix_nanos(),
+        epochs_made: 0,
     };
     Ok((handle, link))
 }
@@ -99,6 +103,9 @@ pub(crate) struct Link {
     own: PresenceState,
     /// Other nodes -> when last heard.
     peers: HashMap<u32, Instant>,
+    /// Fresh epochs for topics Redis holds no history of (see [`history`]).
+    epoch_seed: u64,
+    epochs_made: u64,
 }
 
 /// Why a link session ended.
@@ -166,7 +173,36 @@ impl Link {
                 // Kept: the full state is republished on reconnect.
                 self.own.apply(&topic, &delta);
             }
+            LinkCmd::Sequence(p, _) => {
+                self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                self.deliver_unsequenced(&p);
+            }
+            LinkCmd::Fetch { core, id, since, .. } => self.answer(core, id, Answer::unavailable(since)),
         }
+    }
+
+    /// A broadcast on a topic with history that Redis could not sequence: this node's
+    /// subscribers still get it, as at most once delivery has it while Redis is away,
+    /// without a position (it is in no history).
+    fn deliver_unsequenced(&self, p: &Publish) {
+        let mask = self.interest.get(&*p.topic).copied().unwrap_or(0);
+        let b = Arc::new(Broadcast::new(&p.topic, &p.event, p.payload.clone(), p.from));
+        for (core, inbox) in self.cores.iter().enumerate() {
+            if mask & (1 << core) != 0 {
+                inbox.send(CoreCommand::Deliver(b.clone()));
+            }
+        }
+    }
+
+    fn answer(&self, core: usize, id: u64, answer: Answer) {
+        if let Some(inbox) = self.cores.get(core) {
+            inbox.send(CoreCommand::HistoryReply(id, Box::new(answer)));
+        }
+    }
+
+    fn fresh_epoch(&mut self) -> u64 {
+        self.epochs_made += 1;
+        crate::shard::history::epoch(self.epoch_seed, self.node as usize, self.epochs_made)
     }
 
     /// Updates the interest table; returns whether the node-level interest flipped.
@@ -341,6 +377,39 @@ impl Link {
                 };
                 self.publish(publish, presence_channel(&topic), &envelope)
             }
+            LinkCmd::Sequence(p, h) => {
+                let epoch = self.fresh_epoch();
+                match history::publish(publish, self.node, &topic_channel(&p.topic), &p, h, epoch) {
+                    Ok(_) => {
+                        self.stats.published.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                        self.deliver_unsequenced(&p);
+                        Err(e)
+                    }
+                }
+            }
+            LinkCmd::Fetch {
+                core,
+                id,
+                topic,
+                since,
+                history: h,
+            } => {
+                let epoch = self.fresh_epoch();
+                match history::fetch(publish, &topic, since, h, epoch) {
+                    Ok(answer) => {
+                        self.answer(core, id, answer);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.answer(core, id, Answer::unavailable(since));
+                        Err(e)
+                    }
+                }
+            }
         }
     }
 
@@ -357,6 +426,28 @@ impl Link {
                 return Ok(());
             }
         };
+        if let Envelope::Sequenced { .. } = envelope {
+            // Every node delivers these as Redis ordered them, the sender's included.
+            let Some(topic) = channel.strip_prefix("ringcast:t:") else {
+                return Ok(());
+            };
+            if envelope.node() != self.node {
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+            }
+            let mask = self.interest.get(topic).copied().unwrap_or(0);
+            match history::decode(topic, data, Some(self.node)) {
+                Ok(b) => {
+                    let b = Arc::new(b);
+                    for (core, inbox) in self.cores.iter().enumerate() {
+                        if mask & (1 << core) != 0 {
+                            inbox.send(CoreCommand::Deliver(b.clone()));
+                        }
+                    }
+                }
+                Err(why) => tracing::warn!(channel, "{why}"),
+            }
+            return Ok(());
+        }
         if envelope.node() == self.node {
             return Ok(());
         }
@@ -403,6 +494,7 @@ impl Link {
                     inbox.send(CoreCommand::PresenceState(topic.clone(), node, entries.clone()));
                 }
             }
+            Envelope::Sequenced { .. } => unreachable!("handled above"),
             Envelope::SyncRequest { .. } => {
                 let Some(topic) = channel.strip_prefix("ringcast:p:") else {
                     return Ok(());

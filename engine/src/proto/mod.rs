@@ -7,6 +7,7 @@
 pub mod error;
 pub mod http;
 pub mod message;
+pub mod position;
 pub mod presence;
 pub mod serializer;
 pub mod socket;

@@ -2,6 +2,8 @@
 //! notifications application of the Phoenix guides, written against ringcast's API. It
 //! is also the target of the loadgen, the benchmarks and the end-to-end tests.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use crate::clock::unix_now;
@@ -47,12 +49,47 @@ impl SocketHandler for UserSocket {
     }
 }
 
-/// The seed app's routes.
+/// Broadcasts `rooms:*` keeps per topic by default (`--history-size`).
+pub const HISTORY_SIZE: usize = 100;
+/// How long `rooms:*` keeps each by default (`--history-ttl`).
+pub const HISTORY_TTL: Duration = Duration::from_secs(300);
+
+/// The seed app's routes, `rooms:*` with the default history.
 pub fn router() -> Router {
+    router_with_history(HISTORY_SIZE, HISTORY_TTL)
+}
+
+/// The seed app's routes, `rooms:*` keeping the last `size` broadcasts of each room
+/// for `ttl`.
+///
+/// ```
+/// let router = ringcast::seed::router_with_history(10, std::time::Duration::from_secs(60));
+/// assert!(router.keeps_history("rooms:lobby"));
+/// assert!(!router.keeps_history("bench:x"));
+/// ```
+pub fn router_with_history(size: usize, ttl: Duration) -> Router {
     Router::new()
         .channel::<RoomChannel>("rooms:*")
+        .history(size, ttl)
         .channel::<NotificationsChannel>("notifications:*")
         .channel::<BenchChannel>("bench:*")
+}
+
+/// The seed app's routes with history on `bench:*` too: the same raw fanout with and
+/// without history, for measuring what history costs (`ringcast serve
+/// --bench-history`). Not the seed app's contract.
+///
+/// ```
+/// let router = ringcast::seed::router_with_bench_history(10, std::time::Duration::from_secs(60));
+/// assert!(router.keeps_history("bench:x"));
+/// ```
+pub fn router_with_bench_history(size: usize, ttl: Duration) -> Router {
+    Router::new()
+        .channel::<RoomChannel>("rooms:*")
+        .history(size, ttl)
+        .channel::<NotificationsChannel>("notifications:*")
+        .channel::<BenchChannel>("bench:*")
+        .history(size, ttl)
 }
 
 fn body(payload: &Payload) -> Option<&str> {

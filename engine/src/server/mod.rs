@@ -126,6 +126,7 @@ impl Server {
                 socket: Box::new(socket),
                 presence_fetch: None,
                 stats,
+                epoch_seed: crate::clock::unix_nanos(),
             }),
             endpoint,
             inboxes,

@@ -59,9 +59,10 @@ impl MeshLink for RingLink {
             msg
         };
         // Broadcasts are the volume and may be dropped, at most once like any delivery:
-        // past the bound they are, and counted. Interest, acks, presence and long-poll
-        // messages are few and keep the cores' tables right: they always queue.
-        if backlog.len() >= inner.bound && matches!(msg, MeshMsg::Broadcast(_)) {
+        // past the bound they are, and counted (one on its way to its topic's owner
+        // too). Interest, acks, presence, history fetches and long-poll messages are
+        // few and keep the cores' tables right: they always queue.
+        if backlog.len() >= inner.bound && matches!(msg, MeshMsg::Broadcast(_) | MeshMsg::Sequence(_)) {
             inner.stats.mesh_dropped.add(1);
             return;
         }

@@ -235,6 +235,7 @@ mod tests {
             socket: Box::new(TokenOk),
             presence_fetch: None,
             stats: vec![Default::default()],
+            epoch_seed: 1,
         });
         Shard::new(
             0,

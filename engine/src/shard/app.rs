@@ -188,4 +188,7 @@ pub(crate) struct App {
     pub(crate) socket: Box<dyn DynSocketHandler>,
     pub(crate) presence_fetch: Option<PresenceFetch>,
     pub(crate) stats: Vec<Arc<CoreStats>>,
+    /// Different at every start: the epochs of topic histories are made from it, so
+    /// that a position from before a restart is never taken for a current one.
+    pub(crate) epoch_seed: u64,
 }

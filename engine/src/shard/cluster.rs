@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
+use crate::proto::position::Position;
 use crate::proto::presence::Delta;
+use crate::shard::history::{History, Publish};
 use crate::shard::Broadcast;
 
 /// Counters of the Redis link, shown in `/metrics` and `/api/stats`.
@@ -32,9 +34,24 @@ pub struct ClusterStats {
 pub(crate) const LINK_QUEUE_BOUND: usize = 65_536;
 
 pub(crate) enum LinkCmd {
-    Interest { core: usize, topic: Arc<str>, on: bool },
+    Interest {
+        core: usize,
+        topic: Arc<str>,
+        on: bool,
+    },
     Publish(Arc<Broadcast>),
     Presence(Arc<str>, Arc<Delta>),
+    /// A broadcast on a topic with history: Redis sequences, keeps and publishes it.
+    Sequence(Box<Publish>, History),
+    /// A join on `core` asks for the topic's position and replay
+    /// ([`crate::shard::inbox::CoreCommand::HistoryReply`] with `id`).
+    Fetch {
+        core: usize,
+        id: u64,
+        topic: Arc<str>,
+        since: Option<Position>,
+        history: History,
+    },
 }
 
 /// How cores reach the Redis link (`Send + Clone`).
@@ -70,6 +87,37 @@ impl ClusterHandle {
 
     pub(crate) fn publish(&self, broadcast: &Arc<Broadcast>) {
         self.queue(LinkCmd::Publish(broadcast.clone()));
+    }
+
+    pub(crate) fn sequence(&self, publish: Publish, history: History) {
+        self.queue(LinkCmd::Sequence(Box::new(publish), history));
+    }
+
+    /// Asks Redis for `topic`'s position and replay; the answer comes back to `core`'s
+    /// inbox. `false` (counted as dropped) when the link's queue is full or gone: the
+    /// caller answers the join itself.
+    pub(crate) fn fetch(
+        &self,
+        core: usize,
+        id: u64,
+        topic: &str,
+        since: Option<Position>,
+        history: History,
+    ) -> bool {
+        let cmd = LinkCmd::Fetch {
+            core,
+            id,
+            topic: topic.into(),
+            since,
+            history,
+        };
+        match self.tx.try_send(cmd) {
+            Ok(()) => true,
+            Err(_) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
     }
 
     pub(crate) fn presence(&self, topic: &str, delta: &Arc<Delta>) {

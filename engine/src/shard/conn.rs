@@ -198,6 +198,10 @@ pub(crate) enum Mail {
     Out(Arc<Broadcast>),
     /// A message for `handle_info` of the channel `(topic, join_ref)`.
     Info(Rc<str>, Ref, Box<dyn Any>),
+    /// A frame that must wait behind the mails queued before it: a broadcast on a
+    /// topic with history, after an intercepted one still in the mailbox, so that the
+    /// client gets the topic's broadcasts in the offsets' order.
+    Frame(OutFrame),
 }
 
 /// A joined channel's runtime slot. The channel and its socket are moved out while one
@@ -412,6 +416,29 @@ impl Conn {
         }
         self.wake();
         true
+    }
+
+    /// Queues `mails`, in order, ahead of every mail already waiting; past
+    /// [`MAILBOX_BOUND`] the connection is closed as by [`Conn::mail`].
+    pub(crate) fn mail_first(&self, mails: Vec<Mail>) {
+        if mails.is_empty() || self.close.get().is_some() {
+            return;
+        }
+        let over = {
+            let mut mailbox = self.mailbox.borrow_mut();
+            let mailbox = mailbox.get_or_insert_with(Box::default);
+            for mail in mails.into_iter().rev() {
+                mailbox.push_front(mail);
+            }
+            mailbox.len() > MAILBOX_BOUND
+        };
+        if over {
+            self.clear_mail();
+            self.close_why.set(why::MAILBOX);
+            self.request_close(close_code::POLICY);
+            return;
+        }
+        self.wake();
     }
 
     /// The oldest mail, if any.

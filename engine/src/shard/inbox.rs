@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::proto::presence::{Delta, Meta};
 use crate::shard::api::pubsub::{InfoMsg, SubSink};
 use crate::shard::conn::ConnId;
+use crate::shard::history::{Answer, Publish};
 use crate::shard::stats::CoreStats;
 use crate::shard::{Broadcast, Shard};
 
@@ -27,6 +28,11 @@ pub(crate) enum CoreCommand {
     DropNode(u32),
     /// Stop accepting, close every connection with 1001, drain, stop.
     Shutdown,
+    /// Broadcast from a thread outside the cores ([`crate::Endpoint::broadcast`]):
+    /// the core publishes it as its own channels would.
+    Publish(Box<Publish>),
+    /// The answer (from Redis, in cluster mode) to this core's history fetch `id`.
+    HistoryReply(u64, Box<Answer>),
     /// A Rust subscription to a topic; `registered` hears once it listens and the other
     /// cores know.
     Listen {
@@ -50,7 +56,8 @@ pub(crate) enum CoreCommand {
 }
 
 /// Commands a core's inbox holds; past it new ones are dropped and counted
-/// (`ringcast_inbox_dropped_total`), except a shutdown, which waits for room.
+/// (`ringcast_inbox_dropped_total`), except a shutdown and a history answer (a join
+/// waits for it), which wait for room.
 pub(crate) const INBOX_BOUND: usize = 65_536;
 
 /// The sending side of one core's inbox (`Send + Clone`).
@@ -71,8 +78,11 @@ impl CoreInbox {
     /// make its senders' memory grow) and counts the drop.
     pub(crate) fn send(&self, cmd: CoreCommand) {
         let sent = match cmd {
-            // A shutdown, and a subscription whose thread waits for it, wait for room.
-            CoreCommand::Shutdown | CoreCommand::Listen { .. } => self.tx.send(cmd).is_ok(),
+            // A shutdown, a subscription whose thread waits for it and a history answer
+            // a join waits for, wait for room.
+            CoreCommand::Shutdown | CoreCommand::Listen { .. } | CoreCommand::HistoryReply(..) => {
+                self.tx.send(cmd).is_ok()
+            }
             cmd => match self.tx.try_send(cmd) {
                 Ok(()) => true,
                 Err(crossbeam_channel::TrySendError::Full(_)) => {

@@ -41,7 +41,9 @@ impl Shard {
             let mut listeners = self.listeners.borrow_mut();
             let list = listeners.entry(topic.into()).or_default();
             list.push(listener);
-            list.len() == 1 && !self.topics.borrow().contains_key(topic)
+            list.len() == 1
+                && !self.topics.borrow().contains_key(topic)
+                && !self.held.borrow().contains_key(topic)
         };
         self.stats.subscriptions.add(1);
         first.then(|| self.interest_up(topic)).flatten()
@@ -72,7 +74,7 @@ impl Shard {
             if empty {
                 listeners.remove(topic);
             }
-            empty && !self.topics.borrow().contains_key(topic)
+            empty && !self.topics.borrow().contains_key(topic) && !self.held.borrow().contains_key(topic)
         };
         if last {
             self.interest_down(topic);

@@ -9,15 +9,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 
+use super::history::{Answer, Publish};
 use super::Broadcast;
 use crate::proto::http::{Request, Response};
+use crate::proto::position::Position;
 use crate::proto::presence::Delta;
 
 /// What crosses from one core to another.
 pub(crate) enum MeshMsg {
     /// Deliver to your local subscribers.
     Broadcast(Arc<Broadcast>),
-    /// Core `core` now has (`on`) or no longer has subscribers for `topic`.
     /// Core `core` now has (`on`) or no longer has subscribers for `topic`; with
     /// `ack`, the receiver answers [`MeshMsg::InterestAck`] once it knows.
     Interest {
@@ -39,6 +40,18 @@ pub(crate) enum MeshMsg {
     },
     /// The answer to a forwarded long-poll request.
     LongPollReply { id: u64, response: Response },
+    /// A broadcast on a topic with history, for the receiver (its owner) to sequence.
+    Sequence(Box<Publish>),
+    /// A join on core `core` asks the owner of `topic` for its position and, with
+    /// `since`, the broadcasts after it ([`MeshMsg::HistoryReply`] with `id`).
+    HistoryFetch {
+        topic: Arc<str>,
+        since: Option<Position>,
+        core: usize,
+        id: u64,
+    },
+    /// The owner's answer to [`MeshMsg::HistoryFetch`] `id`.
+    HistoryReply { id: u64, answer: Box<Answer> },
 }
 
 /// Carries messages to the other cores. It never blocks: what it cannot hand over at
@@ -185,6 +198,16 @@ impl Mesh {
             }
         }
         expired
+    }
+
+    /// Drops the ack bookkeeping of announcement `id`, which nobody waits for.
+    pub(crate) fn forget_ack(&self, id: u64) {
+        self.0.acks.borrow_mut().remove(&id);
+    }
+
+    /// Whether any other core has subscribers for `topic`.
+    pub(crate) fn has_interest(&self, topic: &str) -> bool {
+        self.0.interest.borrow().contains_key(topic)
     }
 
     /// Every core keeps a full presence replica, so deltas go to all of them.

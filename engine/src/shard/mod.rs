@@ -11,10 +11,12 @@ pub mod api;
 pub mod app;
 pub mod cluster;
 pub mod conn;
+pub(crate) mod history;
 pub(crate) mod inbox;
 pub(crate) mod listeners;
 pub(crate) mod mesh;
 pub(crate) mod presence;
+pub(crate) mod recovery;
 pub(crate) mod session;
 pub mod stats;
 pub(crate) mod timers;
@@ -29,6 +31,7 @@ use bytes::Bytes;
 use slab::Slab;
 
 use crate::clock::Clock;
+use crate::proto::position::Position;
 use crate::proto::serializer::{encode, Body, EncodeError, Outgoing};
 use crate::proto::ws::{close_code, deflate};
 use crate::proto::{Payload, Vsn};
@@ -38,7 +41,8 @@ use conn::{Conn, ConnId, ConnLimits, Mail, OutFrame};
 use mesh::{Mesh, MeshMsg};
 
 /// A broadcast, encoded once: the V2 frame eagerly, the V1 frame the first time a V1
-/// subscriber needs it.
+/// subscriber needs it. On a topic with history it carries its position in the frames'
+/// `ref` slot.
 pub struct Broadcast {
     pub(crate) topic: Box<str>,
     pub(crate) event: Box<str>,
@@ -49,6 +53,8 @@ pub struct Broadcast {
     v1: OnceLock<Result<Bytes, EncodeError>>,
     /// `broadcast_from`: the (shard, connection) that must not receive it.
     pub(crate) from: Option<(usize, ConnId)>,
+    /// Its place in the topic's history, which the frames carry in their `ref` slot.
+    pub(crate) position: Option<Position>,
     /// When it was accepted (Unix µs): the start of `ringcast_fanout_seconds`.
     pub(crate) accepted_us: u64,
 }
@@ -64,6 +70,35 @@ impl Broadcast {
             v2,
             v1: OnceLock::new(),
             from,
+            position: None,
+            accepted_us: crate::clock::unix_nanos() / 1000,
+        }
+    }
+
+    /// A broadcast at `position` in its topic's history: the position goes in the
+    /// frames' `ref` slot (a JSON payload's; binary frames have no such slot).
+    pub(crate) fn at(
+        topic: &str,
+        event: &str,
+        payload: Payload,
+        from: Option<(usize, ConnId)>,
+        position: Position,
+    ) -> Self {
+        let pos_ref = position.to_ref();
+        let msg = Outgoing {
+            msg_ref: Some(&pos_ref),
+            ..Outgoing::broadcast(topic, event, &payload)
+        };
+        let v2 = encode(Vsn::V2, &msg);
+        Broadcast {
+            topic: topic.into(),
+            event: event.into(),
+            payload: OnceLock::from(payload),
+            raw: None,
+            v2,
+            v1: OnceLock::new(),
+            from,
+            position: Some(position),
             accepted_us: crate::clock::unix_nanos() / 1000,
         }
     }
@@ -80,6 +115,7 @@ impl Broadcast {
             v2,
             v1: OnceLock::new(),
             from: None,
+            position: None,
             accepted_us: crate::clock::unix_nanos() / 1000,
         }
     }
@@ -109,7 +145,10 @@ impl Broadcast {
                 Some(raw) => encode(Vsn::V1, &Self::raw_outgoing(&self.topic, &self.event, raw)),
                 None => encode(
                     Vsn::V1,
-                    &Outgoing::broadcast(&self.topic, &self.event, self.payload()),
+                    &Outgoing {
+                        msg_ref: self.position.map(|p| p.to_ref()).as_ref(),
+                        ..Outgoing::broadcast(&self.topic, &self.event, self.payload())
+                    },
                 ),
             }),
         };
@@ -166,6 +205,19 @@ pub(crate) struct Shard {
     /// The first slab key the drain has not asked to go yet.
     drain_next: Cell<usize>,
     stop_waker: RefCell<Option<std::task::Waker>>,
+    /// The histories of the topics this core owns ([`history`]).
+    histories: RefCell<HashMap<Box<str>, history::Ring<Arc<Broadcast>>>>,
+    /// Epochs this core made so far.
+    epochs_made: Cell<u64>,
+    /// Joins waiting for their topic's owner core, by fetch id, and the next id.
+    awaiting: RefCell<HashMap<u64, recovery::Recovery>>,
+    next_fetch: Cell<u64>,
+    /// Topics with joins waiting for their owner's answer: they count as subscribed,
+    /// so that the owner forwards the topic here from the fetch on.
+    held: RefCell<HashMap<Box<str>, u32>>,
+    /// Cluster mode: answered joins subscribed once the topic's broadcasts pass the
+    /// position their replay ended at.
+    admitting: RefCell<HashMap<Box<str>, Vec<recovery::Admit>>>,
 }
 
 /// Keeps a subscription's position where its owner can find it.
@@ -236,6 +288,12 @@ impl Shard {
             stopping: Cell::new(false),
             drain_next: Cell::new(0),
             stop_waker: RefCell::new(None),
+            histories: RefCell::default(),
+            epochs_made: Cell::new(0),
+            awaiting: RefCell::default(),
+            next_fetch: Cell::new(0),
+            held: RefCell::default(),
+            admitting: RefCell::default(),
         })
     }
 
@@ -358,7 +416,8 @@ impl Shard {
                 None => {
                     topics.insert(topic.into(), vec![sub.clone()]);
                     self.stats.topics.add(1);
-                    (true, 0)
+                    // A join waiting for its history holds the interest already.
+                    (!self.held.borrow().contains_key(topic), 0)
                 }
             }
         };
@@ -413,7 +472,7 @@ impl Shard {
                 topics.remove(topic);
                 self.stats.topics.sub(1);
             }
-            last
+            last && !self.held.borrow().contains_key(topic)
         };
         if last && !self.listeners.borrow().contains_key(topic) {
             self.interest_down(topic);
@@ -506,6 +565,12 @@ impl Shard {
 
     /// Fanout to this core's subscribers of the topic.
     pub(crate) fn deliver_local(&self, b: &Arc<Broadcast>) {
+        self.deliver_skipping(b, &[]);
+    }
+
+    /// Fanout to this core's subscribers but those in `also_skip` (in cluster mode,
+    /// joins whose replay already held the broadcast; almost always none).
+    pub(crate) fn deliver_skipping(&self, b: &Arc<Broadcast>, also_skip: &[ConnId]) {
         if &*b.event == DISCONNECT {
             self.disconnect(&b.topic);
         }
@@ -521,16 +586,23 @@ impl Shard {
         let compression = &self.app.config.compression;
         // Built as JSON text: server-made presence (`presence_diff`), under its own bound.
         let presence = b.raw.is_some();
+        // On a topic with history a subscriber that intercepts must get the frames in
+        // the offsets' order: behind its intercepted broadcasts still in its mailbox.
+        let ordered = b.position.is_some();
         let mut delivered = 0u64;
         for sub in subs {
-            if Some(sub.conn.id) == skip {
+            if Some(sub.conn.id) == skip || (!also_skip.is_empty() && also_skip.contains(&sub.conn.id)) {
                 continue;
             }
             let conn = &sub.conn;
-            if !sub.intercepts.is_empty() && sub.intercepts.contains(&&*b.event) {
+            let behind_mail = if sub.intercepts.is_empty() {
+                false
+            } else if sub.intercepts.contains(&&*b.event) {
                 conn.mail(Mail::Out(b.clone()));
                 continue;
-            }
+            } else {
+                ordered && conn.has_mail()
+            };
             let deflate = conn.deflate.get();
             let [plain, packed] = &mut shared[sub.vsn as usize];
             if plain.is_none() {
@@ -553,7 +625,9 @@ impl Shard {
                 } else {
                     OutFrame::Shared(frame.clone())
                 };
-                if conn.push(frame) {
+                if behind_mail {
+                    conn.mail(Mail::Frame(frame));
+                } else if conn.push(frame) {
                     if conn.fd.get() >= 0 {
                         self.mark_dirty(conn);
                     } else {
@@ -647,7 +721,20 @@ impl Shard {
     pub(crate) fn run_command(&self, cmd: inbox::CoreCommand) {
         use inbox::CoreCommand;
         match cmd {
+            CoreCommand::Deliver(b) if b.position.is_some() => self.deliver_sequenced(&b),
+            CoreCommand::Deliver(b)
+                if self.endpoint.cluster().is_some() && self.history_of(&b.topic).is_some() =>
+            {
+                self.deliver_unsequenced(&b)
+            }
             CoreCommand::Deliver(b) => self.deliver_local(&b),
+            CoreCommand::Publish(p) => self.broadcast(&p.topic, &p.event, p.payload, p.from),
+            CoreCommand::HistoryReply(id, answer) => {
+                let job = self.awaiting.borrow_mut().remove(&id);
+                if let Some(job) = job {
+                    self.complete_recovery(job, *answer);
+                }
+            }
             CoreCommand::Presence(topic, delta) => self.presence_apply(&topic, &delta),
             CoreCommand::PresenceState(topic, node, entries) => {
                 self.presence_replace_node(&topic, node, &entries)
@@ -693,6 +780,24 @@ impl Shard {
                     mesh.acked(id);
                 }
             }
+            MeshMsg::Sequence(p) => self.sequence(*p),
+            MeshMsg::HistoryFetch {
+                topic,
+                since,
+                core,
+                id,
+            } => {
+                let answer = Box::new(self.history_answer(&topic, since));
+                if let Some(mesh) = &self.mesh {
+                    mesh.send_to(core, MeshMsg::HistoryReply { id, answer });
+                }
+            }
+            MeshMsg::HistoryReply { id, answer } => {
+                let job = self.awaiting.borrow_mut().remove(&id);
+                if let Some(job) = job {
+                    self.complete_recovery(job, *answer);
+                }
+            }
         }
         None
     }
@@ -711,6 +816,7 @@ impl Shard {
         if let Some(mesh) = &self.mesh {
             mesh.expire_acks(now, INTEREST_ACK_TIMEOUT.as_millis() as u32);
         }
+        self.sweep_histories();
         let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
         let park_after = PARK_AFTER.as_millis() as u32;
         for (_, conn) in self.conns.borrow().iter() {

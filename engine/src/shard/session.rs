@@ -8,12 +8,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+use crate::proto::position::Position;
 use crate::proto::serializer::{encode, Body, Outgoing};
 use crate::proto::socket::Route;
 use crate::proto::{Message, Payload, Ref};
 use crate::shard::api::channel::{HandleResult, Handled, Joined, LocalFuture, Reply, StopReason};
 use crate::shard::api::socket::Socket;
 use crate::shard::conn::{Conn, Mail, OutFrame, Slot};
+use crate::shard::recovery::Recovery;
 use crate::shard::{Shard, Sub};
 
 /// Most channels one connection may join (Phoenix's default).
@@ -27,6 +29,9 @@ enum Pending {
         /// When the join came in (Unix µs).
         started_us: u64,
     },
+    /// A join on a topic with history waits for the topic's owner core (or Redis) to
+    /// answer.
+    Recover { done: Rc<Cell<bool>>, started_us: u64 },
     Join {
         started_us: u64,
         fut: LocalFuture<Joined>,
@@ -35,6 +40,8 @@ enum Pending {
         intercepts: &'static [&'static str],
         topic: Rc<str>,
         join_ref: Ref,
+        /// On a topic with history: the join's `since`, if it gave one.
+        history: Option<Option<Position>>,
     },
     Run {
         fut: LocalFuture<Handled>,
@@ -42,6 +49,16 @@ enum Pending {
         topic: Rc<str>,
         join_ref: Ref,
     },
+}
+
+/// The `since` of a join on a topic with history: none, a position, or `Err` for
+/// anything else (answered `{"reason":"invalid"}`).
+fn since(payload: &Payload) -> Result<Option<Position>, ()> {
+    match payload.json().and_then(|p| p.get("since")) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Position::parse(s).map(Some).ok_or(()),
+        Some(_) => Err(()),
+    }
 }
 
 /// Polls a handler future; a panic inside it is `Ready(None)` (the channel crashed).
@@ -248,6 +265,23 @@ impl Session {
         if self.conn.channels.borrow().len() >= MAX_CHANNELS {
             return refuse(self, "too many channels joined");
         }
+        let history = match self.shard.history_of(&msg.topic) {
+            None => None,
+            Some(_) => match since(&msg.payload) {
+                Ok(since) => Some(since),
+                Err(()) => {
+                    let reply = Reply::error("invalid");
+                    let topic = &msg.topic;
+                    return self.refuse_join(
+                        Some(&join_ref),
+                        msg.msg_ref.as_ref(),
+                        topic,
+                        &reply,
+                        replaced.as_ref(),
+                    );
+                }
+            },
+        };
         let topic: Rc<str> = msg.topic.as_str().into();
         let socket = Socket::new(
             self.conn.clone(),
@@ -264,6 +298,7 @@ impl Session {
             intercepts: route.intercepts,
             topic,
             join_ref,
+            history,
         }));
         self.poll_pending(cx);
     }
@@ -289,6 +324,14 @@ impl Session {
                 }
                 self.joined_in(started_us);
             }
+            Pending::Recover { done, started_us } => {
+                if !done.get() {
+                    return true;
+                }
+                let started_us = *started_us;
+                self.pending = None;
+                self.joined_in(started_us);
+            }
             Pending::Join { fut, .. } => {
                 let Poll::Ready(outcome) = poll_caught(fut, cx) else {
                     return true;
@@ -299,6 +342,7 @@ impl Session {
                     intercepts,
                     topic,
                     join_ref,
+                    history,
                     started_us,
                     ..
                 }) = self.pending.take().map(|p| *p)
@@ -306,7 +350,9 @@ impl Session {
                     unreachable!("matched above")
                 };
                 match outcome {
-                    Some(joined) => self.finish_join(joined, msg_ref, replaced, intercepts, started_us),
+                    Some(joined) => {
+                        self.finish_join(joined, msg_ref, replaced, intercepts, history, started_us)
+                    }
                     None => {
                         tracing::warn!(%topic, "join handler crashed");
                         let reply = Reply::error("join crashed");
@@ -348,11 +394,53 @@ impl Session {
         msg_ref: Option<Ref>,
         replaced: Option<Ref>,
         intercepts: &'static [&'static str],
+        history: Option<Option<Position>>,
         started_us: u64,
     ) {
         let topic = socket.topic.clone();
         let join_ref = socket.join_ref.clone();
         match result {
+            Ok((channel, response)) if history.is_some() => {
+                let deferred = socket.deferred.take().unwrap_or_default();
+                self.conn.channels.borrow_mut().insert(
+                    topic.clone(),
+                    join_ref.clone(),
+                    Slot {
+                        running: Some((channel, socket)),
+                        sub_pos: Cell::new(0),
+                    },
+                );
+                self.shard.stats.channels.add(1);
+                let closed_old = replaced.as_ref().and_then(|old| {
+                    let close = Payload::empty();
+                    let msg = Outgoing {
+                        join_ref: Some(old),
+                        msg_ref: Some(old),
+                        topic: &topic,
+                        event: "phx_close",
+                        body: Body::Payload(&close),
+                    };
+                    encode(self.conn.vsn, &msg).ok()
+                });
+                let done = Rc::new(Cell::new(false));
+                let job = Recovery {
+                    conn: self.conn.clone(),
+                    topic,
+                    join_ref,
+                    msg_ref,
+                    response,
+                    since: history.flatten(),
+                    closed_old,
+                    deferred,
+                    intercepts,
+                    done: done.clone(),
+                };
+                if self.shard.recover(job) {
+                    self.joined_in(started_us);
+                } else {
+                    self.pending = Some(Box::new(Pending::Recover { done, started_us }));
+                }
+            }
             Ok((channel, response)) => {
                 let deferred = socket.deferred.take().unwrap_or_default();
                 self.conn.channels.borrow_mut().insert(
@@ -515,15 +603,18 @@ impl Session {
                         continue;
                     };
                     socket.deferred = None;
+                    socket.position = b.position.map(|p| p.to_ref());
                     let ok = catch_unwind(AssertUnwindSafe(|| {
                         channel.handle_out(&b.event, b.payload(), &mut socket)
                     }));
+                    socket.position = None;
                     let (topic, join_ref) = (socket.topic.clone(), socket.join_ref.clone());
                     self.conn.channels.borrow_mut().get_mut(index).state.running = Some((channel, socket));
                     if ok.is_err() {
                         self.crash(&topic, &join_ref);
                     }
                 }
+                Mail::Frame(frame) => self.conn.enqueue(frame),
                 Mail::Info(topic, join_ref, msg) => {
                     let running = {
                         let mut channels = self.conn.channels.borrow_mut();

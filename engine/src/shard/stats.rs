@@ -159,6 +159,16 @@ pub struct CoreStats {
     /// Long-poll sessions closed because their queue of posted messages passed its
     /// bound.
     pub longpoll_inbound_closed: Counter,
+    /// Topics whose history this core owns (sequences and keeps).
+    pub history_topics: Counter,
+    /// Broadcasts kept in the histories this core owns.
+    pub history_entries: Counter,
+    /// Joins with `since` answered `"recovered": true`.
+    pub history_recovered: Counter,
+    /// Joins with `since` answered `"recovered": false`.
+    pub history_lost: Counter,
+    /// Broadcasts replayed to recovering joins.
+    pub history_replayed: Counter,
     /// Open WebSocket connections that negotiated `permessage-deflate`.
     pub deflate_connections: Counter,
     /// Broadcast frames compressed: once per broadcast on each core that has
@@ -253,6 +263,31 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
         "Long-poll sessions closed for posted messages over their bound.",
     ),
     (
+        "history_topics",
+        "gauge",
+        "Topics with history this core owns (sequences and keeps).",
+    ),
+    (
+        "history_entries",
+        "gauge",
+        "Broadcasts kept in the histories this core owns.",
+    ),
+    (
+        "history_recovered",
+        "counter",
+        "Joins with since answered recovered: true.",
+    ),
+    (
+        "history_lost",
+        "counter",
+        "Joins with since answered recovered: false.",
+    ),
+    (
+        "history_replayed",
+        "counter",
+        "Broadcasts replayed to recovering joins.",
+    ),
+    (
         "deflate_connections",
         "gauge",
         "Open WebSocket connections that negotiated permessage-deflate.",
@@ -312,6 +347,11 @@ impl CoreStats {
             "mesh_dropped" => &self.mesh_dropped,
             "mailbox_closed" => &self.mailbox_closed,
             "longpoll_inbound_closed" => &self.longpoll_inbound_closed,
+            "history_topics" => &self.history_topics,
+            "history_entries" => &self.history_entries,
+            "history_recovered" => &self.history_recovered,
+            "history_lost" => &self.history_lost,
+            "history_replayed" => &self.history_replayed,
             "deflate_connections" => &self.deflate_connections,
             "deflate_broadcasts" => &self.deflate_broadcasts,
             "subscriptions" => &self.subscriptions,

@@ -12,7 +12,7 @@ use crate::shard::cluster::ClusterStats;
 use crate::proto::http::{Request, Response};
 use crate::proto::{token, Payload};
 use crate::shard::stats;
-use crate::shard::{Broadcast, Shard};
+use crate::shard::Shard;
 use crate::transport::longpoll;
 
 const INDEX_HTML: &str = include_str!("../../assets/index.html");
@@ -251,12 +251,7 @@ fn broadcast(shard: &Rc<Shard>, body: &[u8]) -> Response {
     if parsed.topic.is_empty() || parsed.event.is_empty() {
         return error(400, "topic and event must not be empty");
     }
-    shard.publish(Broadcast::new(
-        &parsed.topic,
-        &parsed.event,
-        Payload::Json(parsed.payload),
-        None,
-    ));
+    shard.broadcast(&parsed.topic, &parsed.event, Payload::Json(parsed.payload), None);
     Response::json(202, r#"{"ok":true}"#)
 }
 

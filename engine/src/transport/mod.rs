@@ -379,6 +379,7 @@ mod memory {
                 socket: Box::new(crate::seed::UserSocket::new("x")),
                 presence_fetch: None,
                 stats: vec![Default::default()],
+                epoch_seed: 1,
             });
             let shard = crate::shard::Shard::new(
                 0,

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proto::Payload;
+use crate::shard;
 use crate::shard::api::pubsub::{InfoMsg, Subscription};
 use crate::shard::cluster::ClusterHandle;
+use crate::shard::history::Publish;
 use crate::shard::inbox::{CoreCommand, CoreInbox};
 use crate::shard::listeners::Listener;
-use crate::shard::{self, Broadcast};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -37,7 +38,8 @@ const CORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// On one of the server's cores it publishes directly (the frame is encoded once and
 /// crosses the core mesh); from any other thread it hands the broadcast to every core's
-/// inbox and wakes it. In cluster mode the broadcast also goes to the other nodes.
+/// inbox (one core's, which publishes it) and wakes it. In cluster mode the broadcast
+/// also goes to the other nodes.
 #[derive(Clone)]
 pub struct Endpoint {
     inner: Arc<Inner>,
@@ -183,16 +185,21 @@ impl Endpoint {
     ///
     /// A payload must be a JSON object or bytes, as in Phoenix.
     pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
-        let broadcast = Broadcast::new(topic, event, payload.into(), None);
+        let payload = payload.into();
         match shard::current() {
-            Ok(shard) if shard.endpoint.id() == self.id() => shard.publish(broadcast),
+            Ok(shard) if shard.endpoint.id() == self.id() => shard.broadcast(topic, event, payload, None),
             _ => {
-                let broadcast = Arc::new(broadcast);
-                if let Some(cluster) = &self.inner.cluster {
-                    cluster.publish(&broadcast);
-                }
-                for core in &self.inner.cores {
-                    core.send(CoreCommand::Deliver(broadcast.clone()));
+                // One core publishes it as its channels would: through the mesh, the
+                // topic's owner core or Redis, as the topic needs.
+                let publish = Publish {
+                    topic: topic.into(),
+                    event: event.into(),
+                    payload,
+                    from: None,
+                };
+                let core = crate::shard::history::owner_core(topic, self.inner.cores.len());
+                if let Some(inbox) = self.inner.cores.get(core) {
+                    inbox.send(CoreCommand::Publish(Box::new(publish)));
                 }
             }
         }

@@ -11,6 +11,7 @@ use crate::proto::socket::pattern_matches;
 use crate::proto::Payload;
 use crate::shard::api::channel::{join_erased, Channel, Joined, LocalFuture};
 use crate::shard::api::socket::Socket;
+use crate::shard::history::History;
 
 /// What a connecting client presented (Phoenix's `connect_info`): its connect params,
 /// its auth token, where it came from and the headers a proxy or an app may need.
@@ -123,6 +124,7 @@ pub(crate) struct RouteEntry {
     pattern: String,
     pub(crate) join: JoinFn,
     pub(crate) intercepts: &'static [&'static str],
+    pub(crate) history: Option<History>,
 }
 
 /// Routes topics to channel types; the first matching pattern wins.
@@ -155,8 +157,51 @@ impl Router {
             pattern: pattern.to_string(),
             join: join_erased::<C>,
             intercepts: C::INTERCEPTS,
+            history: None,
         });
         self
+    }
+
+    /// Keeps history on the topics of the route added last: the last `size` broadcasts
+    /// of each topic, each for `ttl`. Every broadcast on such a topic carries its
+    /// position `"<epoch>:<offset>"` in the frame's `ref` slot, the join reply carries
+    /// `"position"`, and a join whose params carry `"since": <position>` gets
+    /// `"recovered"` and, when true, every broadcast it missed (README, "History and
+    /// recovery"). Binary broadcasts keep their order but no position: their frame has
+    /// no `ref` slot.
+    ///
+    /// ```
+    /// # use ringcast::{Channel, HandleResult, Payload, Socket};
+    /// # struct Room;
+    /// # impl Channel for Room {
+    /// #     async fn join(_: &str, _: Payload, _: &mut Socket) -> Result<(Self, Payload), Payload> { Ok((Room, Payload::empty())) }
+    /// #     async fn handle_in(&mut self, _: &str, _: Payload, _: &mut Socket) -> HandleResult { HandleResult::NoReply }
+    /// # }
+    /// use std::time::Duration;
+    /// let router = ringcast::Router::new()
+    ///     .channel::<Room>("rooms:*")
+    ///     .history(100, Duration::from_secs(300));
+    /// assert!(router.keeps_history("rooms:lobby"));
+    /// ```
+    ///
+    /// # Panics
+    /// If no route was added yet.
+    pub fn history(mut self, size: usize, ttl: std::time::Duration) -> Self {
+        let route = self
+            .routes
+            .last_mut()
+            .expect("history() follows a channel() route");
+        route.history = Some(History { size, ttl });
+        self
+    }
+
+    /// Whether the route of `topic` keeps history.
+    pub fn keeps_history(&self, topic: &str) -> bool {
+        self.history_of(topic).is_some()
+    }
+
+    pub(crate) fn history_of(&self, topic: &str) -> Option<History> {
+        self.find(topic).and_then(|r| r.history)
     }
 
     /// Whether some route matches `topic`.

@@ -14,7 +14,7 @@ use crate::shard::api::endpoint::Endpoint;
 use crate::shard::api::pubsub::RemoteChannelRef;
 use crate::shard::conn::{Conn, Mail, OutFrame};
 use crate::shard::listeners::Listener;
-use crate::shard::{Broadcast, Shard};
+use crate::shard::Shard;
 
 /// One channel's view of its connection.
 pub struct Socket {
@@ -24,6 +24,9 @@ pub struct Socket {
     pub(crate) join_ref: Ref,
     /// Pushes made while joining wait here until the join reply has gone out.
     pub(crate) deferred: Option<Vec<OutFrame>>,
+    /// While `handle_out` runs for a broadcast on a topic with history: its position,
+    /// which the pushes it makes carry in their `ref`.
+    pub(crate) position: Option<Ref>,
     /// What the channel holds beyond its own topic, let go when it ends.
     extras: Option<Box<Extras>>,
 }
@@ -45,6 +48,7 @@ impl Socket {
             topic,
             join_ref,
             deferred: Some(Vec::new()),
+            position: None,
             extras: None,
         }
     }
@@ -76,10 +80,15 @@ impl Socket {
         self.conn.assigns.downcast_ref()
     }
 
-    /// Pushes `event` to this client on this channel (carries the join_ref).
+    /// Pushes `event` to this client on this channel (carries the join_ref). From
+    /// `handle_out` on a topic with history, the push carries the broadcast's position
+    /// in its `ref`, so that a client tracking positions never sees it twice.
     pub fn push(&mut self, event: &str, payload: impl Into<Payload>) {
         let payload = payload.into();
-        let msg = Outgoing::push(Some(&self.join_ref), &self.topic, event, &payload);
+        let msg = Outgoing {
+            msg_ref: self.position.as_ref(),
+            ..Outgoing::push(Some(&self.join_ref), &self.topic, event, &payload)
+        };
         match encode(self.conn.vsn, &msg) {
             Ok(frame) => match self.deferred.as_mut() {
                 Some(deferred) => deferred.push(OutFrame::Own(frame)),
@@ -138,15 +147,13 @@ impl Socket {
     /// Broadcasts `event` to every subscriber of this topic, on every core, this one
     /// included.
     pub fn broadcast(&self, event: &str, payload: impl Into<Payload>) {
-        self.shard
-            .publish(Broadcast::new(&self.topic, event, payload.into(), None));
+        self.shard.broadcast(&self.topic, event, payload.into(), None);
     }
 
     /// Broadcasts `event` to every subscriber of this topic but this channel.
     pub fn broadcast_from(&self, event: &str, payload: impl Into<Payload>) {
         let from = Some((self.shard.index, self.conn.id));
-        self.shard
-            .publish(Broadcast::new(&self.topic, event, payload.into(), from));
+        self.shard.broadcast(&self.topic, event, payload.into(), from);
     }
 
     /// A handle that sends messages to this channel's `handle_info` later, from any task
