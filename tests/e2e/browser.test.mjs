@@ -189,8 +189,13 @@ e2e('?longpoll uses the LongPoll transport from the start', async () => {
  */
 async function countingProxy(port) {
   const upgraded = [];
+  const open = new Set();
+  let cut = false;
   const proxy = net.createServer((client) => {
+    // While cut, the network is away: connections are dropped at once.
+    if (cut) { client.destroy(); return; }
     const upstream = net.connect(port, '127.0.0.1');
+    open.add(client); open.add(upstream);
     const entry = { bytes: 0, websocket: null };
     upstream.on('data', (d) => {
       if (entry.websocket === null) {
@@ -201,11 +206,18 @@ async function countingProxy(port) {
       client.write(d);
     });
     client.on('data', (d) => upstream.write(d));
-    const end = () => { client.destroy(); upstream.destroy(); };
+    const end = () => { client.destroy(); upstream.destroy(); open.delete(client); open.delete(upstream); };
     for (const s of [client, upstream]) { s.on('close', end); s.on('error', end); }
   });
   await new Promise((resolve) => proxy.listen(0, '127.0.0.1', resolve));
-  return { url: `http://127.0.0.1:${proxy.address().port}`, upgraded, close: () => new Promise((r) => proxy.close(r)) };
+  return {
+    url: `http://127.0.0.1:${proxy.address().port}`,
+    upgraded,
+    /** Takes the network away: every connection through the proxy drops, new ones too. */
+    cut: () => { cut = true; for (const s of open) s.destroy(); },
+    restore: () => { cut = false; },
+    close: () => { for (const s of open) s.destroy(); return new Promise((r) => proxy.close(r)); },
+  };
 }
 
 e2e('Chromium negotiates permessage-deflate: a 100-member presence_state arrives compressed on the wire and intact, as does a big message', async () => {
@@ -290,3 +302,35 @@ e2e('the admin page: log in with the API key, numbers and charts move while a lo
     await admin.stop();
   }
 }, { timeout: 60000 });
+
+e2e('the demo page recovers: a tab whose network goes away and comes back shows every message the other tab sent meanwhile, once each', async () => {
+  const room = 'recover1';
+  const proxy = await countingProxy(server.port);
+  try {
+    const away = await openTab('away', room, { base: proxy.url });
+    const here = await openTab('here', room);
+    await waitPresence(away, ['away', 'here']);
+    await send(here, 'before');
+    await waitMessage(away, 'here: before');
+    proxy.cut();
+    await away.waitForFunction(() => !/^connected/.test(document.getElementById('status').textContent) || document.getElementById('status').textContent === 'connection error', null, { timeout: 5000 }).catch(() => {});
+    for (let i = 1; i <= 5; i++) {
+      await send(here, `while away ${i}`);
+      await waitMessage(here, `here: while away ${i}`);
+    }
+    proxy.restore();
+    await away.waitForFunction(() => Number(document.body.dataset.joins) >= 2, null, { timeout: 15000 });
+    for (let i = 1; i <= 5; i++) await waitMessage(away, `here: while away ${i}`);
+    await send(here, 'after');
+    await waitMessage(away, 'here: after');
+    const shown = (await messages(away)).filter((t) => t.startsWith('here: '));
+    assert.deepEqual(shown, ['here: before', ...[1, 2, 3, 4, 5].map((i) => `here: while away ${i}`), 'here: after'],
+      'every message once, in order');
+    assert.equal(await away.evaluate(() => document.body.dataset.recovered), 'true');
+    assert.deepEqual(away.errors, [], 'no page errors');
+    await away.context().close();
+    await here.context().close();
+  } finally {
+    await proxy.close();
+  }
+}, { timeout: 40000 });
