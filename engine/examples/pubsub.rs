@@ -12,7 +12,8 @@
 //! - `--stalled TOPIC` adds a subscription that is never read: it lags, and the core
 //!   goes on (for measuring what a stalled subscriber costs everyone else).
 //!
-//! Run: `cargo run --example pubsub -- [--listen 127.0.0.1:4200] [--redis redis://127.0.0.1:6379] [--stalled TOPIC]`,
+//! Run: `cargo run --example pubsub -- [--listen 127.0.0.1:4200] [--redis redis://127.0.0.1:6379] [--stalled TOPIC]`
+//! (with `--redis`, `RINGCAST_CLUSTER_SECRET` must hold the cluster's secret),
 //! with `RINGCAST_SECRET` set or the development secret, then join `rooms:lobby` with a
 //! `phoenix` client (token from `ringcast token --user 1`). Output lines are flushed as
 //! they happen; the test suite runs it (tests/e2e/pubsub.test.mjs).
@@ -123,6 +124,7 @@ fn main() -> anyhow::Result<()> {
         cluster: redis.map(|redis_url| ringcast::cluster::ClusterConfig {
             redis_url,
             node_name: format!("pubsub-example-{}", std::process::id()),
+            secret: std::env::var("RINGCAST_CLUSTER_SECRET").expect("--redis needs RINGCAST_CLUSTER_SECRET"),
         }),
         ..Config::default()
     };

@@ -145,6 +145,11 @@ struct ServeArgs {
     /// This node's name in the cluster (default: host name, port and process id).
     #[arg(long)]
     node_name: Option<String>,
+    /// Cluster mode: the key every node signs its messages with and checks others' by
+    /// (the same on every node; required with --redis). Messages in Redis without it
+    /// are dropped and counted (ringcast_cluster_forged_total).
+    #[arg(long, env = "RINGCAST_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
     /// `permessage-deflate`: `on` accepts a client's offer (browsers always make one),
     /// `off` declines it.
     #[arg(long, default_value = "on")]
@@ -297,7 +302,7 @@ fn log_summaries(stats: &[std::sync::Arc<ringcast::CoreStats>], every: Duration)
 }
 
 /// Flags whose values are secrets: never printed, never logged.
-const SECRET_FLAGS: &[&str] = &["secret", "api-key"];
+const SECRET_FLAGS: &[&str] = &["secret", "api-key", "cluster-secret"];
 
 /// `ringcast config check PATH`: the effective settings, one per line, with where each
 /// came from.
@@ -387,7 +392,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.api_key.is_none() {
         tracing::info!("no --api-key: the HTTP server API answers 401 to everything");
     }
+    if args.redis.is_some() && args.cluster_secret.as_deref().is_none_or(str::is_empty) {
+        anyhow::bail!(
+            "--redis needs --cluster-secret (or RINGCAST_CLUSTER_SECRET), the same on every node: anyone who can PUBLISH to the Redis could otherwise speak for a node"
+        );
+    }
+    let cluster_secret = args.cluster_secret.clone().unwrap_or_default();
     let cluster = args.redis.map(|redis_url| ringcast::cluster::ClusterConfig {
+        secret: cluster_secret,
         redis_url,
         node_name: args.node_name.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

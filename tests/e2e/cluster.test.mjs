@@ -28,12 +28,14 @@
 
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import {
-  e2e, startServer, connect, rawConnect, collect, waitFor, sleep, freePort, assertAlive, startRedis, POSITION,
+  e2e, startServer, connect, rawConnect, collect, waitFor, sleep, freePort, assertAlive, startRedis, runCli, POSITION,
 } from './lib.mjs';
 import { API_KEY, Presence, apiBroadcast } from './httplib.mjs';
 
 const SUBSCRIBE_SETTLE_MS = 200;
+const CLUSTER_SECRET = 'e2e-cluster-secret';
 
 // ---------------------------------------------------------------------------
 // redis-server
@@ -89,7 +91,8 @@ async function startCluster(coresList) {
     for (const cores of coresList) {
       nodes.push(await startServer({
         cores,
-        args: ['--api-key', API_KEY, '--redis', redisUrl(), '--node-name', `e2e-${process.pid}-${++nodeSeq}`],
+        args: ['--api-key', API_KEY, '--redis', redisUrl(), '--node-name', `e2e-${process.pid}-${++nodeSeq}`,
+          '--cluster-secret', CLUSTER_SECRET],
       }));
     }
     await Promise.all(nodes.map((n) => waitFor(() => linkUps(n) >= 1, {
@@ -537,3 +540,63 @@ e2e('Redis restart: local delivery goes on while it is away; afterwards cross-no
     for (const n of nodes) assertAlive(n);
   });
 }, { timeout: 25000 });
+
+// ---------------------------------------------------------------------------
+// Signed envelopes
+// ---------------------------------------------------------------------------
+
+/** Sends `payload` (a Buffer) as the message of `PUBLISH channel` with redis-cli -x (binary-safe). */
+function redisCliPublish(channel, payload) {
+  return new Promise((resolve, reject) => {
+    const p = spawn('redis-cli', ['-p', String(redisPort), '-x', 'PUBLISH', channel], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    p.stdout.on('data', (d) => { out += d; });
+    p.on('error', reject);
+    p.on('exit', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`redis-cli exited ${code}`))));
+    p.stdin.end(payload);
+  });
+}
+
+/** An unsigned broadcast envelope as a node would encode it (kind 1, node id, event, JSON payload). */
+function unsignedBroadcast(event, payload) {
+  const ev = Buffer.from(event);
+  const len = Buffer.alloc(2); len.writeUInt16BE(ev.length);
+  return Buffer.concat([Buffer.from([1, 0x41, 0x41, 0x41, 0x41]), len, ev, Buffer.from([0]), Buffer.from(JSON.stringify(payload))]);
+}
+
+e2e('forged PUBLISHes from redis-cli reach no client: unsigned, wrongly signed, sequenced and presence forgeries are dropped and counted', async () => {
+  await withCluster([1, 1], async (nodes) => {
+    const bench = `bench:forge-${process.pid}`;
+    const room = uniqueTopic('forge');
+    const watcher = await rawConnectT(nodes[1].port, { userId: 'watch' });
+    await watcher.join(bench, {}, '1');
+    await watcher.join(room, {}, '2');
+    await sleep(SUBSCRIBE_SETTLE_MS);
+    const forged = [
+      [`ringcast:t:${bench}`, unsignedBroadcast('new_msg', { body: 'forged', user: 'mallory' })],
+      [`ringcast:t:${bench}`, Buffer.concat([unsignedBroadcast('new_msg', { body: 'forged tag', user: 'mallory' }), Buffer.alloc(32, 7)])],
+      [`ringcast:t:${room}`, Buffer.concat([Buffer.from([6, 0x41, 0x41, 0x41, 0x41]), Buffer.from(`1:99 - - -\n`), unsignedBroadcast('new_msg', { body: 'forged seq' }).subarray(5)])],
+      [`ringcast:p:${room}`, Buffer.concat([Buffer.from([2, 0x41, 0x41, 0x41, 0x41]), Buffer.from(JSON.stringify([[['mallory', 'ref1', [1094795585, 0, 1], '{"name":"mallory"}']], []]))])],
+      [`ringcast:d:user_socket:watch`, unsignedBroadcast('disconnect', {})],
+    ];
+    for (const [channel, bytes] of forged) {
+      const receivers = Number(await redisCliPublish(channel, bytes));
+      assert.ok(receivers >= 1, `${channel}: a node was subscribed (${receivers})`);
+    }
+    await watcher.expectNone((m) => m.event === 'new_msg' || m.event === 'presence_diff' && JSON.stringify(m.payload).includes('mallory'), 500, 'forged message');
+    assert.equal(watcher.closeInfo, null, 'the forged disconnect closed nobody');
+    const metrics = await (await fetch(`${nodes[1].httpUrl}/metrics`)).text();
+    const forgedCount = Number(/^ringcast_cluster_forged_total (\d+)$/m.exec(metrics)[1]);
+    assert.ok(forgedCount >= forged.length, `${forgedCount} forged messages counted`);
+    // A real broadcast from the other node still arrives.
+    const res = await apiBroadcast(nodes[0].port, { topic: bench, event: 'new_msg', payload: { body: 'real', user: 'api' } });
+    assert.equal(res.status, 202);
+    assert.deepEqual((await watcher.event(bench, 'new_msg', 3000)).payload, { body: 'real', user: 'api' });
+  });
+});
+
+e2e('--redis without --cluster-secret refuses to start, saying why', async () => {
+  const r = await runCli(['serve', '--dev', '--listen', '127.0.0.1:1', '--redis', redisUrl()]);
+  assert.notEqual(r.code, 0);
+  assert.match(r.stderr, /--redis needs --cluster-secret \(or RINGCAST_CLUSTER_SECRET\)/);
+});

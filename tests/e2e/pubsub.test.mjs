@@ -58,8 +58,8 @@ e2e('cluster: the example\'s subscribers on one node hear a broadcast made on an
   let node;
   let example;
   try {
-    node = await startServer({ cores: 1, args: ['--redis', url, '--node-name', `pubsub-e2e-${process.pid}`] });
-    example = await startExample(['--redis', url]);
+    node = await startServer({ cores: 1, args: ['--redis', url, '--node-name', `pubsub-e2e-${process.pid}`, '--cluster-secret', 'pubsub-e2e'] });
+    example = await startServer({ bin: EXAMPLE, args: ['--redis', url], env: { RINGCAST_CLUSTER_SECRET: 'pubsub-e2e' } });
     await waitFor(() => node.log().includes('Redis link up') && example.log().includes('Redis link up'),
       { timeout: 5000, what: 'both Redis links up' });
     // The example subscribed at start; give its Redis SUBSCRIBE a moment.

@@ -372,6 +372,7 @@ fn attempt(
             &idle,
         ])
         .env("RINGCAST_SECRET", SECRET)
+        .env("RINGCAST_CLUSTER_SECRET", "ringcast-bench-cluster-secret")
         .env("RINGCAST_API_KEY", API_KEY)
         .env("NO_COLOR", "1")
         .pinned(Some(n.cpu.to_string()));

@@ -342,3 +342,131 @@ mod tests {
         }
     }
 }
+
+/// Length of the tag every message between nodes ends with.
+pub const TAG_LEN: usize = 32;
+
+/// Signs and checks messages between nodes: HMAC-SHA256 keyed by `--cluster-secret`,
+/// over the Redis channel name and the message, so that whoever can `PUBLISH` to the
+/// Redis but lacks the secret can neither make a message nor move one to another topic.
+///
+/// A sequenced broadcast is signed without its position, which Redis writes into it
+/// (the position is what Redis assigns; the content is what the node vouches for).
+#[derive(Clone)]
+pub struct Signer {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer(..)")
+    }
+}
+
+/// A message that is not signed with the cluster's secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("message not signed with the cluster secret")]
+pub struct Forged;
+
+impl Signer {
+    /// A signer keyed by `secret`.
+    pub fn new(secret: &str) -> Signer {
+        Signer {
+            key: secret.as_bytes().to_vec(),
+        }
+    }
+
+    fn tag(&self, channel: &str, parts: &[&[u8]]) -> [u8; TAG_LEN] {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key).expect("any key length");
+        mac.update(channel.as_bytes());
+        mac.update(&[0]);
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    /// `message` for `channel`, with its tag appended.
+    pub fn seal(&self, channel: &str, mut message: Vec<u8>) -> Vec<u8> {
+        let tag = self.tag(channel, &[&message]);
+        message.extend_from_slice(&tag);
+        message
+    }
+
+    /// The suffix of a sequenced broadcast ([`sequenced_parts`]) with the tag over the
+    /// prefix and the suffix appended: Redis puts the position between them.
+    pub fn seal_sequenced(&self, channel: &str, prefix: &[u8], mut suffix: Vec<u8>) -> Vec<u8> {
+        let tag = self.tag(channel, &[prefix, &suffix]);
+        suffix.extend_from_slice(&tag);
+        suffix
+    }
+
+    /// The message without its tag, if the tag is right for `channel`.
+    ///
+    /// ```
+    /// use ringcast::cluster::envelope::{Envelope, Signer};
+    /// let s = Signer::new("cluster secret");
+    /// let beat = Envelope::Heartbeat { node: 7, name: "a".into() }.encode();
+    /// let sealed = s.seal("ringcast:nodes", beat.clone());
+    /// assert_eq!(s.open("ringcast:nodes", &sealed).unwrap(), &beat[..]);
+    /// assert!(s.open("ringcast:t:other", &sealed).is_err(), "bound to its channel");
+    /// assert!(Signer::new("guess").open("ringcast:nodes", &sealed).is_err());
+    /// assert!(s.open("ringcast:nodes", &beat).is_err(), "unsigned");
+    /// ```
+    pub fn open<'a>(&self, channel: &str, data: &'a [u8]) -> Result<&'a [u8], Forged> {
+        use subtle::ConstantTimeEq;
+        let split = data.len().checked_sub(TAG_LEN).ok_or(Forged)?;
+        let (message, tag) = data.split_at(split);
+        let expected = if message.first() == Some(&6) && message.len() > 5 {
+            // Sequenced: the position (up to the first space after the header) is Redis's.
+            let body = &message[5..];
+            let space = body.iter().position(|&b| b == b' ').ok_or(Forged)?;
+            self.tag(channel, &[&message[..5], &body[space..]])
+        } else {
+            self.tag(channel, &[message])
+        };
+        if bool::from(expected.ct_eq(tag)) {
+            Ok(message)
+        } else {
+            Err(Forged)
+        }
+    }
+}
+
+#[cfg(test)]
+mod signing {
+    use super::*;
+
+    #[test]
+    fn a_sequenced_broadcast_is_checked_whatever_position_redis_writes_into_it() {
+        let signer = Signer::new("k");
+        let channel = "ringcast:t:rooms:a";
+        let (prefix, suffix) =
+            sequenced_parts(9, None, "new_msg", &Payload::Json(serde_json::json!({"b": 1})));
+        let suffix = signer.seal_sequenced(channel, &prefix, suffix);
+        for position in ["1a:1", "ff:123456"] {
+            // What Redis publishes: prefix, position, suffix (with its tag).
+            let mut wire = prefix.clone();
+            wire.extend_from_slice(position.as_bytes());
+            wire.extend_from_slice(&suffix);
+            let opened = signer.open(channel, &wire).expect("signed");
+            assert!(matches!(
+                Envelope::decode(opened),
+                Ok(Envelope::Sequenced { node: 9, .. })
+            ));
+        }
+        // Its content cannot change, nor its channel.
+        let mut wire = prefix.clone();
+        wire.extend_from_slice(b"1:1");
+        let mut tampered = suffix.clone();
+        let i = tampered.len() - TAG_LEN - 2;
+        tampered[i] ^= 1;
+        wire.extend_from_slice(&tampered);
+        assert_eq!(signer.open(channel, &wire), Err(Forged));
+        let mut wire = prefix.clone();
+        wire.extend_from_slice(b"1:1");
+        wire.extend_from_slice(&suffix);
+        assert_eq!(signer.open("ringcast:t:rooms:b", &wire), Err(Forged));
+    }
+}

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use super::envelope::{sequenced_parts, Envelope};
+use super::envelope::{sequenced_parts, Envelope, Signer};
 use crate::proto::position::Position;
 use crate::shard::history::{Answer, History, Publish, Replay};
 use crate::shard::Broadcast;
@@ -72,6 +72,7 @@ fn ms(d: std::time::Duration) -> u64 {
 /// epoch if it has none. Returns the offset Redis assigned.
 pub(crate) fn publish(
     conn: &mut redis::Connection,
+    signer: &Signer,
     node: u32,
     channel: &str,
     p: &Publish,
@@ -80,6 +81,7 @@ pub(crate) fn publish(
 ) -> redis::RedisResult<u64> {
     let from = p.from.map(|(core, id)| (core as u32, id.key, id.gen));
     let (prefix, suffix) = sequenced_parts(node, from, &p.event, &p.payload);
+    let suffix = signer.seal_sequenced(channel, &prefix, suffix);
     redis::cmd("EVAL")
         .arg(PUBLISH)
         .arg(2)
@@ -99,6 +101,7 @@ pub(crate) fn publish(
 /// keeps every one of them.
 pub(crate) fn fetch(
     conn: &mut redis::Connection,
+    signer: &Signer,
     topic: &str,
     since: Option<Position>,
     history: History,
@@ -146,7 +149,11 @@ pub(crate) fn fetch(
             let mut list = Vec::with_capacity(reply.len() - 3);
             for v in &reply[3..] {
                 let bytes = text(v).ok_or_else(broken)?;
-                if let Ok(b) = decode(topic, &bytes, None) {
+                // Kept entries are the messages as published: signed for the channel.
+                let Ok(signed) = signer.open(&super::topic_channel(topic), &bytes) else {
+                    continue;
+                };
+                if let Ok(b) = decode(topic, signed, None) {
                     list.push(Arc::new(b));
                 }
             }

@@ -59,6 +59,7 @@ pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), re
         rx,
         node,
         name: config.node_name.clone(),
+        signer: envelope::Signer::new(&config.secret),
         stats,
         cores: Vec::new(),
         interest: HashMap::new(),
@@ -95,6 +96,8 @@ pub(crate) struct Link {
     rx: Receiver<LinkCmd>,
     node: u32,
     name: String,
+    /// Signs what this node publishes and checks what it receives.
+    signer: envelope::Signer,
     stats: Arc<ClusterStats>,
     cores: Vec<CoreInbox>,
     /// Topic -> bit set of this node's cores with subscribers.
@@ -281,7 +284,7 @@ impl Link {
                 };
                 if let Err(e) = redis::cmd("PUBLISH")
                     .arg(HEARTBEAT_CHANNEL)
-                    .arg(beat.encode())
+                    .arg(self.signer.seal(HEARTBEAT_CHANNEL, beat.encode()))
                     .exec(&mut publish)
                 {
                     return End::Redis(e);
@@ -307,11 +310,8 @@ impl Link {
         channel: String,
         envelope: &Envelope,
     ) -> redis::RedisResult<()> {
-        match redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(envelope.encode())
-            .exec(conn)
-        {
+        let sealed = self.signer.seal(&channel, envelope.encode());
+        match redis::cmd("PUBLISH").arg(channel).arg(sealed).exec(conn) {
             Ok(()) => {
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -379,7 +379,15 @@ impl Link {
             }
             LinkCmd::Sequence(p, h) => {
                 let epoch = self.fresh_epoch();
-                match history::publish(publish, self.node, &topic_channel(&p.topic), &p, h, epoch) {
+                match history::publish(
+                    publish,
+                    &self.signer,
+                    self.node,
+                    &topic_channel(&p.topic),
+                    &p,
+                    h,
+                    epoch,
+                ) {
                     Ok(_) => {
                         self.stats.published.fetch_add(1, Ordering::Relaxed);
                         Ok(())
@@ -399,7 +407,7 @@ impl Link {
                 history: h,
             } => {
                 let epoch = self.fresh_epoch();
-                match history::fetch(publish, &topic, since, h, epoch) {
+                match history::fetch(publish, &self.signer, &topic, since, h, epoch) {
                     Ok(answer) => {
                         self.answer(core, id, answer);
                         Ok(())
@@ -419,6 +427,18 @@ impl Link {
         data: &[u8],
         publish: &mut redis::Connection,
     ) -> redis::RedisResult<()> {
+        // Unsigned or forged (someone with access to the Redis): dropped, counted.
+        let Ok(data) = self.signer.open(channel, data) else {
+            let n = self.stats.forged.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    channel,
+                    forged = n + 1,
+                    "dropped a message not signed with the cluster secret"
+                );
+            }
+            return Ok(());
+        };
         let envelope = match Envelope::decode(data) {
             Ok(e) => e,
             Err(why) => {
@@ -476,10 +496,13 @@ impl Link {
                     }
                 }
             }
-            Envelope::Presence { delta, .. } => {
+            Envelope::Presence { node, delta } => {
                 let Some(topic) = channel.strip_prefix("ringcast:p:") else {
                     return Ok(());
                 };
+                if !self.presence_acceptable(node, &delta.joins) {
+                    return Ok(());
+                }
                 let (topic, delta): (Arc<str>, _) = (topic.into(), Arc::new(delta));
                 for inbox in &self.cores {
                     inbox.send(CoreCommand::Presence(topic.clone(), delta.clone()));
@@ -489,6 +512,9 @@ impl Link {
                 let Some(topic) = channel.strip_prefix("ringcast:p:") else {
                     return Ok(());
                 };
+                if !self.presence_acceptable(node, &entries) {
+                    return Ok(());
+                }
                 let (topic, entries): (Arc<str>, _) = (topic.into(), Arc::new(entries));
                 for inbox in &self.cores {
                     inbox.send(CoreCommand::PresenceState(topic.clone(), node, entries.clone()));
@@ -509,6 +535,23 @@ impl Link {
             }
         }
         Ok(())
+    }
+
+    /// Whether presences from `node` may be applied: every entry is `node`'s own and
+    /// its meta a JSON object (it is pasted into client frames as it is). Otherwise
+    /// the whole message is dropped and counted.
+    fn presence_acceptable(&self, node: u32, entries: &[(Box<str>, crate::proto::presence::Meta)]) -> bool {
+        let ok = entries.iter().all(|(_, m)| {
+            m.owner.node() == node
+                && serde_json::from_str::<serde_json::Value>(&m.json).is_ok_and(|v| v.is_object())
+        });
+        if !ok {
+            self.stats.forged.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "node {node:08x} sent presences not its own, or a meta that is not a JSON object: dropped"
+            );
+        }
+        ok
     }
 
     fn expire_peers(&mut self) {

@@ -27,6 +27,9 @@ pub struct ClusterStats {
     pub received: AtomicU64,
     /// Commands dropped because the link's queue was full.
     pub dropped: AtomicU64,
+    /// Messages from Redis dropped for a missing or wrong signature, a presence not
+    /// from its owner node, or a meta that is not JSON.
+    pub forged: AtomicU64,
 }
 
 /// Commands the link's queue holds; past it new ones are dropped and counted (a slow or
@@ -142,6 +145,9 @@ pub struct ClusterConfig {
     pub redis_url: String,
     /// This node's name, unique in the cluster.
     pub node_name: String,
+    /// The key every node signs its messages with (HMAC-SHA256) and checks others'
+    /// by: the same on every node, unknown to whoever else can reach the Redis.
+    pub secret: String,
 }
 
 #[cfg(test)]

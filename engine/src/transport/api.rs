@@ -75,10 +75,11 @@ pub(crate) async fn route(
             Response::new(200, "text/css", UPLOT_CSS).header("cache-control", "max-age=3600")
         }
         ("GET", "/metrics") => {
-            let cluster_dropped = shard
-                .endpoint
-                .cluster()
-                .map(|c| c.stats().dropped.load(Relaxed) + c.stats().lost.load(Relaxed));
+            let cluster_dropped = shard.endpoint.cluster().map(|c| {
+                c.stats().dropped.load(Relaxed)
+                    + c.stats().lost.load(Relaxed)
+                    + c.stats().forged.load(Relaxed)
+            });
             let mut text = stats::prometheus(app.stats.iter().map(|s| &**s), cluster_dropped);
             if let Some(cluster) = shard.endpoint.cluster() {
                 text.push_str(&cluster_prometheus(cluster.stats()));
@@ -113,7 +114,7 @@ pub(crate) async fn route(
     }
 }
 
-fn cluster_figures(c: &ClusterStats) -> [(&'static str, &'static str, &'static str, u64); 6] {
+fn cluster_figures(c: &ClusterStats) -> [(&'static str, &'static str, &'static str, u64); 7] {
     [
         (
             "connected",
@@ -150,6 +151,12 @@ fn cluster_figures(c: &ClusterStats) -> [(&'static str, &'static str, &'static s
             "counter",
             "Commands dropped at the Redis link's full queue (the link is behind).",
             c.dropped.load(Relaxed),
+        ),
+        (
+            "forged",
+            "counter",
+            "Messages from Redis dropped: unsigned or forged, a presence not from its owner, a meta not JSON.",
+            c.forged.load(Relaxed),
         ),
     ]
 }
