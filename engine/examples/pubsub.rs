@@ -125,6 +125,7 @@ fn main() -> anyhow::Result<()> {
             redis_url,
             node_name: format!("pubsub-example-{}", std::process::id()),
             secret: std::env::var("RINGCAST_CLUSTER_SECRET").expect("--redis needs RINGCAST_CLUSTER_SECRET"),
+            pipeline: ringcast::cluster::DEFAULT_PIPELINE,
         }),
         ..Config::default()
     };

@@ -25,7 +25,7 @@ use crossbeam_channel::Receiver;
 
 use crate::proto::presence::PresenceState;
 use crate::shard::cluster::LinkCmd;
-pub use crate::shard::cluster::{ClusterConfig, ClusterHandle, ClusterStats};
+pub use crate::shard::cluster::{ClusterConfig, ClusterHandle, ClusterStats, DEFAULT_PIPELINE};
 use crate::shard::history::{Answer, Publish};
 use crate::shard::inbox::{CoreCommand, CoreInbox};
 use crate::shard::Broadcast;
@@ -60,6 +60,7 @@ pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), re
         node,
         name: config.node_name.clone(),
         signer: envelope::Signer::new(&config.secret),
+        pipeline: config.pipeline.max(1),
         stats,
         cores: Vec::new(),
         interest: HashMap::new(),
@@ -98,6 +99,8 @@ pub(crate) struct Link {
     name: String,
     /// Signs what this node publishes and checks what it receives.
     signer: envelope::Signer,
+    /// Broadcasts per pipeline at most (1: one round trip each).
+    pipeline: usize,
     stats: Arc<ClusterStats>,
     cores: Vec<CoreInbox>,
     /// Topic -> bit set of this node's cores with subscribers.
@@ -109,6 +112,13 @@ pub(crate) struct Link {
     /// Fresh epochs for topics Redis holds no history of (see [`history`]).
     epoch_seed: u64,
     epochs_made: u64,
+}
+
+/// Broadcasts queued for one pipelined round trip.
+#[derive(Default)]
+struct Batch {
+    pipe: redis::Pipeline,
+    len: usize,
 }
 
 /// Why a link session ended.
@@ -264,10 +274,27 @@ impl Link {
         tracing::info!(node = %self.name, "Redis link up");
         *backoff = Duration::from_millis(100);
         let mut next_heartbeat = Instant::now();
+        let mut batch = Batch::default();
         loop {
             loop {
                 match self.rx.try_recv() {
+                    // Broadcasts go out in one pipeline per batch: one round trip for
+                    // as many as were queued (up to the configured depth).
+                    Ok(LinkCmd::Publish(b)) if self.pipeline > 1 => {
+                        let (channel, bytes) = self.sealed_broadcast(&b);
+                        batch.pipe.cmd("PUBLISH").arg(channel).arg(bytes).ignore();
+                        batch.len += 1;
+                        if batch.len >= self.pipeline {
+                            if let Err(e) = self.flush(&mut batch, &mut publish) {
+                                return End::Redis(e);
+                            }
+                        }
+                    }
                     Ok(cmd) => {
+                        // Anything else keeps its place after the broadcasts before it.
+                        if let Err(e) = self.flush(&mut batch, &mut publish) {
+                            return End::Redis(e);
+                        }
                         if let Err(e) = self.command(cmd, &mut pubsub, &mut publish) {
                             return End::Redis(e);
                         }
@@ -275,6 +302,9 @@ impl Link {
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return End::Shutdown,
                 }
+            }
+            if let Err(e) = self.flush(&mut batch, &mut publish) {
+                return End::Redis(e);
             }
             if Instant::now() >= next_heartbeat {
                 next_heartbeat = Instant::now() + HEARTBEAT;
@@ -304,6 +334,42 @@ impl Link {
         }
     }
 
+    /// A broadcast's channel and its signed envelope.
+    fn sealed_broadcast(&self, b: &Broadcast) -> (String, Vec<u8>) {
+        let envelope = Envelope::Broadcast {
+            node: self.node,
+            event: b.event.to_string(),
+            payload: b.payload().clone(),
+        };
+        let channel = if &*b.event == crate::shard::DISCONNECT {
+            format!("ringcast:d:{}", b.topic)
+        } else {
+            topic_channel(&b.topic)
+        };
+        let sealed = self.signer.seal(&channel, envelope.encode());
+        (channel, sealed)
+    }
+
+    /// Sends the pipelined broadcasts, if any, in one round trip.
+    fn flush(&self, batch: &mut Batch, conn: &mut redis::Connection) -> redis::RedisResult<()> {
+        if batch.len == 0 {
+            return Ok(());
+        }
+        let n = std::mem::take(&mut batch.len) as u64;
+        let r = batch.pipe.exec(conn);
+        batch.pipe.clear();
+        match r {
+            Ok(()) => {
+                self.stats.published.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.lost.fetch_add(n, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
     fn publish(
         &self,
         conn: &mut redis::Connection,
@@ -311,6 +377,15 @@ impl Link {
         envelope: &Envelope,
     ) -> redis::RedisResult<()> {
         let sealed = self.signer.seal(&channel, envelope.encode());
+        self.publish_sealed(conn, channel, sealed)
+    }
+
+    fn publish_sealed(
+        &self,
+        conn: &mut redis::Connection,
+        channel: String,
+        sealed: Vec<u8>,
+    ) -> redis::RedisResult<()> {
         match redis::cmd("PUBLISH").arg(channel).arg(sealed).exec(conn) {
             Ok(()) => {
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
@@ -357,17 +432,8 @@ impl Link {
                 Ok(())
             }
             LinkCmd::Publish(b) => {
-                let envelope = Envelope::Broadcast {
-                    node: self.node,
-                    event: b.event.to_string(),
-                    payload: b.payload().clone(),
-                };
-                let channel = if &*b.event == crate::shard::DISCONNECT {
-                    format!("ringcast:d:{}", b.topic)
-                } else {
-                    topic_channel(&b.topic)
-                };
-                self.publish(publish, channel, &envelope)
+                let (channel, bytes) = self.sealed_broadcast(&b);
+                self.publish_sealed(publish, channel, bytes)
             }
             LinkCmd::Presence(topic, delta) => {
                 self.own.apply(&topic, &delta);

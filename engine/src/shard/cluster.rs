@@ -148,7 +148,13 @@ pub struct ClusterConfig {
     /// The key every node signs its messages with (HMAC-SHA256) and checks others'
     /// by: the same on every node, unknown to whoever else can reach the Redis.
     pub secret: String,
+    /// Broadcasts the Redis link sends in one pipelined round trip at most
+    /// ([`DEFAULT_PIPELINE`]); 1 sends each on its own, for comparisons.
+    pub pipeline: usize,
 }
+
+/// Broadcasts per pipelined round trip to Redis, by default.
+pub const DEFAULT_PIPELINE: usize = 256;
 
 #[cfg(test)]
 mod tests {
