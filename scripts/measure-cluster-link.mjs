@@ -1,0 +1,155 @@
+#!/usr/bin/env node
+// Cross-node broadcasts per second through one Redis (issue 17), the Redis link
+// pipelined (`--redis-pipeline 256`, the default) against one round trip per broadcast
+// (`--redis-pipeline 1`), side by side with local delivery and redis-benchmark, in one
+// run on this box.
+//
+//   node scripts/measure-cluster-link.mjs [--messages N (100000)] [--rounds R (3)]
+//
+// One redis-server, two `ringcast serve --cores 1 --redis` nodes (release build). A
+// publisher on node A sends `new_msg` on `bench:link` as fast as the socket takes them
+// (in bursts of 500); one subscriber on node B counts them, and one on node A (local).
+// Broadcasts/s = N / (first send to last arrival on B). The latency run sends at a
+// fixed rate (half the pipelined throughput, at most 20,000/s) and reports the p50 and
+// p99 of send-to-arrival on B. Loopback only; stops by itself (hard limit 15 min).
+// Uses `ws` from tests/e2e/node_modules.
+
+import { spawn, spawnSync } from 'node:child_process';
+import { createRequire } from 'node:module';
+import crypto from 'node:crypto';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const require = createRequire(path.join(ROOT, 'tests', 'e2e', 'package.json'));
+const WebSocket = require('ws');
+const opts = { messages: 100000, rounds: 3 };
+for (let i = 2; i < process.argv.length; i += 2) {
+  const key = process.argv[i].replace(/^--/, '');
+  if (!(key in opts)) throw new Error(`unknown option ${process.argv[i]}`);
+  opts[key] = Number(process.argv[i + 1]);
+}
+const BIN = process.env.RINGCAST_BIN || path.join(ROOT, 'target', 'release', 'ringcast');
+const SECRET = 'link-secret';
+const log = (m) => process.stderr.write(`[measure-cluster-link] ${m}\n`);
+setTimeout(() => { log('hard limit reached'); process.exit(2); }, 900_000).unref();
+
+const freePort = () => new Promise((resolve) => {
+  const s = net.createServer();
+  s.listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => resolve(p)); });
+});
+function token(user) {
+  const claims = Buffer.from(JSON.stringify({ user_id: String(user), iat: Math.floor(Date.now() / 1000) })).toString('base64url');
+  return `${claims}.${crypto.createHmac('sha256', SECRET).update(claims).digest('base64url')}`;
+}
+function waitLine(proc, text) {
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    const t = setTimeout(() => reject(new Error(`no "${text}"`)), 10000);
+    const on = (d) => { buf += d; if (buf.includes(text)) { clearTimeout(t); resolve(); } };
+    proc.stdout?.on('data', on); proc.stderr?.on('data', on);
+  });
+}
+
+async function node(redisPort, pipeline, name) {
+  const port = await freePort();
+  const proc = spawn(BIN, ['serve', '--listen', `127.0.0.1:${port}`, '--cores', '1', '--secret', SECRET, '--max-rate', '10000000',
+    '--max-outbound', '256MiB', '--redis', `redis://127.0.0.1:${redisPort}`, '--cluster-secret', 'c', '--node-name', name,
+    '--redis-pipeline', String(pipeline)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  await waitLine(proc, 'Redis link up');
+  return { port, proc };
+}
+
+function client(port, user, onMsg) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/socket/websocket?vsn=2.0.0&token=${token(user)}`, { perMessageDeflate: false });
+    ws.on('open', () => ws.send(JSON.stringify(['1', '1', 'bench:link', 'phx_join', {}])));
+    let joined = false;
+    ws.on('message', (d) => {
+      if (!joined) { joined = true; resolve(ws); return; }
+      onMsg?.(d);
+    });
+    ws.on('error', reject);
+  });
+}
+
+async function run(pipeline, rate) {
+  const redisPort = await freePort();
+  const redis = spawn('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  await waitLine(redis, 'Ready to accept connections');
+  const a = await node(redisPort, pipeline, 'a');
+  const b = await node(redisPort, pipeline, 'b');
+  try {
+    const n = opts.messages;
+    let remote = 0; let local = 0; let lastRemote = 0; let lastLocal = 0;
+    const lat = [];
+    const sub = await client(b.port, 'sub', (d) => {
+      remote++; lastRemote = performance.now();
+      if (rate) { const m = /"body":"(\d+\.\d+)"/.exec(d); if (m) lat.push(performance.now() - Number(m[1])); }
+    });
+    const loc = await client(a.port, 'loc', () => { local++; lastLocal = performance.now(); });
+    const pub = await client(a.port, 'pub');
+    await sleep(500);
+    const t0 = performance.now();
+    for (let i = 0; i < n;) {
+      if (rate) {
+        const due = Math.min(n, Math.floor(((performance.now() - t0) / 1000) * rate) + 1);
+        for (; i < due; i++) pub.send(`["1",null,"bench:link","new_msg",{"body":"${performance.now()}"}]`);
+        await sleep(1);
+      } else {
+        for (let k = 0; k < 500 && i < n; k++, i++) pub.send('["1",null,"bench:link","new_msg",{"body":"x"}]');
+        while (pub.bufferedAmount > 1 << 20) await sleep(1);
+        await sleep(0);
+      }
+    }
+    const deadline = performance.now() + 60000;
+    let still = performance.now(); let seen = -1;
+    while ((remote < n || local < n) && performance.now() < deadline) {
+      await sleep(50);
+      if (remote + local !== seen) { seen = remote + local; still = performance.now(); } else if (performance.now() - still > 3000) break;
+    }
+    for (const ws of [sub, loc, pub]) ws.terminate();
+    lat.sort((x, y) => x - y);
+    const q = (p) => (lat.length ? +lat[Math.min(lat.length - 1, Math.floor(p * lat.length))].toFixed(2) : null);
+    return {
+      pipeline, messages: n, remote, local,
+      remote_per_sec: Math.round(remote / ((lastRemote - t0) / 1000)),
+      local_per_sec: Math.round(local / ((lastLocal - t0) / 1000)),
+      ...(rate ? { rate, p50_ms: q(0.5), p99_ms: q(0.99) } : {}),
+    };
+  } finally {
+    for (const p of [a.proc, b.proc, redis]) p.kill('SIGKILL');
+  }
+}
+
+const report = { host: os.hostname(), cpus: os.cpus().length, options: opts, throughput: [], latency: [] };
+// redis-benchmark's PUBLISH, unpipelined and -P 64, against a redis-server of its own.
+const benchPort = await freePort();
+const benchRedis = spawn('redis-server', ['--port', String(benchPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: ['ignore', 'pipe', 'pipe'] });
+await waitLine(benchRedis, 'Ready to accept connections');
+const bench = ['1', '64'].map((p) => spawnSync('redis-benchmark',
+  ['-p', String(benchPort), '-q', '-n', p === '1' ? '200000' : '1000000', '-P', p, 'PUBLISH', 'ringcast:t:bench:link', 'hello'], { encoding: 'utf8' }));
+benchRedis.kill('SIGKILL');
+for (let r = 0; r < opts.rounds; r++) {
+  for (const pipeline of [256, 1]) {
+    const x = await run(pipeline, 0);
+    log(JSON.stringify(x));
+    report.throughput.push(x);
+  }
+}
+const med = (xs) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
+const piped = med(report.throughput.filter((x) => x.pipeline === 256).map((x) => x.remote_per_sec));
+const rate = Math.min(20000, Math.round(piped / 2));
+for (const pipeline of [256, 1]) {
+  const x = await run(pipeline, rate);
+  log(JSON.stringify(x));
+  report.latency.push(x);
+}
+report.redis_benchmark_publish = bench.map((b) => (b.stdout || '').split('\r').pop().trim() || String(b.error || b.stderr));
+report.median_remote_per_sec = Object.fromEntries([256, 1].map((p) => [p, med(report.throughput.filter((x) => x.pipeline === p).map((x) => x.remote_per_sec))]));
+report.median_local_per_sec = Object.fromEntries([256, 1].map((p) => [p, med(report.throughput.filter((x) => x.pipeline === p).map((x) => x.local_per_sec))]));
+process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
+process.exit(0);
