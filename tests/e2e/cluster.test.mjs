@@ -592,6 +592,12 @@ e2e('forged PUBLISHes from redis-cli reach no client: unsigned, wrongly signed, 
     const res = await apiBroadcast(nodes[0].port, { topic: bench, event: 'new_msg', payload: { body: 'real', user: 'api' } });
     assert.equal(res.status, 202);
     assert.deepEqual((await watcher.event(bench, 'new_msg', 3000)).payload, { body: 'real', user: 'api' });
+    // The admin page's view of the cluster names the other node.
+    await waitFor(async () => {
+      const r = await fetch(`${nodes[1].httpUrl}/api/admin`, { headers: { authorization: `Bearer ${API_KEY}` } });
+      const names = ((await r.json()).cluster?.nodes || []).map((n) => n.name);
+      return names.length === 1 && names[0].startsWith('e2e-');
+    }, { timeout: 5000, what: "the other node's name in /api/admin" });
   });
 });
 

@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  e2e, startServer, connect, waitFor, freePort, startRedis, REPO_ROOT, sleep,
+  e2e, startServer, connect, rawConnect, waitFor, freePort, startRedis, REPO_ROOT, sleep,
 } from './lib.mjs';
 
 const EXAMPLE = process.env.RINGCAST_EXAMPLE_PUBSUB || path.join(REPO_ROOT, 'target', 'debug', 'examples', 'pubsub');
@@ -78,6 +78,13 @@ e2e('cluster: the example\'s subscribers on one node hear a broadcast made on an
       assert.equal(lines(example, who, 'from the other node').length, 1, `${who} exactly once`);
     }
     await waitFor(() => lines(example, 'presence:', '"bob"').length >= 1, { timeout: 3000, what: 'bob in the example node\'s presence_list' });
+    // presence_list on node B (bob is on node A) equals the presence_state a joiner on
+    // node B gets.
+    const listed = JSON.parse(lines(example, 'presence:', '"bob"').at(-1).slice('presence: '.length));
+    const joiner = await rawConnect(example.port, { userId: 'joiner' });
+    await joiner.join('rooms:lobby');
+    assert.deepEqual((await joiner.event('rooms:lobby', 'presence_state')).payload, listed);
+    await joiner.close();
     await bob.close();
   } finally {
     if (example) await example.stop();

@@ -539,9 +539,10 @@ impl Link {
         }
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         match envelope {
-            Envelope::Heartbeat { node, .. } => {
+            Envelope::Heartbeat { node, name } => {
                 if self.peers.insert(node, Instant::now()).is_none() {
                     self.stats.peers.store(self.peers.len() as u64, Ordering::Relaxed);
+                    self.stats.nodes.lock().expect("nodes").insert(node, name);
                 }
             }
             Envelope::Broadcast { event, payload, .. } => {
@@ -630,6 +631,7 @@ impl Link {
             .collect();
         for node in dead {
             self.peers.remove(&node);
+            self.stats.nodes.lock().expect("nodes").remove(&node);
             tracing::warn!("node {node:08x} silent for {NODE_EXPIRY:?}: dropping its presences");
             for inbox in &self.cores {
                 inbox.send(CoreCommand::DropNode(node));

@@ -30,6 +30,9 @@ pub struct ClusterStats {
     /// Messages from Redis dropped for a missing or wrong signature, a presence not
     /// from its owner node, or a meta that is not JSON.
     pub forged: AtomicU64,
+    /// The other nodes heard from recently, by id: their names (for the admin page;
+    /// written by the link on heartbeats, never on a core's path).
+    pub nodes: std::sync::Mutex<std::collections::BTreeMap<u32, String>>,
 }
 
 /// Commands the link's queue holds; past it new ones are dropped and counted (a slow or

@@ -62,6 +62,18 @@ pub struct Broadcast {
 impl Broadcast {
     pub(crate) fn new(topic: &str, event: &str, payload: Payload, from: Option<(usize, ConnId)>) -> Self {
         let v2 = encode(Vsn::V2, &Outgoing::broadcast(topic, event, &payload));
+        Self::encoded(topic, event, payload, from, None, v2)
+    }
+
+    /// A broadcast of `payload` whose V2 frame is `v2`, accepted now.
+    fn encoded(
+        topic: &str,
+        event: &str,
+        payload: Payload,
+        from: Option<(usize, ConnId)>,
+        position: Option<Position>,
+        v2: Result<Bytes, EncodeError>,
+    ) -> Self {
         Broadcast {
             topic: topic.into(),
             event: event.into(),
@@ -70,7 +82,7 @@ impl Broadcast {
             v2,
             v1: OnceLock::new(),
             from,
-            position: None,
+            position,
             accepted_us: crate::clock::unix_nanos() / 1000,
         }
     }
@@ -90,17 +102,7 @@ impl Broadcast {
             ..Outgoing::broadcast(topic, event, &payload)
         };
         let v2 = encode(Vsn::V2, &msg);
-        Broadcast {
-            topic: topic.into(),
-            event: event.into(),
-            payload: OnceLock::from(payload),
-            raw: None,
-            v2,
-            v1: OnceLock::new(),
-            from,
-            position: Some(position),
-            accepted_us: crate::clock::unix_nanos() / 1000,
-        }
+        Self::encoded(topic, event, payload, from, Some(position), v2)
     }
 
     /// A broadcast whose payload is already JSON text.

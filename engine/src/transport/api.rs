@@ -208,6 +208,8 @@ fn admin_json(shard: &Shard) -> serde_json::Value {
         "cluster": shard.endpoint.cluster().map(|c| {
             let mut v = cluster_json(c.stats());
             v["node"] = c.node().into();
+            let nodes = c.stats().nodes.lock().expect("nodes");
+            v["nodes"] = nodes.iter().map(|(id, name)| json!({"id": id, "name": name})).collect();
             v
         }),
     })
