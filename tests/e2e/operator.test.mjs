@@ -106,6 +106,7 @@ e2e('JSON logs at debug: the lifecycle and summary lines are there, and no token
   const events = lines.map((l) => JSON.parse(l));
   const messages = events.map((e) => e.fields?.message ?? '');
   assert.ok(messages.includes('websocket connected'), 'connect events at debug');
+  assert.ok(messages.includes('long-poll connected'), 'long-poll sessions too');
   assert.ok(messages.includes('websocket refused'), 'refusals at debug, with their reason');
   assert.ok(events.some((e) => e.fields?.message === 'websocket refused' && /Forbidden/.test(e.fields.reason)));
   const summary = events.find((e) => e.fields?.message === 'summary');

@@ -199,7 +199,9 @@ impl Future for Driver {
         let this = &mut *self;
         this.lp.conn.set_waker(cx.waker());
         let lp = &this.lp;
-        if let Turn::Closing(_) = this.session.turn(cx, || lp.inbound.borrow_mut().pop_front()) {
+        if let Turn::Closing(code) = this.session.turn(cx, || lp.inbound.borrow_mut().pop_front()) {
+            let conn = &this.lp.conn;
+            tracing::debug!(conn = ?conn.id, code, reason = conn.close_why.get().text(), "long-poll closed");
             this.lp.gone.set(true);
             this.session.finish();
             // What was queued before the close (a last reply, `phx_close`) is still
@@ -282,23 +284,35 @@ pub(crate) async fn handle(
     }
 }
 
+/// The answer to a long-poll open that admission refused.
+fn refused_answer(refused: Refused) -> Response {
+    match refused {
+        Refused::Forbidden => status(403, None, None),
+        Refused::Crashed => status(500, None, None),
+        Refused::ShuttingDown | Refused::Full | Refused::TimedOut => Response::json(
+            503,
+            r#"{"error":"server at its connection limit or shutting down"}"#,
+        ),
+    }
+}
+
 async fn open(shard: &Rc<Shard>, req: &Request, peer: Option<std::net::SocketAddr>) -> Response {
     let admitted = match super::admit(shard, req, peer).await {
         Ok(admitted) => admitted,
-        Err(Refused::Forbidden) => return status(403, None, None),
-        Err(Refused::Crashed) => return status(500, None, None),
-        Err(Refused::ShuttingDown | Refused::Full | Refused::TimedOut) => {
-            return Response::json(
-                503,
-                r#"{"error":"server at its connection limit or shutting down"}"#,
-            )
+        Err(refused) => {
+            // Never the URI or headers: they carry tokens.
+            tracing::debug!(core = shard.index, ?peer, reason = ?refused, "long-poll refused");
+            return refused_answer(refused);
         }
     };
+
     let mut random = [0u8; 16];
     getrandom::fill(&mut random).expect("the OS random source");
     let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
     let token: Box<str> = format!("{}.{hex}", shard.index).into();
     let conn = shard.add_conn(admitted.vsn, admitted.assigns, admitted.socket_id, true);
+    // Not the session token: whoever has it can poll the session.
+    tracing::debug!(core = shard.index, conn = ?conn.id, ?peer, "long-poll connected");
     let lp = Rc::new(LpSession {
         token: token.clone(),
         conn: conn.clone(),
