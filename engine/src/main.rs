@@ -150,6 +150,10 @@ struct ServeArgs {
     /// are dropped and counted (ringcast_cluster_forged_total).
     #[arg(long, env = "RINGCAST_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
+    /// Cluster mode over `rediss://`: the CA (PEM) the Redis server's certificate must
+    /// chain to (default: the system's roots).
+    #[arg(long, value_name = "PATH")]
+    redis_ca: Option<std::path::PathBuf>,
     /// Broadcasts the Redis link sends in one pipelined round trip at most; 1 sends
     /// each on its own (for comparisons).
     #[arg(long, env = "RINGCAST_REDIS_PIPELINE", default_value_t = ringcast::cluster::DEFAULT_PIPELINE, hide = true)]
@@ -405,6 +409,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cluster = args.redis.map(|redis_url| ringcast::cluster::ClusterConfig {
         secret: cluster_secret,
         pipeline: args.redis_pipeline,
+        redis_ca: args.redis_ca.clone(),
         redis_url,
         node_name: args.node_name.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

@@ -19,7 +19,7 @@ use crate::shard::Broadcast;
 /// How many ttls a topic's epoch and last offset outlive its last use.
 pub const META_TTL_FACTOR: u64 = 4;
 
-const PUBLISH: &str = r#"
+const PUBLISH_LUA: &str = r#"
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then redis.call('DEL', KEYS[2]) end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local off = redis.call('HINCRBY', KEYS[1], 'last', 1)
@@ -35,7 +35,7 @@ redis.call('PUBLISH', ARGV[4], env)
 return off
 "#;
 
-const FETCH: &str = r#"
+const FETCH_LUA: &str = r#"
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then redis.call('DEL', KEYS[2]) end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local last = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
@@ -55,6 +55,12 @@ local out = {epoch, last, 1}
 for _, e in ipairs(entries) do out[#out + 1] = e[2][4] end
 return out
 "#;
+
+/// The scripts, sent by their SHA1 (`EVALSHA`); Redis is sent the source only when it
+/// does not know a script yet (after a restart or `SCRIPT FLUSH`).
+static PUBLISH: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(PUBLISH_LUA));
+static FETCH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(FETCH_LUA));
 
 fn meta_key(topic: &str) -> String {
     format!("ringcast:hm:{topic}")
@@ -82,11 +88,9 @@ pub(crate) fn publish(
     let from = p.from.map(|(core, id)| (core as u32, id.key, id.gen));
     let (prefix, suffix) = sequenced_parts(node, from, &p.event, &p.payload);
     let suffix = signer.seal_sequenced(channel, &prefix, suffix);
-    redis::cmd("EVAL")
-        .arg(PUBLISH)
-        .arg(2)
-        .arg(meta_key(&p.topic))
-        .arg(stream_key(&p.topic))
+    PUBLISH
+        .key(meta_key(&p.topic))
+        .key(stream_key(&p.topic))
         .arg(format!("{fresh_epoch:x}"))
         .arg(history.size)
         .arg(ms(history.ttl))
@@ -94,7 +98,7 @@ pub(crate) fn publish(
         .arg(prefix)
         .arg(suffix)
         .arg(ms(history.ttl).saturating_mul(META_TTL_FACTOR))
-        .query(conn)
+        .invoke(conn)
 }
 
 /// The topic's position and, for `since`, the broadcasts after it if Redis still
@@ -111,17 +115,15 @@ pub(crate) fn fetch(
         Some(p) => (format!("{:x}", p.epoch), p.offset),
         None => (String::new(), 0),
     };
-    let reply: Vec<redis::Value> = redis::cmd("EVAL")
-        .arg(FETCH)
-        .arg(2)
-        .arg(meta_key(topic))
-        .arg(stream_key(topic))
+    let reply: Vec<redis::Value> = FETCH
+        .key(meta_key(topic))
+        .key(stream_key(topic))
         .arg(format!("{fresh_epoch:x}"))
         .arg(since_epoch)
         .arg(since_offset)
         .arg(ms(history.ttl))
         .arg(ms(history.ttl).saturating_mul(META_TTL_FACTOR))
-        .query(conn)?;
+        .invoke(conn)?;
     let broken = || redis::RedisError::from((redis::ErrorKind::Parse, "history fetch reply"));
     let text = |v: &redis::Value| match v {
         redis::Value::BulkString(b) => Some(b.clone()),

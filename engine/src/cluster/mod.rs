@@ -15,8 +15,9 @@
 
 pub mod envelope;
 pub(crate) mod history;
+mod subscriber;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ use crate::shard::history::{Answer, Publish};
 use crate::shard::inbox::{CoreCommand, CoreInbox};
 use crate::shard::Broadcast;
 use envelope::Envelope;
+use subscriber::{Subscriber, Verb};
 
 /// How often a node says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -49,13 +51,14 @@ const DISCONNECT_PATTERN: &str = "ringcast:d:*";
 /// Creates the handle now; the link thread starts with [`Link::spawn`] once the cores'
 /// inboxes exist.
 pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), redis::RedisError> {
-    let client = redis::Client::open(config.redis_url.as_str())?;
+    let (client, sub_client) = clients(config)?;
     let (tx, rx) = crossbeam_channel::bounded(crate::shard::cluster::LINK_QUEUE_BOUND);
     let node = envelope::node_id(&config.node_name);
     let stats = Arc::new(ClusterStats::default());
     let handle = ClusterHandle::new(tx, node, stats.clone());
     let link = Link {
         client,
+        sub_client,
         rx,
         node,
         name: config.node_name.clone(),
@@ -64,6 +67,10 @@ pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), re
         stats,
         cores: Vec::new(),
         interest: HashMap::new(),
+        subscribed: HashSet::new(),
+        changed: Vec::new(),
+        waiting: Vec::new(),
+        batch: Batch::default(),
         own: PresenceState::default(),
         peers: HashMap::new(),
         epoch_seed: crate::clock::unix_nanos(),
@@ -72,16 +79,37 @@ pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), re
     Ok((handle, link))
 }
 
-/// Runs a (un)subscribe, whose confirmation may take a while, with the command timeout
-/// instead of the short message-polling one.
-fn with_command_timeout(
-    pubsub: &mut redis::PubSub<'_>,
-    f: impl FnOnce(&mut redis::PubSub<'_>) -> redis::RedisResult<()>,
-) -> redis::RedisResult<()> {
-    pubsub.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-    let result = f(pubsub);
-    pubsub.set_read_timeout(Some(POLL_MESSAGES))?;
-    result
+/// The clients of `config`'s Redis: one for commands, one speaking RESP3 for the
+/// subscriber connection. A `rediss://` URL is TLS, checked against the system's roots
+/// or, with [`ClusterConfig::redis_ca`], that CA's certificates.
+fn clients(config: &ClusterConfig) -> redis::RedisResult<(redis::Client, redis::Client)> {
+    use redis::IntoConnectionInfo;
+    let info = config.redis_url.as_str().into_connection_info()?;
+    let resp3 = info
+        .redis_settings()
+        .clone()
+        .set_protocol(redis::ProtocolVersion::RESP3);
+    let sub_info = info.clone().set_redis_settings(resp3);
+    match &config.redis_ca {
+        None => Ok((redis::Client::open(info)?, redis::Client::open(sub_info)?)),
+        Some(ca) => {
+            let root_cert = std::fs::read(ca).map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read the Redis CA file",
+                    format!("{}: {e}", ca.display()),
+                ))
+            })?;
+            let certs = || redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert.clone()),
+            };
+            Ok((
+                redis::Client::build_with_tls(info, certs())?,
+                redis::Client::build_with_tls(sub_info, certs())?,
+            ))
+        }
+    }
 }
 
 fn topic_channel(topic: &str) -> String {
@@ -93,7 +121,9 @@ fn presence_channel(topic: &str) -> String {
 }
 
 pub(crate) struct Link {
+    /// For commands (RESP2), and for the subscriber connection (RESP3).
     client: redis::Client,
+    sub_client: redis::Client,
     rx: Receiver<LinkCmd>,
     node: u32,
     name: String,
@@ -105,6 +135,14 @@ pub(crate) struct Link {
     cores: Vec<CoreInbox>,
     /// Topic -> bit set of this node's cores with subscribers.
     interest: HashMap<Arc<str>, u64>,
+    /// Topics whose channels Redis has this node subscribed to (in this session).
+    subscribed: HashSet<Arc<str>>,
+    /// Subscription changes waiting for the next batch: the topics whose node-level
+    /// interest may have flipped, and the first joins waiting for their confirmation.
+    changed: Vec<Arc<str>>,
+    waiting: Vec<(usize, u64)>,
+    /// Publishes waiting for the next pipelined round trip.
+    batch: Batch,
     /// This node's own presence entries, to answer sync requests.
     own: PresenceState,
     /// Other nodes -> when last heard.
@@ -114,7 +152,7 @@ pub(crate) struct Link {
     epochs_made: u64,
 }
 
-/// Broadcasts queued for one pipelined round trip.
+/// Publishes (broadcasts, presences, heartbeats) queued for one pipelined round trip.
 #[derive(Default)]
 struct Batch {
     pipe: redis::Pipeline,
@@ -150,6 +188,15 @@ impl Link {
             match self.session(&mut backoff) {
                 End::Shutdown => return,
                 End::Redis(e) => {
+                    // Joins waiting for a subscription go on (the next session
+                    // subscribes every topic again).
+                    self.changed.clear();
+                    // What the failed session had not sent yet is lost (and counted).
+                    let unsent = std::mem::take(&mut self.batch);
+                    self.stats.lost.fetch_add(unsent.len as u64, Ordering::Relaxed);
+                    for (core, id) in std::mem::take(&mut self.waiting) {
+                        self.confirm(core, Some(id));
+                    }
                     if self.stats.connected.swap(false, Ordering::Relaxed) {
                         tracing::error!(node = %self.name, "Redis link lost: {e}; local delivery goes on");
                     } else {
@@ -173,8 +220,11 @@ impl Link {
 
     fn offline(&mut self, cmd: LinkCmd) {
         match cmd {
-            LinkCmd::Interest { core, topic, on } => {
+            LinkCmd::Interest { core, topic, on, ack } => {
                 self.set_interest(core, topic, on);
+                // Nothing to wait for while Redis is away: the join goes on, and the
+                // node subscribes when the link is back.
+                self.confirm(core, ack);
             }
             LinkCmd::Publish(_) => {
                 let lost = self.stats.lost.fetch_add(1, Ordering::Relaxed) + 1;
@@ -207,6 +257,13 @@ impl Link {
         }
     }
 
+    /// Tells `core` that its interest announcement `ack` needs nothing more from Redis.
+    fn confirm(&self, core: usize, ack: Option<u64>) {
+        if let (Some(id), Some(inbox)) = (ack, self.cores.get(core)) {
+            inbox.send(CoreCommand::InterestConfirmed(id));
+        }
+    }
+
     fn answer(&self, core: usize, id: u64, answer: Answer) {
         if let Some(inbox) = self.cores.get(core) {
             inbox.send(CoreCommand::HistoryReply(id, Box::new(answer)));
@@ -218,120 +275,141 @@ impl Link {
         crate::shard::history::epoch(self.epoch_seed, self.node as usize, self.epochs_made)
     }
 
-    /// Updates the interest table; returns whether the node-level interest flipped.
-    fn set_interest(&mut self, core: usize, topic: Arc<str>, on: bool) -> bool {
+    /// Updates the interest table.
+    fn set_interest(&mut self, core: usize, topic: Arc<str>, on: bool) {
         let mask = self.interest.entry(topic.clone()).or_default();
-        let before = *mask != 0;
         if on {
             *mask |= 1 << core;
         } else {
             *mask &= !(1 << core);
         }
-        let after = *mask != 0;
-        if !after {
+        if *mask == 0 {
             self.interest.remove(&topic);
         }
-        before != after
     }
 
     fn session(&mut self, backoff: &mut Duration) -> End {
         let connect = || -> redis::RedisResult<(redis::Connection, redis::Connection)> {
             let timeout = COMMAND_TIMEOUT;
-            let sub = self.client.get_connection_with_timeout(timeout)?;
+            let sub = self.sub_client.get_connection_with_timeout(timeout)?;
             let publish = self.client.get_connection_with_timeout(timeout)?;
             publish.set_read_timeout(Some(timeout))?;
             publish.set_write_timeout(Some(timeout))?;
             Ok((sub, publish))
         };
-        let (mut sub, mut publish) = match connect() {
+        let (sub, mut publish) = match connect() {
             Ok(c) => c,
             Err(e) => return End::Redis(e),
         };
-        let mut pubsub = sub.as_pubsub();
-        if let Err(e) = pubsub.set_read_timeout(Some(COMMAND_TIMEOUT)) {
-            return End::Redis(e);
-        }
-        let resubscribe = |pubsub: &mut redis::PubSub<'_>,
-                           publish: &mut redis::Connection,
-                           link: &mut Link|
-         -> redis::RedisResult<()> {
-            pubsub.subscribe(HEARTBEAT_CHANNEL)?;
-            pubsub.psubscribe(DISCONNECT_PATTERN)?;
-            let topics: Vec<Arc<str>> = link.interest.keys().cloned().collect();
-            for topic in topics {
-                pubsub.subscribe(&[topic_channel(&topic), presence_channel(&topic)])?;
-                link.announce_presence(publish, &topic)?;
-            }
-            Ok(())
+        let mut pubsub = match Subscriber::new(sub, COMMAND_TIMEOUT, POLL_MESSAGES) {
+            Ok(s) => s,
+            Err(e) => return End::Redis(e),
         };
-        if let Err(e) = resubscribe(&mut pubsub, &mut publish, self) {
+        let resubscribe = |pubsub: &mut Subscriber| -> redis::RedisResult<()> {
+            pubsub.change(Verb::Subscribe, &[HEARTBEAT_CHANNEL])?;
+            pubsub.change(Verb::PSubscribe, &[DISCONNECT_PATTERN])
+        };
+        if let Err(e) = resubscribe(&mut pubsub) {
             return End::Redis(e);
         }
-        if let Err(e) = pubsub.set_read_timeout(Some(POLL_MESSAGES)) {
+        // A new session: Redis knows none of this node's topics. They are subscribed
+        // (and this node's presences republished) in one batch.
+        self.subscribed.clear();
+        self.changed.extend(self.interest.keys().cloned());
+        if let Err(e) = self.apply_subscriptions(&mut pubsub) {
             return End::Redis(e);
         }
         self.stats.connected.store(true, Ordering::Relaxed);
         tracing::info!(node = %self.name, "Redis link up");
         *backoff = Duration::from_millis(100);
         let mut next_heartbeat = Instant::now();
-        let mut batch = Batch::default();
         loop {
-            loop {
-                match self.rx.try_recv() {
-                    // Broadcasts go out in one pipeline per batch: one round trip for
-                    // as many as were queued (up to the configured depth).
-                    Ok(LinkCmd::Publish(b)) if self.pipeline > 1 => {
-                        let (channel, bytes) = self.sealed_broadcast(&b);
-                        batch.pipe.cmd("PUBLISH").arg(channel).arg(bytes).ignore();
-                        batch.len += 1;
-                        if batch.len >= self.pipeline {
-                            if let Err(e) = self.flush(&mut batch, &mut publish) {
-                                return End::Redis(e);
-                            }
-                        }
-                    }
-                    Ok(cmd) => {
-                        // Anything else keeps its place after the broadcasts before it.
-                        if let Err(e) = self.flush(&mut batch, &mut publish) {
-                            return End::Redis(e);
-                        }
-                        if let Err(e) = self.command(cmd, &mut pubsub, &mut publish) {
-                            return End::Redis(e);
-                        }
-                    }
-                    Err(crossbeam_channel::TryRecvError::Empty) => break,
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => return End::Shutdown,
-                }
-            }
-            if let Err(e) = self.flush(&mut batch, &mut publish) {
-                return End::Redis(e);
-            }
-            if Instant::now() >= next_heartbeat {
-                next_heartbeat = Instant::now() + HEARTBEAT;
-                let beat = Envelope::Heartbeat {
-                    node: self.node,
-                    name: self.name.clone(),
-                };
-                if let Err(e) = redis::cmd("PUBLISH")
-                    .arg(HEARTBEAT_CHANNEL)
-                    .arg(self.signer.seal(HEARTBEAT_CHANNEL, beat.encode()))
-                    .exec(&mut publish)
-                {
-                    return End::Redis(e);
-                }
-                self.expire_peers();
-            }
-            match pubsub.get_message() {
-                Ok(msg) => {
-                    let channel = msg.get_channel_name().to_string();
-                    if let Err(e) = self.message(&channel, msg.get_payload_bytes(), &mut publish) {
-                        return End::Redis(e);
-                    }
-                }
-                Err(e) if e.is_timeout() => {}
-                Err(e) => return End::Redis(e),
+            if let Err(e) = self.turn(&mut pubsub, &mut publish, &mut next_heartbeat) {
+                return e;
             }
         }
+    }
+
+    /// One turn of a session: every command queued goes out (publishes and
+    /// subscription changes batched), then a heartbeat if one is due, then a message
+    /// from Redis if one comes within [`POLL_MESSAGES`].
+    fn turn(
+        &mut self,
+        pubsub: &mut Subscriber,
+        publish: &mut redis::Connection,
+        next_heartbeat: &mut Instant,
+    ) -> Result<(), End> {
+        loop {
+            match self.rx.try_recv() {
+                // Broadcasts and presences go out in one pipeline per batch: one round
+                // trip for as many as were queued (up to the configured depth).
+                Ok(LinkCmd::Publish(b)) => {
+                    let (channel, bytes) = self.sealed_broadcast(&b);
+                    self.queue_publish(channel, bytes, publish)?;
+                }
+                Ok(LinkCmd::Presence(topic, delta)) => {
+                    self.own.apply(&topic, &delta);
+                    let envelope = Envelope::Presence {
+                        node: self.node,
+                        delta: (*delta).clone(),
+                    };
+                    let channel = presence_channel(&topic);
+                    let sealed = self.signer.seal(&channel, envelope.encode());
+                    self.queue_publish(channel, sealed, publish)?;
+                }
+                // Subscription changes go out in one SUBSCRIBE (and one UNSUBSCRIBE)
+                // per batch too.
+                Ok(LinkCmd::Interest { core, topic, on, ack }) => {
+                    self.set_interest(core, topic.clone(), on);
+                    self.changed.push(topic);
+                    if let Some(id) = ack {
+                        self.waiting.push((core, id));
+                    }
+                }
+                Ok(cmd) => {
+                    // History scripts keep their place after the subscription changes
+                    // and publishes before them (a fetch after its topic's
+                    // subscription).
+                    self.apply_subscriptions(pubsub)?;
+                    self.flush(publish)?;
+                    self.command(cmd, publish)?;
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return Err(End::Shutdown),
+            }
+        }
+        self.apply_subscriptions(pubsub)?;
+        if Instant::now() >= *next_heartbeat {
+            *next_heartbeat = Instant::now() + HEARTBEAT;
+            let beat = Envelope::Heartbeat {
+                node: self.node,
+                name: self.name.clone(),
+            };
+            let sealed = self.signer.seal(HEARTBEAT_CHANNEL, beat.encode());
+            self.queue_publish(HEARTBEAT_CHANNEL.to_string(), sealed, publish)?;
+            self.expire_peers();
+        }
+        self.flush(publish)?;
+        if let Some((channel, payload)) = pubsub.next()? {
+            self.message(&channel, &payload)?;
+        }
+        Ok(())
+    }
+
+    /// Queues a publish for the next pipelined round trip, which goes out at once when
+    /// the batch is full (with a pipeline depth of 1, every publish is a round trip).
+    fn queue_publish(
+        &mut self,
+        channel: String,
+        sealed: Vec<u8>,
+        conn: &mut redis::Connection,
+    ) -> redis::RedisResult<()> {
+        self.batch.pipe.cmd("PUBLISH").arg(channel).arg(sealed).ignore();
+        self.batch.len += 1;
+        if self.batch.len >= self.pipeline {
+            self.flush(conn)?;
+        }
+        Ok(())
     }
 
     /// A broadcast's channel and its signed envelope.
@@ -351,13 +429,13 @@ impl Link {
     }
 
     /// Sends the pipelined broadcasts, if any, in one round trip.
-    fn flush(&self, batch: &mut Batch, conn: &mut redis::Connection) -> redis::RedisResult<()> {
-        if batch.len == 0 {
+    fn flush(&mut self, conn: &mut redis::Connection) -> redis::RedisResult<()> {
+        if self.batch.len == 0 {
             return Ok(());
         }
-        let n = std::mem::take(&mut batch.len) as u64;
-        let r = batch.pipe.exec(conn);
-        batch.pipe.clear();
+        let n = std::mem::take(&mut self.batch.len) as u64;
+        let r = self.batch.pipe.exec(conn);
+        self.batch.pipe.clear();
         match r {
             Ok(()) => {
                 self.stats.published.fetch_add(n, Ordering::Relaxed);
@@ -370,78 +448,71 @@ impl Link {
         }
     }
 
-    fn publish(
-        &self,
-        conn: &mut redis::Connection,
-        channel: String,
-        envelope: &Envelope,
-    ) -> redis::RedisResult<()> {
-        let sealed = self.signer.seal(&channel, envelope.encode());
-        self.publish_sealed(conn, channel, sealed)
-    }
-
-    fn publish_sealed(
-        &self,
-        conn: &mut redis::Connection,
-        channel: String,
-        sealed: Vec<u8>,
-    ) -> redis::RedisResult<()> {
-        match redis::cmd("PUBLISH").arg(channel).arg(sealed).exec(conn) {
-            Ok(()) => {
-                self.stats.published.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                self.stats.lost.fetch_add(1, Ordering::Relaxed);
-                Err(e)
+    /// Brings Redis's subscriptions in line with the interest table for the topics
+    /// changed since the last batch: one `SUBSCRIBE` for every topic the node took an
+    /// interest in and one `UNSUBSCRIBE` for every topic it lost. Once Redis confirmed
+    /// every channel, every waiting first join is confirmed, and this node's presence
+    /// on each new topic is queued for the next pipeline.
+    fn apply_subscriptions(&mut self, pubsub: &mut Subscriber) -> redis::RedisResult<()> {
+        let mut on = Vec::new();
+        let mut off = Vec::new();
+        for topic in std::mem::take(&mut self.changed) {
+            let wanted = self.interest.contains_key(&topic);
+            if wanted && self.subscribed.insert(topic.clone()) {
+                on.push(topic);
+            } else if !wanted && self.subscribed.remove(&topic) {
+                off.push(topic);
             }
         }
+        let channels = |topics: &[Arc<str>]| -> Vec<String> {
+            topics
+                .iter()
+                .flat_map(|t| [topic_channel(t), presence_channel(t)])
+                .collect()
+        };
+        let result = (|| -> redis::RedisResult<()> {
+            if !on.is_empty() {
+                pubsub.change(Verb::Subscribe, &channels(&on))?;
+            }
+            if !off.is_empty() {
+                pubsub.change(Verb::Unsubscribe, &channels(&off))?;
+            }
+            Ok(())
+        })();
+        // Confirmed, or Redis failed: either way the joins go on (at most once; the
+        // next session subscribes again).
+        for (core, id) in std::mem::take(&mut self.waiting) {
+            self.confirm(core, Some(id));
+        }
+        result?;
+        self.announce_presence(&on);
+        Ok(())
     }
 
-    /// Publishes this node's full presence on `topic` and asks the others for theirs.
-    fn announce_presence(&self, conn: &mut redis::Connection, topic: &str) -> redis::RedisResult<()> {
+    /// Queues this node's full presence on each of `topics` and a request for the
+    /// others' (they go out with the batch's next round trip).
+    fn announce_presence(&mut self, topics: &[Arc<str>]) {
         let node = self.node;
-        let entries = self.own.entries(topic, |o| o.node() == node);
-        if !entries.is_empty() {
-            self.publish(
-                conn,
-                presence_channel(topic),
-                &Envelope::PresenceState { node, entries },
-            )?;
+        for topic in topics {
+            let channel = presence_channel(topic);
+            let entries = self.own.entries(topic, |o| o.node() == node);
+            if !entries.is_empty() {
+                let state = Envelope::PresenceState { node, entries };
+                let sealed = self.signer.seal(&channel, state.encode());
+                self.batch.pipe.cmd("PUBLISH").arg(&channel).arg(sealed).ignore();
+                self.batch.len += 1;
+            }
+            let sync = Envelope::SyncRequest { node };
+            let sealed = self.signer.seal(&channel, sync.encode());
+            self.batch.pipe.cmd("PUBLISH").arg(&channel).arg(sealed).ignore();
+            self.batch.len += 1;
         }
-        self.publish(conn, presence_channel(topic), &Envelope::SyncRequest { node })
     }
 
-    fn command(
-        &mut self,
-        cmd: LinkCmd,
-        pubsub: &mut redis::PubSub<'_>,
-        publish: &mut redis::Connection,
-    ) -> redis::RedisResult<()> {
+    fn command(&mut self, cmd: LinkCmd, publish: &mut redis::Connection) -> redis::RedisResult<()> {
         match cmd {
-            LinkCmd::Interest { core, topic, on } => {
-                if self.set_interest(core, topic.clone(), on) {
-                    let channels = [topic_channel(&topic), presence_channel(&topic)];
-                    if on {
-                        with_command_timeout(pubsub, |p| p.subscribe(&channels))?;
-                        self.announce_presence(publish, &topic)?;
-                    } else {
-                        with_command_timeout(pubsub, |p| p.unsubscribe(&channels))?;
-                    }
-                }
-                Ok(())
-            }
-            LinkCmd::Publish(b) => {
-                let (channel, bytes) = self.sealed_broadcast(&b);
-                self.publish_sealed(publish, channel, bytes)
-            }
-            LinkCmd::Presence(topic, delta) => {
-                self.own.apply(&topic, &delta);
-                let envelope = Envelope::Presence {
-                    node: self.node,
-                    delta: (*delta).clone(),
-                };
-                self.publish(publish, presence_channel(&topic), &envelope)
+            LinkCmd::Interest { .. } | LinkCmd::Publish(_) | LinkCmd::Presence(..) => {
+                unreachable!("batched by Link::turn")
             }
             LinkCmd::Sequence(p, h) => {
                 let epoch = self.fresh_epoch();
@@ -487,12 +558,7 @@ impl Link {
         }
     }
 
-    fn message(
-        &mut self,
-        channel: &str,
-        data: &[u8],
-        publish: &mut redis::Connection,
-    ) -> redis::RedisResult<()> {
+    fn message(&mut self, channel: &str, data: &[u8]) -> redis::RedisResult<()> {
         // Unsigned or forged (someone with access to the Redis): dropped, counted.
         let Ok(data) = self.signer.open(channel, data) else {
             let n = self.stats.forged.fetch_add(1, Ordering::Relaxed);
@@ -594,11 +660,10 @@ impl Link {
                 };
                 let node = self.node;
                 let entries = self.own.entries(topic, |o| o.node() == node);
-                self.publish(
-                    publish,
-                    channel.to_string(),
-                    &Envelope::PresenceState { node, entries },
-                )?;
+                let state = Envelope::PresenceState { node, entries };
+                let sealed = self.signer.seal(channel, state.encode());
+                self.batch.pipe.cmd("PUBLISH").arg(channel).arg(sealed).ignore();
+                self.batch.len += 1;
             }
         }
         Ok(())

@@ -40,10 +40,13 @@ pub struct ClusterStats {
 pub(crate) const LINK_QUEUE_BOUND: usize = 65_536;
 
 pub(crate) enum LinkCmd {
+    /// With `ack`, the link answers [`crate::shard::inbox::CoreCommand::InterestConfirmed`]
+    /// once Redis confirmed the node's subscription.
     Interest {
         core: usize,
         topic: Arc<str>,
         on: bool,
+        ack: Option<u64>,
     },
     Publish(Arc<Broadcast>),
     Presence(Arc<str>, Arc<Delta>),
@@ -73,22 +76,32 @@ impl ClusterHandle {
         ClusterHandle { tx, node, stats }
     }
 
-    /// Queues `cmd` for the link; a full queue drops it and counts the drop.
-    fn queue(&self, cmd: LinkCmd) {
-        if let Err(crossbeam_channel::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            if let LinkCmd::Interest { topic, .. } = cmd {
-                tracing::error!(%topic, "the Redis link's queue is full: an interest change was dropped");
+    /// Queues `cmd` for the link; a full queue drops it and counts the drop. Whether
+    /// it was queued.
+    fn queue(&self, cmd: LinkCmd) -> bool {
+        match self.tx.try_send(cmd) {
+            Ok(()) => true,
+            Err(crossbeam_channel::TrySendError::Full(cmd)) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                if let LinkCmd::Interest { topic, .. } = cmd {
+                    tracing::error!(%topic, "the Redis link's queue is full: an interest change was dropped");
+                }
+                false
             }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
         }
     }
 
-    pub(crate) fn interest(&self, core: usize, topic: &str, on: bool) {
+    /// Tells the link that `core` has (`on`) or no longer has subscribers for `topic`.
+    /// With `ack`, the link confirms once Redis confirmed the subscription; `false`
+    /// when the command could not be queued (nothing will confirm it).
+    pub(crate) fn interest(&self, core: usize, topic: &str, on: bool, ack: Option<u64>) -> bool {
         self.queue(LinkCmd::Interest {
             core,
             topic: topic.into(),
             on,
-        });
+            ack,
+        })
     }
 
     pub(crate) fn publish(&self, broadcast: &Arc<Broadcast>) {
@@ -144,8 +157,11 @@ impl ClusterHandle {
 /// Cluster settings.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// `redis://host:port`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     pub redis_url: String,
+    /// The CA whose certificates a `rediss://` server's must chain to (PEM); `None`
+    /// trusts the system's roots.
+    pub redis_ca: Option<std::path::PathBuf>,
     /// This node's name, unique in the cluster.
     pub node_name: String,
     /// The key every node signs its messages with (HMAC-SHA256) and checks others'
@@ -173,7 +189,7 @@ mod tests {
         for _ in 0..5 {
             handle.publish(&b);
         }
-        handle.interest(0, "t", true);
+        assert!(!handle.interest(0, "t", true, None));
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 3);
         assert_eq!(rx.len(), 3);
     }

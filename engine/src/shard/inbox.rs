@@ -33,6 +33,9 @@ pub(crate) enum CoreCommand {
     Publish(Box<Publish>),
     /// The answer (from Redis, in cluster mode) to this core's history fetch `id`.
     HistoryReply(u64, Box<Answer>),
+    /// Redis confirmed the node's subscription for this core's interest announcement
+    /// `id` (or the link gave up on it: Redis is away); see [`super::acks`].
+    InterestConfirmed(u64),
     /// A Rust subscription to a topic; `registered` hears once it listens and the other
     /// cores know.
     Listen {
@@ -56,8 +59,8 @@ pub(crate) enum CoreCommand {
 }
 
 /// Commands a core's inbox holds; past it new ones are dropped and counted
-/// (`ringcast_inbox_dropped_total`), except a shutdown and a history answer (a join
-/// waits for it), which wait for room.
+/// (`ringcast_inbox_dropped_total`), except a shutdown and the answers a join waits for
+/// (history, a subscription's confirmation), which wait for room.
 pub(crate) const INBOX_BOUND: usize = 65_536;
 
 /// The sending side of one core's inbox (`Send + Clone`).
@@ -80,9 +83,10 @@ impl CoreInbox {
         let sent = match cmd {
             // A shutdown, a subscription whose thread waits for it and a history answer
             // a join waits for, wait for room.
-            CoreCommand::Shutdown | CoreCommand::Listen { .. } | CoreCommand::HistoryReply(..) => {
-                self.tx.send(cmd).is_ok()
-            }
+            CoreCommand::Shutdown
+            | CoreCommand::Listen { .. }
+            | CoreCommand::HistoryReply(..)
+            | CoreCommand::InterestConfirmed(..) => self.tx.send(cmd).is_ok(),
             cmd => match self.tx.try_send(cmd) {
                 Ok(()) => true,
                 Err(crossbeam_channel::TrySendError::Full(_)) => {

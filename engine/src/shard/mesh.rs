@@ -1,13 +1,11 @@
 //! What a core knows of the other cores: which of them have subscribers for a topic
-//! (so broadcasts go only there), the interest announcements waiting for acks, and the
-//! messages between cores. How a message gets there is the server's [`MeshLink`] (the
+//! (so broadcasts go only there), and the messages between cores. How a message gets there is the server's [`MeshLink`] (the
 //! SPSC rings of glommio's `channel_mesh`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Waker};
 
 use super::history::{Answer, Publish};
 use super::Broadcast;
@@ -68,14 +66,7 @@ struct Inner {
     link: Box<dyn MeshLink>,
     /// Topic -> bit set of the other cores with subscribers.
     interest: RefCell<HashMap<Box<str>, u64>>,
-    /// Interest announcements waiting for acks, by id.
-    acks: RefCell<HashMap<u64, PendingAck>>,
-    next_ack: Cell<u64>,
 }
-
-/// An interest announcement waiting for acks: how many are missing, who waits, and
-/// when it was announced (the shard's clock, ms).
-type PendingAck = (usize, Option<Waker>, u32);
 
 pub(crate) struct Mesh(Rc<Inner>);
 
@@ -88,8 +79,6 @@ impl Mesh {
             peers,
             link,
             interest: RefCell::default(),
-            acks: RefCell::default(),
-            next_ack: Cell::new(0),
         }))
     }
 
@@ -125,18 +114,10 @@ impl Mesh {
         }
     }
 
-    /// Tells the other cores whether this core has subscribers for `topic`. A first
-    /// subscription returns an ack id: until every core acked ([`Mesh::poll_acked`]),
-    /// a broadcast published elsewhere might not be forwarded here yet.
-    pub(crate) fn announce(&self, topic: &str, on: bool, now_ms: u32) -> Option<u64> {
+    /// Tells the other cores whether this core has subscribers for `topic`; with `ack`
+    /// (see [`super::acks`]), each answers [`MeshMsg::InterestAck`] once it knows.
+    pub(crate) fn announce(&self, topic: &str, on: bool, ack: Option<u64>) {
         let topic: Arc<str> = topic.into();
-        let peers = self.0.peers - 1;
-        let ack = (on && peers > 0).then(|| {
-            let id = self.0.next_ack.get() + 1;
-            self.0.next_ack.set(id);
-            self.0.acks.borrow_mut().insert(id, (peers, None, now_ms));
-            id
-        });
         for peer in self.others() {
             let msg = MeshMsg::Interest {
                 topic: topic.clone(),
@@ -146,63 +127,6 @@ impl Mesh {
             };
             self.send_to(peer, msg);
         }
-        ack
-    }
-
-    /// Counts one ack of an interest announcement.
-    pub(crate) fn acked(&self, id: u64) {
-        let mut acks = self.0.acks.borrow_mut();
-        if let Some((missing, waiter, _)) = acks.get_mut(&id) {
-            *missing -= 1;
-            if *missing == 0 {
-                if let Some(w) = waiter.take() {
-                    w.wake();
-                }
-            }
-        }
-    }
-
-    /// Whether every core acked announcement `id`; registers the waker if not.
-    pub(crate) fn poll_acked(&self, id: u64, cx: &mut Context<'_>) -> bool {
-        let mut acks = self.0.acks.borrow_mut();
-        match acks.get_mut(&id) {
-            Some((0, _, _)) | None => {
-                acks.remove(&id);
-                true
-            }
-            Some((_, waiter, _)) => {
-                *waiter = Some(cx.waker().clone());
-                false
-            }
-        }
-    }
-
-    /// Gives up on announcements older than `limit_ms` at `now_ms` (a core that does
-    /// not answer, because it died or is wedged, must not hold first joins forever):
-    /// their waiters go on as if acked. Returns how many were given up.
-    pub(crate) fn expire_acks(&self, now_ms: u32, limit_ms: u32) -> usize {
-        let mut expired = 0;
-        for (id, (missing, waiter, since)) in self.0.acks.borrow_mut().iter_mut() {
-            if *missing > 0 && now_ms.wrapping_sub(*since) >= limit_ms {
-                tracing::warn!(
-                    core = self.0.index,
-                    ack = id,
-                    missing = *missing,
-                    "interest not acked by every core within {limit_ms} ms; answering the join anyway"
-                );
-                *missing = 0;
-                if let Some(w) = waiter.take() {
-                    w.wake();
-                }
-                expired += 1;
-            }
-        }
-        expired
-    }
-
-    /// Drops the ack bookkeeping of announcement `id`, which nobody waits for.
-    pub(crate) fn forget_ack(&self, id: u64) {
-        self.0.acks.borrow_mut().remove(&id);
     }
 
     /// Whether any other core has subscribers for `topic`.

@@ -6,6 +6,7 @@
 //! whose (non-atomic) clones go to every local subscriber's queue. Nothing here is
 //! shared between threads except that `Arc` and the per-core inboxes.
 
+pub(crate) mod acks;
 pub(crate) mod admission;
 pub mod api;
 pub mod app;
@@ -196,6 +197,8 @@ pub(crate) struct Shard {
     /// Rust subscriptions and channels listening to topics they did not join.
     listeners: RefCell<HashMap<Box<str>, Vec<listeners::Listener>>>,
     mesh: Option<Mesh>,
+    /// First joins waiting for their topic's interest to be acked.
+    acks: acks::Acks,
     presence: presence::PresenceHub,
     /// Connections with broadcast frames for the flusher, and the flusher's waker.
     dirty: RefCell<Vec<Rc<Conn>>>,
@@ -283,6 +286,7 @@ impl Shard {
             topics: RefCell::default(),
             listeners: RefCell::default(),
             mesh,
+            acks: acks::Acks::default(),
             presence: presence::PresenceHub::new(),
             dirty: RefCell::default(),
             flusher: RefCell::new(None),
@@ -433,22 +437,30 @@ impl Shard {
     /// The topic's first interest on this core: the other cores and the cluster hear
     /// of it; the id of the announcement they must ack.
     fn interest_up(&self, topic: &str) -> Option<u64> {
+        let cores = self.mesh.as_ref().map_or(0, |mesh| mesh.peers() - 1);
+        let redis = self.endpoint.cluster().is_some();
+        let ack = self.acks.open(cores + redis as usize, self.now_ms());
         if let Some(cluster) = self.endpoint.cluster() {
-            cluster.interest(self.index, topic, true);
+            if !cluster.interest(self.index, topic, true, ack) {
+                // Not queued (the link's queue is full): nothing will confirm it.
+                if let Some(id) = ack {
+                    self.acks.acked(id);
+                }
+            }
         }
-        let now = self.now_ms();
-        self.mesh
-            .as_ref()
-            .and_then(|mesh| mesh.announce(topic, true, now))
+        if let Some(mesh) = &self.mesh {
+            mesh.announce(topic, true, ack);
+        }
+        ack
     }
 
     /// The topic's last interest on this core went.
     fn interest_down(&self, topic: &str) {
         if let Some(mesh) = &self.mesh {
-            mesh.announce(topic, false, self.now_ms());
+            mesh.announce(topic, false, None);
         }
         if let Some(cluster) = self.endpoint.cluster() {
-            cluster.interest(self.index, topic, false);
+            cluster.interest(self.index, topic, false, None);
         }
     }
 
@@ -481,9 +493,9 @@ impl Shard {
         }
     }
 
-    /// Whether the interest announcement `id` reached every core.
+    /// Whether the interest announcement `id` reached every core (and Redis).
     pub(crate) fn poll_interest_acked(&self, id: u64, cx: &mut std::task::Context<'_>) -> bool {
-        self.mesh.as_ref().is_none_or(|mesh| mesh.poll_acked(id, cx))
+        self.acks.poll(id, cx)
     }
 
     /// Delivers on this core and forwards to every other core that has subscribers.
@@ -742,6 +754,7 @@ impl Shard {
                 self.presence_replace_node(&topic, node, &entries)
             }
             CoreCommand::DropNode(node) => self.presence_drop_node(node),
+            CoreCommand::InterestConfirmed(id) => self.acks.acked(id),
             CoreCommand::Shutdown => self.shutdown(),
             CoreCommand::Listen {
                 topic,
@@ -777,11 +790,7 @@ impl Shard {
                     }
                 }
             }
-            MeshMsg::InterestAck { id } => {
-                if let Some(mesh) = &self.mesh {
-                    mesh.acked(id);
-                }
-            }
+            MeshMsg::InterestAck { id } => self.acks.acked(id),
             MeshMsg::Sequence(p) => self.sequence(*p),
             MeshMsg::HistoryFetch {
                 topic,
@@ -815,9 +824,8 @@ impl Shard {
     /// [`PARK_AFTER`], so that their pumps park them. `now` is the shard's clock
     /// ([`Shard::now_ms`]) as the caller read it.
     pub(crate) fn sweep_idle(&self, now: u32, can_park: bool) {
-        if let Some(mesh) = &self.mesh {
-            mesh.expire_acks(now, INTEREST_ACK_TIMEOUT.as_millis() as u32);
-        }
+        self.acks
+            .expire(self.index, now, INTEREST_ACK_TIMEOUT.as_millis() as u32);
         self.sweep_histories();
         let limit = self.app.config.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
         let park_after = PARK_AFTER.as_millis() as u32;

@@ -252,10 +252,10 @@ impl Shard {
     }
 
     fn subscribe_now(&self, topic: &str, sub: Sub) {
-        if let (Some(ack), Some(mesh)) = (self.subscribe(topic, sub), &self.mesh) {
+        if let Some(ack) = self.subscribe(topic, sub) {
             // Broadcasts on this topic all come from its owner (or Redis): no ack to
             // wait for.
-            mesh.forget_ack(ack);
+            self.acks.forget(ack);
         }
     }
 
@@ -370,10 +370,10 @@ impl Shard {
         let first = !self.interested_locally(topic);
         *self.held.borrow_mut().entry(topic.into()).or_default() += 1;
         if first {
-            if let (Some(ack), Some(mesh)) = (self.interest_up(topic), &self.mesh) {
+            if let Some(ack) = self.interest_up(topic) {
                 // Broadcasts on this topic come from its owner (or Redis): no ack to
                 // wait for.
-                mesh.forget_ack(ack);
+                self.acks.forget(ack);
             }
         }
     }
