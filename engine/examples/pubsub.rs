@@ -121,11 +121,12 @@ fn main() -> anyhow::Result<()> {
     let config = Config {
         listen: listen.parse()?,
         cores: 2,
-        cluster: redis.map(|redis_url| ringcast::cluster::ClusterConfig {
-            redis_url,
-            node_name: format!("pubsub-example-{}", std::process::id()),
-            secret: std::env::var("RINGCAST_CLUSTER_SECRET").expect("--redis needs RINGCAST_CLUSTER_SECRET"),
-            pipeline: ringcast::cluster::DEFAULT_PIPELINE,
+        cluster: redis.map(|redis_url| {
+            ringcast::cluster::ClusterConfig::new(
+                redis_url,
+                format!("pubsub-example-{}", std::process::id()),
+                std::env::var("RINGCAST_CLUSTER_SECRET").expect("--redis needs RINGCAST_CLUSTER_SECRET"),
+            )
         }),
         ..Config::default()
     };

@@ -406,15 +406,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let cluster_secret = args.cluster_secret.clone().unwrap_or_default();
+    let node_name = args.node_name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}:{}", host.trim(), args.listen.port(), std::process::id())
+    });
     let cluster = args.redis.map(|redis_url| ringcast::cluster::ClusterConfig {
-        secret: cluster_secret,
         pipeline: args.redis_pipeline,
         redis_ca: args.redis_ca.clone(),
-        redis_url,
-        node_name: args.node_name.unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            format!("{}:{}:{}", host.trim(), args.listen.port(), std::process::id())
-        }),
+        ..ringcast::cluster::ClusterConfig::new(redis_url, node_name, cluster_secret)
     });
     let defaults = Config::default();
     let router = if args.bench_history {

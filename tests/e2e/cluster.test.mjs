@@ -31,8 +31,10 @@ import {
   e2e, startServer, connect, rawConnect, collect, waitFor, sleep, freePort, assertAlive, startRedis, runCli, POSITION,
 } from './lib.mjs';
 import { API_KEY, Presence, apiBroadcast } from './httplib.mjs';
-
-const CLUSTER_SECRET = 'e2e-cluster-secret';
+import {
+  CLUSTER_SECRET, testClients, connectT, rawConnectT, stopAll, uniqueTopic, joinMembers, presenceView,
+  presenceAgrees, assertEachGotExactlyOnce, linkUps, startCluster as startClusterOn, withCluster as withClusterOn,
+} from './clusterlib.mjs';
 
 // ---------------------------------------------------------------------------
 // redis-server
@@ -61,52 +63,9 @@ after(async () => { await killRedis(); });
 // Helpers
 // ---------------------------------------------------------------------------
 
-let nodeSeq = 0;
-
-// Clients of the running test. `withCluster` closes them before it stops the nodes: a
-// node that shuts down closes its sockets with 1001, which the e2e wrapper would
-// (rightly) report as an unexpected disconnect of a phoenix client.
-const testClients = [];
-async function connectT(port, userId, opts) {
-  const c = await connect(port, userId, opts);
-  testClients.push(c);
-  return c;
-}
-async function rawConnectT(port, opts) {
-  const c = await rawConnect(port, opts);
-  testClients.push(c);
-  return c;
-}
-
-/**
- * Starts `coresList.length` nodes (one entry per node: its --cores) in cluster mode on
- * the shared Redis and waits until each has its Redis link up.
- */
-async function startCluster(coresList, { urls = [] } = {}) {
-  const nodes = [];
-  try {
-    for (const [n, cores] of coresList.entries()) {
-      nodes.push(await startServer({
-        cores,
-        args: ['--api-key', API_KEY, '--redis', urls[n] ?? redisUrl(), '--node-name', `e2e-${process.pid}-${++nodeSeq}`,
-          '--cluster-secret', CLUSTER_SECRET],
-      }));
-    }
-    await Promise.all(nodes.map((n) => waitFor(() => linkUps(n) >= 1, {
-      timeout: 5000, what: `"Redis link up" in the log of the node on port ${n.port}`,
-    })));
-  } catch (err) {
-    await stopAll(nodes);
-    throw err;
-  }
-  return nodes;
-}
-
-const linkUps = (node) => node.log().split('Redis link up').length - 1;
-
-async function stopAll(nodes) {
-  await Promise.all(nodes.map((n) => n.stop()));
-}
+/** A fresh cluster on the shared Redis (see clusterlib.mjs). */
+const withCluster = (coresList, fn, opts = {}) => withClusterOn(coresList, fn, { url: redisUrl(), ...opts });
+const startCluster = (coresList, opts = {}) => startClusterOn(coresList, { url: redisUrl(), ...opts });
 
 /**
  * A TCP proxy to Redis that holds every chunk, both ways, for `ms` (a Redis across a
@@ -132,87 +91,6 @@ async function slowRedis(ms) {
       await new Promise((resolve) => server.close(resolve));
     },
   };
-}
-
-/** Runs `fn(nodes)` on a fresh cluster, stopping every node afterwards. */
-async function withCluster(coresList, fn, opts) {
-  const nodes = await startCluster(coresList, opts);
-  try {
-    await fn(nodes);
-  } finally {
-    const clients = testClients.splice(0, testClients.length);
-    await Promise.all(clients.map((c) => c.close().catch(() => {})));
-    await stopAll(nodes);
-  }
-}
-
-let topicSeq = 0;
-const uniqueTopic = (what) => `rooms:cl-${what}-${process.pid}-${++topicSeq}`;
-
-/**
- * Connects `perNode` phoenix clients to every node and joins `topic` with each; every
- * member gets a `Presence` and a collector of `new_msg`. Returns the members in node
- * order: `{node, i, user, client, chan, presence, msgs}`.
- */
-async function joinMembers(nodes, perNode, topic, prefix) {
-  const members = [];
-  for (const [n, node] of nodes.entries()) {
-    for (let i = 0; i < perNode; i++) {
-      const user = `${prefix}${n}_${i}`;
-      const client = await connectT(node.port, user);
-      const chan = client.channel(topic, { name: user });
-      const presence = new Presence(chan);
-      const msgs = collect(chan, 'new_msg');
-      members.push({ node: n, i, user, client, chan, presence, msgs, joined: chan.join() });
-    }
-  }
-  for (const m of members) {
-    const res = await new Promise((resolve) => {
-      m.joined.receive('ok', () => resolve('ok')).receive('error', (r) => resolve(`error ${JSON.stringify(r)}`))
-        .receive('timeout', () => resolve('timeout'));
-    });
-    assert.equal(res, 'ok', `join ${topic} as ${m.user} on node ${m.node}`);
-  }
-  return members;
-}
-
-/** A presence list in a comparable form: [[key, [phx_ref, ...sorted]], ...sorted by key]. */
-function presenceView(presence) {
-  return presence.list((key, { metas }) => [key, metas.map((m) => m.phx_ref).sort()])
-    .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
-}
-
-/** Waits until every member's presence list has exactly `keys` and all lists are equal. */
-async function presenceAgrees(members, keys, { timeout = 3000, what = 'presence lists to agree' } = {}) {
-  const want = [...keys].sort();
-  try {
-    await waitFor(() => {
-      const views = members.map((m) => JSON.stringify(presenceView(m.presence)));
-      return views.every((v) => v === views[0])
-        && JSON.stringify(presenceView(members[0].presence).map(([k]) => k)) === JSON.stringify(want);
-    }, { timeout, interval: 25, what });
-  } catch (err) {
-    const views = members.map((m) => `  ${m.user}@node${m.node}: ${JSON.stringify(presenceView(m.presence))}`).join('\n');
-    throw new Error(`${err.message}; wanted keys ${JSON.stringify(want)}, views:\n${views}`);
-  }
-  return presenceView(members[0].presence);
-}
-
-/**
- * Waits until every member has `expected.length` new_msg, then a little longer (a
- * duplicate would arrive in that time), and asserts each got exactly `expected`
- * (bodies, any order) with the right `user`.
- */
-async function assertEachGotExactlyOnce(members, expected, { timeout = 3000 } = {}) {
-  await Promise.all(members.map((m) => m.msgs.waitFor(expected.length, timeout).catch((err) => {
-    throw new Error(`${m.user} on node ${m.node}: ${err.message}`);
-  })));
-  await sleep(300);
-  const want = expected.map(({ body, user }) => `${body}|${user}`).sort();
-  for (const m of members) {
-    const got = m.msgs.items.map(({ body, user }) => `${body}|${user}`).sort();
-    assert.deepEqual(got, want, `${m.user} on node ${m.node} got each message exactly once`);
-  }
 }
 
 // ---------------------------------------------------------------------------
@@ -278,7 +156,7 @@ e2e('a first join is answered once Redis confirmed the SUBSCRIBE: a broadcast fr
     const clients = await Promise.all(Array.from({ length: 20 }, (_, c) => connectT(nodes[1].port, `firstjoin${c}`)));
     // bench:* keeps no history: its first joins wait at the interest barrier (a rooms:*
     // join waits for its history fetch instead, which the link runs after the SUBSCRIBE).
-    const topics = Array.from({ length: 60 }, (_, k) => `bench:first${k}-${process.pid}-${++topicSeq}`);
+    const topics = Array.from({ length: 60 }, (_, k) => uniqueTopic(`first${k}`, 'bench'));
     const chans = topics.map((topic, k) => clients[k % 20].channel(topic, { name: `firstjoin${k % 20}` }));
     const got = chans.map((chan) => collect(chan, 'announce'));
     const sent = await Promise.all(chans.map((chan, k) => new Promise((resolve, reject) => {

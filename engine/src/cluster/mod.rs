@@ -184,6 +184,9 @@ impl Link {
 
     fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
+        // Whether the operator was told of the current outage (the first failure of a
+        // streak is an error in the log, the retries are not).
+        let mut told = false;
         loop {
             match self.session(&mut backoff) {
                 End::Shutdown => return,
@@ -199,6 +202,13 @@ impl Link {
                     }
                     if self.stats.connected.swap(false, Ordering::Relaxed) {
                         tracing::error!(node = %self.name, "Redis link lost: {e}; local delivery goes on");
+                        told = true;
+                    } else if !told {
+                        tracing::error!(
+                            node = %self.name,
+                            "cannot reach Redis: {e}; local delivery goes on, and the link retries"
+                        );
+                        told = true;
                     } else {
                         tracing::debug!("Redis unreachable: {e}");
                     }

@@ -172,6 +172,20 @@ pub struct ClusterConfig {
     pub pipeline: usize,
 }
 
+impl ClusterConfig {
+    /// Cluster mode through the Redis at `redis_url`, as node `node_name`, signing with
+    /// `secret`; the other settings at their defaults.
+    pub fn new(redis_url: impl Into<String>, node_name: impl Into<String>, secret: impl Into<String>) -> Self {
+        ClusterConfig {
+            redis_url: redis_url.into(),
+            redis_ca: None,
+            node_name: node_name.into(),
+            secret: secret.into(),
+            pipeline: DEFAULT_PIPELINE,
+        }
+    }
+}
+
 /// Broadcasts per pipelined round trip to Redis, by default.
 pub const DEFAULT_PIPELINE: usize = 256;
 
