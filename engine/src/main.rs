@@ -139,9 +139,15 @@ struct ServeArgs {
     /// Keep history on `bench:*` too, to measure what history costs (comparisons only).
     #[arg(long, hide = true)]
     bench_history: bool,
-    /// Cluster mode: share topics with other nodes through this Redis server.
+    /// Cluster mode: share topics with other nodes through this Redis server
+    /// (`redis://[USER:PASSWORD@]HOST:PORT`, or `rediss://` for TLS).
     #[arg(long, value_name = "redis://HOST:PORT")]
     redis: Option<String>,
+    /// Cluster mode through a Redis Cluster (Redis ≥ 7): some of its nodes, comma
+    /// separated (any of them; the masters are asked for). Topics spread over the
+    /// masters with sharded pub/sub.
+    #[arg(long, value_name = "URL,...", value_delimiter = ',', conflicts_with = "redis")]
+    redis_cluster: Vec<String>,
     /// This node's name in the cluster (default: host name, port and process id).
     #[arg(long)]
     node_name: Option<String>,
@@ -364,7 +370,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("RINGCAST_LOG").unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt()
@@ -400,20 +406,35 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.api_key.is_none() {
         tracing::info!("no --api-key: the HTTP server API answers 401 to everything");
     }
-    if args.redis.is_some() && args.cluster_secret.as_deref().is_none_or(str::is_empty) {
-        anyhow::bail!(
-            "--redis needs --cluster-secret (or RINGCAST_CLUSTER_SECRET), the same on every node: anyone who can PUBLISH to the Redis could otherwise speak for a node"
-        );
+    let redis = match (args.redis.take(), std::mem::take(&mut args.redis_cluster)) {
+        (Some(url), _) => Some(ringcast::cluster::RedisAddr::Server(url)),
+        (None, seeds) if !seeds.is_empty() => Some(ringcast::cluster::RedisAddr::Cluster(seeds)),
+        _ => None,
+    };
+    if let Some(redis) = &redis {
+        if args.cluster_secret.as_deref().is_none_or(str::is_empty) {
+            let flag = match redis {
+                ringcast::cluster::RedisAddr::Server(_) => "--redis",
+                ringcast::cluster::RedisAddr::Cluster(_) => "--redis-cluster",
+            };
+            anyhow::bail!(
+                "{flag} needs --cluster-secret (or RINGCAST_CLUSTER_SECRET), the same on every node: anyone who can PUBLISH to the Redis could otherwise speak for a node"
+            );
+        }
+    }
+    if let Some(ca) = &args.redis_ca {
+        // Read again by the link; a file that is not there is the operator's to fix now.
+        std::fs::metadata(ca).map_err(|e| anyhow::anyhow!("cannot read --redis-ca {}: {e}", ca.display()))?;
     }
     let cluster_secret = args.cluster_secret.clone().unwrap_or_default();
     let node_name = args.node_name.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}:{}:{}", host.trim(), args.listen.port(), std::process::id())
     });
-    let cluster = args.redis.map(|redis_url| ringcast::cluster::ClusterConfig {
+    let cluster = redis.map(|redis| ringcast::cluster::ClusterConfig {
         pipeline: args.redis_pipeline,
         redis_ca: args.redis_ca.clone(),
-        ..ringcast::cluster::ClusterConfig::new(redis_url, node_name, cluster_secret)
+        ..ringcast::cluster::ClusterConfig::new(redis, node_name, cluster_secret)
     });
     let defaults = Config::default();
     let router = if args.bench_history {

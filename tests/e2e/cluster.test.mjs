@@ -502,10 +502,10 @@ e2e('forged PUBLISHes from redis-cli reach no client: unsigned, wrongly signed, 
     await watcher.join(bench, {}, '1');
     await watcher.join(room, {}, '2');
     const forged = [
-      [`ringcast:t:${bench}`, unsignedBroadcast('new_msg', { body: 'forged', user: 'mallory' })],
-      [`ringcast:t:${bench}`, Buffer.concat([unsignedBroadcast('new_msg', { body: 'forged tag', user: 'mallory' }), Buffer.alloc(32, 7)])],
-      [`ringcast:t:${room}`, Buffer.concat([Buffer.from([6, 0x41, 0x41, 0x41, 0x41]), Buffer.from(`1:99 - - -\n`), unsignedBroadcast('new_msg', { body: 'forged seq' }).subarray(5)])],
-      [`ringcast:p:${room}`, Buffer.concat([Buffer.from([2, 0x41, 0x41, 0x41, 0x41]), Buffer.from(JSON.stringify([[['mallory', 'ref1', [1094795585, 0, 1], '{"name":"mallory"}']], []]))])],
+      [`ringcast:t:{${bench}}`, unsignedBroadcast('new_msg', { body: 'forged', user: 'mallory' })],
+      [`ringcast:t:{${bench}}`, Buffer.concat([unsignedBroadcast('new_msg', { body: 'forged tag', user: 'mallory' }), Buffer.alloc(32, 7)])],
+      [`ringcast:t:{${room}}`, Buffer.concat([Buffer.from([6, 0x41, 0x41, 0x41, 0x41]), Buffer.from(`1:99 - - -\n`), unsignedBroadcast('new_msg', { body: 'forged seq' }).subarray(5)])],
+      [`ringcast:p:{${room}}`, Buffer.concat([Buffer.from([2, 0x41, 0x41, 0x41, 0x41]), Buffer.from(JSON.stringify([[['mallory', 'ref1', [1094795585, 0, 1], '{"name":"mallory"}']], []]))])],
       [`ringcast:d:user_socket:watch`, unsignedBroadcast('disconnect', {})],
     ];
     for (const [channel, bytes] of forged) {

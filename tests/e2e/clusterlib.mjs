@@ -30,13 +30,13 @@ export async function rawConnectT(port, opts) {
  * Starts `coresList.length` nodes (one entry per node: its --cores) in cluster mode on
  * the shared Redis and waits until each has its Redis link up.
  */
-export async function startCluster(coresList, { url, urls = [], args = [] } = {}) {
+export async function startCluster(coresList, { url, urls = [], args = [], flag = '--redis' } = {}) {
   const nodes = [];
   try {
     for (const [n, cores] of coresList.entries()) {
       nodes.push(await startServer({
         cores,
-        args: ['--api-key', API_KEY, '--redis', urls[n] ?? url, '--node-name', `e2e-${process.pid}-${++nodeSeq}`,
+        args: ['--api-key', API_KEY, flag, urls[n] ?? url, '--node-name', `e2e-${process.pid}-${++nodeSeq}`,
           '--cluster-secret', CLUSTER_SECRET, ...args],
       }));
     }

@@ -10,6 +10,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFile } from 'node:child_process';
 import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -713,12 +715,16 @@ export async function assertUnharmed(server, { phx, chan, raw }, topic) {
 // redis-server
 // ---------------------------------------------------------------------------
 
-/** Starts redis-server on `port` and resolves once it accepts connections. */
-export function startRedis(port) {
+/**
+ * Starts redis-server on `port` (0: no plain port, with `--tls-port` in `args`) with the
+ * extra `args`, in `cwd` (cluster mode writes its nodes file there), and resolves once
+ * it accepts connections.
+ */
+export function startRedis(port, { args = [], cwd } = {}) {
   return new Promise((resolve, reject) => {
     const proc = spawn('redis-server', [
-      '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
-    ], { stdio: ['ignore', 'pipe', 'pipe'] });
+      '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...args,
+    ], { stdio: ['ignore', 'pipe', 'pipe'], cwd });
     const chunks = [];
     const r = { port, proc, exited: null, log: () => chunks.join('') };
     r.exitPromise = new Promise((res) => proc.on('exit', (code, signal) => {
@@ -745,4 +751,78 @@ export function startRedis(port) {
     proc.stdout.on('data', onData);
     proc.stderr.on('data', onData);
   });
+}
+
+/** Runs redis-cli with `args` against 127.0.0.1:`port`; resolves with its stdout. */
+export function redisCli(port, args, { timeout = 20000 } = {}) {
+  return new Promise((resolve, reject) => {
+    execFile('redis-cli', ['-h', '127.0.0.1', '-p', String(port), ...args], { timeout }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`redis-cli -p ${port} ${args.join(' ')}: ${err.message}\n${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+/**
+ * Starts a real Redis Cluster on free loopback ports: `masters` redis-servers with
+ * `--cluster-enabled yes`, each with `replicas` replicas, joined by `redis-cli --cluster
+ * create`; resolves once every node says `cluster_state:ok`. Returns `{ nodes, urls(),
+ * masters(), kill(port), stop() }`; `nodes` are startRedis results, each in its own
+ * directory (its nodes file).
+ */
+export async function startRedisCluster({ masters = 3, replicas = 1, nodeTimeoutMs = 1000 } = {}) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ringcast-redis-cluster-'));
+  const nodes = [];
+  const stop = async () => {
+    for (const n of nodes) {
+      if (!n.exited) { n.proc.kill('SIGKILL'); await n.exitPromise; }
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    for (let i = 0; i < masters * (1 + replicas); i++) {
+      const port = await freePort();
+      const cwd = path.join(dir, String(port));
+      fs.mkdirSync(cwd);
+      nodes.push(await startRedis(port, {
+        cwd,
+        args: ['--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf',
+          '--cluster-node-timeout', String(nodeTimeoutMs),
+          // A replica always tries to take over from its failed master (tests kill
+          // masters moments after the cluster formed).
+          '--cluster-replica-validity-factor', '0'],
+      }));
+    }
+    await redisCli(nodes[0].port, ['--cluster', 'create', ...nodes.map((n) => `127.0.0.1:${n.port}`),
+      '--cluster-replicas', String(replicas), '--cluster-yes']);
+    await waitFor(async () => {
+      const infos = await Promise.all(nodes.map((n) => redisCli(n.port, ['CLUSTER', 'INFO']).catch(() => '')));
+      return infos.every((i) => i.includes('cluster_state:ok'));
+    }, { timeout: 20000, interval: 200, what: 'every Redis Cluster node to say cluster_state:ok' });
+    // Every replica in sync with its master, so that a failover can happen at once.
+    await waitFor(async () => {
+      const infos = await Promise.all(nodes.map((n) => redisCli(n.port, ['INFO', 'replication']).catch(() => '')));
+      const replicasUp = infos.filter((i) => i.includes('role:slave') && i.includes('master_link_status:up')).length;
+      return replicasUp === masters * replicas;
+    }, { timeout: 20000, interval: 200, what: 'every Redis Cluster replica to be in sync with its master' });
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  const alive = () => nodes.filter((n) => !n.exited);
+  return {
+    nodes,
+    urls: () => alive().map((n) => `redis://127.0.0.1:${n.port}`),
+    /** The ports of the nodes that are masters now. */
+    masters: async () => {
+      const roles = await Promise.all(alive().map(async (n) => [n.port, await redisCli(n.port, ['ROLE']).catch(() => '')]));
+      return roles.filter(([, r]) => r.startsWith('master')).map(([p]) => p);
+    },
+    kill: async (port) => {
+      const n = nodes.find((x) => x.port === port);
+      n.proc.kill('SIGKILL');
+      await n.exitPromise;
+    },
+    stop,
+  };
 }

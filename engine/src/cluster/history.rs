@@ -3,9 +3,9 @@
 //! published in one atomic step, and every node (the sender's included) gets them in
 //! Redis's one order. A join fetches its replay through another script.
 //!
-//! Per topic: a hash `ringcast:hm:<topic>` (`epoch`, `last` offset; it lives for
+//! Per topic: a hash `ringcast:hm:{<topic>}` (`epoch`, `last` offset; it lives for
 //! [`META_TTL_FACTOR`] ttls after its last use, and its loss means a new epoch), and a
-//! stream `ringcast:hs:<topic>` of the last `size` broadcasts (entry id `<offset>-0`,
+//! stream `ringcast:hs:{<topic>}` of the last `size` broadcasts (entry id `<offset>-0`,
 //! fields `at`, Redis's clock in ms, and `e`, the published envelope), which expires a
 //! ttl after the last broadcast.
 
@@ -31,7 +31,7 @@ if tonumber(ARGV[2]) > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('PUBLISH', ARGV[4], env)
+redis.call(ARGV[8], ARGV[4], env)
 return off
 "#;
 
@@ -63,11 +63,11 @@ static PUBLISH: std::sync::LazyLock<redis::Script> =
 static FETCH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(FETCH_LUA));
 
 fn meta_key(topic: &str) -> String {
-    format!("ringcast:hm:{topic}")
+    format!("ringcast:hm:{{{topic}}}")
 }
 
 fn stream_key(topic: &str) -> String {
-    format!("ringcast:hs:{topic}")
+    format!("ringcast:hs:{{{topic}}}")
 }
 
 fn ms(d: std::time::Duration) -> u64 {
@@ -75,9 +75,12 @@ fn ms(d: std::time::Duration) -> u64 {
 }
 
 /// Sequences, keeps and publishes `p` on `channel`; `fresh_epoch` becomes the topic's
-/// epoch if it has none. Returns the offset Redis assigned.
+/// epoch if it has none. Returns the offset Redis assigned. `sharded`: on a Redis
+/// Cluster, with `SPUBLISH` (the channel is in the keys' slot).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn publish(
     conn: &mut redis::Connection,
+    sharded: bool,
     signer: &Signer,
     node: u32,
     channel: &str,
@@ -98,6 +101,7 @@ pub(crate) fn publish(
         .arg(prefix)
         .arg(suffix)
         .arg(ms(history.ttl).saturating_mul(META_TTL_FACTOR))
+        .arg(if sharded { "SPUBLISH" } else { "PUBLISH" })
         .invoke(conn)
 }
 

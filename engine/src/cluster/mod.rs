@@ -13,6 +13,7 @@
 //! node sends a heartbeat each second; a node silent for [`NODE_EXPIRY`] is taken for
 //! dead and its presences leave everyone's view.
 
+mod conns;
 pub mod envelope;
 pub(crate) mod history;
 mod subscriber;
@@ -26,12 +27,13 @@ use crossbeam_channel::Receiver;
 
 use crate::proto::presence::PresenceState;
 use crate::shard::cluster::LinkCmd;
-pub use crate::shard::cluster::{ClusterConfig, ClusterHandle, ClusterStats, DEFAULT_PIPELINE};
+pub use crate::shard::cluster::{ClusterConfig, ClusterHandle, ClusterStats, RedisAddr, DEFAULT_PIPELINE};
 use crate::shard::history::{Answer, Publish};
 use crate::shard::inbox::{CoreCommand, CoreInbox};
 use crate::shard::Broadcast;
+use conns::{Conns, Endpoints};
 use envelope::Envelope;
-use subscriber::{Subscriber, Verb};
+use subscriber::Verb;
 
 /// How often a node says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -51,14 +53,23 @@ const DISCONNECT_PATTERN: &str = "ringcast:d:*";
 /// Creates the handle now; the link thread starts with [`Link::spawn`] once the cores'
 /// inboxes exist.
 pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), redis::RedisError> {
-    let (client, sub_client) = clients(config)?;
+    let ca = match &config.redis_ca {
+        None => None,
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot read the Redis CA file",
+                format!("{}: {e}", path.display()),
+            ))
+        })?),
+    };
+    let endpoints = Endpoints::new(&config.redis, ca)?;
     let (tx, rx) = crossbeam_channel::bounded(crate::shard::cluster::LINK_QUEUE_BOUND);
     let node = envelope::node_id(&config.node_name);
     let stats = Arc::new(ClusterStats::default());
     let handle = ClusterHandle::new(tx, node, stats.clone());
     let link = Link {
-        client,
-        sub_client,
+        endpoints,
         rx,
         node,
         name: config.node_name.clone(),
@@ -70,7 +81,6 @@ pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), re
         subscribed: HashSet::new(),
         changed: Vec::new(),
         waiting: Vec::new(),
-        batch: Batch::default(),
         own: PresenceState::default(),
         peers: HashMap::new(),
         epoch_seed: crate::clock::unix_nanos(),
@@ -79,51 +89,25 @@ pub(crate) fn handle(config: &ClusterConfig) -> Result<(ClusterHandle, Link), re
     Ok((handle, link))
 }
 
-/// The clients of `config`'s Redis: one for commands, one speaking RESP3 for the
-/// subscriber connection. A `rediss://` URL is TLS, checked against the system's roots
-/// or, with [`ClusterConfig::redis_ca`], that CA's certificates.
-fn clients(config: &ClusterConfig) -> redis::RedisResult<(redis::Client, redis::Client)> {
-    use redis::IntoConnectionInfo;
-    let info = config.redis_url.as_str().into_connection_info()?;
-    let resp3 = info
-        .redis_settings()
-        .clone()
-        .set_protocol(redis::ProtocolVersion::RESP3);
-    let sub_info = info.clone().set_redis_settings(resp3);
-    match &config.redis_ca {
-        None => Ok((redis::Client::open(info)?, redis::Client::open(sub_info)?)),
-        Some(ca) => {
-            let root_cert = std::fs::read(ca).map_err(|e| {
-                redis::RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "cannot read the Redis CA file",
-                    format!("{}: {e}", ca.display()),
-                ))
-            })?;
-            let certs = || redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(root_cert.clone()),
-            };
-            Ok((
-                redis::Client::build_with_tls(info, certs())?,
-                redis::Client::build_with_tls(sub_info, certs())?,
-            ))
-        }
-    }
-}
-
+/// A topic's channel for broadcasts. The topic is the hash tag: on a Redis Cluster,
+/// its channels and history keys are in one slot.
 fn topic_channel(topic: &str) -> String {
-    format!("ringcast:t:{topic}")
+    format!("ringcast:t:{{{topic}}}")
 }
 
 fn presence_channel(topic: &str) -> String {
-    format!("ringcast:p:{topic}")
+    format!("ringcast:p:{{{topic}}}")
+}
+
+/// The topic of a channel named by [`topic_channel`] or [`presence_channel`] (`prefix`
+/// tells which).
+fn topic_of<'a>(channel: &'a str, prefix: &str) -> Option<&'a str> {
+    channel.strip_prefix(prefix)?.strip_prefix('{')?.strip_suffix('}')
 }
 
 pub(crate) struct Link {
-    /// For commands (RESP2), and for the subscriber connection (RESP3).
-    client: redis::Client,
-    sub_client: redis::Client,
+    /// Where Redis is (one server, or a Redis Cluster).
+    endpoints: Endpoints,
     rx: Receiver<LinkCmd>,
     node: u32,
     name: String,
@@ -141,8 +125,6 @@ pub(crate) struct Link {
     /// interest may have flipped, and the first joins waiting for their confirmation.
     changed: Vec<Arc<str>>,
     waiting: Vec<(usize, u64)>,
-    /// Publishes waiting for the next pipelined round trip.
-    batch: Batch,
     /// This node's own presence entries, to answer sync requests.
     own: PresenceState,
     /// Other nodes -> when last heard.
@@ -150,13 +132,6 @@ pub(crate) struct Link {
     /// Fresh epochs for topics Redis holds no history of (see [`history`]).
     epoch_seed: u64,
     epochs_made: u64,
-}
-
-/// Publishes (broadcasts, presences, heartbeats) queued for one pipelined round trip.
-#[derive(Default)]
-struct Batch {
-    pipe: redis::Pipeline,
-    len: usize,
 }
 
 /// Why a link session ended.
@@ -194,9 +169,6 @@ impl Link {
                     // Joins waiting for a subscription go on (the next session
                     // subscribes every topic again).
                     self.changed.clear();
-                    // What the failed session had not sent yet is lost (and counted).
-                    let unsent = std::mem::take(&mut self.batch);
-                    self.stats.lost.fetch_add(unsent.len as u64, Ordering::Relaxed);
                     for (core, id) in std::mem::take(&mut self.waiting) {
                         self.confirm(core, Some(id));
                     }
@@ -299,42 +271,48 @@ impl Link {
     }
 
     fn session(&mut self, backoff: &mut Duration) -> End {
-        let connect = || -> redis::RedisResult<(redis::Connection, redis::Connection)> {
-            let timeout = COMMAND_TIMEOUT;
-            let sub = self.sub_client.get_connection_with_timeout(timeout)?;
-            let publish = self.client.get_connection_with_timeout(timeout)?;
-            publish.set_read_timeout(Some(timeout))?;
-            publish.set_write_timeout(Some(timeout))?;
-            Ok((sub, publish))
-        };
-        let (sub, mut publish) = match connect() {
+        let mut conns = match self.endpoints.connect(COMMAND_TIMEOUT, POLL_MESSAGES) {
             Ok(c) => c,
             Err(e) => return End::Redis(e),
         };
-        let mut pubsub = match Subscriber::new(sub, COMMAND_TIMEOUT, POLL_MESSAGES) {
-            Ok(s) => s,
-            Err(e) => return End::Redis(e),
+        let end = self.serve(&mut conns, backoff);
+        // What the session had not sent yet is lost (and counted).
+        self.stats
+            .lost
+            .fetch_add(conns.queued() as u64, Ordering::Relaxed);
+        end
+    }
+
+    fn serve(&mut self, conns: &mut Conns, backoff: &mut Duration) -> End {
+        let hb = conns.shard_of(HEARTBEAT_CHANNEL);
+        let hb_verb = if conns.sharded() {
+            Verb::SSubscribe
+        } else {
+            Verb::Subscribe
         };
-        let resubscribe = |pubsub: &mut Subscriber| -> redis::RedisResult<()> {
-            pubsub.change(Verb::Subscribe, &[HEARTBEAT_CHANNEL])?;
-            pubsub.change(Verb::PSubscribe, &[DISCONNECT_PATTERN])
+        let resubscribe = |conns: &mut Conns| -> redis::RedisResult<()> {
+            conns.shards[hb].sub.change(hb_verb, &[[HEARTBEAT_CHANNEL]])?;
+            conns.shards[0]
+                .sub
+                .change(Verb::PSubscribe, &[[DISCONNECT_PATTERN]])
         };
-        if let Err(e) = resubscribe(&mut pubsub) {
+        if let Err(e) = resubscribe(conns) {
             return End::Redis(e);
         }
         // A new session: Redis knows none of this node's topics. They are subscribed
         // (and this node's presences republished) in one batch.
         self.subscribed.clear();
         self.changed.extend(self.interest.keys().cloned());
-        if let Err(e) = self.apply_subscriptions(&mut pubsub) {
+        if let Err(e) = self.apply_subscriptions(conns) {
             return End::Redis(e);
         }
         self.stats.connected.store(true, Ordering::Relaxed);
-        tracing::info!(node = %self.name, "Redis link up");
+        let shards: Vec<&str> = conns.shards.iter().map(|s| s.name.as_str()).collect();
+        tracing::info!(node = %self.name, redis = ?shards, "Redis link up");
         *backoff = Duration::from_millis(100);
         let mut next_heartbeat = Instant::now();
         loop {
-            if let Err(e) = self.turn(&mut pubsub, &mut publish, &mut next_heartbeat) {
+            if let Err(e) = self.turn(conns, &mut next_heartbeat) {
                 return e;
             }
         }
@@ -343,19 +321,13 @@ impl Link {
     /// One turn of a session: every command queued goes out (publishes and
     /// subscription changes batched), then a heartbeat if one is due, then a message
     /// from Redis if one comes within [`POLL_MESSAGES`].
-    fn turn(
-        &mut self,
-        pubsub: &mut Subscriber,
-        publish: &mut redis::Connection,
-        next_heartbeat: &mut Instant,
-    ) -> Result<(), End> {
+    fn turn(&mut self, conns: &mut Conns, next_heartbeat: &mut Instant) -> Result<(), End> {
         loop {
             match self.rx.try_recv() {
                 // Broadcasts and presences go out in one pipeline per batch: one round
                 // trip for as many as were queued (up to the configured depth).
                 Ok(LinkCmd::Publish(b)) => {
-                    let (channel, bytes) = self.sealed_broadcast(&b);
-                    self.queue_publish(channel, bytes, publish)?;
+                    self.queue_broadcast(&b, conns)?;
                 }
                 Ok(LinkCmd::Presence(topic, delta)) => {
                     self.own.apply(&topic, &delta);
@@ -365,7 +337,7 @@ impl Link {
                     };
                     let channel = presence_channel(&topic);
                     let sealed = self.signer.seal(&channel, envelope.encode());
-                    self.queue_publish(channel, sealed, publish)?;
+                    self.queue_publish(&channel, sealed, conns)?;
                 }
                 // Subscription changes go out in one SUBSCRIBE (and one UNSUBSCRIBE)
                 // per batch too.
@@ -380,15 +352,15 @@ impl Link {
                     // History scripts keep their place after the subscription changes
                     // and publishes before them (a fetch after its topic's
                     // subscription).
-                    self.apply_subscriptions(pubsub)?;
-                    self.flush(publish)?;
-                    self.command(cmd, publish)?;
+                    self.apply_subscriptions(conns)?;
+                    self.flush(conns)?;
+                    self.command(cmd, conns)?;
                 }
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => return Err(End::Shutdown),
             }
         }
-        self.apply_subscriptions(pubsub)?;
+        self.apply_subscriptions(conns)?;
         if Instant::now() >= *next_heartbeat {
             *next_heartbeat = Instant::now() + HEARTBEAT;
             let beat = Envelope::Heartbeat {
@@ -396,63 +368,58 @@ impl Link {
                 name: self.name.clone(),
             };
             let sealed = self.signer.seal(HEARTBEAT_CHANNEL, beat.encode());
-            self.queue_publish(HEARTBEAT_CHANNEL.to_string(), sealed, publish)?;
+            self.queue_publish(HEARTBEAT_CHANNEL, sealed, conns)?;
             self.expire_peers();
         }
-        self.flush(publish)?;
-        if let Some((channel, payload)) = pubsub.next()? {
-            self.message(&channel, &payload)?;
+        self.flush(conns)?;
+        if let Some((channel, payload)) = conns.next_message()? {
+            self.message(&channel, &payload, conns);
         }
         Ok(())
     }
 
-    /// Queues a publish for the next pipelined round trip, which goes out at once when
-    /// the batch is full (with a pipeline depth of 1, every publish is a round trip).
-    fn queue_publish(
-        &mut self,
-        channel: String,
-        sealed: Vec<u8>,
-        conn: &mut redis::Connection,
-    ) -> redis::RedisResult<()> {
-        self.batch.pipe.cmd("PUBLISH").arg(channel).arg(sealed).ignore();
-        self.batch.len += 1;
-        if self.batch.len >= self.pipeline {
-            self.flush(conn)?;
+    /// Queues a publish for its shard's next pipelined round trip; the batches go out
+    /// at once when one is full (with a pipeline depth of 1, every publish is a round
+    /// trip).
+    fn queue_publish(&mut self, channel: &str, sealed: Vec<u8>, conns: &mut Conns) -> redis::RedisResult<()> {
+        if conns.queue(channel, sealed) >= self.pipeline {
+            self.flush(conns)?;
         }
         Ok(())
     }
 
-    /// A broadcast's channel and its signed envelope.
-    fn sealed_broadcast(&self, b: &Broadcast) -> (String, Vec<u8>) {
+    /// Queues a broadcast, signed. A `disconnect` goes to `ringcast:d:<topic>`, which
+    /// every node listens to by pattern (classic pub/sub, which a cluster carries
+    /// everywhere).
+    fn queue_broadcast(&mut self, b: &Broadcast, conns: &mut Conns) -> redis::RedisResult<()> {
         let envelope = Envelope::Broadcast {
             node: self.node,
             event: b.event.to_string(),
             payload: b.payload().clone(),
         };
-        let channel = if &*b.event == crate::shard::DISCONNECT {
-            format!("ringcast:d:{}", b.topic)
+        if &*b.event == crate::shard::DISCONNECT {
+            let channel = format!("ringcast:d:{}", b.topic);
+            let sealed = self.signer.seal(&channel, envelope.encode());
+            if conns.queue_everywhere(&channel, sealed) >= self.pipeline {
+                self.flush(conns)?;
+            }
+            Ok(())
         } else {
-            topic_channel(&b.topic)
-        };
-        let sealed = self.signer.seal(&channel, envelope.encode());
-        (channel, sealed)
+            let channel = topic_channel(&b.topic);
+            let sealed = self.signer.seal(&channel, envelope.encode());
+            self.queue_publish(&channel, sealed, conns)
+        }
     }
 
-    /// Sends the pipelined broadcasts, if any, in one round trip.
-    fn flush(&mut self, conn: &mut redis::Connection) -> redis::RedisResult<()> {
-        if self.batch.len == 0 {
-            return Ok(());
-        }
-        let n = std::mem::take(&mut self.batch.len) as u64;
-        let r = self.batch.pipe.exec(conn);
-        self.batch.pipe.clear();
-        match r {
-            Ok(()) => {
+    /// Sends the pipelined publishes, if any: one round trip per shard.
+    fn flush(&mut self, conns: &mut Conns) -> redis::RedisResult<()> {
+        match conns.flush() {
+            Ok(n) => {
                 self.stats.published.fetch_add(n, Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) => {
-                self.stats.lost.fetch_add(n, Ordering::Relaxed);
+            Err((lost, e)) => {
+                self.stats.lost.fetch_add(lost, Ordering::Relaxed);
                 Err(e)
             }
         }
@@ -463,7 +430,7 @@ impl Link {
     /// interest in and one `UNSUBSCRIBE` for every topic it lost. Once Redis confirmed
     /// every channel, every waiting first join is confirmed, and this node's presence
     /// on each new topic is queued for the next pipeline.
-    fn apply_subscriptions(&mut self, pubsub: &mut Subscriber) -> redis::RedisResult<()> {
+    fn apply_subscriptions(&mut self, conns: &mut Conns) -> redis::RedisResult<()> {
         let mut on = Vec::new();
         let mut off = Vec::new();
         for topic in std::mem::take(&mut self.changed) {
@@ -474,34 +441,28 @@ impl Link {
                 off.push(topic);
             }
         }
-        let channels = |topics: &[Arc<str>]| -> Vec<String> {
+        let channels = |topics: &[Arc<str>]| -> Vec<[String; 2]> {
             topics
                 .iter()
-                .flat_map(|t| [topic_channel(t), presence_channel(t)])
+                .map(|t| [topic_channel(t), presence_channel(t)])
                 .collect()
         };
-        let result = (|| -> redis::RedisResult<()> {
-            if !on.is_empty() {
-                pubsub.change(Verb::Subscribe, &channels(&on))?;
-            }
-            if !off.is_empty() {
-                pubsub.change(Verb::Unsubscribe, &channels(&off))?;
-            }
-            Ok(())
-        })();
+        let result = conns
+            .subscribe(true, &channels(&on))
+            .and_then(|()| conns.subscribe(false, &channels(&off)));
         // Confirmed, or Redis failed: either way the joins go on (at most once; the
         // next session subscribes again).
         for (core, id) in std::mem::take(&mut self.waiting) {
             self.confirm(core, Some(id));
         }
         result?;
-        self.announce_presence(&on);
+        self.announce_presence(&on, conns);
         Ok(())
     }
 
     /// Queues this node's full presence on each of `topics` and a request for the
     /// others' (they go out with the batch's next round trip).
-    fn announce_presence(&mut self, topics: &[Arc<str>]) {
+    fn announce_presence(&mut self, topics: &[Arc<str>], conns: &mut Conns) {
         let node = self.node;
         for topic in topics {
             let channel = presence_channel(topic);
@@ -509,32 +470,25 @@ impl Link {
             if !entries.is_empty() {
                 let state = Envelope::PresenceState { node, entries };
                 let sealed = self.signer.seal(&channel, state.encode());
-                self.batch.pipe.cmd("PUBLISH").arg(&channel).arg(sealed).ignore();
-                self.batch.len += 1;
+                conns.queue(&channel, sealed);
             }
             let sync = Envelope::SyncRequest { node };
             let sealed = self.signer.seal(&channel, sync.encode());
-            self.batch.pipe.cmd("PUBLISH").arg(&channel).arg(sealed).ignore();
-            self.batch.len += 1;
+            conns.queue(&channel, sealed);
         }
     }
 
-    fn command(&mut self, cmd: LinkCmd, publish: &mut redis::Connection) -> redis::RedisResult<()> {
+    fn command(&mut self, cmd: LinkCmd, conns: &mut Conns) -> redis::RedisResult<()> {
+        let sharded = conns.sharded();
         match cmd {
             LinkCmd::Interest { .. } | LinkCmd::Publish(_) | LinkCmd::Presence(..) => {
                 unreachable!("batched by Link::turn")
             }
             LinkCmd::Sequence(p, h) => {
                 let epoch = self.fresh_epoch();
-                match history::publish(
-                    publish,
-                    &self.signer,
-                    self.node,
-                    &topic_channel(&p.topic),
-                    &p,
-                    h,
-                    epoch,
-                ) {
+                let channel = topic_channel(&p.topic);
+                let conn = conns.commands_for(&channel);
+                match history::publish(conn, sharded, &self.signer, self.node, &channel, &p, h, epoch) {
                     Ok(_) => {
                         self.stats.published.fetch_add(1, Ordering::Relaxed);
                         Ok(())
@@ -554,7 +508,8 @@ impl Link {
                 history: h,
             } => {
                 let epoch = self.fresh_epoch();
-                match history::fetch(publish, &self.signer, &topic, since, h, epoch) {
+                let conn = conns.commands_for(&topic_channel(&topic));
+                match history::fetch(conn, &self.signer, &topic, since, h, epoch) {
                     Ok(answer) => {
                         self.answer(core, id, answer);
                         Ok(())
@@ -568,7 +523,7 @@ impl Link {
         }
     }
 
-    fn message(&mut self, channel: &str, data: &[u8]) -> redis::RedisResult<()> {
+    fn message(&mut self, channel: &str, data: &[u8], conns: &mut Conns) {
         // Unsigned or forged (someone with access to the Redis): dropped, counted.
         let Ok(data) = self.signer.open(channel, data) else {
             let n = self.stats.forged.fetch_add(1, Ordering::Relaxed);
@@ -579,19 +534,19 @@ impl Link {
                     "dropped a message not signed with the cluster secret"
                 );
             }
-            return Ok(());
+            return;
         };
         let envelope = match Envelope::decode(data) {
             Ok(e) => e,
             Err(why) => {
                 tracing::warn!(channel, "{why}");
-                return Ok(());
+                return;
             }
         };
         if let Envelope::Sequenced { .. } = envelope {
             // Every node delivers these as Redis ordered them, the sender's included.
-            let Some(topic) = channel.strip_prefix("ringcast:t:") else {
-                return Ok(());
+            let Some(topic) = topic_of(channel, "ringcast:t:") else {
+                return;
             };
             if envelope.node() != self.node {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
@@ -608,10 +563,10 @@ impl Link {
                 }
                 Err(why) => tracing::warn!(channel, "{why}"),
             }
-            return Ok(());
+            return;
         }
         if envelope.node() == self.node {
-            return Ok(());
+            return;
         }
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         match envelope {
@@ -623,13 +578,13 @@ impl Link {
             }
             Envelope::Broadcast { event, payload, .. } => {
                 let (topic, mask) = match (
-                    channel.strip_prefix("ringcast:t:"),
+                    topic_of(channel, "ringcast:t:"),
                     channel.strip_prefix("ringcast:d:"),
                 ) {
                     (Some(topic), _) => (topic, self.interest.get(topic).copied().unwrap_or(0)),
                     // A disconnect: every core looks for sockets with that id.
                     (None, Some(topic)) => (topic, u64::MAX),
-                    _ => return Ok(()),
+                    _ => return,
                 };
                 // Encoded once for this node, shared by its cores.
                 let broadcast = Arc::new(Broadcast::new(topic, &event, payload, None));
@@ -640,11 +595,11 @@ impl Link {
                 }
             }
             Envelope::Presence { node, delta } => {
-                let Some(topic) = channel.strip_prefix("ringcast:p:") else {
-                    return Ok(());
+                let Some(topic) = topic_of(channel, "ringcast:p:") else {
+                    return;
                 };
                 if !self.presence_acceptable(node, &delta.joins) {
-                    return Ok(());
+                    return;
                 }
                 let (topic, delta): (Arc<str>, _) = (topic.into(), Arc::new(delta));
                 for inbox in &self.cores {
@@ -652,11 +607,11 @@ impl Link {
                 }
             }
             Envelope::PresenceState { node, entries } => {
-                let Some(topic) = channel.strip_prefix("ringcast:p:") else {
-                    return Ok(());
+                let Some(topic) = topic_of(channel, "ringcast:p:") else {
+                    return;
                 };
                 if !self.presence_acceptable(node, &entries) {
-                    return Ok(());
+                    return;
                 }
                 let (topic, entries): (Arc<str>, _) = (topic.into(), Arc::new(entries));
                 for inbox in &self.cores {
@@ -665,18 +620,16 @@ impl Link {
             }
             Envelope::Sequenced { .. } => unreachable!("handled above"),
             Envelope::SyncRequest { .. } => {
-                let Some(topic) = channel.strip_prefix("ringcast:p:") else {
-                    return Ok(());
+                let Some(topic) = topic_of(channel, "ringcast:p:") else {
+                    return;
                 };
                 let node = self.node;
                 let entries = self.own.entries(topic, |o| o.node() == node);
                 let state = Envelope::PresenceState { node, entries };
                 let sealed = self.signer.seal(channel, state.encode());
-                self.batch.pipe.cmd("PUBLISH").arg(channel).arg(sealed).ignore();
-                self.batch.len += 1;
+                conns.queue(channel, sealed);
             }
         }
-        Ok(())
     }
 
     /// Whether presences from `node` may be applied: every entry is `node`'s own and

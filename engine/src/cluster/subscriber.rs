@@ -14,6 +14,9 @@ pub(crate) enum Verb {
     Subscribe,
     Unsubscribe,
     PSubscribe,
+    /// Sharded pub/sub (Redis Cluster): every channel of one command in one slot.
+    SSubscribe,
+    SUnsubscribe,
 }
 
 impl Verb {
@@ -22,6 +25,8 @@ impl Verb {
             Verb::Subscribe => "SUBSCRIBE",
             Verb::Unsubscribe => "UNSUBSCRIBE",
             Verb::PSubscribe => "PSUBSCRIBE",
+            Verb::SSubscribe => "SSUBSCRIBE",
+            Verb::SUnsubscribe => "SUNSUBSCRIBE",
         }
     }
 
@@ -30,6 +35,8 @@ impl Verb {
             Verb::Subscribe => PushKind::Subscribe,
             Verb::Unsubscribe => PushKind::Unsubscribe,
             Verb::PSubscribe => PushKind::PSubscribe,
+            Verb::SSubscribe => PushKind::SSubscribe,
+            Verb::SUnsubscribe => PushKind::SUnsubscribe,
         }
     }
 }
@@ -62,19 +69,33 @@ impl Subscriber {
         })
     }
 
-    /// Sends one `verb` for every channel of `channels` and returns once Redis has
-    /// confirmed each of them.
-    pub(crate) fn change<S: AsRef<str>>(&mut self, verb: Verb, channels: &[S]) -> redis::RedisResult<()> {
-        if channels.is_empty() {
+    /// Sends one `verb` command per group of channels, all in one write, and returns
+    /// once Redis has confirmed every channel of every group.
+    pub(crate) fn change<G, S>(&mut self, verb: Verb, groups: &[G]) -> redis::RedisResult<()>
+    where
+        G: AsRef<[S]>,
+        S: AsRef<str>,
+    {
+        let mut packed = Vec::new();
+        let mut channels = 0;
+        for group in groups {
+            let group = group.as_ref();
+            if group.is_empty() {
+                continue;
+            }
+            let mut cmd = redis::cmd(verb.command());
+            for c in group {
+                cmd.arg(c.as_ref());
+            }
+            cmd.write_packed_command(&mut packed);
+            channels += group.len();
+        }
+        if channels == 0 {
             return Ok(());
         }
-        let mut cmd = redis::cmd(verb.command());
-        for c in channels {
-            cmd.arg(c.as_ref());
-        }
-        self.conn.send_packed_command(&cmd.get_packed_command())?;
+        self.conn.send_packed_command(&packed)?;
         self.conn.set_read_timeout(Some(self.command_timeout))?;
-        let result = self.confirmations(verb.confirmation(), channels.len());
+        let result = self.confirmations(verb.confirmation(), channels);
         self.conn.set_read_timeout(Some(self.poll))?;
         result
     }
@@ -104,6 +125,22 @@ impl Subscriber {
                 return Ok(Some(m));
             }
             match self.conn.recv_response() {
+                // Redis Cluster moved a slot away (a failover, a resharding): the
+                // session ends, and the next one asks where the slots are.
+                Ok(Value::Push {
+                    kind: PushKind::SUnsubscribe,
+                    data,
+                }) => {
+                    let channel = match data.first() {
+                        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                        _ => String::new(),
+                    };
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::ClusterConnectionNotFound,
+                        "Redis Cluster unsubscribed a channel (its slot moved)",
+                        channel,
+                    )));
+                }
                 Ok(Value::Push { kind, data }) => self.queue(kind, data),
                 Ok(Value::ServerError(e)) => return Err(e.into()),
                 Ok(_) => {}

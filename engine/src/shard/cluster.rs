@@ -157,8 +157,8 @@ impl ClusterHandle {
 /// Cluster settings.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
-    pub redis_url: String,
+    /// The Redis server, or the nodes of a Redis Cluster.
+    pub redis: RedisAddr,
     /// The CA whose certificates a `rediss://` server's must chain to (PEM); `None`
     /// trusts the system's roots.
     pub redis_ca: Option<std::path::PathBuf>,
@@ -172,12 +172,35 @@ pub struct ClusterConfig {
     pub pipeline: usize,
 }
 
+/// Where cluster mode's Redis is. Each URL is `redis://[user:password@]host:port[/db]`,
+/// or `rediss://` for TLS.
+#[derive(Debug, Clone)]
+pub enum RedisAddr {
+    /// One Redis server: classic pub/sub.
+    Server(String),
+    /// Some nodes of a Redis Cluster (any of them; the link asks for the masters):
+    /// sharded pub/sub, each topic on the master of its slot.
+    Cluster(Vec<String>),
+}
+
+impl From<String> for RedisAddr {
+    fn from(url: String) -> Self {
+        RedisAddr::Server(url)
+    }
+}
+
+impl From<&str> for RedisAddr {
+    fn from(url: &str) -> Self {
+        RedisAddr::Server(url.into())
+    }
+}
+
 impl ClusterConfig {
-    /// Cluster mode through the Redis at `redis_url`, as node `node_name`, signing with
-    /// `secret`; the other settings at their defaults.
-    pub fn new(redis_url: impl Into<String>, node_name: impl Into<String>, secret: impl Into<String>) -> Self {
+    /// Cluster mode through `redis` (a server's URL, or a [`RedisAddr`]), as node
+    /// `node_name`, signing with `secret`; the other settings at their defaults.
+    pub fn new(redis: impl Into<RedisAddr>, node_name: impl Into<String>, secret: impl Into<String>) -> Self {
         ClusterConfig {
-            redis_url: redis_url.into(),
+            redis: redis.into(),
             redis_ca: None,
             node_name: node_name.into(),
             secret: secret.into(),

@@ -1,0 +1,378 @@
+//! The link's connections to Redis for one session: one server, or every master of a
+//! Redis Cluster. Per server (a *shard*), a connection for commands and a subscriber
+//! connection ([`Subscriber`]), and the publishes queued for its next pipeline.
+//!
+//! On a Redis Cluster, a topic's channels and history keys carry the topic as their
+//! hash tag (`ringcast:t:{<topic>}`), so they live in one slot, on one master:
+//! broadcasts go out with `SPUBLISH` and are received with `SSUBSCRIBE` (sharded
+//! pub/sub, Redis ≥ 7), and the topics spread over the masters. Only the rare
+//! `disconnect` broadcasts use classic `PUBLISH`, which the cluster bus carries to
+//! every node. A moved slot, a failed master or any error ends the session; the next
+//! one asks the cluster for its masters again.
+
+use std::time::Duration;
+
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+
+use super::subscriber::{Message, Subscriber, Verb};
+use crate::shard::cluster::RedisAddr;
+
+/// How many slots a Redis Cluster has.
+const SLOTS: usize = 16384;
+
+/// The slot of `key` in a Redis Cluster: CRC16 of its hash tag (what is between the
+/// first `{` and the next `}`, when that is not empty) or of the whole key.
+pub(crate) fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &bytes[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % SLOTS as u16
+}
+
+/// Where the link's Redis is, and how to reach it.
+pub(crate) struct Endpoints {
+    /// The server, or any nodes of the cluster (each is asked for the masters until
+    /// one answers).
+    seeds: Vec<ConnectionInfo>,
+    cluster: bool,
+    /// The CA a `rediss://` server's certificate must chain to (PEM), if not the
+    /// system's roots.
+    ca: Option<Vec<u8>>,
+}
+
+/// Publishes queued for one pipelined round trip to one shard.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pipe: redis::Pipeline,
+    pub(crate) len: usize,
+}
+
+pub(crate) struct Shard {
+    /// `host:port`, for the log.
+    pub(crate) name: String,
+    pub(crate) commands: redis::Connection,
+    pub(crate) sub: Subscriber,
+    batch: Batch,
+}
+
+pub(crate) struct Conns {
+    pub(crate) shards: Vec<Shard>,
+    /// Slot -> shard, on a Redis Cluster; `None` with one server.
+    slots: Option<Box<[u16]>>,
+    /// The shard whose subscriber is polled first next time (each gets its turn).
+    next_poll: usize,
+}
+
+impl Endpoints {
+    pub(crate) fn new(addr: &RedisAddr, ca: Option<Vec<u8>>) -> redis::RedisResult<Self> {
+        let (urls, cluster) = match addr {
+            RedisAddr::Server(url) => (std::slice::from_ref(url), false),
+            RedisAddr::Cluster(urls) => (urls.as_slice(), true),
+        };
+        let seeds = urls
+            .iter()
+            .map(|u| u.as_str().into_connection_info())
+            .collect::<redis::RedisResult<_>>()?;
+        Ok(Endpoints { seeds, cluster, ca })
+    }
+
+    fn client(&self, info: ConnectionInfo, resp3: bool) -> redis::RedisResult<redis::Client> {
+        let info = if resp3 {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            info.set_redis_settings(settings)
+        } else {
+            info
+        };
+        match &self.ca {
+            None => redis::Client::open(info),
+            Some(ca) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+        }
+    }
+
+    fn shard(&self, info: ConnectionInfo, timeout: Duration, poll: Duration) -> redis::RedisResult<Shard> {
+        let name = match info.addr() {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                format!("{host}:{port}")
+            }
+            other => format!("{other:?}"),
+        };
+        let commands = self
+            .client(info.clone(), false)?
+            .get_connection_with_timeout(timeout)?;
+        commands.set_read_timeout(Some(timeout))?;
+        commands.set_write_timeout(Some(timeout))?;
+        let sub = self.client(info, true)?.get_connection_with_timeout(timeout)?;
+        Ok(Shard {
+            name,
+            commands,
+            sub: Subscriber::new(sub, timeout, poll)?,
+            batch: Batch::default(),
+        })
+    }
+
+    /// Connects: to the server, or to every master of the cluster as one of its nodes
+    /// describes it. `poll` is how long all subscribers together are polled per turn.
+    pub(crate) fn connect(&self, timeout: Duration, poll: Duration) -> redis::RedisResult<Conns> {
+        match (self.cluster, self.seeds.first()) {
+            (false, Some(info)) => Ok(Conns {
+                shards: vec![self.shard(info.clone(), timeout, poll)?],
+                slots: None,
+                next_poll: 0,
+            }),
+            _ => {
+                let mut last = None;
+                for seed in &self.seeds {
+                    match self.masters(seed, timeout) {
+                        Ok((masters, slots)) => {
+                            let each = (poll / masters.len().max(1) as u32).max(Duration::from_millis(1));
+                            let shards = masters
+                                .into_iter()
+                                .map(|m| self.shard(m, timeout, each))
+                                .collect::<redis::RedisResult<_>>()?;
+                            return Ok(Conns {
+                                shards,
+                                slots: Some(slots),
+                                next_poll: 0,
+                            });
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "no Redis Cluster node given",
+                    ))
+                }))
+            }
+        }
+    }
+
+    /// The masters `seed` knows of (`CLUSTER SLOTS`), and which of them serves each slot.
+    fn masters(
+        &self,
+        seed: &ConnectionInfo,
+        timeout: Duration,
+    ) -> redis::RedisResult<(Vec<ConnectionInfo>, Box<[u16]>)> {
+        let mut conn = self
+            .client(seed.clone(), false)?
+            .get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn)?;
+        let broken = |why: &'static str| {
+            redis::RedisError::from((redis::ErrorKind::Parse, "CLUSTER SLOTS", why.to_string()))
+        };
+        let mut masters: Vec<(String, u16)> = Vec::new();
+        let mut slots = vec![u16::MAX; SLOTS].into_boxed_slice();
+        for range in ranges {
+            let redis::Value::Array(parts) = range else {
+                return Err(broken("a range is not an array"));
+            };
+            let (
+                Some(redis::Value::Int(start)),
+                Some(redis::Value::Int(end)),
+                Some(redis::Value::Array(master)),
+            ) = (parts.first(), parts.get(1), parts.get(2))
+            else {
+                return Err(broken("a range is not [start, end, master, ...]"));
+            };
+            let host = match master.first() {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => return Err(broken("a master has no host")),
+            };
+            let Some(redis::Value::Int(port)) = master.get(1) else {
+                return Err(broken("a master has no port"));
+            };
+            // An empty host means "the node you asked".
+            let host = if host.is_empty() { host_of(seed) } else { host };
+            let at = (host, *port as u16);
+            let index = match masters.iter().position(|m| *m == at) {
+                Some(i) => i,
+                None => {
+                    masters.push(at);
+                    masters.len() - 1
+                }
+            };
+            for s in (*start as usize)..=(*end as usize).min(SLOTS - 1) {
+                slots[s] = index as u16;
+            }
+        }
+        if slots.contains(&u16::MAX) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::ClusterConnectionNotFound,
+                "the Redis Cluster does not cover every slot",
+            )));
+        }
+        let infos = masters
+            .into_iter()
+            .map(|(host, port)| at(seed, host, port))
+            .collect();
+        Ok((infos, slots))
+    }
+}
+
+fn host_of(info: &ConnectionInfo) -> String {
+    match info.addr() {
+        ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } => host.clone(),
+        _ => "127.0.0.1".into(),
+    }
+}
+
+/// `info` (its user, password and TLS) for the server at `host:port`.
+fn at(info: &ConnectionInfo, host: String, port: u16) -> ConnectionInfo {
+    let addr = match info.addr() {
+        ConnectionAddr::TcpTls {
+            insecure, tls_params, ..
+        } => ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host, port),
+    };
+    info.clone().set_addr(addr)
+}
+
+impl Conns {
+    /// Whether this is a Redis Cluster (sharded pub/sub).
+    pub(crate) fn sharded(&self) -> bool {
+        self.slots.is_some()
+    }
+
+    /// The shard that serves `key` (a channel or a key).
+    pub(crate) fn shard_of(&self, key: &str) -> usize {
+        match &self.slots {
+            None => 0,
+            Some(slots) => slots[slot(key) as usize] as usize,
+        }
+    }
+
+    /// Queues a publish on `channel` for its shard's next pipeline (`SPUBLISH` on a
+    /// cluster). Returns how many that shard has queued.
+    pub(crate) fn queue(&mut self, channel: &str, message: Vec<u8>) -> usize {
+        let verb = if self.sharded() { "SPUBLISH" } else { "PUBLISH" };
+        let shard = self.shard_of(channel);
+        self.queue_on(shard, verb, channel, message)
+    }
+
+    /// Queues a classic `PUBLISH`, which a cluster carries to every node (for what every
+    /// node listens to by pattern).
+    pub(crate) fn queue_everywhere(&mut self, channel: &str, message: Vec<u8>) -> usize {
+        self.queue_on(0, "PUBLISH", channel, message)
+    }
+
+    fn queue_on(&mut self, shard: usize, verb: &str, channel: &str, message: Vec<u8>) -> usize {
+        let batch = &mut self.shards[shard].batch;
+        batch.pipe.cmd(verb).arg(channel).arg(message).ignore();
+        batch.len += 1;
+        batch.len
+    }
+
+    /// How many publishes wait in all batches.
+    pub(crate) fn queued(&self) -> usize {
+        self.shards.iter().map(|s| s.batch.len).sum()
+    }
+
+    /// Sends every shard's batch, one round trip each. `Ok(sent)`, or the error with
+    /// how many were lost (the failed batch and every batch not yet sent).
+    pub(crate) fn flush(&mut self) -> Result<u64, (u64, redis::RedisError)> {
+        let mut sent = 0;
+        for i in 0..self.shards.len() {
+            let shard = &mut self.shards[i];
+            if shard.batch.len == 0 {
+                continue;
+            }
+            let n = std::mem::take(&mut shard.batch.len) as u64;
+            let r = shard.batch.pipe.exec(&mut shard.commands);
+            shard.batch.pipe.clear();
+            if let Err(e) = r {
+                let rest: u64 = self.shards.iter().map(|s| s.batch.len as u64).sum();
+                return Err((n + rest, e));
+            }
+            sent += n;
+        }
+        Ok(sent)
+    }
+
+    /// (Un)subscribes each group of channels (one topic's), every group in one slot:
+    /// one command per group on a cluster, all of them in one on a single server. Each
+    /// shard's commands go out together; returns once Redis confirmed every channel.
+    pub(crate) fn subscribe(&mut self, on: bool, groups: &[[String; 2]]) -> redis::RedisResult<()> {
+        if groups.is_empty() {
+            return Ok(());
+        }
+        match self.slots.is_some() {
+            false => {
+                let channels: Vec<&String> = groups.iter().flatten().collect();
+                let verb = if on { Verb::Subscribe } else { Verb::Unsubscribe };
+                self.shards[0].sub.change(verb, &[channels])
+            }
+            true => {
+                let verb = if on { Verb::SSubscribe } else { Verb::SUnsubscribe };
+                let mut per_shard: Vec<Vec<&[String; 2]>> = vec![Vec::new(); self.shards.len()];
+                for g in groups {
+                    per_shard[self.shard_of(&g[0])].push(g);
+                }
+                for (shard, groups) in self.shards.iter_mut().zip(per_shard) {
+                    if !groups.is_empty() {
+                        shard.sub.change(verb, &groups)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The connection for commands to the shard of `key` (history scripts).
+    pub(crate) fn commands_for(&mut self, key: &str) -> &mut redis::Connection {
+        let shard = self.shard_of(key);
+        &mut self.shards[shard].commands
+    }
+
+    /// The next message from any shard's subscriber, each polled in turn.
+    pub(crate) fn next_message(&mut self) -> redis::RedisResult<Option<Message>> {
+        let n = self.shards.len();
+        for k in 0..n {
+            let i = (self.next_poll + k) % n;
+            if let Some(m) = self.shards[i].sub.next()? {
+                self.next_poll = (i + 1) % n;
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_redis_cluster_spec() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot("123456789"), 12739);
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("{user1000}.following"), slot("user1000"));
+        assert_eq!(slot("ringcast:t:{rooms:1}"), slot("ringcast:hs:{rooms:1}"));
+        // An empty tag does not count: the whole key is hashed.
+        assert_eq!(
+            slot("foo{}{bar}"),
+            crc16::State::<crc16::XMODEM>::calculate(b"foo{}{bar}") % 16384
+        );
+        // Only up to the first `}` after the first `{`.
+        assert_eq!(slot("foo{{bar}}zap"), slot("{bar"));
+    }
+}
