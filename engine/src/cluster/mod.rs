@@ -43,8 +43,10 @@ pub const NODE_EXPIRY: Duration = Duration::from_secs(5);
 /// a busy Redis is slow, not gone, and a timed-out reply would desynchronise the
 /// connection anyway.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the subscriber waits for a message before it looks at its commands again.
-const POLL_MESSAGES: Duration = Duration::from_millis(5);
+/// How long the subscriber waits for a message before it looks at its commands again:
+/// a broadcast a core queues waits this long at most before it goes out (an idle link
+/// wakes this often; see results/cluster-link-*).
+const POLL_MESSAGES: Duration = Duration::from_millis(1);
 const HEARTBEAT_CHANNEL: &str = "ringcast:hb";
 /// `disconnect` broadcasts concern socket ids, which no node subscribes to: they go to
 /// `ringcast:d:<topic>`, which every node listens to.
