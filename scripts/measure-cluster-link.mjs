@@ -4,7 +4,12 @@
 // (`--redis-pipeline 1`), side by side with local delivery and redis-benchmark, in one
 // run on this box.
 //
-//   node scripts/measure-cluster-link.mjs [--messages N (100000)] [--rounds R (3)]
+//   node scripts/measure-cluster-link.mjs [--messages N (100000)] [--rounds R (3)] [--history 1]
+//
+// With `--history 1`, the comparison is instead what history costs through Redis: the
+// same pipelined link with `bench:link` keeping history (`serve --bench-history`: every
+// broadcast is sequenced by Redis's Lua script, and the sender's node delivers it too
+// only once Redis published it) against the plain topic.
 //
 // One redis-server, two `ringcast serve --cores 1 --redis` nodes (release build). A
 // publisher on node A sends `new_msg` on `bench:link` as fast as the socket takes them
@@ -26,7 +31,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const require = createRequire(path.join(ROOT, 'tests', 'e2e', 'package.json'));
 const WebSocket = require('ws');
-const opts = { messages: 100000, rounds: 3 };
+const opts = { messages: 100000, rounds: 3, history: 0 };
 for (let i = 2; i < process.argv.length; i += 2) {
   const key = process.argv[i].replace(/^--/, '');
   if (!(key in opts)) throw new Error(`unknown option ${process.argv[i]}`);
@@ -54,11 +59,11 @@ function waitLine(proc, text) {
   });
 }
 
-async function node(redisPort, pipeline, name) {
+async function node(redisPort, pipeline, name, history) {
   const port = await freePort();
   const proc = spawn(BIN, ['serve', '--listen', `127.0.0.1:${port}`, '--cores', '1', '--secret', SECRET, '--max-rate', '10000000',
     '--max-outbound', '256MiB', '--redis', `redis://127.0.0.1:${redisPort}`, '--cluster-secret', 'c', '--node-name', name,
-    '--redis-pipeline', String(pipeline)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    '--redis-pipeline', String(pipeline), ...(history ? ['--bench-history'] : [])], { stdio: ['ignore', 'ignore', 'pipe'] });
   await waitLine(proc, 'Redis link up');
   return { port, proc };
 }
@@ -76,12 +81,12 @@ function client(port, user, onMsg) {
   });
 }
 
-async function run(pipeline, rate) {
+async function run({ pipeline, history }, rate) {
   const redisPort = await freePort();
   const redis = spawn('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: ['ignore', 'pipe', 'pipe'] });
   await waitLine(redis, 'Ready to accept connections');
-  const a = await node(redisPort, pipeline, 'a');
-  const b = await node(redisPort, pipeline, 'b');
+  const a = await node(redisPort, pipeline, 'a', history);
+  const b = await node(redisPort, pipeline, 'b', history);
   try {
     const n = opts.messages;
     let remote = 0; let local = 0; let lastRemote = 0; let lastLocal = 0;
@@ -115,7 +120,7 @@ async function run(pipeline, rate) {
     lat.sort((x, y) => x - y);
     const q = (p) => (lat.length ? +lat[Math.min(lat.length - 1, Math.floor(p * lat.length))].toFixed(2) : null);
     return {
-      pipeline, messages: n, remote, local,
+      pipeline, history, messages: n, remote, local,
       remote_per_sec: Math.round(remote / ((lastRemote - t0) / 1000)),
       local_per_sec: Math.round(local / ((lastLocal - t0) / 1000)),
       ...(rate ? { rate, p50_ms: q(0.5), p99_ms: q(0.99) } : {}),
@@ -133,23 +138,26 @@ await waitLine(benchRedis, 'Ready to accept connections');
 const bench = ['1', '64'].map((p) => spawnSync('redis-benchmark',
   ['-p', String(benchPort), '-q', '-n', p === '1' ? '200000' : '1000000', '-P', p, 'PUBLISH', 'ringcast:t:bench:link', 'hello'], { encoding: 'utf8' }));
 benchRedis.kill('SIGKILL');
+const variants = opts.history
+  ? [{ pipeline: 256, history: false, name: 'plain' }, { pipeline: 256, history: true, name: 'history' }]
+  : [{ pipeline: 256, history: false, name: '256' }, { pipeline: 1, history: false, name: '1' }];
 for (let r = 0; r < opts.rounds; r++) {
-  for (const pipeline of [256, 1]) {
-    const x = await run(pipeline, 0);
+  for (const v of variants) {
+    const x = { variant: v.name, ...await run(v, 0) };
     log(JSON.stringify(x));
     report.throughput.push(x);
   }
 }
 const med = (xs) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
-const piped = med(report.throughput.filter((x) => x.pipeline === 256).map((x) => x.remote_per_sec));
+const piped = med(report.throughput.filter((x) => x.variant === variants[0].name).map((x) => x.remote_per_sec));
 const rate = Math.min(20000, Math.round(piped / 2));
-for (const pipeline of [256, 1]) {
-  const x = await run(pipeline, rate);
+for (const v of variants) {
+  const x = { variant: v.name, ...await run(v, rate) };
   log(JSON.stringify(x));
   report.latency.push(x);
 }
 report.redis_benchmark_publish = bench.map((b) => (b.stdout || '').split('\r').pop().trim() || String(b.error || b.stderr));
-report.median_remote_per_sec = Object.fromEntries([256, 1].map((p) => [p, med(report.throughput.filter((x) => x.pipeline === p).map((x) => x.remote_per_sec))]));
-report.median_local_per_sec = Object.fromEntries([256, 1].map((p) => [p, med(report.throughput.filter((x) => x.pipeline === p).map((x) => x.local_per_sec))]));
+report.median_remote_per_sec = Object.fromEntries(variants.map((v) => [v.name, med(report.throughput.filter((x) => x.variant === v.name).map((x) => x.remote_per_sec))]));
+report.median_local_per_sec = Object.fromEntries(variants.map((v) => [v.name, med(report.throughput.filter((x) => x.variant === v.name).map((x) => x.local_per_sec))]));
 process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
 process.exit(0);

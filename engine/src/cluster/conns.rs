@@ -287,7 +287,8 @@ impl Conns {
     }
 
     /// Sends every shard's batch, one round trip each. `Ok(sent)`, or the error with
-    /// how many were lost (the failed batch and every batch not yet sent).
+    /// how many the failed batch lost (the batches not yet sent stay queued: the
+    /// session that ends counts them).
     pub(crate) fn flush(&mut self) -> Result<u64, (u64, redis::RedisError)> {
         let mut sent = 0;
         for i in 0..self.shards.len() {
@@ -299,8 +300,7 @@ impl Conns {
             let r = shard.batch.pipe.exec(&mut shard.commands);
             shard.batch.pipe.clear();
             if let Err(e) = r {
-                let rest: u64 = self.shards.iter().map(|s| s.batch.len as u64).sum();
-                return Err((n + rest, e));
+                return Err((n, e));
             }
             sent += n;
         }
