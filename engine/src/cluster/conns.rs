@@ -16,6 +16,7 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
 use super::subscriber::{Message, Subscriber, Verb};
 use crate::shard::cluster::RedisAddr;
+use crate::shard::history::Publish;
 
 /// How many slots a Redis Cluster has.
 const SLOTS: usize = 16384;
@@ -48,6 +49,16 @@ pub(crate) struct Endpoints {
 pub(crate) struct Batch {
     pipe: redis::Pipeline,
     pub(crate) len: usize,
+    /// The broadcasts on topics with history in the batch (their scripts): if it fails,
+    /// this node still delivers them, unsequenced.
+    sequenced: Vec<Box<Publish>>,
+}
+
+/// A batch that failed: how many it lost, and its broadcasts on topics with history.
+pub(crate) struct Failed {
+    pub(crate) lost: u64,
+    pub(crate) sequenced: Vec<Box<Publish>>,
+    pub(crate) error: redis::RedisError,
 }
 
 pub(crate) struct Shard {
@@ -281,15 +292,40 @@ impl Conns {
         batch.len
     }
 
-    /// How many publishes wait in all batches.
-    pub(crate) fn queued(&self) -> usize {
-        self.shards.iter().map(|s| s.batch.len).sum()
+    /// Queues `script` (the history script of a broadcast on a topic with history,
+    /// `EVALSHA`) for the next pipeline of `channel`'s shard. Returns how many that
+    /// shard has queued.
+    pub(crate) fn queue_sequenced(
+        &mut self,
+        channel: &str,
+        script: redis::Cmd,
+        publish: Box<Publish>,
+    ) -> usize {
+        let shard = self.shard_of(channel);
+        let batch = &mut self.shards[shard].batch;
+        batch.pipe.add_command(script).ignore();
+        batch.sequenced.push(publish);
+        batch.len += 1;
+        batch.len
     }
 
-    /// Sends every shard's batch, one round trip each. `Ok(sent)`, or the error with
-    /// how many the failed batch lost (the batches not yet sent stay queued: the
-    /// session that ends counts them).
-    pub(crate) fn flush(&mut self) -> Result<u64, (u64, redis::RedisError)> {
+    /// Empties every batch (the session ends): how many publishes were in them, and
+    /// their broadcasts on topics with history.
+    pub(crate) fn take_unsent(&mut self) -> (u64, Vec<Box<Publish>>) {
+        let mut lost = 0;
+        let mut sequenced = Vec::new();
+        for shard in &mut self.shards {
+            let batch = std::mem::take(&mut shard.batch);
+            lost += batch.len as u64;
+            sequenced.extend(batch.sequenced);
+        }
+        (lost, sequenced)
+    }
+
+    /// Sends every shard's batch, one round trip each. `Ok(sent)`, or what the failed
+    /// batch lost (the batches not yet sent stay queued: the session that ends takes
+    /// them).
+    pub(crate) fn flush(&mut self) -> Result<u64, Failed> {
         let mut sent = 0;
         for i in 0..self.shards.len() {
             let shard = &mut self.shards[i];
@@ -299,8 +335,13 @@ impl Conns {
             let n = std::mem::take(&mut shard.batch.len) as u64;
             let r = shard.batch.pipe.exec(&mut shard.commands);
             shard.batch.pipe.clear();
-            if let Err(e) = r {
-                return Err((n, e));
+            let sequenced = std::mem::take(&mut shard.batch.sequenced);
+            if let Err(error) = r {
+                return Err(Failed {
+                    lost: n,
+                    sequenced,
+                    error,
+                });
             }
             sent += n;
         }

@@ -74,12 +74,11 @@ fn ms(d: std::time::Duration) -> u64 {
     (d.as_millis().min(u64::MAX as u128) as u64).max(1)
 }
 
-/// Sequences, keeps and publishes `p` on `channel`; `fresh_epoch` becomes the topic's
-/// epoch if it has none. Returns the offset Redis assigned. `sharded`: on a Redis
-/// Cluster, with `SPUBLISH` (the channel is in the keys' slot).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn publish(
-    conn: &mut redis::Connection,
+/// The command that sequences, keeps and publishes `p` on `channel` (`EVALSHA` of the
+/// script [`load`] made known; for a pipeline); `fresh_epoch` becomes the topic's epoch
+/// if it has none. `sharded`: on a Redis Cluster, with `SPUBLISH` (the channel is in the
+/// keys' slot).
+pub(crate) fn publish_cmd(
     sharded: bool,
     signer: &Signer,
     node: u32,
@@ -87,13 +86,15 @@ pub(crate) fn publish(
     p: &Publish,
     history: History,
     fresh_epoch: u64,
-) -> redis::RedisResult<u64> {
+) -> redis::Cmd {
     let from = p.from.map(|(core, id)| (core as u32, id.key, id.gen));
     let (prefix, suffix) = sequenced_parts(node, from, &p.event, &p.payload);
     let suffix = signer.seal_sequenced(channel, &prefix, suffix);
-    PUBLISH
-        .key(meta_key(&p.topic))
-        .key(stream_key(&p.topic))
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(PUBLISH.get_hash())
+        .arg(2)
+        .arg(meta_key(&p.topic))
+        .arg(stream_key(&p.topic))
         .arg(format!("{fresh_epoch:x}"))
         .arg(history.size)
         .arg(ms(history.ttl))
@@ -101,8 +102,14 @@ pub(crate) fn publish(
         .arg(prefix)
         .arg(suffix)
         .arg(ms(history.ttl).saturating_mul(META_TTL_FACTOR))
-        .arg(if sharded { "SPUBLISH" } else { "PUBLISH" })
-        .invoke(conn)
+        .arg(if sharded { "SPUBLISH" } else { "PUBLISH" });
+    cmd
+}
+
+/// Makes the publish script known to the Redis behind `conn` (each session does, on
+/// each master: a pipelined `EVALSHA` cannot fall back to `EVAL`).
+pub(crate) fn load(conn: &mut redis::Connection) -> redis::RedisResult<()> {
+    redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).exec(conn)
 }
 
 /// The topic's position and, for `since`, the broadcasts after it if Redis still

@@ -278,10 +278,13 @@ impl Link {
             Err(e) => return End::Redis(e),
         };
         let end = self.serve(&mut conns, backoff);
-        // What the session had not sent yet is lost (and counted).
-        self.stats
-            .lost
-            .fetch_add(conns.queued() as u64, Ordering::Relaxed);
+        // What the session had not sent yet is lost (and counted); this node's
+        // subscribers still get its broadcasts on topics with history.
+        let (lost, unsequenced) = conns.take_unsent();
+        self.stats.lost.fetch_add(lost, Ordering::Relaxed);
+        for p in unsequenced {
+            self.deliver_unsequenced(&p);
+        }
         end
     }
 
@@ -300,6 +303,11 @@ impl Link {
         };
         if let Err(e) = resubscribe(conns) {
             return End::Redis(e);
+        }
+        for shard in &mut conns.shards {
+            if let Err(e) = history::load(&mut shard.commands) {
+                return End::Redis(e);
+            }
         }
         // A new session: Redis knows none of this node's topics. They are subscribed
         // (and this node's presences republished) in one batch.
@@ -340,6 +348,24 @@ impl Link {
                     let channel = presence_channel(&topic);
                     let sealed = self.signer.seal(&channel, envelope.encode());
                     self.queue_publish(&channel, sealed, conns)?;
+                }
+                // Broadcasts on topics with history too: their scripts go in the
+                // pipeline of the topic's shard.
+                Ok(LinkCmd::Sequence(p, h)) => {
+                    let epoch = self.fresh_epoch();
+                    let channel = topic_channel(&p.topic);
+                    let script = history::publish_cmd(
+                        conns.sharded(),
+                        &self.signer,
+                        self.node,
+                        &channel,
+                        &p,
+                        h,
+                        epoch,
+                    );
+                    if conns.queue_sequenced(&channel, script, p) >= self.pipeline {
+                        self.flush(conns)?;
+                    }
                 }
                 // Subscription changes go out in one SUBSCRIBE (and one UNSUBSCRIBE)
                 // per batch too.
@@ -420,9 +446,15 @@ impl Link {
                 self.stats.published.fetch_add(n, Ordering::Relaxed);
                 Ok(())
             }
-            Err((lost, e)) => {
-                self.stats.lost.fetch_add(lost, Ordering::Relaxed);
-                Err(e)
+            Err(failed) => {
+                self.stats.lost.fetch_add(failed.lost, Ordering::Relaxed);
+                // Whether Redis ran any of the batch is unknown; what it did not, this
+                // node's subscribers would miss. At most once across nodes, and this
+                // node's own broadcasts still reach its own subscribers.
+                for p in &failed.sequenced {
+                    self.deliver_unsequenced(p);
+                }
+                Err(failed.error)
             }
         }
     }
@@ -481,26 +513,12 @@ impl Link {
     }
 
     fn command(&mut self, cmd: LinkCmd, conns: &mut Conns) -> redis::RedisResult<()> {
-        let sharded = conns.sharded();
         match cmd {
-            LinkCmd::Interest { .. } | LinkCmd::Publish(_) | LinkCmd::Presence(..) => {
+            LinkCmd::Interest { .. }
+            | LinkCmd::Publish(_)
+            | LinkCmd::Presence(..)
+            | LinkCmd::Sequence(..) => {
                 unreachable!("batched by Link::turn")
-            }
-            LinkCmd::Sequence(p, h) => {
-                let epoch = self.fresh_epoch();
-                let channel = topic_channel(&p.topic);
-                let conn = conns.commands_for(&channel);
-                match history::publish(conn, sharded, &self.signer, self.node, &channel, &p, h, epoch) {
-                    Ok(_) => {
-                        self.stats.published.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        self.stats.lost.fetch_add(1, Ordering::Relaxed);
-                        self.deliver_unsequenced(&p);
-                        Err(e)
-                    }
-                }
             }
             LinkCmd::Fetch {
                 core,
