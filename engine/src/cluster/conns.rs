@@ -51,13 +51,13 @@ pub(crate) struct Batch {
     pub(crate) len: usize,
     /// The broadcasts on topics with history in the batch (their scripts): if it fails,
     /// this node still delivers them, unsequenced.
-    sequenced: Vec<Box<Publish>>,
+    sequenced: Vec<Publish>,
 }
 
 /// A batch that failed: how many it lost, and its broadcasts on topics with history.
 pub(crate) struct Failed {
     pub(crate) lost: u64,
-    pub(crate) sequenced: Vec<Box<Publish>>,
+    pub(crate) sequenced: Vec<Publish>,
     pub(crate) error: redis::RedisError,
 }
 
@@ -295,12 +295,7 @@ impl Conns {
     /// Queues `script` (the history script of a broadcast on a topic with history,
     /// `EVALSHA`) for the next pipeline of `channel`'s shard. Returns how many that
     /// shard has queued.
-    pub(crate) fn queue_sequenced(
-        &mut self,
-        channel: &str,
-        script: redis::Cmd,
-        publish: Box<Publish>,
-    ) -> usize {
+    pub(crate) fn queue_sequenced(&mut self, channel: &str, script: redis::Cmd, publish: Publish) -> usize {
         let shard = self.shard_of(channel);
         let batch = &mut self.shards[shard].batch;
         batch.pipe.add_command(script).ignore();
@@ -311,7 +306,7 @@ impl Conns {
 
     /// Empties every batch (the session ends): how many publishes were in them, and
     /// their broadcasts on topics with history.
-    pub(crate) fn take_unsent(&mut self) -> (u64, Vec<Box<Publish>>) {
+    pub(crate) fn take_unsent(&mut self) -> (u64, Vec<Publish>) {
         let mut lost = 0;
         let mut sequenced = Vec::new();
         for shard in &mut self.shards {

@@ -363,7 +363,7 @@ impl Link {
                         h,
                         epoch,
                     );
-                    if conns.queue_sequenced(&channel, script, p) >= self.pipeline {
+                    if conns.queue_sequenced(&channel, script, *p) >= self.pipeline {
                         self.flush(conns)?;
                     }
                 }
