@@ -22,6 +22,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { createRequire } from 'node:module';
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -81,6 +82,14 @@ function client(port, user, onMsg) {
   });
 }
 
+/** CPU time (user + system, seconds) a process has used so far, from /proc/PID/stat. */
+function cpuSecs(pid) {
+  try {
+    const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100;
+  } catch { return NaN; }
+}
+
 async function run({ pipeline, history }, rate) {
   const redisPort = await freePort();
   const redis = spawn('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -98,6 +107,8 @@ async function run({ pipeline, history }, rate) {
     const loc = await client(a.port, 'loc', () => { local++; lastLocal = performance.now(); });
     const pub = await client(a.port, 'pub');
     await sleep(500);
+    const procs = [a.proc, b.proc, redis];
+    const cpu0 = procs.map((p) => cpuSecs(p.pid));
     const t0 = performance.now();
     for (let i = 0; i < n;) {
       if (rate) {
@@ -116,6 +127,7 @@ async function run({ pipeline, history }, rate) {
       await sleep(50);
       if (remote + local !== seen) { seen = remote + local; still = performance.now(); } else if (performance.now() - still > 3000) break;
     }
+    const cpu = procs.map((p, i) => cpuSecs(p.pid) - cpu0[i]);
     for (const ws of [sub, loc, pub]) ws.terminate();
     lat.sort((x, y) => x - y);
     const q = (p) => (lat.length ? +lat[Math.min(lat.length - 1, Math.floor(p * lat.length))].toFixed(2) : null);
@@ -124,6 +136,9 @@ async function run({ pipeline, history }, rate) {
       remote_per_sec: Math.round(remote / ((lastRemote - t0) / 1000)),
       local_per_sec: Math.round(local / ((lastLocal - t0) / 1000)),
       ...(rate ? { rate, p50_ms: q(0.5), p99_ms: q(0.99) } : {}),
+      // Deliveries (both subscribers) per CPU-second of the two nodes and Redis.
+      cpu_secs: { a: +cpu[0].toFixed(2), b: +cpu[1].toFixed(2), redis: +cpu[2].toFixed(2) },
+      deliveries_per_cpu_sec: Math.round((remote + local) / (cpu[0] + cpu[1] + cpu[2])),
     };
   } finally {
     for (const p of [a.proc, b.proc, redis]) p.kill('SIGKILL');
@@ -158,6 +173,7 @@ for (const v of variants) {
 }
 report.redis_benchmark_publish = bench.map((b) => (b.stdout || '').split('\r').pop().trim() || String(b.error || b.stderr));
 report.median_remote_per_sec = Object.fromEntries(variants.map((v) => [v.name, med(report.throughput.filter((x) => x.variant === v.name).map((x) => x.remote_per_sec))]));
+report.median_deliveries_per_cpu_sec = Object.fromEntries(variants.map((v) => [v.name, med(report.throughput.filter((x) => x.variant === v.name).map((x) => x.deliveries_per_cpu_sec))]));
 report.median_local_per_sec = Object.fromEntries(variants.map((v) => [v.name, med(report.throughput.filter((x) => x.variant === v.name).map((x) => x.local_per_sec))]));
 process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
 process.exit(0);
