@@ -523,7 +523,9 @@ fn attempt(
 
     // The loadgens end after their hold and write their reports.
     let per_node_max = plan.nodes.iter().map(|n| n.connections).max().unwrap_or(0);
-    let end = Instant::now() + Duration::from_secs(plan.hold_secs + 60 + per_node_max / 1000);
+    // The loadgens' own limit for closing and reporting (a second per 250 connections,
+    // see ringcast-loadgen's end_hold), and some.
+    let end = Instant::now() + Duration::from_secs(plan.hold_secs + 90 + per_node_max / 250);
     loop {
         let running = procs
             .loadgens
