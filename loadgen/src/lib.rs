@@ -687,6 +687,26 @@ pub fn main() {
     }
 }
 
+/// Runs the single-connection check `check` on one executor of its own, named `name`,
+/// prints its report with `print` and writes it to `--json`.
+fn one_executor_check<R, F, Fut>(cli: &Cli, name: &'static str, check: F, print: fn(&R)) -> anyhow::Result<R>
+where
+    R: serde::Serialize + Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+{
+    let r = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name(name)
+        .spawn(check)
+        .and_then(|h| h.join())
+        .map_err(|e| anyhow::anyhow!("{name} executor failed: {e}"))?;
+    print(&r);
+    if let Some(path) = &cli.json {
+        report::write_json(path, &r)?;
+    }
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

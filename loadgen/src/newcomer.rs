@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use glommio::{LocalExecutorBuilder, Placement};
 use serde::{Deserialize, Serialize};
 
 use crate::client::Conn;
@@ -256,14 +255,6 @@ pub fn main(cli: &Cli, a: &NewcomerArgs) -> anyhow::Result<bool> {
         anyhow::bail!("--key must start with {NEWCOMER_PREFIX}");
     }
     let (cli2, a2) = (cli.clone(), a.clone());
-    let r = LocalExecutorBuilder::new(Placement::Unbound)
-        .name("newcomer")
-        .spawn(move || check(cli2, a2))
-        .and_then(|h| h.join())
-        .map_err(|e| anyhow::anyhow!("newcomer executor failed: {e}"))?;
-    print(&r);
-    if let Some(path) = &cli.json {
-        crate::report::write_json(path, &r)?;
-    }
+    let r = crate::one_executor_check(cli, "newcomer", move || check(cli2, a2), print)?;
     Ok(r.complete && r.state_has_every_member && r.problems.is_empty())
 }

@@ -9,7 +9,6 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use glommio::{LocalExecutorBuilder, Placement};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -355,15 +354,7 @@ pub fn print(r: &RecoverReport) {
 /// reordered or not recovered.
 pub fn main(cli: &Cli, a: &RecoverArgs) -> anyhow::Result<bool> {
     let (cli2, a2) = (cli.clone(), a.clone());
-    let r = LocalExecutorBuilder::new(Placement::Unbound)
-        .name("recover")
-        .spawn(move || run(cli2, a2))
-        .and_then(|h| h.join())
-        .map_err(|e| anyhow::anyhow!("recover executor failed: {e}"))?;
-    print(&r);
-    if let Some(path) = &cli.json {
-        crate::report::write_json(path, &r)?;
-    }
+    let r = crate::one_executor_check(cli, "recover", move || run(cli2, a2), print)?;
     Ok(r.problems.is_empty()
         && r.lost == 0
         && r.duplicated == 0

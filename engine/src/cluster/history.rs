@@ -177,10 +177,15 @@ pub(crate) fn fetch(
     Ok(Answer { position, replay })
 }
 
+/// A sequenced envelope's bytes as a broadcast on `topic` (see [`broadcast`]).
+pub(crate) fn decode(topic: &str, data: &[u8], own: Option<u32>) -> Result<Broadcast, String> {
+    broadcast(topic, Envelope::decode(data)?, own)
+}
+
 /// A sequenced envelope as a broadcast on `topic`, encoded once for this node;
 /// `own` is this node's id, for the `broadcast_from` exclusion of its own connections.
-pub(crate) fn decode(topic: &str, data: &[u8], own: Option<u32>) -> Result<Broadcast, String> {
-    match Envelope::decode(data)? {
+pub(crate) fn broadcast(topic: &str, envelope: Envelope, own: Option<u32>) -> Result<Broadcast, String> {
+    match envelope {
         Envelope::Sequenced {
             node,
             position,

@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
+use crate::proto::position::Position;
 use crate::proto::presence::PresenceState;
 use crate::shard::cluster::LinkCmd;
 pub use crate::shard::cluster::{ClusterConfig, ClusterHandle, ClusterStats, RedisAddr, DEFAULT_PIPELINE};
-use crate::shard::history::{Answer, Publish};
+use crate::shard::history::{Answer, History, Publish};
 use crate::shard::inbox::{CoreCommand, CoreInbox};
 use crate::shard::Broadcast;
 use conns::{Conns, Endpoints};
@@ -233,7 +234,15 @@ impl Link {
     /// without a position (it is in no history).
     fn deliver_unsequenced(&self, p: &Publish) {
         let mask = self.interest.get(&*p.topic).copied().unwrap_or(0);
-        let b = Arc::new(Broadcast::new(&p.topic, &p.event, p.payload.clone(), p.from));
+        self.deliver(
+            mask,
+            Broadcast::new(&p.topic, &p.event, p.payload.clone(), p.from),
+        );
+    }
+
+    /// Hands `b`, encoded once for this node, to every core in `mask`.
+    fn deliver(&self, mask: u64, b: Broadcast) {
+        let b = Arc::new(b);
         for (core, inbox) in self.cores.iter().enumerate() {
             if mask & (1 << core) != 0 {
                 inbox.send(CoreCommand::Deliver(b.clone()));
@@ -376,13 +385,19 @@ impl Link {
                         self.waiting.push((core, id));
                     }
                 }
-                Ok(cmd) => {
-                    // History scripts keep their place after the subscription changes
-                    // and publishes before them (a fetch after its topic's
-                    // subscription).
+                Ok(LinkCmd::Fetch {
+                    core,
+                    id,
+                    topic,
+                    since,
+                    history,
+                }) => {
+                    // A history fetch needs its answer: it keeps its place after the
+                    // subscription changes and publishes before it (a fetch after its
+                    // topic's subscription and the broadcasts sequenced before it).
                     self.apply_subscriptions(conns)?;
                     self.flush(conns)?;
-                    self.command(cmd, conns)?;
+                    self.fetch(conns, core, id, &topic, since, history)?;
                 }
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => return Err(End::Shutdown),
@@ -512,33 +527,27 @@ impl Link {
         }
     }
 
-    fn command(&mut self, cmd: LinkCmd, conns: &mut Conns) -> redis::RedisResult<()> {
-        match cmd {
-            LinkCmd::Interest { .. }
-            | LinkCmd::Publish(_)
-            | LinkCmd::Presence(..)
-            | LinkCmd::Sequence(..) => {
-                unreachable!("batched by Link::turn")
+    /// Asks Redis for `topic`'s position and replay after `since`, for the join
+    /// `id` on `core`; a failure answers "unavailable" (the join goes on).
+    fn fetch(
+        &mut self,
+        conns: &mut Conns,
+        core: usize,
+        id: u64,
+        topic: &str,
+        since: Option<Position>,
+        h: History,
+    ) -> redis::RedisResult<()> {
+        let epoch = self.fresh_epoch();
+        let conn = conns.commands_for(&topic_channel(topic));
+        match history::fetch(conn, &self.signer, topic, since, h, epoch) {
+            Ok(answer) => {
+                self.answer(core, id, answer);
+                Ok(())
             }
-            LinkCmd::Fetch {
-                core,
-                id,
-                topic,
-                since,
-                history: h,
-            } => {
-                let epoch = self.fresh_epoch();
-                let conn = conns.commands_for(&topic_channel(&topic));
-                match history::fetch(conn, &self.signer, &topic, since, h, epoch) {
-                    Ok(answer) => {
-                        self.answer(core, id, answer);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        self.answer(core, id, Answer::unavailable(since));
-                        Err(e)
-                    }
-                }
+            Err(e) => {
+                self.answer(core, id, Answer::unavailable(since));
+                Err(e)
             }
         }
     }
@@ -572,15 +581,8 @@ impl Link {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
             }
             let mask = self.interest.get(topic).copied().unwrap_or(0);
-            match history::decode(topic, data, Some(self.node)) {
-                Ok(b) => {
-                    let b = Arc::new(b);
-                    for (core, inbox) in self.cores.iter().enumerate() {
-                        if mask & (1 << core) != 0 {
-                            inbox.send(CoreCommand::Deliver(b.clone()));
-                        }
-                    }
-                }
+            match history::broadcast(topic, envelope, Some(self.node)) {
+                Ok(b) => self.deliver(mask, b),
                 Err(why) => tracing::warn!(channel, "{why}"),
             }
             return;
@@ -606,13 +608,7 @@ impl Link {
                     (None, Some(topic)) => (topic, u64::MAX),
                     _ => return,
                 };
-                // Encoded once for this node, shared by its cores.
-                let broadcast = Arc::new(Broadcast::new(topic, &event, payload, None));
-                for (core, inbox) in self.cores.iter().enumerate() {
-                    if mask & (1 << core) != 0 {
-                        inbox.send(CoreCommand::Deliver(broadcast.clone()));
-                    }
-                }
+                self.deliver(mask, Broadcast::new(topic, &event, payload, None));
             }
             Envelope::Presence { node, delta } => {
                 let Some(topic) = topic_of(channel, "ringcast:p:") else {

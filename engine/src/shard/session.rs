@@ -160,6 +160,40 @@ impl Session {
         });
     }
 
+    /// The `phx_close` frame of the channel `old` on `topic` (a join replaced it).
+    fn close_frame(&self, topic: &str, old: &Ref) -> Option<bytes::Bytes> {
+        let close = Payload::empty();
+        let msg = Outgoing {
+            join_ref: Some(old),
+            msg_ref: Some(old),
+            topic,
+            event: "phx_close",
+            body: Body::Payload(&close),
+        };
+        encode(self.conn.vsn, &msg).ok()
+    }
+
+    /// Puts the joined channel in its connection's table; returns what its `join`
+    /// pushed, to be sent after the reply.
+    fn install(
+        &self,
+        topic: &Rc<str>,
+        join_ref: &Ref,
+        channel: Box<dyn crate::shard::api::channel::DynChannel>,
+        mut socket: Socket,
+    ) -> Vec<OutFrame> {
+        let deferred = socket.deferred.take().unwrap_or_default();
+        self.conn.channels.borrow_mut().insert(
+            topic.clone(),
+            join_ref.clone(),
+            Slot {
+                running: Some((channel, socket)),
+                sub_pos: Cell::new(0),
+            },
+        );
+        deferred
+    }
+
     /// Answers a join that did not make a channel with the error `reply`; the channel it
     /// was to replace (ended when the rejoin began) gets its `phx_close`.
     fn refuse_join(
@@ -390,7 +424,7 @@ impl Session {
 
     fn finish_join(
         &mut self,
-        (mut socket, result): Joined,
+        (socket, result): Joined,
         msg_ref: Option<Ref>,
         replaced: Option<Ref>,
         intercepts: &'static [&'static str],
@@ -401,27 +435,9 @@ impl Session {
         let join_ref = socket.join_ref.clone();
         match result {
             Ok((channel, response)) if history.is_some() => {
-                let deferred = socket.deferred.take().unwrap_or_default();
-                self.conn.channels.borrow_mut().insert(
-                    topic.clone(),
-                    join_ref.clone(),
-                    Slot {
-                        running: Some((channel, socket)),
-                        sub_pos: Cell::new(0),
-                    },
-                );
+                let deferred = self.install(&topic, &join_ref, channel, socket);
                 self.shard.stats.channels.add(1);
-                let closed_old = replaced.as_ref().and_then(|old| {
-                    let close = Payload::empty();
-                    let msg = Outgoing {
-                        join_ref: Some(old),
-                        msg_ref: Some(old),
-                        topic: &topic,
-                        event: "phx_close",
-                        body: Body::Payload(&close),
-                    };
-                    encode(self.conn.vsn, &msg).ok()
-                });
+                let closed_old = replaced.as_ref().and_then(|old| self.close_frame(&topic, old));
                 let done = Rc::new(Cell::new(false));
                 let job = Recovery {
                     conn: self.conn.clone(),
@@ -442,15 +458,7 @@ impl Session {
                 }
             }
             Ok((channel, response)) => {
-                let deferred = socket.deferred.take().unwrap_or_default();
-                self.conn.channels.borrow_mut().insert(
-                    topic.clone(),
-                    join_ref.clone(),
-                    Slot {
-                        running: Some((channel, socket)),
-                        sub_pos: Cell::new(0),
-                    },
-                );
+                let deferred = self.install(&topic, &join_ref, channel, socket);
                 let sub = Sub {
                     conn: self.conn.clone(),
                     vsn: self.conn.vsn,
@@ -464,17 +472,8 @@ impl Session {
                 let (status, response) = reply.parts();
                 let answer = Outgoing::reply(Some(&join_ref), msg_ref.as_ref(), &topic, status, response);
                 frames.extend(encode(self.conn.vsn, &answer).ok().map(OutFrame::Own));
-                if let Some(old) = &replaced {
-                    let close = Payload::empty();
-                    let msg = Outgoing {
-                        join_ref: Some(old),
-                        msg_ref: Some(old),
-                        topic: &topic,
-                        event: "phx_close",
-                        body: Body::Payload(&close),
-                    };
-                    frames.extend(encode(self.conn.vsn, &msg).ok().map(OutFrame::Own));
-                }
+                let closed_old = replaced.as_ref().and_then(|old| self.close_frame(&topic, old));
+                frames.extend(closed_old.map(OutFrame::Own));
                 frames.extend(deferred);
                 match ack {
                     Some(ack) => {
