@@ -79,9 +79,9 @@ async function wssConnect(port, userId) {
 }
 
 /** An https request trusting the test CA: {status, text, cn} (cn: the server certificate's CN). */
-function httpsGet(port, pathname) {
+function httpsGet(port, pathname, headers = {}) {
   return new Promise((resolve, reject) => {
-    const req = https.get({ host: '127.0.0.1', port, path: pathname, ca, servername: 'localhost', agent: false }, (res) => {
+    const req = https.get({ host: '127.0.0.1', port, path: pathname, ca, servername: 'localhost', agent: false, headers }, (res) => {
       const cn = res.socket.getPeerCertificate().subject?.CN;
       let text = '';
       res.on('data', (d) => { text += d; });
@@ -183,6 +183,65 @@ describe('TLS', () => {
       assert.deepEqual(s.got, [0, 1, 2], `subscriber ${i}`);
       s.ws.close();
     }
+  }, { timeout: 30000 });
+
+  e2e('idle wss connections park; parked, they get broadcasts sealed by the flusher (big ones, to a paused reader too) and answer at once', async () => {
+    const stats = async () => JSON.parse((await httpsGet(server.port, '/api/stats', { authorization: 'Bearer k' })).text);
+    const topic = 'bench:tlspark';
+    const before = (await stats()).parked;
+    const subs = [];
+    for (let i = 0; i < 8; i++) {
+      const ws = new WebSocket(`wss://127.0.0.1:${server.port}/socket/websocket?vsn=2.0.0&token=${mintToken(`pk${i}`)}`, { ca, perMessageDeflate: false });
+      const got = [];
+      const replies = new Map();
+      ws.on('message', (d) => {
+        const [, ref, , event, payload] = JSON.parse(d.toString());
+        if (event === 'phx_reply') replies.set(ref, payload);
+        if (event === 'm') got.push(payload.big === undefined ? payload.seq : `${payload.seq}:${payload.big.length}:${payload.big === 'z'.repeat(200_000)}`);
+      });
+      await within(new Promise((resolve, reject) => {
+        ws.on('open', () => ws.send(JSON.stringify(['1', '1', topic, 'phx_join', {}])));
+        ws.on('message', () => { if (replies.has('1')) resolve(); });
+        ws.on('error', reject);
+      }), 5000, `subscriber ${i} did not join`);
+      subs.push({ ws, got, replies });
+    }
+    const parkedNow = async () => (await stats()).parked - before;
+    await within((async () => { while (await parkedNow() < subs.length) await sleep(100); })(), 5000,
+      'the idle wss connections did not park');
+
+    // One reader stops reading: what its socket cannot take waits, and it wakes up.
+    const paused = subs[0];
+    paused.ws._socket.pause();
+    const send = (payload) => httpsPost(server.port, '/api/broadcast', { topic, event: 'm', payload });
+    const big = 'z'.repeat(200_000);
+    const expected = [];
+    for (let seq = 0; seq < 30; seq++) {
+      const isBig = seq % 5 === 4;
+      assert.equal(await send(isBig ? { seq, big } : { seq }), 202);
+      expected.push(isBig ? `${seq}:200000:true` : seq);
+    }
+    for (const [i, s] of subs.entries()) {
+      if (s === paused) continue;
+      await within((async () => { while (s.got.length < expected.length) await sleep(20); })(), 10000,
+        `subscriber ${i} got ${s.got.length} of ${expected.length}`);
+      assert.deepEqual(s.got, expected, `subscriber ${i}: every broadcast once, in order, whole`);
+    }
+    assert.ok(await parkedNow() >= subs.length - 1, 'delivery to parked wss connections did not wake them');
+    await sleep(300);
+    paused.ws._socket.resume();
+    await within((async () => { while (paused.got.length < expected.length) await sleep(20); })(), 10000,
+      `the paused reader got ${paused.got.length} of ${expected.length}`);
+    assert.deepEqual(paused.got, expected, 'the paused reader: every broadcast once, in order, whole');
+
+    // A parked connection answers a push at once and parks again.
+    const [, asker] = subs;
+    asker.ws.send(JSON.stringify([null, 'hb1', 'phoenix', 'heartbeat', {}]));
+    await within((async () => { while (!asker.replies.has('hb1')) await sleep(10); })(), 1000, 'no reply from a parked wss connection');
+    assert.deepEqual(asker.replies.get('hb1'), { status: 'ok', response: {} });
+    await within((async () => { while (await parkedNow() < subs.length) await sleep(100); })(), 5000,
+      'the wss connections did not park again');
+    for (const s of subs) s.ws.close();
   }, { timeout: 30000 });
 
   e2e('a 200 KB message from a wss client (many records, read in parts) is broadcast back whole', async () => {

@@ -837,8 +837,9 @@ impl Shard {
             let idle = now.wrapping_sub(conn.last_in.get());
             if idle >= limit {
                 conn.request_close(close_code::GOING_AWAY);
-            } else if can_park && idle >= park_after && conn.park_seq.get() == 0 && conn.fd.get() >= 0 {
-                // Its pump parks the connection if nothing else is in flight.
+            } else if can_park && idle >= park_after && conn.park_seq.get() == 0 {
+                // Its pump parks the connection if nothing else is in flight (a TLS
+                // one too, whose socket the flusher does not write while it runs).
                 conn.wake();
             }
         }

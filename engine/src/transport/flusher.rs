@@ -8,6 +8,7 @@ use std::rc::Rc;
 use crate::shard::conn::Conn;
 use crate::shard::Shard;
 use crate::transport::send_ring::SendRing;
+use crate::transport::tls;
 use crate::transport::websocket::{IO_CHUNK, WRITE_BUF};
 
 /// Runs this core's flusher for as long as the core runs.
@@ -43,6 +44,9 @@ fn flush_direct(shard: &Shard, conn: &Conn) {
     let fd = conn.fd.get();
     if fd < 0 || conn.close.get().is_some() {
         conn.wake();
+        return;
+    }
+    if tls::flush_parked(shard, conn, fd) {
         return;
     }
     loop {

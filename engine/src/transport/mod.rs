@@ -7,6 +7,7 @@ pub(crate) mod longpoll;
 pub(crate) mod park;
 pub(crate) mod send_ring;
 pub(crate) mod timers;
+mod records;
 pub mod tls;
 pub(crate) mod websocket;
 

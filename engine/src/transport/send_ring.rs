@@ -17,6 +17,7 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::shard::conn::Conn;
 use crate::shard::Shard;
+use crate::transport::tls;
 use crate::transport::websocket::IO_CHUNK;
 
 /// Requests per submission.
@@ -70,6 +71,10 @@ impl SendRing {
             let fd = conn.fd.get();
             if fd < 0 || conn.close.get().is_some() {
                 conn.wake();
+                continue;
+            }
+            // A parked TLS connection: sealed and sent on its own.
+            if tls::flush_parked(shard, conn, fd) {
                 continue;
             }
             let out = conn.out.borrow();

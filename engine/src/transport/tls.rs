@@ -1,19 +1,22 @@
 //! TLS with rustls (the `ring` provider, TLS 1.2 and 1.3, ALPN `http/1.1`): the
 //! certificate, reloadable while the server runs, and the streams both transports use.
 //!
-//! Broadcast frames are still encoded once; a TLS connection's pump encrypts its
-//! queued frames itself (rustls per connection) instead of the core's flusher writing
-//! them to the socket.
+//! Broadcast frames are still encoded once and encrypted per connection. rustls's
+//! unbuffered connection runs the handshake; after it, the connection's traffic keys
+//! move to our record layer ([`Records`], rustls's own record encrypters), so an idle
+//! connection keeps only its keys, plus the bytes of a record that arrived in part or
+//! could not be sent yet. Records are read into one per-core buffer and sealed into
+//! another.
 //!
-//! The stream is rustls's unbuffered connection over the core's shared buffers: records
-//! are read into one per-core buffer and encrypted into another, so an idle connection
-//! keeps only its keys and state, plus the bytes of a record that arrived in part or
-//! could not be sent yet.
+//! An active connection's pump encrypts its queued frames itself. An idle one parks
+//! like a plain one: its record layer stays with its `Conn`, and the core's flusher
+//! seals broadcasts with it and writes them to the socket ([`flush_parked`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::pin::Pin;
+use std::cell::RefCell;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
@@ -21,10 +24,13 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::UnbufferedServerConnection;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
+
+use crate::shard::conn::{Conn, Sealer};
+use crate::shard::Shard;
+use crate::transport::records::{Handshake, Records, Step};
+use crate::transport::websocket::WRITE_BUF;
 
 pub use crate::shard::app::TlsSource;
 
@@ -35,6 +41,11 @@ pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + 'static {
     /// The socket the core's flusher may write broadcast frames to directly; `None`
     /// when bytes must pass through this stream (TLS encrypts them).
     fn direct_fd(&self) -> Option<RawFd>;
+    /// The socket, when nothing is buffered in this stream, so that its connection
+    /// may park.
+    fn idle_fd(&self) -> Option<RawFd>;
+    /// What a parked connection keeps to write to its socket (TLS: the record layer).
+    fn take_sealer(&mut self) -> Option<Box<dyn Sealer>>;
 }
 
 impl Wire for TcpStream {
@@ -44,6 +55,12 @@ impl Wire for TcpStream {
     fn direct_fd(&self) -> Option<RawFd> {
         Some(self.as_raw_fd())
     }
+    fn idle_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+    fn take_sealer(&mut self) -> Option<Box<dyn Sealer>> {
+        None
+    }
 }
 
 impl Wire for TlsStream {
@@ -52,6 +69,17 @@ impl Wire for TlsStream {
     }
     fn direct_fd(&self) -> Option<RawFd> {
         None
+    }
+    fn idle_fd(&self) -> Option<RawFd> {
+        let idle = self.partial_in.is_empty()
+            && self.plain_in.is_empty()
+            && !self.eof
+            && !self.notified
+            && self.records.as_ref().is_some_and(|r| r.unsent.is_empty());
+        idle.then(|| self.tcp.as_raw_fd())
+    }
+    fn take_sealer(&mut self) -> Option<Box<dyn Sealer>> {
+        self.records.take().map(|r| r as Box<dyn Sealer>)
     }
 }
 
@@ -131,6 +159,8 @@ impl Tls {
             .with_no_client_auth()
             .with_cert_resolver(current.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // After the handshake the traffic keys move to our record layer.
+        config.enable_secret_extraction = true;
         Ok(Tls {
             source,
             current,
@@ -158,95 +188,44 @@ const TLS_CHUNK: usize = 64 * 1024;
 const MAX_HANDSHAKE: usize = 64 * 1024;
 
 thread_local! {
-    static TLS_IN: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; TLS_CHUNK]);
-    static TLS_OUT: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; TLS_CHUNK]);
+    static TLS_IN: RefCell<Vec<u8>> = RefCell::new(vec![0; TLS_CHUNK]);
+    static TLS_OUT: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(TLS_CHUNK + 1024));
 }
 
-fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
-/// A TLS connection: rustls's unbuffered server connection over a TCP stream.
+/// A TLS connection over a TCP stream: rustls's handshake, then our record layer
+/// ([`Records`]), which a parked connection leaves with its `Conn`.
 pub(crate) struct TlsStream {
     tcp: TcpStream,
-    tls: Box<UnbufferedServerConnection>,
+    /// `None` once handed over to the parked connection.
+    records: Option<Box<Records>>,
     /// The front of a record that arrived in part.
     partial_in: Vec<u8>,
     /// Decrypted bytes the reader has not taken yet.
     plain_in: Vec<u8>,
-    /// Encrypted bytes not written yet, in order.
-    out: Vec<u8>,
     /// The peer sent close_notify (or the connection closed): reads end.
     eof: bool,
     /// Our close_notify is queued.
     notified: bool,
 }
 
-/// Appends what `encode` produces to `out`, growing it as asked.
-fn encode_into(
-    out: &mut Vec<u8>,
-    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
-) -> io::Result<()> {
-    let mut room = 2048;
-    loop {
-        let at = out.len();
-        out.resize(at + room, 0);
-        match encode(&mut out[at..]) {
-            Ok(n) => {
-                out.truncate(at + n);
-                return Ok(());
-            }
-            Err(EncodeError::InsufficientSize(e)) => {
-                out.truncate(at);
-                room = e.required_size;
-            }
-            Err(e) => {
-                out.truncate(at);
-                return Err(io::Error::other(e.to_string()));
-            }
-        }
-    }
-}
-
-/// What one `process_tls_records` step asked for, once handled.
-enum Step {
-    /// Handled; process again.
-    Again,
-    /// Nothing more until more records arrive (or: the handshake is done).
-    NeedInput,
-    /// The handshake is complete and application data may flow.
-    Ready,
-    /// The peer closed.
-    Eof,
-}
-
 impl TlsStream {
     /// Runs the handshake on `tcp`.
-    async fn accept(config: Arc<rustls::ServerConfig>, tcp: TcpStream) -> io::Result<TlsStream> {
-        let tls = Box::new(UnbufferedServerConnection::new(config).map_err(tls_error)?);
-        let mut this = TlsStream {
-            tcp,
-            tls,
-            partial_in: Vec::new(),
-            plain_in: Vec::new(),
-            out: Vec::new(),
-            eof: false,
-            notified: false,
-        };
+    async fn accept(config: Arc<rustls::ServerConfig>, mut tcp: TcpStream) -> io::Result<TlsStream> {
+        let mut hs = Handshake::new(config)?;
         let mut buf = vec![0u8; 16 * 1024];
         let mut used = 0;
         loop {
-            let (consumed, step) = this.process(&mut buf[..used])?;
+            let (consumed, step) = hs.process(&mut buf[..used])?;
             buf.copy_within(consumed..used, 0);
             used -= consumed;
-            if !this.out.is_empty() {
-                this.tcp.write_all(&this.out).await?;
-                this.out = Vec::new();
+            if !hs.out.is_empty() {
+                tcp.write_all(&hs.out).await?;
+                hs.out = Vec::new();
             }
             match step {
                 Step::Ready => break,
                 Step::Eof => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Step::Again | Step::NeedInput => {
+                Step::NeedInput => {
                     if used == buf.len() {
                         if buf.len() >= MAX_HANDSHAKE {
                             return Err(io::Error::new(
@@ -256,7 +235,7 @@ impl TlsStream {
                         }
                         buf.resize(buf.len() * 2, 0);
                     }
-                    let n = this.tcp.read(&mut buf[used..]).await?;
+                    let n = tcp.read(&mut buf[used..]).await?;
                     if n == 0 {
                         return Err(io::ErrorKind::UnexpectedEof.into());
                     }
@@ -264,96 +243,58 @@ impl TlsStream {
                 }
             }
         }
+        let mut plain_in = std::mem::take(&mut hs.plain);
+        let mut records = Box::new(hs.finish()?);
         // What came after the client's Finished (its first request, often): complete
-        // records are read now, so that what is kept is only ever the front of one.
-        let (consumed, step) = this.process(&mut buf[..used])?;
-        this.partial_in = buf[consumed..used].to_vec();
-        this.eof = matches!(step, Step::Eof);
-        Ok(this)
+        // records are opened now, so that what is kept is only ever the front of one.
+        let opened = records.open(&mut buf[..used], &mut plain_in)?;
+        Ok(TlsStream {
+            tcp,
+            records: Some(records),
+            partial_in: buf[opened.consumed..used].to_vec(),
+            plain_in,
+            eof: opened.closed,
+            notified: false,
+        })
     }
 
-    /// Feeds `incoming` records to rustls until it needs more: decrypted data goes to
-    /// `plain_in`, records to send to `out`. Returns how many bytes were consumed.
-    fn process(&mut self, incoming: &mut [u8]) -> io::Result<(usize, Step)> {
-        let mut at = 0;
-        loop {
-            let status = self.tls.process_tls_records(&mut incoming[at..]);
-            let mut discard = status.discard;
-            let step = match status.state.map_err(tls_error)? {
-                ConnectionState::ReadTraffic(mut records) => {
-                    while let Some(record) = records.next_record() {
-                        let record = record.map_err(tls_error)?;
-                        discard += record.discard;
-                        self.plain_in.extend_from_slice(record.payload);
-                    }
-                    Step::Again
-                }
-                ConnectionState::ReadEarlyData(mut records) => {
-                    // Early data is not enabled; anything offered is skipped.
-                    while let Some(record) = records.next_record() {
-                        discard += record.map_err(tls_error)?.discard;
-                    }
-                    Step::Again
-                }
-                ConnectionState::EncodeTlsData(mut data) => {
-                    encode_into(&mut self.out, |buf| data.encode(buf))?;
-                    Step::Again
-                }
-                // What was encoded waits in `out` and goes out in order before anything
-                // encrypted later.
-                ConnectionState::TransmitTlsData(data) => {
-                    data.done();
-                    Step::Again
-                }
-                ConnectionState::BlockedHandshake => Step::NeedInput,
-                ConnectionState::WriteTraffic(_) => Step::Ready,
-                ConnectionState::PeerClosed | ConnectionState::Closed => Step::Eof,
-                _ => return Err(io::Error::other("unexpected TLS connection state")),
-            };
-            at += discard;
-            match step {
-                Step::Again => continue,
-                step => return Ok((at, step)),
-            }
-        }
+    /// A parked connection's stream again, from its socket and its record layer.
+    pub(crate) fn resume(tcp: TcpStream, sealer: Box<dyn Sealer>) -> io::Result<TlsStream> {
+        let records = sealer
+            .into_any()
+            .downcast::<Records>()
+            .map_err(|_| io::Error::other("a parked connection's sealer is not TLS records"))?;
+        Ok(TlsStream {
+            tcp,
+            records: Some(records),
+            partial_in: Vec::new(),
+            plain_in: Vec::new(),
+            eof: false,
+            notified: false,
+        })
     }
 
-    /// Writes `out` until it is empty (and then frees it) or the socket is full.
+    fn records(&mut self) -> io::Result<&mut Records> {
+        self.records
+            .as_deref_mut()
+            .ok_or_else(|| io::Error::other("TLS stream handed over to its parked connection"))
+    }
+
+    /// Writes the records not sent yet until there are none (and frees their buffer)
+    /// or the socket is full.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.out.is_empty() {
-            match Pin::new(&mut self.tcp).poll_write(cx, &self.out) {
+        let Some(records) = self.records.as_deref_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while !records.unsent.is_empty() {
+            match Pin::new(&mut self.tcp).poll_write(cx, &records.unsent) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    self.out.drain(..n);
-                }
+                Poll::Ready(Ok(n)) => records.sent(n),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
         }
-        self.out = Vec::new();
         Poll::Ready(Ok(()))
-    }
-
-    /// Encrypts with the connection's traffic keys into `buf` (grown if too small).
-    fn encrypt(&mut self, buf: &mut Vec<u8>, data: &[u8], close: bool) -> io::Result<usize> {
-        // Handshake messages due first (a key update, say) go to `out`, in order.
-        self.process(&mut [])?;
-        let status = self.tls.process_tls_records(&mut []);
-        let ConnectionState::WriteTraffic(mut traffic) = status.state.map_err(tls_error)? else {
-            return Err(io::Error::other("TLS connection cannot send"));
-        };
-        loop {
-            let result = if close {
-                traffic.queue_close_notify(buf)
-            } else {
-                traffic.encrypt(data, buf)
-            };
-            match result {
-                Ok(n) => return Ok(n),
-                Err(EncryptError::InsufficientSize(e)) => buf.resize(e.required_size, 0),
-                Err(e) => return Err(io::Error::other(e.to_string())),
-            }
-        }
     }
 }
 
@@ -388,9 +329,10 @@ impl AsyncRead for TlsStream {
                     Poll::Pending => return Poll::Pending,
                 };
                 let filled = kept + n;
-                let (consumed, step) = this.process(&mut buf[..filled])?;
-                this.partial_in = buf[consumed..filled].to_vec();
-                this.eof |= matches!(step, Step::Eof);
+                let records = this.records.as_deref_mut().ok_or_else(|| io::Error::other("TLS stream handed over"))?;
+                let opened = records.open(&mut buf[..filled], &mut this.plain_in)?;
+                this.partial_in = buf[opened.consumed..filled].to_vec();
+                this.eof |= opened.closed;
                 Poll::Ready(Ok(()))
             });
             match read {
@@ -398,8 +340,8 @@ impl AsyncRead for TlsStream {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
-            // Alerts or tickets that reading produced: sent now if the socket takes
-            // them, else with the next write or flush.
+            // A key update that reading produced: sent now if the socket takes it,
+            // else before the next write.
             if let Poll::Ready(Err(e)) = this.poll_send(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -415,21 +357,23 @@ impl AsyncWrite for TlsStream {
             other => return other.map(|r| r.map(|()| 0)),
         }
         // At most a few records per call; the caller writes the rest next.
-        let data = &data[..data.len().min(TLS_CHUNK - 1024)];
+        let data = &data[..data.len().min(TLS_CHUNK)];
         let written = TLS_OUT.with(|buf| {
             let mut buf = buf.borrow_mut();
-            let n = this.encrypt(&mut buf, data, false)?;
+            buf.clear();
+            let records = this.records.as_deref_mut().ok_or_else(|| io::Error::other("TLS stream handed over"))?;
+            records.seal_into(data, &mut buf)?;
             let mut sent = 0;
-            while sent < n {
-                match Pin::new(&mut this.tcp).poll_write(cx, &buf[sent..n]) {
+            while sent < buf.len() {
+                match Pin::new(&mut this.tcp).poll_write(cx, &buf[sent..]) {
                     Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
                     Poll::Ready(Ok(k)) => sent += k,
                     Poll::Ready(Err(e)) => return Err(e),
                     Poll::Pending => break,
                 }
             }
-            // The socket is full: the rest waits here, and holds further writes back.
-            this.out.extend_from_slice(&buf[sent..n]);
+            // The socket is full: the rest waits, and holds further writes back.
+            records.unsent.extend_from_slice(&buf[sent..]);
             Ok(data.len())
         });
         Poll::Ready(written)
@@ -443,9 +387,10 @@ impl AsyncWrite for TlsStream {
         let this = self.get_mut();
         if !this.notified {
             this.notified = true;
-            let mut notify = vec![0; 64];
-            if let Ok(n) = this.encrypt(&mut notify, &[], true) {
-                this.out.extend_from_slice(&notify[..n]);
+            if let Ok(records) = this.records() {
+                let mut unsent = std::mem::take(&mut records.unsent);
+                let _ = records.seal_close_notify(&mut unsent);
+                records.unsent = unsent;
             }
         }
         match this.poll_send(cx) {
@@ -453,4 +398,57 @@ impl AsyncWrite for TlsStream {
             other => other,
         }
     }
+}
+
+/// Writes a parked TLS connection's queued frames: sealed with its record layer and
+/// sent straight to its socket `fd`. `false` if the connection is not a parked TLS one
+/// (its frames are plain bytes for the socket). A socket that takes only part, or
+/// fails, leaves the rest to the connection's own task, which is woken.
+pub(crate) fn flush_parked(shard: &Shard, conn: &Conn, fd: RawFd) -> bool {
+    let mut slot = conn.sealer.borrow_mut();
+    let Some(sealer) = slot.as_deref_mut() else {
+        return false;
+    };
+    let flushed = (|| -> io::Result<bool> {
+        loop {
+            while !sealer.unsent().is_empty() {
+                let unsent = sealer.unsent();
+                // SAFETY: `fd` is the parked connection's open socket (owned by the
+                // parking until its pump restarts) and `unsent` a live slice.
+                let n = unsafe {
+                    libc::send(
+                        fd,
+                        unsent.as_ptr().cast(),
+                        unsent.len(),
+                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                    )
+                };
+                if n <= 0 {
+                    return Ok(false);
+                }
+                sealer.sent(n as usize);
+            }
+            let mut out = conn.out.borrow_mut();
+            let sealed = WRITE_BUF.with(|buf| {
+                out.next_write(&mut buf.borrow_mut(), TLS_CHUNK, |bytes| {
+                    sealer.seal(bytes).map(|()| bytes.len())
+                })
+            });
+            let Some(sealed) = sealed else {
+                return Ok(true);
+            };
+            let n = sealed?;
+            let frames = out.consume(n);
+            shard.stats.bytes_out.add(n as u64);
+            shard.stats.messages_out.add(frames);
+        }
+    })();
+    if !matches!(flushed, Ok(true)) {
+        if let Err(e) = flushed {
+            tracing::debug!(conn = ?conn.id, "a parked TLS connection cannot send: {e}");
+        }
+        drop(slot);
+        conn.wake();
+    }
+    true
 }

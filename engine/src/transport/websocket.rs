@@ -276,8 +276,7 @@ impl<S: Wire> Pump<S> {
         {
             return false;
         }
-        // Only a plain socket parks: a TLS connection's state lives in its stream.
-        let Some(raw) = self.stream.direct_fd() else {
+        let Some(raw) = self.stream.idle_fd() else {
             return false;
         };
         // SAFETY: duplicating an open descriptor; the result is checked.
@@ -290,6 +289,9 @@ impl<S: Wire> Pump<S> {
             unsafe { libc::close(fd) };
             return false;
         }
+        // A TLS connection's record layer stays with it, for the flusher and the next
+        // pump.
+        *conn.sealer.borrow_mut() = self.stream.take_sealer();
         conn.clear_waker();
         self.parked = true;
         true
