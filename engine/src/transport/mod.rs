@@ -5,9 +5,9 @@ pub(crate) mod api;
 pub(crate) mod flusher;
 pub(crate) mod longpoll;
 pub(crate) mod park;
+mod records;
 pub(crate) mod send_ring;
 pub(crate) mod timers;
-mod records;
 pub mod tls;
 pub(crate) mod websocket;
 

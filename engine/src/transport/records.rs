@@ -182,7 +182,9 @@ impl Handshake {
     }
 }
 
-fn key_and_iv(secrets: ConnectionTrafficSecrets) -> io::Result<(rustls::crypto::cipher::AeadKey, rustls::crypto::cipher::Iv)> {
+fn key_and_iv(
+    secrets: ConnectionTrafficSecrets,
+) -> io::Result<(rustls::crypto::cipher::AeadKey, rustls::crypto::cipher::Iv)> {
     match secrets {
         ConnectionTrafficSecrets::Aes128Gcm { key, iv }
         | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
@@ -191,7 +193,10 @@ fn key_and_iv(secrets: ConnectionTrafficSecrets) -> io::Result<(rustls::crypto::
     }
 }
 
-fn encrypter(suite: SupportedCipherSuite, secrets: ConnectionTrafficSecrets) -> io::Result<Box<dyn MessageEncrypter>> {
+fn encrypter(
+    suite: SupportedCipherSuite,
+    secrets: ConnectionTrafficSecrets,
+) -> io::Result<Box<dyn MessageEncrypter>> {
     let (key, iv) = key_and_iv(secrets)?;
     Ok(match suite {
         SupportedCipherSuite::Tls13(s) => s.aead_alg.encrypter(key, iv),
@@ -200,12 +205,16 @@ fn encrypter(suite: SupportedCipherSuite, secrets: ConnectionTrafficSecrets) -> 
             let shape = s.aead_alg.key_block_shape();
             let iv = iv.as_ref();
             let (fixed, explicit) = iv.split_at(shape.fixed_iv_len);
-            s.aead_alg.encrypter(key, fixed, &explicit[..shape.explicit_nonce_len])
+            s.aead_alg
+                .encrypter(key, fixed, &explicit[..shape.explicit_nonce_len])
         }
     })
 }
 
-fn decrypter(suite: SupportedCipherSuite, secrets: ConnectionTrafficSecrets) -> io::Result<Box<dyn MessageDecrypter>> {
+fn decrypter(
+    suite: SupportedCipherSuite,
+    secrets: ConnectionTrafficSecrets,
+) -> io::Result<Box<dyn MessageDecrypter>> {
     let (key, iv) = key_and_iv(secrets)?;
     Ok(match suite {
         SupportedCipherSuite::Tls13(s) => s.aead_alg.decrypter(key, iv),
@@ -313,14 +322,20 @@ impl Records {
         loop {
             let rest = &mut input[at..];
             let Some(&[typ, v0, v1, l0, l1]) = rest.get(..HEADER) else {
-                return Ok(Opened { consumed: at, closed: false });
+                return Ok(Opened {
+                    consumed: at,
+                    closed: false,
+                });
             };
             let len = usize::from(u16::from_be_bytes([l0, l1]));
             if len > self.max_cipher() {
                 return Err(invalid("TLS record too large"));
             }
             if rest.len() < HEADER + len {
-                return Ok(Opened { consumed: at, closed: false });
+                return Ok(Opened {
+                    consumed: at,
+                    closed: false,
+                });
             }
             let typ = ContentType::from(typ);
             if self.tls13 && typ != ContentType::ApplicationData {
@@ -343,7 +358,12 @@ impl Records {
                     plain.extend_from_slice(message.payload);
                 }
                 ContentType::Alert => match *message.payload {
-                    [_, 0] => return Ok(Opened { consumed: at, closed: true }),
+                    [_, 0] => {
+                        return Ok(Opened {
+                            consumed: at,
+                            closed: true,
+                        })
+                    }
                     [_, USER_CANCELED] => {}
                     // TLS 1.2 warnings end nothing; TLS 1.3 has no warnings but these.
                     [1, _] if !self.tls13 => {}
@@ -370,9 +390,7 @@ impl Records {
     /// from a client, and it must end its record (RFC 8446 §5.1).
     fn post_handshake(&mut self, messages: &[u8]) -> io::Result<()> {
         let &[typ, l0, l1, l2, request] = messages else {
-            return Err(invalid(
-                "unexpected TLS handshake message after the handshake",
-            ));
+            return Err(invalid("unexpected TLS handshake message after the handshake"));
         };
         if typ != 24 || [l0, l1, l2] != [0, 0, 1] {
             return Err(invalid(format!(
@@ -439,7 +457,9 @@ mod tests {
 
     /// A server config (secret extraction on, as the server's) and a client config
     /// trusting its certificate, for `versions`.
-    fn configs(versions: &[&'static rustls::SupportedProtocolVersion]) -> (Arc<rustls::ServerConfig>, Arc<ClientConfig>) {
+    fn configs(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<rustls::ServerConfig>, Arc<ClientConfig>) {
         let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let cert = CertificateDer::from(made.cert.der().to_vec());
         let key = PrivateKeyDer::try_from(made.key_pair.serialize_der()).unwrap();
@@ -476,7 +496,8 @@ mod tests {
     fn pair(versions: &[&'static rustls::SupportedProtocolVersion]) -> Pair {
         let (server_config, client_config) = configs(versions);
         let mut hs = Handshake::new(server_config).unwrap();
-        let mut client = ClientConnection::new(client_config, ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut client =
+            ClientConnection::new(client_config, ServerName::try_from("localhost").unwrap()).unwrap();
         let mut to_server = Vec::new();
         for _ in 0..20 {
             while client.wants_write() {
@@ -550,7 +571,8 @@ mod tests {
         }
     }
 
-    const BOTH: [&[&rustls::SupportedProtocolVersion]; 2] = [&[&rustls::version::TLS13], &[&rustls::version::TLS12]];
+    const BOTH: [&[&rustls::SupportedProtocolVersion]; 2] =
+        [&[&rustls::version::TLS13], &[&rustls::version::TLS12]];
 
     #[test]
     fn data_both_ways_in_tls_1_3_and_1_2_including_records_split_and_large() {
@@ -589,7 +611,11 @@ mod tests {
             p.to_client = out;
             p.client_reads();
             let mut buf = [0u8; 8];
-            assert_eq!(p.client.reader().read(&mut buf).unwrap(), 0, "the client sees a clean end");
+            assert_eq!(
+                p.client.reader().read(&mut buf).unwrap(),
+                0,
+                "the client sees a clean end"
+            );
         }
     }
 
@@ -600,7 +626,10 @@ mod tests {
             // rustls asks for our update too (update_requested).
             p.client.refresh_traffic_keys().unwrap();
             p.client_sends(format!("after update {round}").as_bytes());
-            assert_eq!(std::mem::take(&mut p.plain), format!("after update {round}").as_bytes());
+            assert_eq!(
+                std::mem::take(&mut p.plain),
+                format!("after update {round}").as_bytes()
+            );
             assert!(!p.to_client.is_empty(), "our KeyUpdate is due");
             // Our data after our KeyUpdate decrypts only if the client switched too.
             assert_eq!(p.server_sends(b"reply"), b"reply");
@@ -612,7 +641,10 @@ mod tests {
         let mut p = pair(&[&rustls::version::TLS13]);
         p.server.tx_limit = p.server.tx_seq + 3;
         for i in 0..10 {
-            assert_eq!(p.server_sends(format!("m{i}").as_bytes()), format!("m{i}").as_bytes());
+            assert_eq!(
+                p.server_sends(format!("m{i}").as_bytes()),
+                format!("m{i}").as_bytes()
+            );
         }
         assert!(p.server.tx_seq < 3, "the key was updated and its count restarted");
 

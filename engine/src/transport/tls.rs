@@ -12,11 +12,11 @@
 //! like a plain one: its record layer stays with its `Conn`, and the core's flusher
 //! seals broadcasts with it and writes them to the socket ([`flush_parked`]).
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::pin::Pin;
-use std::cell::RefCell;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
@@ -329,7 +329,10 @@ impl AsyncRead for TlsStream {
                     Poll::Pending => return Poll::Pending,
                 };
                 let filled = kept + n;
-                let records = this.records.as_deref_mut().ok_or_else(|| io::Error::other("TLS stream handed over"))?;
+                let records = this
+                    .records
+                    .as_deref_mut()
+                    .ok_or_else(|| io::Error::other("TLS stream handed over"))?;
                 let opened = records.open(&mut buf[..filled], &mut this.plain_in)?;
                 this.partial_in = buf[opened.consumed..filled].to_vec();
                 this.eof |= opened.closed;
@@ -361,7 +364,10 @@ impl AsyncWrite for TlsStream {
         let written = TLS_OUT.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.clear();
-            let records = this.records.as_deref_mut().ok_or_else(|| io::Error::other("TLS stream handed over"))?;
+            let records = this
+                .records
+                .as_deref_mut()
+                .ok_or_else(|| io::Error::other("TLS stream handed over"))?;
             records.seal_into(data, &mut buf)?;
             let mut sent = 0;
             while sent < buf.len() {
