@@ -82,6 +82,22 @@ function client(port, user, onMsg) {
   });
 }
 
+/** The bucket bound (ms) holding the median of a node's `ringcast_fanout_seconds`. */
+async function fanoutMedianMs(port) {
+  try {
+    const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    const buckets = new Map();
+    for (const m of text.matchAll(/^ringcast_fanout_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} (\d+)$/gm)) {
+      buckets.set(m[1], (buckets.get(m[1]) || 0) + Number(m[2]));
+    }
+    const total = buckets.get('+Inf') || 0;
+    for (const [le, n] of [...buckets].filter(([k]) => k !== '+Inf').sort((x, y) => Number(x[0]) - Number(y[0]))) {
+      if (n >= total / 2) return +(Number(le) * 1000).toFixed(3);
+    }
+    return null;
+  } catch { return null; }
+}
+
 /** CPU time (user + system, seconds) a process has used so far, from /proc/PID/stat. */
 function cpuSecs(pid) {
   try {
@@ -100,11 +116,15 @@ async function run({ pipeline, history }, rate) {
     const n = opts.messages;
     let remote = 0; let local = 0; let lastRemote = 0; let lastLocal = 0;
     const lat = [];
+    const latLocal = [];
     const sub = await client(b.port, 'sub', (d) => {
       remote++; lastRemote = performance.now();
       if (rate) { const m = /"body":"(\d+\.\d+)"/.exec(d); if (m) lat.push(performance.now() - Number(m[1])); }
     });
-    const loc = await client(a.port, 'loc', () => { local++; lastLocal = performance.now(); });
+    const loc = await client(a.port, 'loc', (d) => {
+      local++; lastLocal = performance.now();
+      if (rate) { const m = /"body":"(\d+\.\d+)"/.exec(d); if (m) latLocal.push(performance.now() - Number(m[1])); }
+    });
     const pub = await client(a.port, 'pub');
     await sleep(500);
     const procs = [a.proc, b.proc, redis];
@@ -128,14 +148,22 @@ async function run({ pipeline, history }, rate) {
       if (remote + local !== seen) { seen = remote + local; still = performance.now(); } else if (performance.now() - still > 3000) break;
     }
     const cpu = procs.map((p, i) => cpuSecs(p.pid) - cpu0[i]);
+    // Node B's own part: from the link handing it a broadcast to its frames written.
+    const bFanout = await fanoutMedianMs(b.port);
     for (const ws of [sub, loc, pub]) ws.terminate();
     lat.sort((x, y) => x - y);
-    const q = (p) => (lat.length ? +lat[Math.min(lat.length - 1, Math.floor(p * lat.length))].toFixed(2) : null);
+    latLocal.sort((x, y) => x - y);
+    const quantile = (l, p) => (l.length ? +l[Math.min(l.length - 1, Math.floor(p * l.length))].toFixed(2) : null);
+    const q = (p) => quantile(lat, p);
     return {
       pipeline, history, messages: n, remote, local,
       remote_per_sec: Math.round(remote / ((lastRemote - t0) / 1000)),
       local_per_sec: Math.round(local / ((lastLocal - t0) / 1000)),
-      ...(rate ? { rate, p50_ms: q(0.5), p99_ms: q(0.99) } : {}),
+      // The same for the subscriber on node A itself: what the link adds is the difference.
+      ...(rate ? {
+        rate, p50_ms: q(0.5), p99_ms: q(0.99), local_p50_ms: quantile(latLocal, 0.5), local_p99_ms: quantile(latLocal, 0.99),
+        b_fanout_p50_bucket_ms: bFanout,
+      } : {}),
       // Deliveries (both subscribers) per CPU-second of the two nodes and Redis.
       cpu_secs: { a: +cpu[0].toFixed(2), b: +cpu[1].toFixed(2), redis: +cpu[2].toFixed(2) },
       deliveries_per_cpu_sec: Math.round((remote + local) / (cpu[0] + cpu[1] + cpu[2])),

@@ -271,6 +271,13 @@ impl Envelope {
     }
 }
 
+/// Whether `data` is an envelope `node` published itself, other than a sequenced
+/// broadcast (which every node delivers as Redis ordered it, the sender's too): read
+/// from its header alone, without checking its signature.
+pub fn is_own_echo(data: &[u8], node: u32) -> bool {
+    data.len() >= 5 && data[0] != 6 && data[1..5] == node.to_be_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -553,6 +553,12 @@ impl Link {
     }
 
     fn message(&mut self, channel: &str, data: &[u8], conns: &mut Conns) {
+        // This node's own broadcasts come back from Redis to it: dropped before the
+        // signature is checked or anything decoded (one forged to look like ours would
+        // be dropped as well, only not counted).
+        if envelope::is_own_echo(data, self.node) {
+            return;
+        }
         // Unsigned or forged (someone with access to the Redis): dropped, counted.
         let Ok(data) = self.signer.open(channel, data) else {
             let n = self.stats.forged.fetch_add(1, Ordering::Relaxed);

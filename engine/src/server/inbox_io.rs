@@ -5,6 +5,7 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures_lite::AsyncReadExt;
@@ -17,6 +18,8 @@ use crate::shard::Shard;
 pub(crate) struct Inbox {
     receiver: InboxReceiver,
     wake: UnixStream,
+    /// A wake-up byte is on its way: senders need not write another.
+    pending: Arc<AtomicBool>,
 }
 
 /// A new inbox of at most `bound` commands whose senders wake the core through a Unix
@@ -24,9 +27,14 @@ pub(crate) struct Inbox {
 pub(crate) fn inbox(bound: usize, stats: Arc<CoreStats>) -> std::io::Result<(CoreInbox, Inbox)> {
     let (wake_tx, wake_rx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
-    // A full wake socket means a wake-up is pending already.
+    let pending = Arc::new(AtomicBool::new(false));
+    let flag = pending.clone();
+    // One byte per drain at most: while a wake-up is pending, senders write nothing (a
+    // full wake socket means one is pending too).
     let wake: inbox::Wake = Arc::new(move || {
-        let _ = (&wake_tx).write(&[1]);
+        if !flag.swap(true, Ordering::AcqRel) {
+            let _ = (&wake_tx).write(&[1]);
+        }
     });
     let (tx, receiver) = inbox::inbox(bound, stats, wake);
     Ok((
@@ -34,6 +42,7 @@ pub(crate) fn inbox(bound: usize, stats: Arc<CoreStats>) -> std::io::Result<(Cor
         Inbox {
             receiver,
             wake: wake_rx,
+            pending,
         },
     ))
 }
@@ -45,6 +54,10 @@ impl Inbox {
         let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(self.wake.into_raw_fd()) };
         let mut buf = [0u8; 64];
         loop {
+            // Cleared before draining: a command sent from here on writes a new byte. A
+            // swap, so that one whose sender saw the flag still set is visible to the
+            // drain (both sides read-modify-write the flag).
+            self.pending.swap(false, Ordering::AcqRel);
             self.receiver.drain(&shard);
             match wake.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
