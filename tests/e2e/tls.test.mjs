@@ -14,7 +14,7 @@ import path from 'node:path';
 import tls from 'node:tls';
 import { chromium } from 'playwright-core';
 import {
-  e2e, startServer, join, push, nextEvent, mintToken, within, sleep, WebSocket, Socket, REPO_ROOT,
+  e2e, startServer, join, push, nextEvent, mintToken, within, sleep, WebSocket, Socket, REPO_ROOT, BIN, SECRET, freePort,
 } from './lib.mjs';
 
 // ---------------------------------------------------------------------------
@@ -436,4 +436,41 @@ describe('--tls-self-signed', () => {
     await within(new Promise((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject); }), 5000, 'wss did not open');
     ws.close();
   });
+
+  e2e('SIGTERM reaches parked wss connections: each gets its 1001 close over TLS, and the process exits 0', async () => {
+    const port = await freePort();
+    const proc = spawn(BIN, ['serve', '--listen', `127.0.0.1:${port}`, '--cores', '2', '--secret', SECRET,
+      '--api-key', 'k', '--tls-self-signed'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const exited = new Promise((resolve) => proc.on('exit', (code) => resolve(code)));
+    let log = '';
+    proc.stderr.on('data', (b) => { log += b; });
+    try {
+      await within((async () => { while (!log.includes('listening on')) await sleep(20); })(), 10000, 'the server did not listen');
+      const parked = () => new Promise((resolve, reject) => {
+        https.get({ host: '127.0.0.1', port, path: '/api/stats', rejectUnauthorized: false, agent: false, headers: { authorization: 'Bearer k' } }, (res) => {
+          let text = '';
+          res.on('data', (d) => { text += d; });
+          res.on('end', () => resolve(JSON.parse(text).parked));
+        }).on('error', reject);
+      });
+      const clients = [];
+      for (let i = 0; i < 30; i++) {
+        const ws = new WebSocket(`wss://127.0.0.1:${port}/socket/websocket?vsn=2.0.0&token=${mintToken(`t${i}`)}`, { rejectUnauthorized: false });
+        const closed = new Promise((resolve) => ws.on('close', (code) => resolve(code)));
+        await within(new Promise((resolve, reject) => {
+          ws.on('open', () => ws.send(JSON.stringify(['1', '1', 'bench:tlsterm', 'phx_join', {}])));
+          ws.once('message', resolve);
+          ws.on('error', reject);
+        }), 5000, `client ${i} did not join`);
+        clients.push(closed);
+      }
+      await within((async () => { while (await parked() < clients.length) await sleep(100); })(), 5000, 'the wss connections did not park');
+      proc.kill('SIGTERM');
+      const codes = await within(Promise.all(clients), 5000, 'not every parked wss connection was closed');
+      assert.deepEqual([...new Set(codes)], [1001], 'every parked wss connection got 1001');
+      assert.equal(await within(exited, 5000, 'the server did not exit'), 0, `exit code (log: ${log.slice(-500)})`);
+    } finally {
+      proc.kill('SIGKILL');
+    }
+  }, { timeout: 30000 });
 });
