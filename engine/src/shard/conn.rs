@@ -20,19 +20,6 @@ use crate::shard::api::socket::Socket;
 use crate::shard::presence::Tracked;
 use crate::shard::Broadcast;
 
-/// Record protection under a connection's frames (TLS), kept by the connection while
-/// it is parked: the core's flusher seals queued frames with it and writes the records
-/// to the socket itself, and the pump that wakes up takes it back.
-pub(crate) trait Sealer {
-    /// Seals `plain` onto the end of [`Sealer::unsent`].
-    fn seal(&mut self, plain: &[u8]) -> std::io::Result<()>;
-    /// Sealed bytes the socket has not taken yet, in order.
-    fn unsent(&self) -> &[u8];
-    /// The socket took the first `n` bytes of [`Sealer::unsent`].
-    fn sent(&mut self, n: usize);
-    fn into_any(self: Box<Self>) -> Box<dyn Any>;
-}
-
 /// A connection's key in its shard: slab slot plus a generation, so a stale id never
 /// reaches a newer connection that reused the slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -296,8 +283,9 @@ pub(crate) struct Conn {
     refilled: Cell<u32>,
     /// Non-zero while parked ([`crate::transport::park`]): the sequence of its poll.
     pub(crate) park_seq: Cell<u32>,
-    /// A parked TLS connection's record layer; `None` otherwise.
-    pub(crate) sealer: RefCell<Option<Box<dyn Sealer>>>,
+    /// Parked with TLS: its record layer waits in the transport's table of parked TLS
+    /// connections ([`crate::transport::tls`]), and the flusher seals its frames.
+    pub(crate) sealed: Cell<bool>,
     waker: RefCell<Option<Waker>>,
     /// Allocated at the first mail: most connections never get any, and an empty
     /// boxed queue costs the connection 8 bytes instead of 32.
@@ -341,7 +329,7 @@ impl Conn {
             tokens: Cell::new(limits.message_burst as f32),
             refilled: Cell::new(now),
             park_seq: Cell::new(0),
-            sealer: RefCell::new(None),
+            sealed: Cell::new(false),
             last_in: Cell::new(now),
             waker: RefCell::new(None),
         }

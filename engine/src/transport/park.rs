@@ -10,8 +10,8 @@
 //! reads through glommio; when a poll fires, or the connection is woken for any other
 //! reason (a mail, a close request, a full socket), the dispatcher starts a new pump
 //! for it from where it left off. Outbound broadcasts do not unpark anyone: the core's
-//! flusher writes to the socket directly (a TLS connection's record layer, kept in its
-//! `Conn`, seals them first: [`crate::transport::tls::flush_parked`]).
+//! flusher writes to the socket directly (a TLS connection's record layer, kept for it
+//! meanwhile, seals them first: [`crate::transport::tls::flush_parked`]).
 //!
 //! `Config::park_idle` (`RINGCAST_PARK=off` for the binary) turns parking off, for
 //! comparisons.
@@ -30,7 +30,7 @@ use io_uring::{opcode, types, IoUring};
 use crate::shard::conn::{self, Conn, ConnId};
 use crate::shard::session::Session;
 use crate::shard::Shard;
-use crate::transport::tls::TlsStream;
+use crate::transport::tls::{self, TlsStream};
 use crate::transport::websocket::Pump;
 
 pub(crate) use crate::shard::PARK_AFTER;
@@ -185,23 +185,16 @@ fn unpark(shard: &Rc<Shard>, parking: &Parking, conn: Rc<Conn>, poll_fired: bool
     // SAFETY: a parked connection's `fd` is an open socket that only the parking
     // owns; the new stream takes it over.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let sealer = conn.sealer.borrow_mut().take();
+    let records = tls::take_parked(&conn);
     let session = Session::new(shard.clone(), conn);
-    match sealer {
+    match records {
         None => {
             glommio::spawn_local(Pump::new(stream, session, Vec::new())).detach();
         }
-        Some(sealer) => match TlsStream::resume(stream, sealer) {
-            Ok(stream) => {
-                glommio::spawn_local(Pump::new(stream, session, Vec::new())).detach();
-            }
-            Err(e) => {
-                // Cannot happen (only TLS parks with a sealer); the connection ends.
-                tracing::error!("cannot resume a parked connection: {e}");
-                let mut session = session;
-                session.finish();
-            }
-        },
+        Some(records) => {
+            let stream = TlsStream::resume(stream, records);
+            glommio::spawn_local(Pump::new(stream, session, Vec::new())).detach();
+        }
     }
 }
 

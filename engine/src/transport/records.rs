@@ -6,8 +6,8 @@
 //! Why not keep rustls's connection: an idle connection should cost little, and a
 //! parked one should be writable by the core's flusher without a task. A
 //! [`Records`] is the two record keys, their sequence numbers and what a TLS 1.3 key
-//! update needs, so a parked connection keeps it in its [`Conn`](crate::shard::conn::Conn)
-//! (as a [`Sealer`]) and the flusher encrypts broadcasts with it.
+//! update needs; a parked connection's waits in its core's table
+//! ([`crate::transport::tls`]), and the flusher encrypts broadcasts with it.
 //!
 //! What is handled after the handshake, as rustls would: application data; a
 //! `close_notify` (the end of the stream); TLS 1.3 `KeyUpdate` from the client (new
@@ -16,7 +16,6 @@
 //! else (renegotiation, other handshake messages, fatal alerts, oversized or forged
 //! records) is an error that ends the connection.
 
-use std::any::Any;
 use std::io;
 use std::sync::Arc;
 
@@ -27,8 +26,6 @@ use rustls::kernel::KernelConnection;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError};
 use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion, SupportedCipherSuite};
-
-use crate::shard::conn::Sealer;
 
 /// Largest plaintext of one record (RFC 8446 §5.1, RFC 5246 §6.2.1).
 pub(crate) const MAX_PLAIN: usize = 16 * 1024;
@@ -418,27 +415,21 @@ impl Records {
     }
 }
 
-impl Sealer for Records {
-    fn seal(&mut self, plain: &[u8]) -> io::Result<()> {
+impl Records {
+    /// Seals `plain` onto the end of [`Records::unsent`].
+    pub(crate) fn seal(&mut self, plain: &[u8]) -> io::Result<()> {
         let mut unsent = std::mem::take(&mut self.unsent);
         let sealed = self.seal_into(plain, &mut unsent);
         self.unsent = unsent;
         sealed
     }
 
-    fn unsent(&self) -> &[u8] {
-        &self.unsent
-    }
-
-    fn sent(&mut self, n: usize) {
+    /// The socket took the first `n` bytes of [`Records::unsent`].
+    pub(crate) fn sent(&mut self, n: usize) {
         self.unsent.drain(..n);
         if self.unsent.is_empty() {
             self.unsent = Vec::new();
         }
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
     }
 }
 
@@ -685,17 +676,17 @@ mod tests {
     }
 
     #[test]
-    fn a_sealer_keeps_what_the_socket_did_not_take_in_order() {
+    fn sealed_records_the_socket_did_not_take_stay_in_order() {
         let mut p = pair(&[&rustls::version::TLS13]);
-        let sealer: &mut dyn Sealer = &mut p.server;
-        sealer.seal(b"first").unwrap();
-        sealer.seal(b"second").unwrap();
-        let all = sealer.unsent().to_vec();
-        sealer.sent(3);
-        let rest = sealer.unsent().to_vec();
+        let records = &mut p.server;
+        records.seal(b"first").unwrap();
+        records.seal(b"second").unwrap();
+        let all = records.unsent.clone();
+        records.sent(3);
+        let rest = records.unsent.clone();
         assert_eq!(rest, all[3..]);
-        sealer.sent(rest.len());
-        assert!(sealer.unsent().is_empty());
+        records.sent(rest.len());
+        assert!(records.unsent.is_empty() && records.unsent.capacity() == 0);
         p.to_client = all;
         assert_eq!(p.client_reads(), b"firstsecond");
     }

@@ -9,10 +9,12 @@
 //! another.
 //!
 //! An active connection's pump encrypts its queued frames itself. An idle one parks
-//! like a plain one: its record layer stays with its `Conn`, and the core's flusher
-//! seals broadcasts with it and writes them to the socket ([`flush_parked`]).
+//! like a plain one: its record layer waits in the core's table of parked TLS
+//! connections, and the core's flusher seals broadcasts with it and writes them to the
+//! socket ([`flush_parked`]).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
@@ -27,7 +29,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::shard::conn::{Conn, Sealer};
+use crate::shard::conn::{Conn, ConnId};
 use crate::shard::Shard;
 use crate::transport::records::{Handshake, Records, Step};
 use crate::transport::websocket::WRITE_BUF;
@@ -45,7 +47,7 @@ pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + 'static {
     /// may park.
     fn idle_fd(&self) -> Option<RawFd>;
     /// What a parked connection keeps to write to its socket (TLS: the record layer).
-    fn take_sealer(&mut self) -> Option<Box<dyn Sealer>>;
+    fn take_records(&mut self) -> Option<Box<Records>>;
 }
 
 impl Wire for TcpStream {
@@ -58,7 +60,7 @@ impl Wire for TcpStream {
     fn idle_fd(&self) -> Option<RawFd> {
         Some(self.as_raw_fd())
     }
-    fn take_sealer(&mut self) -> Option<Box<dyn Sealer>> {
+    fn take_records(&mut self) -> Option<Box<Records>> {
         None
     }
 }
@@ -78,8 +80,8 @@ impl Wire for TlsStream {
             && self.records.as_ref().is_some_and(|r| r.unsent.is_empty());
         idle.then(|| self.tcp.as_raw_fd())
     }
-    fn take_sealer(&mut self) -> Option<Box<dyn Sealer>> {
-        self.records.take().map(|r| r as Box<dyn Sealer>)
+    fn take_records(&mut self) -> Option<Box<Records>> {
+        self.records.take()
     }
 }
 
@@ -259,19 +261,15 @@ impl TlsStream {
     }
 
     /// A parked connection's stream again, from its socket and its record layer.
-    pub(crate) fn resume(tcp: TcpStream, sealer: Box<dyn Sealer>) -> io::Result<TlsStream> {
-        let records = sealer
-            .into_any()
-            .downcast::<Records>()
-            .map_err(|_| io::Error::other("a parked connection's sealer is not TLS records"))?;
-        Ok(TlsStream {
+    pub(crate) fn resume(tcp: TcpStream, records: Box<Records>) -> TlsStream {
+        TlsStream {
             tcp,
             records: Some(records),
             partial_in: Vec::new(),
             plain_in: Vec::new(),
             eof: false,
             notified: false,
-        })
+        }
     }
 
     fn records(&mut self) -> io::Result<&mut Records> {
@@ -406,38 +404,67 @@ impl AsyncWrite for TlsStream {
     }
 }
 
+thread_local! {
+    /// The record layers of this core's parked TLS connections, by connection key.
+    static PARKED: RefCell<HashMap<u32, (ConnId, Box<Records>)>> = RefCell::new(HashMap::new());
+}
+
+/// Keeps a parking TLS connection's record layer for the flusher and its next pump.
+pub(crate) fn keep_parked(conn: &Conn, records: Box<Records>) {
+    PARKED.with(|p| p.borrow_mut().insert(conn.id.key, (conn.id, records)));
+    conn.sealed.set(true);
+}
+
+/// A parked TLS connection's record layer, taken back as it wakes up.
+pub(crate) fn take_parked(conn: &Conn) -> Option<Box<Records>> {
+    if !conn.sealed.replace(false) {
+        return None;
+    }
+    PARKED.with(|p| {
+        let mut parked = p.borrow_mut();
+        match parked.remove(&conn.id.key) {
+            Some((id, records)) if id == conn.id => Some(records),
+            _ => None,
+        }
+    })
+}
+
 /// Writes a parked TLS connection's queued frames: sealed with its record layer and
 /// sent straight to its socket `fd`. `false` if the connection is not a parked TLS one
 /// (its frames are plain bytes for the socket). A socket that takes only part, or
 /// fails, leaves the rest to the connection's own task, which is woken.
 pub(crate) fn flush_parked(shard: &Shard, conn: &Conn, fd: RawFd) -> bool {
-    let mut slot = conn.sealer.borrow_mut();
-    let Some(sealer) = slot.as_deref_mut() else {
+    if !conn.sealed.get() {
         return false;
-    };
-    let flushed = (|| -> io::Result<bool> {
+    }
+    let flushed = PARKED.with(|p| {
+        let mut parked = p.borrow_mut();
+        let Some((_, records)) = parked.get_mut(&conn.id.key).filter(|(id, _)| *id == conn.id) else {
+            return Err(io::Error::other(
+                "a parked TLS connection without its record layer",
+            ));
+        };
         loop {
-            while !sealer.unsent().is_empty() {
-                let unsent = sealer.unsent();
+            while !records.unsent.is_empty() {
                 // SAFETY: `fd` is the parked connection's open socket (owned by the
                 // parking until its pump restarts) and `unsent` a live slice.
                 let n = unsafe {
                     libc::send(
                         fd,
-                        unsent.as_ptr().cast(),
-                        unsent.len(),
+                        records.unsent.as_ptr().cast(),
+                        records.unsent.len(),
                         libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
                     )
                 };
                 if n <= 0 {
                     return Ok(false);
                 }
-                sealer.sent(n as usize);
+                records.sent(n as usize);
             }
             let mut out = conn.out.borrow_mut();
             let sealed = WRITE_BUF.with(|buf| {
                 out.next_write(&mut buf.borrow_mut(), TLS_CHUNK, |bytes| {
-                    sealer.seal(bytes).map(|()| bytes.len())
+                    records.seal(bytes).map(|()| bytes.len())
                 })
             });
             let Some(sealed) = sealed else {
@@ -448,12 +475,11 @@ pub(crate) fn flush_parked(shard: &Shard, conn: &Conn, fd: RawFd) -> bool {
             shard.stats.bytes_out.add(n as u64);
             shard.stats.messages_out.add(frames);
         }
-    })();
+    });
     if !matches!(flushed, Ok(true)) {
         if let Err(e) = flushed {
             tracing::debug!(conn = ?conn.id, "a parked TLS connection cannot send: {e}");
         }
-        drop(slot);
         conn.wake();
     }
     true

@@ -23,7 +23,7 @@ use crate::proto::ProtocolError;
 use crate::shard::conn::{why, OutFrame};
 use crate::shard::session::{Session, Turn};
 use crate::transport::park;
-use crate::transport::tls::Wire;
+use crate::transport::tls::{self, Wire};
 
 /// Size of the per-core read buffer and of one coalesced write.
 pub(crate) const IO_CHUNK: usize = 64 * 1024;
@@ -289,9 +289,10 @@ impl<S: Wire> Pump<S> {
             unsafe { libc::close(fd) };
             return false;
         }
-        // A TLS connection's record layer stays with it, for the flusher and the next
-        // pump.
-        *conn.sealer.borrow_mut() = self.stream.take_sealer();
+        // A TLS connection's record layer waits for the flusher and the next pump.
+        if let Some(records) = self.stream.take_records() {
+            tls::keep_parked(conn, records);
+        }
         conn.clear_waker();
         self.parked = true;
         true
