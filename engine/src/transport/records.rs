@@ -161,9 +161,9 @@ impl Handshake {
     pub(crate) fn finish(self) -> io::Result<Records> {
         let (secrets, keys) = self.tls.dangerous_into_kernel_connection().map_err(tls_error)?;
         let suite = keys.negotiated_cipher_suite();
-        let (tls13, tx_limit) = match suite {
-            SupportedCipherSuite::Tls13(s) => (true, s.common.confidentiality_limit),
-            SupportedCipherSuite::Tls12(s) => (false, s.common.confidentiality_limit),
+        let tx_limit = match suite {
+            SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+            SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
         };
         Ok(Records {
             tx: encrypter(suite, secrets.tx.1)?,
@@ -172,7 +172,6 @@ impl Handshake {
             rx_seq: secrets.rx.0,
             tx_limit: tx_limit.min(SEQ_LIMIT),
             keys,
-            tls13,
             key_updates: 0,
             unsent: Vec::new(),
         })
@@ -232,7 +231,6 @@ pub(crate) struct Records {
     rx_seq: u64,
     /// rustls's remaining state: the traffic secrets a key update derives from.
     keys: KernelConnection<ServerConnectionData>,
-    tls13: bool,
     /// Key updates received since the last application data.
     key_updates: u8,
     /// Sealed records the socket has not taken yet, in order; they go out before
@@ -250,6 +248,14 @@ pub(crate) struct Opened {
 }
 
 impl Records {
+    /// Whether the connection speaks TLS 1.3 (else 1.2).
+    fn tls13(&self) -> bool {
+        matches!(
+            self.keys.negotiated_cipher_suite(),
+            SupportedCipherSuite::Tls13(_)
+        )
+    }
+
     /// Seals one record of `typ` onto `out`.
     fn seal_record(&mut self, typ: ContentType, plain: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
         if self.tx_seq >= SEQ_LIMIT {
@@ -284,14 +290,39 @@ impl Records {
         Ok(())
     }
 
-    /// Seals our `close_notify` onto `out`.
-    pub(crate) fn seal_close_notify(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        self.seal_record(ContentType::Alert, &CLOSE_NOTIFY, out)
+    /// Runs `seal` onto [`Records::unsent`] (taken out for the call, which needs
+    /// `self` too).
+    fn onto_unsent(
+        &mut self,
+        seal: impl FnOnce(&mut Self, &mut Vec<u8>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut unsent = std::mem::take(&mut self.unsent);
+        let sealed = seal(self, &mut unsent);
+        self.unsent = unsent;
+        sealed
+    }
+
+    /// Seals `plain` onto the end of [`Records::unsent`].
+    pub(crate) fn seal(&mut self, plain: &[u8]) -> io::Result<()> {
+        self.onto_unsent(|this, out| this.seal_into(plain, out))
+    }
+
+    /// Seals our `close_notify` onto the end of [`Records::unsent`].
+    pub(crate) fn seal_close_notify(&mut self) -> io::Result<()> {
+        self.onto_unsent(|this, out| this.seal_record(ContentType::Alert, &CLOSE_NOTIFY, out))
+    }
+
+    /// The socket took the first `n` bytes of [`Records::unsent`].
+    pub(crate) fn sent(&mut self, n: usize) {
+        self.unsent.drain(..n);
+        if self.unsent.is_empty() {
+            self.unsent = Vec::new();
+        }
     }
 
     /// Sends our `KeyUpdate` under the old key and switches to the next one.
     fn update_tx(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        if !self.tls13 {
+        if !self.tls13() {
             return Err(io::Error::other(
                 "TLS 1.2 connection reached its cipher's record limit",
             ));
@@ -304,7 +335,7 @@ impl Records {
     }
 
     fn max_cipher(&self) -> usize {
-        if self.tls13 {
+        if self.tls13() {
             MAX_CIPHER_13
         } else {
             MAX_CIPHER_12
@@ -335,7 +366,7 @@ impl Records {
                 });
             }
             let typ = ContentType::from(typ);
-            if self.tls13 && typ != ContentType::ApplicationData {
+            if self.tls13() && typ != ContentType::ApplicationData {
                 return Err(invalid(format!("unexpected TLS 1.3 record of type {typ:?}")));
             }
             if self.rx_seq >= SEQ_LIMIT {
@@ -363,7 +394,7 @@ impl Records {
                     }
                     [_, USER_CANCELED] => {}
                     // TLS 1.2 warnings end nothing; TLS 1.3 has no warnings but these.
-                    [1, _] if !self.tls13 => {}
+                    [1, _] if !self.tls13() => {}
                     [level, description] => {
                         return Err(invalid(format!(
                             "TLS alert from the client: level {level}, description {description}"
@@ -371,9 +402,8 @@ impl Records {
                     }
                     _ => return Err(invalid("malformed TLS alert")),
                 },
-                ContentType::Handshake if self.tls13 => {
-                    let messages = message.payload.to_vec();
-                    self.post_handshake(&messages)?;
+                ContentType::Handshake if self.tls13() => {
+                    self.post_handshake(message.payload)?;
                 }
                 ContentType::Handshake => {
                     return Err(invalid("TLS renegotiation is not supported"));
@@ -405,30 +435,9 @@ impl Records {
             0 => Ok(()),
             1 => {
                 // Our answer goes before any later data (RFC 8446 §4.6.3).
-                let mut unsent = std::mem::take(&mut self.unsent);
-                let updated = self.update_tx(&mut unsent);
-                self.unsent = unsent;
-                updated
+                self.onto_unsent(Self::update_tx)
             }
             _ => Err(invalid("invalid TLS KeyUpdate request")),
-        }
-    }
-}
-
-impl Records {
-    /// Seals `plain` onto the end of [`Records::unsent`].
-    pub(crate) fn seal(&mut self, plain: &[u8]) -> io::Result<()> {
-        let mut unsent = std::mem::take(&mut self.unsent);
-        let sealed = self.seal_into(plain, &mut unsent);
-        self.unsent = unsent;
-        sealed
-    }
-
-    /// The socket took the first `n` bytes of [`Records::unsent`].
-    pub(crate) fn sent(&mut self, n: usize) {
-        self.unsent.drain(..n);
-        if self.unsent.is_empty() {
-            self.unsent = Vec::new();
         }
     }
 }
@@ -597,9 +606,8 @@ mod tests {
             p.client.send_close_notify();
             p.pump_to_server();
             assert!(p.closed);
-            let mut out = Vec::new();
-            p.server.seal_close_notify(&mut out).unwrap();
-            p.to_client = out;
+            p.server.seal_close_notify().unwrap();
+            p.to_client = std::mem::take(&mut p.server.unsent);
             p.client_reads();
             let mut buf = [0u8; 8];
             assert_eq!(

@@ -45,9 +45,13 @@ pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + 'static {
     fn direct_fd(&self) -> Option<RawFd>;
     /// The socket, when nothing is buffered in this stream, so that its connection
     /// may park.
-    fn idle_fd(&self) -> Option<RawFd>;
+    fn idle_fd(&self) -> Option<RawFd> {
+        self.direct_fd()
+    }
     /// What a parked connection keeps to write to its socket (TLS: the record layer).
-    fn take_records(&mut self) -> Option<Box<Records>>;
+    fn take_records(&mut self) -> Option<Box<Records>> {
+        None
+    }
 }
 
 impl Wire for TcpStream {
@@ -56,12 +60,6 @@ impl Wire for TcpStream {
     }
     fn direct_fd(&self) -> Option<RawFd> {
         Some(self.as_raw_fd())
-    }
-    fn idle_fd(&self) -> Option<RawFd> {
-        Some(self.as_raw_fd())
-    }
-    fn take_records(&mut self) -> Option<Box<Records>> {
-        None
     }
 }
 
@@ -195,7 +193,7 @@ thread_local! {
 }
 
 /// A TLS connection over a TCP stream: rustls's handshake, then our record layer
-/// ([`Records`]), which a parked connection leaves with its `Conn`.
+/// ([`Records`]), which waits in the core's table while the connection is parked.
 pub(crate) struct TlsStream {
     tcp: TcpStream,
     /// `None` once handed over to the parked connection.
@@ -272,12 +270,6 @@ impl TlsStream {
         }
     }
 
-    fn records(&mut self) -> io::Result<&mut Records> {
-        self.records
-            .as_deref_mut()
-            .ok_or_else(|| io::Error::other("TLS stream handed over to its parked connection"))
-    }
-
     /// Writes the records not sent yet until there are none (and frees their buffer)
     /// or the socket is full.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -294,6 +286,12 @@ impl TlsStream {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// The error of a stream whose record layer went to its parked connection (its pump
+/// ends as it parks, so nothing should read or write it any more).
+fn handed_over() -> io::Error {
+    io::Error::other("TLS stream handed over to its parked connection")
 }
 
 impl AsyncRead for TlsStream {
@@ -327,10 +325,7 @@ impl AsyncRead for TlsStream {
                     Poll::Pending => return Poll::Pending,
                 };
                 let filled = kept + n;
-                let records = this
-                    .records
-                    .as_deref_mut()
-                    .ok_or_else(|| io::Error::other("TLS stream handed over"))?;
+                let records = this.records.as_deref_mut().ok_or_else(handed_over)?;
                 let opened = records.open(&mut buf[..filled], &mut this.plain_in)?;
                 this.partial_in = buf[opened.consumed..filled].to_vec();
                 this.eof |= opened.closed;
@@ -362,10 +357,7 @@ impl AsyncWrite for TlsStream {
         let written = TLS_OUT.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.clear();
-            let records = this
-                .records
-                .as_deref_mut()
-                .ok_or_else(|| io::Error::other("TLS stream handed over"))?;
+            let records = this.records.as_deref_mut().ok_or_else(handed_over)?;
             records.seal_into(data, &mut buf)?;
             let mut sent = 0;
             while sent < buf.len() {
@@ -391,10 +383,8 @@ impl AsyncWrite for TlsStream {
         let this = self.get_mut();
         if !this.notified {
             this.notified = true;
-            if let Ok(records) = this.records() {
-                let mut unsent = std::mem::take(&mut records.unsent);
-                let _ = records.seal_close_notify(&mut unsent);
-                records.unsent = unsent;
+            if let Some(records) = this.records.as_deref_mut() {
+                let _ = records.seal_close_notify();
             }
         }
         match this.poll_send(cx) {
