@@ -92,6 +92,11 @@ impl ClusterHandle {
         }
     }
 
+    /// Commands waiting in the link's queue.
+    pub(crate) fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
     /// Tells the link that `core` has (`on`) or no longer has subscribers for `topic`.
     /// With `ack`, the link confirms once Redis confirmed the subscription; `false`
     /// when the command could not be queued (nothing will confirm it).

@@ -124,6 +124,17 @@ impl InboxReceiver {
         }
         n
     }
+
+    /// The next command, if one comes within `timeout` (for fixtures standing in for
+    /// a core).
+    pub(crate) fn recv_timeout(&self, timeout: std::time::Duration) -> Option<CoreCommand> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// The next command waiting, if any.
+    pub(crate) fn try_next(&self) -> Option<CoreCommand> {
+        self.rx.try_recv().ok()
+    }
 }
 
 #[cfg(test)]
