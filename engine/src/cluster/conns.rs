@@ -1,6 +1,7 @@
 //! The link's connections to Redis for one session: one server, or every master of a
 //! Redis Cluster. Per server (a *shard*), a connection for commands and a subscriber
-//! connection ([`Subscriber`]), and the publishes queued for its next pipeline.
+//! connection ([`Subscriber`], read by a thread of its own), and the publishes queued
+//! for its next pipeline. Every shard's reader hands its messages to one channel.
 //!
 //! On a Redis Cluster, a topic's channels and history keys carry the topic as their
 //! hash tag (`ringcast:t:{<topic>}`), so they live in one slot, on one master:
@@ -10,11 +11,13 @@
 //! every node. A moved slot, a failed master or any error ends the session; the next
 //! one asks the cluster for its masters again.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Select, Sender};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
-use super::subscriber::{Message, Subscriber, Verb};
+use super::subscriber::{self, Incoming, Message, Subscriber, Verb};
 use crate::shard::cluster::RedisAddr;
 use crate::shard::history::Publish;
 
@@ -73,8 +76,13 @@ pub(crate) struct Conns {
     pub(crate) shards: Vec<Shard>,
     /// Slot -> shard, on a Redis Cluster; `None` with one server.
     slots: Option<Box<[u16]>>,
-    /// The shard whose subscriber is polled first next time (each gets its turn).
-    next_poll: usize,
+    /// What the shards' readers received, in order per shard.
+    messages: Receiver<Incoming>,
+    /// Messages taken from `messages` while a change of subscriptions waited for its
+    /// confirmation: they come first.
+    pending: VecDeque<Message>,
+    /// How long a change may wait for its confirmations.
+    timeout: Duration,
 }
 
 impl Endpoints {
@@ -91,6 +99,10 @@ impl Endpoints {
     }
 
     fn client(&self, info: ConnectionInfo, resp3: bool) -> redis::RedisResult<redis::Client> {
+        // Without TCP_NODELAY (redis-rs leaves Nagle on), a pipeline's last segment can
+        // wait for the ACK of the one before.
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        let info = info.set_tcp_settings(tcp);
         let info = if resp3 {
             let settings = info
                 .redis_settings()
@@ -112,7 +124,13 @@ impl Endpoints {
         }
     }
 
-    fn shard(&self, info: ConnectionInfo, timeout: Duration, poll: Duration) -> redis::RedisResult<Shard> {
+    fn shard(
+        &self,
+        info: ConnectionInfo,
+        timeout: Duration,
+        poll: Duration,
+        messages: &Sender<Incoming>,
+    ) -> redis::RedisResult<Shard> {
         let name = match info.addr() {
             ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
                 format!("{host}:{port}")
@@ -128,35 +146,35 @@ impl Endpoints {
         Ok(Shard {
             name,
             commands,
-            sub: Subscriber::new(sub, timeout, poll)?,
+            sub: Subscriber::spawn(sub, timeout, poll, messages.clone())?,
             batch: Batch::default(),
         })
     }
 
     /// Connects: to the server, or to every master of the cluster as one of its nodes
-    /// describes it. `poll` is how long all subscribers together are polled per turn.
+    /// describes it. `poll` is how long a subscriber's read waits before its reader
+    /// looks for a change to make.
     pub(crate) fn connect(&self, timeout: Duration, poll: Duration) -> redis::RedisResult<Conns> {
+        let (tx, messages) = crossbeam_channel::bounded(subscriber::MESSAGES_BOUND);
+        let conns = |shards, slots| Conns {
+            shards,
+            slots,
+            messages,
+            pending: VecDeque::new(),
+            timeout,
+        };
         match (self.cluster, self.seeds.first()) {
-            (false, Some(info)) => Ok(Conns {
-                shards: vec![self.shard(info.clone(), timeout, poll)?],
-                slots: None,
-                next_poll: 0,
-            }),
+            (false, Some(info)) => Ok(conns(vec![self.shard(info.clone(), timeout, poll, &tx)?], None)),
             _ => {
                 let mut last = None;
                 for seed in &self.seeds {
                     match self.masters(seed, timeout) {
                         Ok((masters, slots)) => {
-                            let each = (poll / masters.len().max(1) as u32).max(Duration::from_millis(1));
                             let shards = masters
                                 .into_iter()
-                                .map(|m| self.shard(m, timeout, each))
+                                .map(|m| self.shard(m, timeout, poll, &tx))
                                 .collect::<redis::RedisResult<_>>()?;
-                            return Ok(Conns {
-                                shards,
-                                slots: Some(slots),
-                                next_poll: 0,
-                            });
+                            return Ok(conns(shards, Some(slots)));
                         }
                         Err(e) => last = Some(e),
                     }
@@ -354,7 +372,7 @@ impl Conns {
             false => {
                 let channels: Vec<&String> = groups.iter().flatten().collect();
                 let verb = if on { Verb::Subscribe } else { Verb::Unsubscribe };
-                self.shards[0].sub.change(verb, &[channels])
+                self.change(0, verb, &[channels])
             }
             true => {
                 let verb = if on { Verb::SSubscribe } else { Verb::SUnsubscribe };
@@ -362,12 +380,51 @@ impl Conns {
                 for g in groups {
                     per_shard[self.shard_of(&g[0])].push(g);
                 }
-                for (shard, groups) in self.shards.iter_mut().zip(per_shard) {
-                    if !groups.is_empty() {
-                        shard.sub.change(verb, &groups)?;
-                    }
+                // Every shard's change goes out first, then the link waits for them all.
+                let mut outcomes = Vec::new();
+                for (shard, groups) in self.shards.iter().zip(&per_shard) {
+                    outcomes.extend(shard.sub.request(verb, groups)?);
+                }
+                for outcome in outcomes {
+                    self.confirmed(&outcome)?;
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// Sends one `verb` command per group of channels to `shard`'s subscriber, and
+    /// returns once Redis confirmed every channel of every group.
+    pub(crate) fn change<G, S>(&mut self, shard: usize, verb: Verb, groups: &[G]) -> redis::RedisResult<()>
+    where
+        G: AsRef<[S]>,
+        S: AsRef<str>,
+    {
+        match self.shards[shard].sub.request(verb, groups)? {
+            Some(outcome) => self.confirmed(&outcome),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for a change's `outcome`, keeping the messages that come meanwhile (a
+    /// reader whose channel is full would wait for room, not confirm).
+    fn confirmed(&mut self, outcome: &Receiver<redis::RedisResult<()>>) -> redis::RedisResult<()> {
+        // The reader may first finish a read (its poll) before it makes the change.
+        let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
+        loop {
+            crossbeam_channel::select! {
+                recv(outcome) -> r => return r.unwrap_or_else(|_| Err(subscriber::closed())),
+                recv(self.messages) -> m => match m {
+                    Ok(Ok(m)) => self.pending.push_back(m),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => return Err(subscriber::closed()),
+                },
+                default(deadline.saturating_duration_since(Instant::now())) => {
+                    return Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "Redis did not confirm a change of subscriptions",
+                    )));
+                }
             }
         }
     }
@@ -378,17 +435,29 @@ impl Conns {
         &mut self.shards[shard].commands
     }
 
-    /// The next message from any shard's subscriber, each polled in turn.
-    pub(crate) fn next_message(&mut self) -> redis::RedisResult<Option<Message>> {
-        let n = self.shards.len();
-        for k in 0..n {
-            let i = (self.next_poll + k) % n;
-            if let Some(m) = self.shards[i].sub.next()? {
-                self.next_poll = (i + 1) % n;
-                return Ok(Some(m));
-            }
+    /// The next message from any shard's subscriber that is already here, or the error
+    /// that ended a subscriber connection.
+    pub(crate) fn try_message(&mut self) -> redis::RedisResult<Option<Message>> {
+        if let Some(m) = self.pending.pop_front() {
+            return Ok(Some(m));
         }
-        Ok(None)
+        match self.messages.try_recv() {
+            Ok(Ok(m)) => Ok(Some(m)),
+            Ok(Err(e)) => Err(e),
+            Err(crossbeam_channel::TryRecvError::Empty) => Ok(None),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Err(subscriber::closed()),
+        }
+    }
+
+    /// Sleeps until `commands` or a subscriber has something, or for `timeout`.
+    pub(crate) fn wait<T>(&self, commands: &Receiver<T>, timeout: Duration) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        let mut select = Select::new();
+        select.recv(commands);
+        select.recv(&self.messages);
+        let _ = select.ready_timeout(timeout);
     }
 }
 

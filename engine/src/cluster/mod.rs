@@ -44,10 +44,13 @@ pub const NODE_EXPIRY: Duration = Duration::from_secs(5);
 /// a busy Redis is slow, not gone, and a timed-out reply would desynchronise the
 /// connection anyway.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the subscriber waits for a message before it looks at its commands again:
-/// a broadcast a core queues waits this long at most before it goes out (an idle link
-/// wakes this often; see results/cluster-link-*).
+/// How long a subscriber connection's reader waits in a read before it looks for a
+/// change of subscriptions to make (the kernel rounds it up to a jiffy: 4 ms with
+/// `CONFIG_HZ=250`). Broadcasts do not wait for it: the link thread sleeps on its
+/// command queue and the readers' messages at once.
 const POLL_MESSAGES: Duration = Duration::from_millis(1);
+/// Messages from Redis handled per turn at most, before the queued commands' turn.
+const MESSAGES_PER_TURN: usize = 256;
 const HEARTBEAT_CHANNEL: &str = "ringcast:hb";
 /// `disconnect` broadcasts concern socket ids, which no node subscribes to: they go to
 /// `ringcast:d:<topic>`, which every node listens to.
@@ -305,10 +308,8 @@ impl Link {
             Verb::Subscribe
         };
         let resubscribe = |conns: &mut Conns| -> redis::RedisResult<()> {
-            conns.shards[hb].sub.change(hb_verb, &[[HEARTBEAT_CHANNEL]])?;
-            conns.shards[0]
-                .sub
-                .change(Verb::PSubscribe, &[[DISCONNECT_PATTERN]])
+            conns.change(hb, hb_verb, &[[HEARTBEAT_CHANNEL]])?;
+            conns.change(0, Verb::PSubscribe, &[[DISCONNECT_PATTERN]])
         };
         if let Err(e) = resubscribe(conns) {
             return End::Redis(e);
@@ -338,8 +339,9 @@ impl Link {
     }
 
     /// One turn of a session: every command queued goes out (publishes and
-    /// subscription changes batched), then a heartbeat if one is due, then a message
-    /// from Redis if one comes within [`POLL_MESSAGES`].
+    /// subscription changes batched), then a heartbeat if one is due, then the messages
+    /// from Redis already here (up to [`MESSAGES_PER_TURN`]); with none, it sleeps until
+    /// a command or a message comes.
     fn turn(&mut self, conns: &mut Conns, next_heartbeat: &mut Instant) -> Result<(), End> {
         loop {
             match self.rx.try_recv() {
@@ -415,8 +417,18 @@ impl Link {
             self.expire_peers();
         }
         self.flush(conns)?;
-        if let Some((channel, payload)) = conns.next_message()? {
+        let mut handled = 0;
+        while handled < MESSAGES_PER_TURN {
+            let Some((channel, payload)) = conns.try_message()? else {
+                break;
+            };
             self.message(&channel, &payload, conns);
+            handled += 1;
+        }
+        if handled == 0 {
+            // Every batch went out: sleep until a command or a message comes, or the
+            // next heartbeat is due.
+            conns.wait(&self.rx, next_heartbeat.saturating_duration_since(Instant::now()));
         }
         Ok(())
     }

@@ -1,11 +1,19 @@
-//! The link's subscriber connection. It speaks RESP3, where everything Redis sends on a
-//! subscribed connection is a push: a (un)subscription's confirmations, one per
-//! channel, and the messages. A change of subscriptions is answered once Redis has
-//! confirmed every channel of it; messages that arrive meanwhile wait in order.
+//! The link's subscriber connections. Each is read by a thread of its own, which hands
+//! the messages to the link thread through a bounded channel: the link thread then
+//! waits on its command queue and on the messages at once, and never sleeps in a socket
+//! read while a broadcast waits to go out. (It did: a read timeout counts in jiffies,
+//! so the 1 ms poll the link slept in was 4 to 8 ms with `CONFIG_HZ=250`; see
+//! results/cluster-link-2026-12-02.)
+//!
+//! The connection speaks RESP3, where everything Redis sends on a subscribed
+//! connection is a push: a (un)subscription's confirmations, one per channel, and the
+//! messages. The link asks the reader for a change of subscriptions; the reader writes
+//! it, forwards the messages that arrive meanwhile in order, and answers once Redis has
+//! confirmed every channel.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use redis::{PushKind, Value};
 
 /// What a subscription change is: the command, and the push that confirms each channel.
@@ -44,34 +52,61 @@ impl Verb {
 /// A message from a channel: its name and payload.
 pub(crate) type Message = (String, Vec<u8>);
 
+/// What a reader hands the link: a message, or why its connection ended.
+pub(crate) type Incoming = redis::RedisResult<Message>;
+
+/// Messages the readers of one session hold for the link at most; a full channel makes
+/// a reader wait, and Redis buffers for it (`client-output-buffer-limit pubsub`).
+pub(crate) const MESSAGES_BOUND: usize = 16_384;
+
+/// A change of subscriptions for a reader to make.
+struct Change {
+    packed: Vec<u8>,
+    kind: PushKind,
+    channels: usize,
+    done: Sender<redis::RedisResult<()>>,
+}
+
+/// The link's side of one subscriber connection; dropping it ends its reader.
 pub(crate) struct Subscriber {
-    conn: redis::Connection,
-    queued: VecDeque<Message>,
-    /// How long a change may wait for its confirmations, and a poll for a message.
-    command_timeout: Duration,
-    poll: Duration,
+    requests: Sender<Change>,
 }
 
 impl Subscriber {
-    /// `conn` must speak RESP3.
-    pub(crate) fn new(
+    /// Starts the reader of `conn` (which must speak RESP3), handing its messages to
+    /// `messages`. `poll` is how long a read waits before the reader looks for a change
+    /// to make; `command_timeout`, how long a change may wait for its confirmations.
+    pub(crate) fn spawn(
         conn: redis::Connection,
         command_timeout: Duration,
         poll: Duration,
+        messages: Sender<Incoming>,
     ) -> redis::RedisResult<Self> {
         conn.set_read_timeout(Some(poll))?;
         conn.set_write_timeout(Some(command_timeout))?;
-        Ok(Subscriber {
+        let (requests, changes) = crossbeam_channel::bounded(16);
+        let reader = Reader {
             conn,
-            queued: VecDeque::new(),
+            changes,
+            messages,
             command_timeout,
             poll,
-        })
+        };
+        std::thread::Builder::new()
+            .name("ringcast-rsub".into())
+            .spawn(move || reader.run())
+            .map_err(redis::RedisError::from)?;
+        Ok(Subscriber { requests })
     }
 
-    /// Sends one `verb` command per group of channels, all in one write, and returns
-    /// once Redis has confirmed every channel of every group.
-    pub(crate) fn change<G, S>(&mut self, verb: Verb, groups: &[G]) -> redis::RedisResult<()>
+    /// Asks the reader for one `verb` command per group of channels, all in one write.
+    /// Returns where its outcome will come (once Redis confirmed every channel of every
+    /// group), or `None` when there is nothing to change.
+    pub(crate) fn request<G, S>(
+        &self,
+        verb: Verb,
+        groups: &[G],
+    ) -> redis::RedisResult<Option<Receiver<redis::RedisResult<()>>>>
     where
         G: AsRef<[S]>,
         S: AsRef<str>,
@@ -91,39 +126,93 @@ impl Subscriber {
             channels += group.len();
         }
         if channels == 0 {
-            return Ok(());
+            return Ok(None);
         }
-        self.conn.send_packed_command(&packed)?;
-        self.conn.set_read_timeout(Some(self.command_timeout))?;
-        let result = self.confirmations(verb.confirmation(), channels);
-        self.conn.set_read_timeout(Some(self.poll))?;
-        result
+        let (done, outcome) = crossbeam_channel::bounded(1);
+        let change = Change {
+            packed,
+            kind: verb.confirmation(),
+            channels,
+            done,
+        };
+        self.requests.send(change).map_err(|_| closed())?;
+        Ok(Some(outcome))
+    }
+}
+
+/// The error of a subscriber connection whose reader is gone (it ended with an error,
+/// which the link hears of too).
+pub(crate) fn closed() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the Redis subscriber connection is closed",
+    ))
+}
+
+struct Reader {
+    conn: redis::Connection,
+    changes: Receiver<Change>,
+    messages: Sender<Incoming>,
+    command_timeout: Duration,
+    poll: Duration,
+}
+
+impl Reader {
+    fn run(mut self) {
+        loop {
+            match self.changes.try_recv() {
+                Ok(change) => {
+                    let outcome = self.change(&change);
+                    let failed = outcome.is_err();
+                    let _ = change.done.send(outcome);
+                    if failed {
+                        return;
+                    }
+                }
+                // The session ended.
+                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => {}
+            }
+            match self.next() {
+                Ok(Some(m)) => {
+                    if self.messages.send(Ok(m)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = self.messages.send(Err(e));
+                    return;
+                }
+            }
+        }
     }
 
-    fn confirmations(&mut self, kind: PushKind, mut missing: usize) -> redis::RedisResult<()> {
+    /// Writes `change` and returns once Redis has confirmed every channel of it; the
+    /// messages that arrive meanwhile go to the link in order.
+    fn change(&mut self, change: &Change) -> redis::RedisResult<()> {
+        self.conn.send_packed_command(&change.packed)?;
+        self.conn.set_read_timeout(Some(self.command_timeout))?;
+        let mut missing = change.channels;
         while missing > 0 {
             match self.conn.recv_response()? {
-                Value::Push { kind: k, .. } if k == kind => missing -= 1,
-                Value::Push { kind, data } => self.queue(kind, data),
+                Value::Push { kind, .. } if kind == change.kind => missing -= 1,
+                Value::Push { kind, data } => {
+                    if let Some(m) = message(kind, data) {
+                        self.messages.send(Ok(m)).map_err(|_| closed())?;
+                    }
+                }
                 Value::ServerError(e) => return Err(e.into()),
                 _ => {}
             }
         }
+        self.conn.set_read_timeout(Some(self.poll))?;
         Ok(())
     }
 
-    fn queue(&mut self, kind: PushKind, data: Vec<Value>) {
-        if let Some(m) = message(kind, data) {
-            self.queued.push_back(m);
-        }
-    }
-
     /// The next message, if one comes within the poll timeout.
-    pub(crate) fn next(&mut self) -> redis::RedisResult<Option<Message>> {
+    fn next(&mut self) -> redis::RedisResult<Option<Message>> {
         loop {
-            if let Some(m) = self.queued.pop_front() {
-                return Ok(Some(m));
-            }
             match self.conn.recv_response() {
                 // Redis Cluster moved a slot away (a failover, a resharding): the
                 // session ends, and the next one asks where the slots are.
@@ -141,7 +230,11 @@ impl Subscriber {
                         channel,
                     )));
                 }
-                Ok(Value::Push { kind, data }) => self.queue(kind, data),
+                Ok(Value::Push { kind, data }) => {
+                    if let Some(m) = message(kind, data) {
+                        return Ok(Some(m));
+                    }
+                }
                 Ok(Value::ServerError(e)) => return Err(e.into()),
                 Ok(_) => {}
                 Err(e) if e.is_timeout() => return Ok(None),
