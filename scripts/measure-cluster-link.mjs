@@ -5,6 +5,7 @@
 // run on this box.
 //
 //   node scripts/measure-cluster-link.mjs [--messages N (100000)] [--rounds R (3)] [--history 1]
+//                                         [--rate R (20000): the latency run's rate at most]
 //
 // With `--history 1`, the comparison is instead what history costs through Redis: the
 // same pipelined link with `bench:link` keeping history (`serve --bench-history`: every
@@ -15,7 +16,7 @@
 // publisher on node A sends `new_msg` on `bench:link` as fast as the socket takes them
 // (in bursts of 500); one subscriber on node B counts them, and one on node A (local).
 // Broadcasts/s = N / (first send to last arrival on B). The latency run sends at a
-// fixed rate (half the pipelined throughput, at most 20,000/s) and reports the p50 and
+// fixed rate (half the pipelined throughput, at most --rate: 20,000/s) and reports the p50 and
 // p99 of send-to-arrival on B. Loopback only; stops by itself (hard limit 15 min).
 // Uses `ws` from tests/e2e/node_modules.
 
@@ -32,7 +33,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const require = createRequire(path.join(ROOT, 'tests', 'e2e', 'package.json'));
 const WebSocket = require('ws');
-const opts = { messages: 100000, rounds: 3, history: 0 };
+const opts = { messages: 100000, rounds: 3, history: 0, rate: 20000 };
 for (let i = 2; i < process.argv.length; i += 2) {
   const key = process.argv[i].replace(/^--/, '');
   if (!(key in opts)) throw new Error(`unknown option ${process.argv[i]}`);
@@ -193,7 +194,7 @@ for (let r = 0; r < opts.rounds; r++) {
 }
 const med = (xs) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
 const piped = med(report.throughput.filter((x) => x.variant === variants[0].name).map((x) => x.remote_per_sec));
-const rate = Math.min(20000, Math.round(piped / 2));
+const rate = Math.min(opts.rate, Math.round(piped / 2));
 for (const v of variants) {
   const x = { variant: v.name, ...await run(v, rate) };
   log(JSON.stringify(x));
