@@ -30,6 +30,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
+use ringcast_bench::median;
 use ringcast_loadgen::report::{ConnectReport, FanoutReport};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -772,20 +773,6 @@ fn floor_stats(log: &Path) -> Option<Lat> {
         p99: g("p99")?,
         p999: g("p999")?,
         max: g("max")?,
-    })
-}
-
-pub fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     })
 }
 

@@ -154,7 +154,7 @@ impl FanoutFixture {
 /// subscriber connection, checking and decoding, and the hand-over to a core.
 pub struct LinkPair {
     a: crate::cluster::ClusterHandle,
-    /// Kept so that `b`'s link lives as long as the pair.
+    /// Node b's handle: its counters, and while it lives, its link runs.
     b: crate::cluster::ClusterHandle,
     a_core: crate::shard::inbox::InboxReceiver,
     b_core: crate::shard::inbox::InboxReceiver,

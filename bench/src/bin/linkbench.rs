@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ringcast::bench_support::{LinkCounters, LinkPair};
+use ringcast_bench::median;
 use serde::Serialize;
 
 #[global_allocator]
@@ -277,11 +278,6 @@ fn phase(pair: &Arc<LinkPair>, round: usize, count: u64, rate: Option<u64>, redi
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn redis_benchmark(port: u16, pipeline: &str) -> String {
     let n = if pipeline == "1" { "200000" } else { "1000000" };
     let out = Command::new("redis-benchmark")
@@ -322,7 +318,9 @@ fn main() -> Result<()> {
         if medians.contains_key(&kind) {
             continue;
         }
-        let of = |f: fn(&Phase) -> f64| median(phases.iter().filter(|p| p.kind == kind).map(f).collect());
+        let of = |f: fn(&Phase) -> f64| {
+            median(phases.iter().filter(|p| p.kind == kind).map(f).collect()).unwrap_or(f64::NAN)
+        };
         let received = of(|p| p.received as f64);
         let m: BTreeMap<&'static str, f64> = [
             ("per_sec", of(|p| p.per_sec)),
