@@ -86,6 +86,11 @@ pub struct Cli {
     /// Time limit for each stage of opening a connection (TCP connect, upgrade, join).
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     pub stage_timeout: Duration,
+    /// Attempts again, up to this many times, a connection that failed to connect,
+    /// upgrade or join, after phoenix.js's reconnect delays (10 ms, 50 ms, ... 2 s, then
+    /// 5 s); what was retried is counted apart from what failed for good.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub retries: u32,
     /// Phoenix heartbeat interval of every connection.
     #[arg(long, global = true, default_value = "25s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
@@ -293,6 +298,11 @@ pub struct FanoutArgs {
     /// the seed's `new_msg` is small, under the server's 1 KiB threshold).
     #[arg(long, default_value_t = 0)]
     pub pad: usize,
+    /// Publish through this server instead of --url (another node of a cluster): the
+    /// subscribers, the sample one included, stay on --url, so every delivery crosses
+    /// the cluster link.
+    #[arg(long)]
+    pub publish_url: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -466,6 +476,7 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 user_prefix: "lg".into(),
                 watch: None,
                 ramp_limit: None,
+                retries: cli.retries,
             }
         }
         Cmd::Fanout(a) => {
@@ -500,6 +511,7 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 user_prefix: "lg".into(),
                 watch: None,
                 ramp_limit: None,
+                retries: cli.retries,
             }
         }
         Cmd::Rooms(a) => {
@@ -548,6 +560,7 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 user_prefix: "lg".into(),
                 watch: None,
                 ramp_limit: None,
+                retries: cli.retries,
             }
         }
         Cmd::Churn(a) => {
@@ -583,6 +596,7 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 user_prefix: "lg".into(),
                 watch: None,
                 ramp_limit: None,
+                retries: cli.retries,
             }
         }
         Cmd::Presence(a) => {
@@ -613,6 +627,7 @@ pub fn job_of(cli: &Cli) -> anyhow::Result<(Job, u64)> {
                 user_prefix: a.user_prefix.clone(),
                 watch: a.watch.as_ref().map(|k| format!("\"{k}\"").into_bytes()),
                 ramp_limit: Some(a.ramp_timeout),
+                retries: cli.retries,
             }
         }
         Cmd::Newcomer(_) => bail!("newcomer runs no slices"),

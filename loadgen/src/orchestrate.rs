@@ -818,7 +818,22 @@ fn fanout(cli: &Cli, job: Job, a: &crate::FanoutArgs) -> anyhow::Result<bool> {
         }
     );
     let ps = Arc::new(PubShared::default());
-    let publisher = run::run_publisher(job.clone(), ps.clone(), a.messages, pace, cli.server_pid, a.pad)?;
+    let publish_to = match &a.publish_url {
+        Some(url) => crate::client::Target {
+            compress: job.target.compress,
+            ..crate::parse_url(url, crate::trust_of(cli))?
+        },
+        None => job.target.clone(),
+    };
+    let publisher = run::run_publisher(
+        job.clone(),
+        publish_to,
+        ps.clone(),
+        a.messages,
+        pace,
+        cli.server_pid,
+        a.pad,
+    )?;
     let expected = ramped.joined * a.messages;
     let pb = bar(
         cli,

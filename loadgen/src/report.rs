@@ -184,6 +184,9 @@ pub struct ConnectReport {
     pub joined: u64,
     pub failed: u64,
     pub failures: BTreeMap<String, u64>,
+    /// Failed attempts that `--retries` tried again, by kind.
+    #[serde(default)]
+    pub retried: BTreeMap<String, u64>,
     /// From the first attempt to the last successful join.
     pub time_to_last_join_secs: f64,
     /// Time to N when every connection joined.
@@ -310,6 +313,7 @@ impl ConnectReport {
             joined: m.joined,
             failed: m.failed,
             failures: m.failures.clone(),
+            retried: m.retried.clone(),
             time_to_last_join_secs: ttl,
             time_to_n_secs: (m.joined == a.connections).then_some(ttl),
             achieved_rate: if ttl > 0.0 { m.joined as f64 / ttl } else { 0.0 },
@@ -351,6 +355,7 @@ pub fn print_connect(r: &ConnectReport) {
     println!("  joined         {}", r.joined);
     println!("  failed         {}", r.failed);
     print_map("failures by kind", &r.failures);
+    print_map("retried by kind", &r.retried);
     match r.time_to_n_secs {
         Some(t) => println!("  time to N      {t:.3}s"),
         None => println!(

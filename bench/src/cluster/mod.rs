@@ -49,6 +49,16 @@ const HEAVY_LOCK: &str = "/tmp/ringcast-heavy.lock";
 /// and both kernel sockets); each finished size refines it.
 const FIRST_ESTIMATE: u64 = 21 * 1024;
 
+/// Where the loadgens run (`--loadgen-cpu`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadgenCpu {
+    /// On its node's CPU.
+    #[default]
+    Node,
+    /// Wherever the scheduler puts it.
+    Any,
+}
+
 /// What the connections of a cluster run do.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Workload {
@@ -97,6 +107,16 @@ pub struct ClusterArgs {
     /// Phoenix heartbeat interval of every connection, seconds.
     #[arg(long, default_value_t = 300)]
     pub heartbeat: u64,
+    /// Where each loadgen runs: `node` pins it to its node's CPU, so that a frame the
+    /// node writes wakes a reader on the same CPU; `any` leaves it to the scheduler (as
+    /// before the eighth session), and every frame then wakes a reader on the other CPU,
+    /// which about doubles the CPU a delivery costs both ends on this VM.
+    #[arg(long, value_enum, default_value_t = LoadgenCpu::Node)]
+    pub loadgen_cpu: LoadgenCpu,
+    /// Times each loadgen connection is tried again after a failed connect, upgrade or
+    /// join (`ringcast-loadgen --retries`, phoenix.js's reconnect delays).
+    #[arg(long, default_value_t = 8)]
+    pub retries: u32,
     /// Bound of the whole run, seconds.
     #[arg(long, default_value_t = 1800)]
     pub time_limit: u64,
@@ -322,6 +342,8 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| "redis-server".into()),
         heartbeat_secs: a.heartbeat,
+        loadgen_cpu: a.loadgen_cpu,
+        retries: a.retries,
         sources: a.sources,
         min_free_bytes,
         est_bytes_per_conn: FIRST_ESTIMATE,

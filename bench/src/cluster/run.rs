@@ -29,6 +29,8 @@ pub struct Ctx {
     pub bin_dir: PathBuf,
     pub redis_server: PathBuf,
     pub heartbeat_secs: u64,
+    pub loadgen_cpu: super::LoadgenCpu,
+    pub retries: u32,
     pub sources: u32,
     pub min_free_bytes: u64,
     /// Whole-box bytes per connection the memory check assumes; refined by every size.
@@ -370,6 +372,12 @@ fn attempt(
             &format!("c-{}", n.index),
             "--idle-timeout",
             &idle,
+            // The node holds its connections upgraded; its HTTP phase sees only the
+            // handshakes and the run's API calls. The default (1,024 per core) would
+            // leave room for 18,720 upgraded connections under the 20,000 open files,
+            // fewer than --per-node's 19,000.
+            "--max-http-connections",
+            "256",
         ])
         .env("RINGCAST_SECRET", SECRET)
         .env("RINGCAST_CLUSTER_SECRET", "ringcast-bench-cluster-secret")
@@ -443,8 +451,10 @@ fn attempt(
             "--server-pid",
             &node.pid().to_string(),
         ])
+        .args(["--retries", &ctx.retries.to_string()])
         .args(["--quiet", "--json"])
-        .args([dir.join(format!("lg-{}.json", n.index))]);
+        .args([dir.join(format!("lg-{}.json", n.index))])
+        .pinned((ctx.loadgen_cpu == super::LoadgenCpu::Node).then(|| n.cpu.to_string()));
         procs.loadgens.push(
             Proc::spawn(&spec)
                 .map_err(|e| stop("failed", format!("{e:#}")))?

@@ -407,6 +407,9 @@ pub struct SizeSummary {
     pub connections_requested: u64,
     pub connections_joined: u64,
     pub connection_failures: BTreeMap<String, u64>,
+    /// Failed attempts the loadgens tried again (`--retries`), by kind.
+    #[serde(default)]
+    pub connection_retries: BTreeMap<String, u64>,
     pub loadgen_reports_missing_for_nodes: Vec<usize>,
     /// From starting the loadgens until every one said all its connections joined.
     pub time_to_connect_s: Option<f64>,
@@ -469,6 +472,7 @@ pub fn summarize(r: &Record, reports: &[(usize, ConnectReport)], missing: Vec<us
         s.connected_at_hold_end += rep.connected_at_hold_end;
         s.ended_early += rep.ended_early;
         add_maps(&mut s.connection_failures, &rep.failures);
+        add_maps(&mut s.connection_retries, &rep.retried);
         add_maps(&mut s.ends, &rep.ends);
     }
     if let (Some(t0), Some(t1)) = (r.t_loadgen_start, r.t_all_joined) {
