@@ -6,6 +6,20 @@
 //
 //   node scripts/measure-cluster-link.mjs [--messages N (100000)] [--rounds R (3)] [--history 1]
 //                                         [--rate R (20000): the latency run's rate at most]
+//                                         [--loadgen 1] [--window W (20000)] [--pin 1]
+//
+// With `--pin 1` (the default), node A runs on CPU 0 and node B on CPU 1 (`taskset`);
+// ringcast pins its executor to the first CPU it may use, so unpinned (`--pin 0`, as
+// before the ninth session) both nodes' cores run on CPU 0.
+//
+// With `--loadgen 1`, the clients are `ringcast-loadgen fanout` (Rust, release build)
+// instead of this script's `ws` sockets, which cap near 90,000 messages/s on one Node.js
+// thread: its publisher sends through node A (`--publish-url`) and its subscriber and
+// sample subscriber listen on node B, so every delivery crosses Redis ("cross"); the
+// local comparison publishes through node B itself ("local"). As fast as they go, with
+// at most --window in flight, then paced at half the cross-node median (at most
+// --rate). The loadgen's own CPU (workers included) is counted beside the nodes' and
+// Redis's.
 //
 // With `--history 1`, the comparison is instead what history costs through Redis: the
 // same pipelined link with `bench:link` keeping history (`serve --bench-history`: every
@@ -33,7 +47,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const require = createRequire(path.join(ROOT, 'tests', 'e2e', 'package.json'));
 const WebSocket = require('ws');
-const opts = { messages: 100000, rounds: 3, history: 0, rate: 20000 };
+const opts = { messages: 100000, rounds: 3, history: 0, rate: 20000, loadgen: 0, window: 20000, pin: 1 };
 for (let i = 2; i < process.argv.length; i += 2) {
   const key = process.argv[i].replace(/^--/, '');
   if (!(key in opts)) throw new Error(`unknown option ${process.argv[i]}`);
@@ -63,9 +77,13 @@ function waitLine(proc, text) {
 
 async function node(redisPort, pipeline, name, history) {
   const port = await freePort();
-  const proc = spawn(BIN, ['serve', '--listen', `127.0.0.1:${port}`, '--cores', '1', '--secret', SECRET, '--max-rate', '10000000',
+  const cpu = name === 'a' ? '0' : String(Math.min(1, os.cpus().length - 1));
+  const [prog, pre] = opts.pin ? ['taskset', ['-c', cpu, BIN]] : [BIN, []];
+  const proc = spawn(prog, [...pre, 'serve', '--listen', `127.0.0.1:${port}`, '--cores', '1', '--secret', SECRET, '--max-rate', '10000000',
     '--max-outbound', '256MiB', '--redis', `redis://127.0.0.1:${redisPort}`, '--cluster-secret', 'c', '--node-name', name,
     '--redis-pipeline', String(pipeline), ...(history ? ['--bench-history'] : [])], { stdio: ['ignore', 'ignore', 'pipe'] });
+  // Each node's log, when MEASURE_LOG_DIR names a directory: <dir>/<port>-<name>.log.
+  if (process.env.MEASURE_LOG_DIR) proc.stderr.pipe(fs.createWriteStream(path.join(process.env.MEASURE_LOG_DIR, `${port}-${name}.log`)));
   await waitLine(proc, 'Redis link up');
   return { port, proc };
 }
@@ -174,14 +192,102 @@ async function run({ pipeline, history }, rate) {
   }
 }
 
+/** CPU (user + system, seconds) of an exited child and the children it waited for. */
+function cpuSecsWithChildren(pid) {
+  try {
+    const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / 100;
+  } catch { return NaN; }
+}
+
+/** One `ringcast-loadgen fanout` run on a fresh Redis and two nodes: `cross` publishes
+ * through node A and subscribes on node B; `local` does both on node B. */
+async function runLoadgen(variant, rate) {
+  const redisPort = await freePort();
+  // Above 150,000 broadcasts/s a subscriber connection falls behind by Redis's default
+  // pub/sub output limit (32 MB, or 8 MB for 60 s) within a fraction of a second when
+  // its node's CPU is busy: node A hears its own broadcasts back, and on this 2-CPU box
+  // its reader shares CPU 0 with the node and the publisher. Redis then cuts the
+  // connection, and the link's session ends (its loss counted). Operators raise the limit
+  // for such rates; so does this run.
+  const redis = spawn('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+    '--client-output-buffer-limit', 'pubsub 512mb 256mb 60'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  await waitLine(redis, 'Ready to accept connections');
+  const a = await node(redisPort, 256, 'a', false);
+  const b = await node(redisPort, 256, 'b', false);
+  const out = path.join(os.tmpdir(), `measure-cluster-link-${process.pid}.json`);
+  try {
+    const procs = [a.proc, b.proc, redis];
+    const cpu0 = procs.map((p) => cpuSecs(p.pid));
+    const lgBin = path.join(path.dirname(BIN), 'ringcast-loadgen');
+    const args = ['fanout', '--url', `ws://127.0.0.1:${b.port}`, '-n', '1', '-m', String(opts.messages), '--topic', 'bench:link',
+      ...(variant === 'cross' ? ['--publish-url', `ws://127.0.0.1:${a.port}`] : []),
+      ...(rate ? ['--rate', String(rate)] : ['--window', String(opts.window)]),
+      '--publish-timeout', '120s', '--quiet', '--json', out];
+    const lg = spawn(lgBin, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, RINGCAST_SECRET: SECRET } });
+    let err = '';
+    lg.stderr.on('data', (d) => { err += d; });
+    // Read the loadgen's CPU (its workers' included) once it has exited but before it
+    // is reaped: node reaps on 'exit', so sample its /proc entry while it lingers.
+    const cpuLg = await new Promise((resolve) => {
+      let last = NaN;
+      const t = setInterval(() => { const c = cpuSecsWithChildren(lg.pid); if (!Number.isNaN(c)) last = c; }, 20);
+      lg.on('exit', () => { clearInterval(t); resolve(last); });
+    });
+    const cpu = procs.map((p, i) => cpuSecs(p.pid) - cpu0[i]);
+    const r = JSON.parse(fs.readFileSync(out, 'utf8'));
+    const total = cpu[0] + cpu[1] + cpu[2];
+    return {
+      variant, rate: rate || null, sent: r.sent, deliveries: r.deliveries, loss: r.loss, reorders: r.reorders,
+      duplicates: r.duplicates, per_sec: Math.round(r.deliveries_per_sec),
+      p50_ms: +(r.latency.p50_us / 1000).toFixed(2), p99_ms: +(r.latency.p99_us / 1000).toFixed(2),
+      cpu_secs: { a: +cpu[0].toFixed(2), b: +cpu[1].toFixed(2), redis: +cpu[2].toFixed(2), loadgen_upper_bound: +cpuLg.toFixed(2) },
+      // Deliveries per CPU-second of the two nodes and Redis (the clients' CPU apart).
+      deliveries_per_cpu_sec: Math.round(r.deliveries / total),
+      ...(r.loss !== 0 || r.problems?.length ? { problems: r.problems, stderr_tail: err.slice(-400) } : {}),
+    };
+  } finally {
+    for (const p of [a.proc, b.proc, redis]) p.kill('SIGKILL');
+    fs.rmSync(out, { force: true });
+  }
+}
+
+/** redis-benchmark's PUBLISH, unpipelined and -P 64, against a redis-server of its own. */
+async function redisBenchmark() {
+  const benchPort = await freePort();
+  const benchRedis = spawn('redis-server', ['--port', String(benchPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  await waitLine(benchRedis, 'Ready to accept connections');
+  const runs = ['1', '64'].map((p) => spawnSync('redis-benchmark',
+    ['-p', String(benchPort), '-q', '-n', p === '1' ? '200000' : '1000000', '-P', p, 'PUBLISH', 'ringcast:t:bench:link', 'hello'], { encoding: 'utf8' }));
+  benchRedis.kill('SIGKILL');
+  return runs;
+}
+
+if (opts.loadgen) {
+  const bench = await redisBenchmark();
+  const rep = { host: os.hostname(), cpus: os.cpus().length, options: opts, client: 'ringcast-loadgen fanout', throughput: [], latency: [] };
+  for (let r = 0; r < opts.rounds; r++) {
+    for (const v of ['cross', 'local']) {
+      const x = await runLoadgen(v, 0);
+      log(JSON.stringify(x));
+      rep.throughput.push(x);
+    }
+  }
+  const med = (xs) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
+  rep.median_per_sec = Object.fromEntries(['cross', 'local'].map((v) => [v, med(rep.throughput.filter((x) => x.variant === v).map((x) => x.per_sec))]));
+  const half = Math.min(opts.rate, Math.round(rep.median_per_sec.cross / 2));
+  for (const v of ['cross', 'local']) {
+    const x = await runLoadgen(v, half);
+    log(JSON.stringify(x));
+    rep.latency.push(x);
+  }
+  rep.redis_benchmark_publish = bench.map((b) => (b.stdout || '').split('\r').pop().trim() || String(b.error || b.stderr));
+  process.stdout.write(`${JSON.stringify(rep, null, 2)}\n`);
+  process.exit(0);
+}
+
 const report = { host: os.hostname(), cpus: os.cpus().length, options: opts, throughput: [], latency: [] };
-// redis-benchmark's PUBLISH, unpipelined and -P 64, against a redis-server of its own.
-const benchPort = await freePort();
-const benchRedis = spawn('redis-server', ['--port', String(benchPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: ['ignore', 'pipe', 'pipe'] });
-await waitLine(benchRedis, 'Ready to accept connections');
-const bench = ['1', '64'].map((p) => spawnSync('redis-benchmark',
-  ['-p', String(benchPort), '-q', '-n', p === '1' ? '200000' : '1000000', '-P', p, 'PUBLISH', 'ringcast:t:bench:link', 'hello'], { encoding: 'utf8' }));
-benchRedis.kill('SIGKILL');
+const bench = await redisBenchmark();
 const variants = opts.history
   ? [{ pipeline: 256, history: false, name: 'plain' }, { pipeline: 256, history: true, name: 'history' }]
   : [{ pipeline: 256, history: false, name: '256' }, { pipeline: 1, history: false, name: '1' }];

@@ -445,6 +445,9 @@ pub struct ServerFanout {
 pub struct FanoutReport {
     pub command: String,
     pub url: String,
+    /// `--publish-url`: the node the publisher sent through, when not `url`.
+    #[serde(default)]
+    pub publish_url: Option<String>,
     pub topic: String,
     pub processes: usize,
     pub cores_per_process: usize,
@@ -511,6 +514,7 @@ impl FanoutReport {
         FanoutReport {
             command: "fanout".into(),
             url: a.url.clone(),
+            publish_url: a.publish_url.clone(),
             topic: a.topic.clone(),
             processes,
             cores_per_process: job.cores,

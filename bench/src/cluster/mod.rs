@@ -53,9 +53,9 @@ const FIRST_ESTIMATE: u64 = 21 * 1024;
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LoadgenCpu {
     /// On its node's CPU.
-    #[default]
     Node,
     /// Wherever the scheduler puts it.
+    #[default]
     Any,
 }
 
@@ -107,11 +107,12 @@ pub struct ClusterArgs {
     /// Phoenix heartbeat interval of every connection, seconds.
     #[arg(long, default_value_t = 300)]
     pub heartbeat: u64,
-    /// Where each loadgen runs: `node` pins it to its node's CPU, so that a frame the
-    /// node writes wakes a reader on the same CPU; `any` leaves it to the scheduler (as
-    /// before the eighth session), and every frame then wakes a reader on the other CPU,
-    /// which about doubles the CPU a delivery costs both ends on this VM.
-    #[arg(long, value_enum, default_value_t = LoadgenCpu::Node)]
+    /// Where each loadgen runs: `any` leaves it to the scheduler; `node` pins it to its
+    /// node's CPU, so that a frame the node writes wakes a reader on the same CPU. Pinned
+    /// is cheaper per delivery at 38,000 and 200,000 connections on this 2-CPU VM
+    /// (reach-all 0.283 s against 0.345 s at 38,000), and far worse at 1,000,000: the
+    /// scheduler can no longer even out the CPUs (results/cluster-1m-2026-12-02-pinned).
+    #[arg(long, value_enum, default_value_t = LoadgenCpu::Any)]
     pub loadgen_cpu: LoadgenCpu,
     /// Times each loadgen connection is tried again after a failed connect, upgrade or
     /// join (`ringcast-loadgen --retries`, phoenix.js's reconnect delays).

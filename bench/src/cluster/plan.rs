@@ -64,7 +64,10 @@ pub struct SizePlan {
     /// The ramp at `rate`, rounded up.
     pub ramp_secs: u64,
     /// How long the loadgens hold their connections once up: the broadcast and its
-    /// deliveries happen inside it.
+    /// deliveries happen inside it. Each loadgen counts from its own ramp's end, and on a
+    /// saturated box those ends spread: in the 1,000,000 run of 2026-12-02 over 130 s of
+    /// a 400 s ramp, so a hold of a fifth of the ramp let the first loadgens close before
+    /// the last were up. Three quarters of the ramp covers that.
     pub hold_secs: u64,
     /// Time the size needs at least (ramp with slack, broadcast, hold, teardown).
     pub need_secs: u64,
@@ -98,8 +101,8 @@ pub fn plan_size(size: u64, per_node: u64, rate: f64, base_port: u16, cpus: &[us
         rate,
         rate_per_node: (rate / k as f64).max(1.0),
         ramp_secs,
-        hold_secs: 40 + ramp_secs / 5,
-        need_secs: ramp_secs * 3 / 2 + 90,
+        hold_secs: 40 + ramp_secs * 3 / 4,
+        need_secs: ramp_secs * 2 + 90,
         topic: format!("bench:cluster-{size}"),
     }
 }
@@ -193,8 +196,8 @@ mod tests {
         assert_eq!(p.redis_port, 5700);
         assert!((p.rate_per_node - 2500.0 / 3.0).abs() < 1e-9);
         assert_eq!(p.ramp_secs, 17);
-        assert_eq!(p.hold_secs, 43);
-        assert_eq!(p.need_secs, 17 * 3 / 2 + 90);
+        assert_eq!(p.hold_secs, 52);
+        assert_eq!(p.need_secs, 17 * 2 + 90);
         assert_eq!(p.topic, "bench:cluster-40000");
 
         let one = plan_size(10_000, 19_000, 2500.0, 4700, &[3]);

@@ -28,8 +28,8 @@ pub fn readme(host: &HostCheck, sums: &[SizeSummary]) -> String {
          (`taskset -c`; ringcast pins its executors within its affinity mask).",
         "one `ringcast-loadgen connect` per node, all started at once (the loadgen targets one URL per run; it \
          rotates source addresses 127.0.0.2..), every connection joining the same `bench:cluster-<N>` topic, then \
-         holding; pinned to its node's CPU (since the ninth session; `--loadgen-cpu any` leaves it to the \
-         scheduler), and trying a failed connection again `--retries` times (default 8). Time to connect = from starting the loadgens until every one reported all its connections joined.",
+         holding, wherever the scheduler puts it (`--loadgen-cpu node` pins each to its node's CPU), and trying \
+         a failed connection again `--retries` times (default 8, phoenix.js's delays). Time to connect = from starting the loadgens until every one reported all its connections joined.",
         "ONE broadcast through node 0's `POST /api/broadcast` (`new_msg`, body `1:<send unix nanos>`), reaching the \
          other nodes through Redis. (`ringcast-loadgen fanout` is not used: every fanout run has its own publisher, \
          so K parallel runs on one topic would make K x N deliveries.)",

@@ -216,7 +216,7 @@ impl Server {
                     // by `into_raw_fd` above and is taken over here exactly once.
                     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
                     let _ = ready.send(());
-                    transport::run_core(shard, listener, tls).await;
+                    transport::run_core(shard, listener, listener_fd, tls).await;
                 })
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             handles.push(handle);

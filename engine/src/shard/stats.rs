@@ -143,6 +143,9 @@ pub struct CoreStats {
     pub http_timeouts: Counter,
     /// Accepts that failed (out of file descriptors or memory).
     pub accept_errors: Counter,
+    /// Times the accept loop found connections waiting on the listener while its
+    /// pending accept had not completed, and accepted them by asking again.
+    pub accept_stalls: Counter,
     /// TLS handshakes that failed or did not finish within the request timeout.
     pub tls_failed: Counter,
     /// Binary frames for long-poll clients, which have no representation there:
@@ -231,6 +234,11 @@ pub(crate) const FIELDS: &[(&str, &str, &str)] = &[
         "accept_errors",
         "counter",
         "Accepts that failed (file descriptors, memory).",
+    ),
+    (
+        "accept_stalls",
+        "counter",
+        "Times a pending accept had not completed although connections were waiting; the accept loop asked again.",
     ),
     (
         "tls_failed",
@@ -341,6 +349,7 @@ impl CoreStats {
             "http_refused" => &self.http_refused,
             "http_timeouts" => &self.http_timeouts,
             "accept_errors" => &self.accept_errors,
+            "accept_stalls" => &self.accept_stalls,
             "tls_failed" => &self.tls_failed,
             "longpoll_binary" => &self.longpoll_binary,
             "inbox_dropped" => &self.inbox_dropped,
