@@ -54,6 +54,12 @@ function loadgen(args, name) {
   });
 }
 
+/** Bytes a node has read from clients, all cores (`ringcast_bytes_in_total`). */
+async function bytesIn(node) {
+  const text = await (await fetch(`${node.httpUrl}/metrics`)).text();
+  return [...text.matchAll(/^ringcast_bytes_in_total(?:\{[^}]*\})? (\d+)$/gm)].reduce((n, m) => n + Number(m[1]), 0);
+}
+
 e2e('fanout --publish-url: published through node A, every message reaches the subscribers on node B through Redis', async () => {
   await withCluster([1, 1], async ([a, b]) => {
     const { code, report, err } = await loadgen(['fanout', '--url', `ws://127.0.0.1:${b.port}`, '--publish-url', `ws://127.0.0.1:${a.port}`,
@@ -66,6 +72,11 @@ e2e('fanout --publish-url: published through node A, every message reaches the s
     assert.equal(report.deliveries, 5 * 300);
     assert.equal(report.duplicates, 0);
     assert.equal(report.reorders, 0);
+    // The 300 pushes (about 100 bytes each) came in on node A; node B read only its two
+    // subscribers' joins.
+    const [inA, inB] = [await bytesIn(a), await bytesIn(b)];
+    assert.ok(inA > 300 * 40, `node A read ${inA} bytes`);
+    assert.ok(inB < 300 * 40, `node B read ${inB} bytes`);
   }, { url: `redis://127.0.0.1:${redisPort}` });
 }, { timeout: 30000 });
 
