@@ -86,9 +86,10 @@ pub struct Cli {
     /// Time limit for each stage of opening a connection (TCP connect, upgrade, join).
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     pub stage_timeout: Duration,
-    /// Attempts again, up to this many times, a connection that failed to connect,
-    /// upgrade or join, after phoenix.js's reconnect delays (10 ms, 50 ms, ... 2 s, then
-    /// 5 s); what was retried is counted apart from what failed for good.
+    /// connect, fanout and rooms: attempts again, up to this many times, a connection
+    /// that failed to connect, upgrade or join, after phoenix.js's reconnect delays
+    /// (10 ms, 50 ms, ... 2 s, then 5 s); what was retried is counted apart from what
+    /// failed for good. Churn and presence count every failure as they did.
     #[arg(long, global = true, default_value_t = 0)]
     pub retries: u32,
     /// Phoenix heartbeat interval of every connection.

@@ -336,6 +336,13 @@ impl ConnectReport {
     }
 }
 
+/// Adds the counts by kind of `from` into `into` (failures, retries, ends).
+pub fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
 fn print_map(title: &str, m: &BTreeMap<String, u64>) {
     if m.is_empty() {
         return;

@@ -208,16 +208,10 @@ impl SliceReport {
         self.attempted += o.attempted;
         self.joined += o.joined;
         self.failed += o.failed;
-        for (k, v) in &o.failures {
-            *self.failures.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &o.retried {
-            *self.retried.entry(k.clone()).or_default() += v;
-        }
+        crate::report::add_counts(&mut self.failures, &o.failures);
+        crate::report::add_counts(&mut self.retried, &o.retried);
         self.ended_early += o.ended_early;
-        for (k, v) in &o.ends {
-            *self.ends.entry(k.clone()).or_default() += v;
-        }
+        crate::report::add_counts(&mut self.ends, &o.ends);
         self.first_attempt_nanos = min_nz(self.first_attempt_nanos, o.first_attempt_nanos);
         self.last_join_nanos = self.last_join_nanos.max(o.last_join_nanos);
         self.deliveries += o.deliveries;

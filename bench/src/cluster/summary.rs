@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use ringcast_loadgen::report::{ConnectReport, Latency, ServerConnect};
+use ringcast_loadgen::report::{add_counts, ConnectReport, Latency, ServerConnect};
 use ringcast_loadgen::NewcomerReport;
 use serde::{Deserialize, Serialize};
 
@@ -248,7 +248,7 @@ pub fn presence_summary(
     let mut reach = Vec::new();
     for (_, rep) in reports {
         p.members_joined += rep.joined;
-        add_maps(&mut p.closes, &rep.ends);
+        add_counts(&mut p.closes, &rep.ends);
         if let Some(f) = &rep.presence {
             let t = &f.tally;
             p.members_with_state += t.members_with_state;
@@ -440,12 +440,6 @@ pub struct SizeSummary {
     pub presence: Option<PresenceSummary>,
 }
 
-fn add_maps(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
-    for (k, v) in from {
-        *into.entry(k.clone()).or_default() += v;
-    }
-}
-
 /// The figures of one size from what it recorded and the loadgens' reports
 /// (`(node, report)`; nodes without a report are in `missing`).
 pub fn summarize(r: &Record, reports: &[(usize, ConnectReport)], missing: Vec<usize>) -> SizeSummary {
@@ -471,9 +465,9 @@ pub fn summarize(r: &Record, reports: &[(usize, ConnectReport)], missing: Vec<us
         s.connections_joined += rep.joined;
         s.connected_at_hold_end += rep.connected_at_hold_end;
         s.ended_early += rep.ended_early;
-        add_maps(&mut s.connection_failures, &rep.failures);
-        add_maps(&mut s.connection_retries, &rep.retried);
-        add_maps(&mut s.ends, &rep.ends);
+        add_counts(&mut s.connection_failures, &rep.failures);
+        add_counts(&mut s.connection_retries, &rep.retried);
+        add_counts(&mut s.ends, &rep.ends);
     }
     if let (Some(t0), Some(t1)) = (r.t_loadgen_start, r.t_all_joined) {
         let secs = t1 - t0;
