@@ -382,8 +382,11 @@ impl Conns {
                 }
                 // Every shard's change goes out first, then the link waits for them all.
                 let mut outcomes = Vec::new();
-                for (shard, groups) in self.shards.iter().zip(&per_shard) {
-                    outcomes.extend(shard.sub.request(verb, groups)?);
+                for (i, groups) in per_shard.iter().enumerate() {
+                    if let Some(outcome) = self.shards[i].sub.request(verb, groups)? {
+                        self.wake(i)?;
+                        outcomes.push(outcome);
+                    }
                 }
                 for outcome in outcomes {
                     self.confirmed(&outcome)?;
@@ -401,15 +404,30 @@ impl Conns {
         S: AsRef<str>,
     {
         match self.shards[shard].sub.request(verb, groups)? {
-            Some(outcome) => self.confirmed(&outcome),
+            Some(outcome) => {
+                self.wake(shard)?;
+                self.confirmed(&outcome)
+            }
             None => Ok(()),
         }
+    }
+
+    /// Ends the wait of `shard`'s reader, so that it makes the change just asked for.
+    /// Classic `PUBLISH` reaches the reader on a Redis Cluster too (the cluster bus
+    /// carries it everywhere). The commands connection is idle here: batches are
+    /// written and answered in `flush`.
+    fn wake(&mut self, shard: usize) -> redis::RedisResult<()> {
+        let shard = &mut self.shards[shard];
+        redis::cmd("PUBLISH")
+            .arg(shard.sub.wake_channel())
+            .arg("")
+            .exec(&mut shard.commands)
     }
 
     /// Waits for a change's `outcome`, keeping the messages that come meanwhile (a
     /// reader whose channel is full would wait for room, not confirm).
     fn confirmed(&mut self, outcome: &Receiver<redis::RedisResult<()>>) -> redis::RedisResult<()> {
-        // The reader may first finish a read (its poll) before it makes the change.
+        // The reader makes the change once its read ends (woken, or its poll).
         let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
         loop {
             crossbeam_channel::select! {

@@ -45,10 +45,10 @@ pub const NODE_EXPIRY: Duration = Duration::from_secs(5);
 /// connection anyway.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a subscriber connection's reader waits in a read before it looks for a
-/// change of subscriptions to make (the kernel rounds it up to a jiffy: 4 ms with
-/// `CONFIG_HZ=250`). Broadcasts do not wait for it: the link thread sleeps on its
-/// command queue and the readers' messages at once.
-const POLL_MESSAGES: Duration = Duration::from_millis(1);
+/// change of subscriptions to make unwoken. Changes do not wait for it (the link wakes
+/// the reader through its wake channel), nor do broadcasts (the link thread sleeps on
+/// its command queue and the readers' messages at once); it only bounds a lost wake.
+const POLL_MESSAGES: Duration = Duration::from_millis(250);
 /// Messages from Redis handled per turn at most, before the queued commands' turn.
 const MESSAGES_PER_TURN: usize = 256;
 const HEARTBEAT_CHANNEL: &str = "ringcast:hb";
