@@ -22,6 +22,7 @@
 //! traffic stays on 127.0.0.0/8. Results: DIR/size-N/ and DIR/README.md.
 
 mod api;
+mod cpu;
 pub mod host;
 mod plan;
 mod presence;
@@ -114,6 +115,11 @@ pub struct ClusterArgs {
     /// scheduler can no longer even out the CPUs (results/cluster-1m-2026-12-02-pinned).
     #[arg(long, value_enum, default_value_t = LoadgenCpu::Any)]
     pub loadgen_cpu: LoadgenCpu,
+    /// `nice` of every loadgen (and its workers), -20..19: a positive one lets a node
+    /// that writes a broadcast go on before the readers it wakes take the CPU, so that
+    /// they read in batches (0 leaves them at the nodes' priority).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub loadgen_nice: i32,
     /// Times each loadgen connection is tried again after a failed connect, upgrade or
     /// join (`ringcast-loadgen --retries`, phoenix.js's reconnect delays).
     #[arg(long, default_value_t = 8)]
@@ -311,10 +317,13 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     log.line(&format!(
-        "ringcast-bench cluster: workload {:?}, sizes {sizes:?}, --per-node {}, --rate {}/s, --time-limit {}s, results in {}",
+        "ringcast-bench cluster: workload {:?}, sizes {sizes:?}, --per-node {}, --rate {}/s, --loadgen-cpu {:?}, \
+         --loadgen-nice {}, --time-limit {}s, results in {}",
         a.workload,
         a.per_node,
         a.rate,
+        a.loadgen_cpu,
+        a.loadgen_nice,
         a.time_limit,
         out.display()
     ));
@@ -344,6 +353,7 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| "redis-server".into()),
         heartbeat_secs: a.heartbeat,
         loadgen_cpu: a.loadgen_cpu,
+        loadgen_nice: a.loadgen_nice,
         retries: a.retries,
         sources: a.sources,
         min_free_bytes,

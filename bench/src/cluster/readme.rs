@@ -97,7 +97,7 @@ pub fn readme(host: &HostCheck, sums: &[SizeSummary]) -> String {
     }
     o.push_str(
         "Raw figures: `size-*/summary.json` (combined; the merged histograms are in it too), `size-*/lg-<node>.json` \
-         (each loadgen's report), `size-*/plan.json`, `size-*/broadcast.json`, `size-*/deliveries.json`, \
+         (each loadgen's report), `size-*/plan.json`, `size-*/broadcast.json`, `size-*/deliveries.json`, `size-*/cpu.json` (CPU samples around the broadcast), \
          `size-*/samples/` (memory samples), `size-*/logs/` (tails of the node, loadgen and redis logs), `host.json`, \
          `run.log` (the run's own log).\n",
     );
@@ -225,6 +225,13 @@ fn section(o: &mut String, s: &SizeSummary) {
                 fmt_ms(local.max_us)
             );
         }
+    }
+    if let (Some(w), Some(r)) = (&s.reach_cpu, &s.received) {
+        let _ = writeln!(
+            o,
+            "- CPU from the send to the last receipt (`cpu.json`, sampled every 100 ms): {}",
+            super::cpu::describe(w, r.receivers)
+        );
     }
     for p in &s.problems {
         let _ = writeln!(o, "- problem: {p}");

@@ -12,6 +12,7 @@ use ringcast_loadgen::report::ConnectReport;
 use ringcast_loadgen::sys;
 
 use super::api::{self, Api, BroadcastAnswer};
+use super::cpu;
 use super::host;
 use super::plan::{memory_fit, MemoryFit, SizePlan};
 use super::summary::{self, ApiConnections, DeliveryCount, Record, Sample, SizeSummary};
@@ -30,6 +31,7 @@ pub struct Ctx {
     pub redis_server: PathBuf,
     pub heartbeat_secs: u64,
     pub loadgen_cpu: super::LoadgenCpu,
+    pub loadgen_nice: i32,
     pub retries: u32,
     pub sources: u32,
     pub min_free_bytes: u64,
@@ -454,7 +456,8 @@ fn attempt(
         .args(["--retries", &ctx.retries.to_string()])
         .args(["--quiet", "--json"])
         .args([dir.join(format!("lg-{}.json", n.index))])
-        .pinned((ctx.loadgen_cpu == super::LoadgenCpu::Node).then(|| n.cpu.to_string()));
+        .pinned((ctx.loadgen_cpu == super::LoadgenCpu::Node).then(|| n.cpu.to_string()))
+        .niced(ctx.loadgen_nice);
         procs.loadgens.push(
             Proc::spawn(&spec)
                 .map_err(|e| stop("failed", format!("{e:#}")))?
@@ -497,6 +500,13 @@ fn attempt(
             "a node did not answer /api/stats before the broadcast",
         ));
     }
+    let sampler = cpu::Sampler::start(cpu::Groups {
+        nodes: procs.node_pids(),
+        loadgens: procs.loadgens.iter().map(Proc::pid).collect(),
+        redis: procs.redis.as_ref().map(Server::pid),
+    });
+    // A sample before the send.
+    std::thread::sleep(Duration::from_millis(150));
     let send = sys::unix_nanos();
     let payload = serde_json::json!({ "body": ringcast_loadgen::timed_body(1, send), "user": "api" });
     let (status, answer) = api.broadcast(ports[0], &plan.topic, "new_msg", payload);
@@ -530,6 +540,11 @@ fn attempt(
         summary::fmt_secs(d.seen_complete_after_s)
     ));
     rec.deliveries = Some(d);
+    // The last receipts come after the last frames were queued.
+    std::thread::sleep(Duration::from_secs(5));
+    let samples = sampler.stop();
+    write_json(&dir.join("cpu.json"), &samples);
+    rec.cpu = samples;
 
     // The loadgens end after their hold and write their reports.
     let per_node_max = plan.nodes.iter().map(|n| n.connections).max().unwrap_or(0);

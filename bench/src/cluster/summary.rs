@@ -10,6 +10,7 @@ use ringcast_loadgen::NewcomerReport;
 use serde::{Deserialize, Serialize};
 
 use super::api::BroadcastAnswer;
+use super::cpu::{self, CpuSample, CpuWindow};
 use super::host::{Meminfo, Sockstat};
 
 /// Node connections as `/api/stats` counts them, summed.
@@ -169,6 +170,8 @@ pub struct Record {
     pub samples_settled: Option<Sample>,
     pub armed_unix_nanos: Option<u64>,
     pub newcomers_started: usize,
+    /// The box's and each group's CPU, sampled from just before the broadcast.
+    pub cpu: Vec<CpuSample>,
 }
 
 /// How the wait for the presence traffic to settle went.
@@ -430,6 +433,9 @@ pub struct SizeSummary {
     pub loss: Option<u64>,
     /// From the send to the last subscriber's receipt.
     pub time_to_reach_all_s: Option<f64>,
+    /// What the box's CPU did over that time.
+    #[serde(default)]
+    pub reach_cpu: Option<CpuWindow>,
     pub memory_per_connection: Option<PerConnection>,
     pub samples: Samples,
     pub per_node_reports: Vec<NodeReport>,
@@ -527,6 +533,9 @@ pub fn summarize(r: &Record, reports: &[(usize, ConnectReport)], missing: Vec<us
             .max()
             .unwrap_or(0);
         s.time_to_reach_all_s = (receivers > 0 && last > send).then(|| (last - send) as f64 / 1e9);
+        if receivers > 0 && last > send {
+            s.reach_cpu = cpu::window(&r.cpu, send, last);
+        }
     }
     if let (Some(b), Some(f)) = (&r.samples.before, &r.samples.full) {
         let joined = if reports.is_empty() {
@@ -728,6 +737,29 @@ mod tests {
         assert_eq!(s.achieved_connect_rate_per_s, Some(2.5));
         assert_eq!(s.time_to_connect_s, Some(2.0));
         assert_eq!(verdict(&s).0, "ok");
+    }
+
+    #[test]
+    fn the_cpu_of_the_reach_is_from_the_send_to_the_last_receipt() {
+        let at = |ms: u64, busy: f64| CpuSample {
+            unix_nanos: 1_000_000_000 + ms * 1_000_000,
+            whole_box: cpu::BoxCpu {
+                user: busy,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut r = record();
+        // The send is at 1 s; the last receipt (below) at 1.009 s.
+        r.cpu = vec![at(0, 1.0), at(5, 1.5), at(10, 2.5), at(20, 9.0)];
+        let reports = [(0, report(3, 3, &[1000, 2000, 3000], 1_005_000_000)), (1, report(2, 2, &[8000, 9000], 1_009_000_000))];
+        let s = summarize(&r, &reports, vec![]);
+        let w = s.reach_cpu.unwrap();
+        assert!((w.busy_s - 1.5).abs() < 1e-9, "{w:?}");
+        assert!((w.secs - 0.010).abs() < 1e-9, "{w:?}");
+        // Without samples after the last receipt, no figure.
+        r.cpu.truncate(2);
+        assert_eq!(summarize(&r, &reports, vec![]).reach_cpu, None);
     }
 
     #[test]
