@@ -82,8 +82,8 @@ setting fs.file-max 2097152 min \
   "System-wide open files: 1M sockets plus everything else on the host."
 setting fs.nr_open 2097152 min \
   "Per-process ceiling for RLIMIT_NOFILE: one process (ringcast) holds every socket."
-setting net.ipv4.ip_local_port_range "1024 65535" exact \
-  "Ephemeral ports per (source IP, destination) pair: matters for the loadgen and for outbound connections (Redis); the loadgen also rotates 127.0.0.x source addresses."
+setting net.ipv4.ip_local_port_range "10000 65535" exact \
+  "Ephemeral ports per (source IP, destination) pair: matters for the loadgen and for outbound connections (Redis); the loadgen also rotates 127.0.0.x source addresses. Starts at 10000 so that listeners below it (ringcast's 4000, the cluster harness's nodes from 4700, Redis's 6379) never find their port taken by an outbound connection: from 1024, a node of the 53-node run could not listen on 4752."
 setting net.core.somaxconn 65535 min \
   "Accept queue length cap: reconnect storms after a restart arrive by the hundred thousand."
 setting net.ipv4.tcp_max_syn_backlog 65535 min \

@@ -30,8 +30,6 @@ pub struct Spawn {
     pub env: Vec<(String, String)>,
     /// `taskset -c` CPU list; `None` runs unpinned.
     pub cpus: Option<String>,
-    /// `nice -n` adjustment (0: none); its children inherit it.
-    pub nice: i32,
     /// Where stderr goes (and stdout, unless `stdout` is set).
     pub log: PathBuf,
     pub stdout: Option<PathBuf>,
@@ -45,7 +43,6 @@ impl Spawn {
             args: Vec::new(),
             env: Vec::new(),
             cpus: None,
-            nice: 0,
             log: log.to_path_buf(),
             stdout: None,
         }
@@ -67,11 +64,6 @@ impl Spawn {
 
     pub fn pinned(mut self, cpus: Option<String>) -> Spawn {
         self.cpus = cpus;
-        self
-    }
-
-    pub fn niced(mut self, nice: i32) -> Spawn {
-        self.nice = nice;
         self
     }
 
@@ -98,17 +90,14 @@ impl Proc {
         if !spec.program.exists() && spec.program.components().count() > 1 {
             bail!("{} not found", spec.program.display());
         }
-        // nice -n N taskset -c CPUS PROGRAM, each part only when asked for.
-        let mut argv: Vec<OsString> = Vec::new();
-        if spec.nice != 0 {
-            argv.extend(["nice".into(), "-n".into(), spec.nice.to_string().into()]);
-        }
-        if let Some(cpus) = &spec.cpus {
-            argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
-        }
-        argv.push(spec.program.clone().into());
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]);
+        let mut cmd = match &spec.cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(&spec.program);
+                c
+            }
+            None => Command::new(&spec.program),
+        };
         cmd.args(&spec.args);
         for (k, v) in &spec.env {
             cmd.env(k, v);

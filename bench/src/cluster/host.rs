@@ -118,6 +118,36 @@ pub fn descendants(roots: &[u32]) -> Vec<u32> {
     descendants_in(&parents, roots)
 }
 
+/// Gives every thread of `roots` and their descendants the niceness `nice` and, with
+/// `batch`, the `SCHED_BATCH` policy (Linux keeps both per thread). Returns the threads
+/// changed and those that refused.
+pub fn reprioritise(roots: &[u32], nice: i32, batch: bool) -> (usize, usize) {
+    let mut pids = roots.to_vec();
+    pids.extend(descendants(roots));
+    let (mut done, mut failed) = (0, 0);
+    for pid in pids {
+        let tids = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok());
+        for tid in tids {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: plain syscalls on a thread id; `param` outlives the call.
+            let ok = unsafe {
+                (!batch || libc::sched_setscheduler(tid, libc::SCHED_BATCH, &param) == 0)
+                    && libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0
+            };
+            if ok {
+                done += 1;
+            } else {
+                failed += 1;
+            }
+        }
+    }
+    (done, failed)
+}
+
 /// The descendants of `roots` in a (pid, parent) table.
 fn descendants_in(parents: &[(u32, u32)], roots: &[u32]) -> Vec<u32> {
     let mut found = BTreeSet::new();
@@ -276,6 +306,17 @@ pub fn judge(f: &Facts, n: &Needs) -> (Vec<String>, Vec<String>) {
             "ip_local_port_range {lo}-{hi} gives {width} ports per source address and node; --per-node {} \
              over --sources {} needs {need} (raise --sources or widen net.ipv4.ip_local_port_range)",
             n.per_node, n.sources
+        ));
+    }
+    // The nodes listen on base..base+K and Redis on base+1000 (see `Facts::busy_ports`):
+    // an outbound connection given one of them as its ephemeral port (a loadgen's, an
+    // earlier size's in TIME_WAIT) keeps a node from listening.
+    let last = u64::from(n.base_port) + 1000;
+    if lo <= last && hi >= u64::from(n.base_port) {
+        problems.push(format!(
+            "ip_local_port_range {lo}-{hi} holds the nodes' ports {}-{last}: an outbound connection can take \
+             one (run scripts/tune-host.sh --apply, which starts it at 10000, or pass a --base-port above {hi})",
+            n.base_port
         ));
     }
     if let Some(e) = &f.source_bind_error {
@@ -438,7 +479,7 @@ mod tests {
             taskset: true,
             ncpu: 2,
             nofile: (20_000, 20_000),
-            port_range: (1024, 65535),
+            port_range: (10_000, 65535),
             somaxconn: 4096,
             file_max: 2_466_170,
             conntrack: None,
@@ -487,6 +528,13 @@ mod tests {
         assert!(all.contains("ip_local_port_range 60000-60100"), "{all}");
         assert!(all.contains("ports in use: 4700 5700"), "{all}");
         assert_eq!(p.len(), 5);
+        // An ephemeral range that holds the nodes' ports.
+        let f = Facts {
+            port_range: (1024, 65535),
+            ..good_facts()
+        };
+        let (p, _) = judge(&f, &needs(40_000));
+        assert!(p.iter().any(|x| x.contains("holds the nodes' ports 4700-5700")), "{p:?}");
         assert!(w.iter().any(|x| x.contains("somaxconn")));
         assert!(w.iter().any(|x| x.contains("tune-host.sh")));
         // A million connections do not fit 23 GiB at 21 KiB each plus 3 GiB: a

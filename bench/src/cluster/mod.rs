@@ -115,11 +115,16 @@ pub struct ClusterArgs {
     /// scheduler can no longer even out the CPUs (results/cluster-1m-2026-12-02-pinned).
     #[arg(long, value_enum, default_value_t = LoadgenCpu::Any)]
     pub loadgen_cpu: LoadgenCpu,
-    /// `nice` of every loadgen (and its workers), -20..19: a positive one lets a node
-    /// that writes a broadcast go on before the readers it wakes take the CPU, so that
-    /// they read in batches (0 leaves them at the nodes' priority).
+    /// `nice` given to every thread of every loadgen (workers included) once all are
+    /// joined, just before the broadcast, -20..19: a positive one lets a node that
+    /// writes a broadcast go on before the readers it wakes take the CPU, so that they
+    /// read in batches (0 leaves them at the nodes' priority).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
     pub loadgen_nice: i32,
+    /// Put every loadgen thread under `SCHED_BATCH` before the broadcast, so that a
+    /// reader a node's write wakes never preempts the node in the middle of its fanout.
+    #[arg(long)]
+    pub loadgen_batch: bool,
     /// Times each loadgen connection is tried again after a failed connect, upgrade or
     /// join (`ringcast-loadgen --retries`, phoenix.js's reconnect delays).
     #[arg(long, default_value_t = 8)]
@@ -318,12 +323,13 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
     }
     log.line(&format!(
         "ringcast-bench cluster: workload {:?}, sizes {sizes:?}, --per-node {}, --rate {}/s, --loadgen-cpu {:?}, \
-         --loadgen-nice {}, --time-limit {}s, results in {}",
+         --loadgen-nice {}, --loadgen-batch {}, --time-limit {}s, results in {}",
         a.workload,
         a.per_node,
         a.rate,
         a.loadgen_cpu,
         a.loadgen_nice,
+        a.loadgen_batch,
         a.time_limit,
         out.display()
     ));
@@ -354,6 +360,7 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
         heartbeat_secs: a.heartbeat,
         loadgen_cpu: a.loadgen_cpu,
         loadgen_nice: a.loadgen_nice,
+        loadgen_batch: a.loadgen_batch,
         retries: a.retries,
         sources: a.sources,
         min_free_bytes,

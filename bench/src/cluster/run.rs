@@ -32,6 +32,7 @@ pub struct Ctx {
     pub heartbeat_secs: u64,
     pub loadgen_cpu: super::LoadgenCpu,
     pub loadgen_nice: i32,
+    pub loadgen_batch: bool,
     pub retries: u32,
     pub sources: u32,
     pub min_free_bytes: u64,
@@ -456,8 +457,7 @@ fn attempt(
         .args(["--retries", &ctx.retries.to_string()])
         .args(["--quiet", "--json"])
         .args([dir.join(format!("lg-{}.json", n.index))])
-        .pinned((ctx.loadgen_cpu == super::LoadgenCpu::Node).then(|| n.cpu.to_string()))
-        .niced(ctx.loadgen_nice);
+        .pinned((ctx.loadgen_cpu == super::LoadgenCpu::Node).then(|| n.cpu.to_string()));
         procs.loadgens.push(
             Proc::spawn(&spec)
                 .map_err(|e| stop("failed", format!("{e:#}")))?
@@ -498,6 +498,14 @@ fn attempt(
         return Err(stop(
             "failed",
             "a node did not answer /api/stats before the broadcast",
+        ));
+    }
+    if ctx.loadgen_nice != 0 || ctx.loadgen_batch {
+        let roots: Vec<u32> = procs.loadgens.iter().map(Proc::pid).collect();
+        let (threads, failed) = host::reprioritise(&roots, ctx.loadgen_nice, ctx.loadgen_batch);
+        ctx.log.line(&format!(
+            "  loadgens for the broadcast: nice {}, SCHED_BATCH {}: {threads} threads, {failed} refused",
+            ctx.loadgen_nice, ctx.loadgen_batch
         ));
     }
     let sampler = cpu::Sampler::start(cpu::Groups {
