@@ -352,14 +352,6 @@ impl Future for SignalWait<'_> {
     }
 }
 
-/// How often an executor's controller looks at the shared flags and publishes its
-/// counts while anything moves.
-const CONTROL_TICK: Duration = Duration::from_millis(20);
-/// How long its tick grows to while nothing moves, in modes where no one waits for it
-/// to see go: a held connection's executor then wakes 5 times a second, not 50 (in
-/// a 53-loadgen cluster run the idle ticks were a tenth of the box).
-const IDLE_CONTROL_TICK: Duration = Duration::from_millis(200);
-
 /// Watches the process-wide stop flag and the heartbeat clock for one executor.
 /// Also publishes this executor's delivery counts to the process-wide counters (in
 /// deltas, so that the hot path touches no shared cache line).
@@ -368,26 +360,13 @@ async fn controller(
     sig: Rc<Signal>,
     stats: Rc<RefCell<ExecStats>>,
     heartbeat: Duration,
-    mode: Mode,
 ) {
-    // Rooms and presence time from go, so they see it within a tick.
-    let idle_tick = match mode {
-        Mode::Room { .. } | Mode::Presence { .. } => CONTROL_TICK,
-        Mode::Hold | Mode::Subscribe { .. } | Mode::Churn { .. } => IDLE_CONTROL_TICK,
-    };
-    let mut tick = CONTROL_TICK;
     let mut last_hb = Instant::now();
     let (mut deliveries, mut complete, mut sent, mut senders_done) = (0u64, 0u64, 0u64, 0u64);
     loop {
-        glommio::timer::sleep(tick).await;
+        glommio::timer::sleep(Duration::from_millis(20)).await;
         {
             let s = stats.borrow();
-            let moved = (s.deliveries, s.subscribers_complete, s.sent, s.senders_done)
-                != (deliveries, complete, sent, senders_done);
-            tick = match moved {
-                true => CONTROL_TICK,
-                false => (tick * 2).min(idle_tick),
-            };
             shared.deliveries.fetch_add(s.deliveries - deliveries, Relaxed);
             shared
                 .subscribers_complete
@@ -1055,7 +1034,6 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
         sig.clone(),
         stats.clone(),
         job.heartbeat,
-        job.mode,
     ));
     let rate = (job.rate * count as f64 / job.total.max(1) as f64).max(0.001);
     // Churn slots that would start after the run's duration are not started at all.
