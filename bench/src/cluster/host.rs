@@ -534,7 +534,10 @@ mod tests {
             ..good_facts()
         };
         let (p, _) = judge(&f, &needs(40_000));
-        assert!(p.iter().any(|x| x.contains("holds the nodes' ports 4700-5700")), "{p:?}");
+        assert!(
+            p.iter().any(|x| x.contains("holds the nodes' ports 4700-5700")),
+            "{p:?}"
+        );
         assert!(w.iter().any(|x| x.contains("somaxconn")));
         assert!(w.iter().any(|x| x.contains("tune-host.sh")));
         // A million connections do not fit 23 GiB at 21 KiB each plus 3 GiB: a

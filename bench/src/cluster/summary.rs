@@ -752,7 +752,10 @@ mod tests {
         let mut r = record();
         // The send is at 1 s; the last receipt (below) at 1.009 s.
         r.cpu = vec![at(0, 1.0), at(5, 1.5), at(10, 2.5), at(20, 9.0)];
-        let reports = [(0, report(3, 3, &[1000, 2000, 3000], 1_005_000_000)), (1, report(2, 2, &[8000, 9000], 1_009_000_000))];
+        let reports = [
+            (0, report(3, 3, &[1000, 2000, 3000], 1_005_000_000)),
+            (1, report(2, 2, &[8000, 9000], 1_009_000_000)),
+        ];
         let s = summarize(&r, &reports, vec![]);
         let w = s.reach_cpu.unwrap();
         assert!((w.busy_s - 1.5).abs() < 1e-9, "{w:?}");
