@@ -70,6 +70,12 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// The CPU time of a process (utime + stime, children not included), from
+/// `/proc/PID/stat` alone.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    parse_stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
 fn parse_stat_cpu(stat: &str) -> Option<f64> {
     // The command name (field 2) may hold spaces and parentheses: skip past the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
