@@ -83,10 +83,18 @@ fn parse_stat_cpu(stat: &str) -> Option<f64> {
     // rest starts at field 3 (state); utime is field 14, stime field 15.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / clock_ticks())
+}
+
+/// Ticks per second of `/proc`'s CPU times (`CLK_TCK`).
+pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as f64 } else { 100.0 };
-    Some((utime + stime) as f64 / hz)
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
 }
 
 /// The parent of a process, from `/proc/PID/stat` (to find a loadgen's workers).
@@ -123,8 +131,7 @@ mod tests {
     fn parses_stat_with_odd_command_name() {
         let stat =
             "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 1000 50";
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        assert_eq!(parse_stat_cpu(stat), Some(300.0 / hz));
+        assert_eq!(parse_stat_cpu(stat), Some(300.0 / clock_ticks()));
         assert_eq!(parse_stat_ppid(stat), Some(1));
     }
 

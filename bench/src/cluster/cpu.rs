@@ -54,7 +54,7 @@ impl BoxCpu {
 
 /// The aggregate `cpu` line and `ctxt` of `/proc/stat`.
 pub fn parse_proc_stat(text: &str) -> Option<BoxCpu> {
-    let hz = clock_ticks();
+    let hz = sys::clock_ticks();
     let cpu = text.lines().find(|l| l.starts_with("cpu "))?;
     let f: Vec<f64> = cpu
         .split_whitespace()
@@ -79,16 +79,6 @@ pub fn parse_proc_stat(text: &str) -> Option<BoxCpu> {
         steal: at(7),
         ctxt,
     })
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 {
-        hz as f64
-    } else {
-        100.0
-    }
 }
 
 /// One look: when, the box, and each group's CPU seconds (user + system).
@@ -223,7 +213,7 @@ mod tests {
 
     #[test]
     fn proc_stat_is_read_by_kind() {
-        let hz = clock_ticks();
+        let hz = sys::clock_ticks();
         let text = format!(
             "cpu  {} 0 {} {} 0 0 {} 0 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 1 2\nctxt 12345\nbtime 1\n",
             2.0 * hz,
