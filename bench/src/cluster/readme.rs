@@ -226,11 +226,14 @@ fn section(o: &mut String, s: &SizeSummary) {
             );
         }
     }
-    if let (Some(w), Some(r)) = (&s.reach_cpu, &s.received) {
+    // Per frame the servers delivered: the CPU covers them all, also those whose
+    // receipts a missing loadgen report leaves uncounted.
+    if let (Some(w), Some(d)) = (&s.reach_cpu, &s.server_deliveries) {
         let _ = writeln!(
             o,
-            "- CPU from the send to the last receipt (`cpu.json`, sampled every 100 ms): {}",
-            super::cpu::describe(w, r.receivers)
+            "- CPU from the send to the last receipt (`cpu.json`, sampled every {} ms): {}",
+            super::cpu::EVERY.as_millis(),
+            super::cpu::describe(w, d.delivered)
         );
     }
     for p in &s.problems {

@@ -92,6 +92,11 @@ impl Procs {
         self.nodes.iter().map(Server::pid).collect()
     }
 
+    /// The loadgens' own pids (their workers are their descendants).
+    fn loadgen_pids(&self) -> Vec<u32> {
+        self.loadgens.iter().map(Proc::pid).collect()
+    }
+
     pub(super) fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|s| s.port).collect()
     }
@@ -111,7 +116,7 @@ pub(super) fn take_sample(procs: &Procs, api: Option<&Api>, loadgens: bool) -> S
     let per_node: Vec<Option<sys::ProcSample>> = procs.node_pids().into_iter().map(sys::sample).collect();
     let nodes: Vec<_> = per_node.iter().flatten().collect();
     let (lg_rss, lg_n) = if loadgens {
-        let roots: Vec<u32> = procs.loadgens.iter().map(Proc::pid).collect();
+        let roots = procs.loadgen_pids();
         let mut all = roots.clone();
         all.extend(host::descendants(&roots));
         let rss: Vec<u64> = all
@@ -501,8 +506,8 @@ fn attempt(
         ));
     }
     if ctx.loadgen_nice != 0 || ctx.loadgen_batch {
-        let roots: Vec<u32> = procs.loadgens.iter().map(Proc::pid).collect();
-        let (threads, failed) = host::reprioritise(&roots, ctx.loadgen_nice, ctx.loadgen_batch);
+        let (threads, failed) =
+            host::reprioritise(&procs.loadgen_pids(), ctx.loadgen_nice, ctx.loadgen_batch);
         ctx.log.line(&format!(
             "  loadgens for the broadcast: nice {}, SCHED_BATCH {}: {threads} threads, {failed} refused",
             ctx.loadgen_nice, ctx.loadgen_batch
@@ -510,7 +515,7 @@ fn attempt(
     }
     let sampler = cpu::Sampler::start(cpu::Groups {
         nodes: procs.node_pids(),
-        loadgens: procs.loadgens.iter().map(Proc::pid).collect(),
+        loadgens: procs.loadgen_pids(),
         redis: procs.redis.as_ref().map(Server::pid),
     });
     // A sample before the send.

@@ -533,9 +533,9 @@ pub fn summarize(r: &Record, reports: &[(usize, ConnectReport)], missing: Vec<us
             .max()
             .unwrap_or(0);
         s.time_to_reach_all_s = (receivers > 0 && last > send).then(|| (last - send) as f64 / 1e9);
-        if receivers > 0 && last > send {
-            s.reach_cpu = cpu::window(&r.cpu, send, last);
-        }
+        s.reach_cpu = s
+            .time_to_reach_all_s
+            .and_then(|_| cpu::window(&r.cpu, send, last));
     }
     if let (Some(b), Some(f)) = (&r.samples.before, &r.samples.full) {
         let joined = if reports.is_empty() {
