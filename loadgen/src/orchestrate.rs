@@ -128,8 +128,10 @@ fn start_slice(
         std::thread::spawn(move || {
             let t0 = Instant::now();
             let mut ramped = false;
+            let mut watch = run::StallWatch::default();
             while !done.load(Relaxed) {
                 std::thread::sleep(interval);
+                watch.check(&shared);
                 let p = Progress::of(&shared);
                 if !ramped && (p.joined + p.failed >= count || t0.elapsed() > ramp_limit) {
                     ramped = true;
@@ -408,7 +410,19 @@ impl Peers {
         for (i, d) in self.done.iter().enumerate() {
             match d {
                 Some(r) => merged.merge(r),
-                None => self.fatal.push(format!("slice {i} sent no report in time")),
+                None => {
+                    self.fatal.push(format!("slice {i} sent no report in time"));
+                    if let PeerCtl::Local(shared) = &self.ctl[i] {
+                        // Say what its executors are doing, and keep the stalls seen.
+                        for b in shared.beats.lock().unwrap().iter() {
+                            eprintln!("slice {i} without a report: {}", sys::thread_report(b.tid));
+                        }
+                        for l in sys::uring_report() {
+                            eprintln!("  {l}");
+                        }
+                        report::add_counts(&mut merged.executor_stalls, &shared.stalls.lock().unwrap());
+                    }
+                }
             }
         }
         for c in &mut self.children {

@@ -187,6 +187,10 @@ pub struct ConnectReport {
     /// Failed attempts that `--retries` tried again, by kind.
     #[serde(default)]
     pub retried: BTreeMap<String, u64>,
+    /// Executors whose controller went silent for 2 s or more, by what the thread was
+    /// doing (`SliceReport::executor_stalls`).
+    #[serde(default)]
+    pub executor_stalls: BTreeMap<String, u64>,
     /// From the first attempt to the last successful join.
     pub time_to_last_join_secs: f64,
     /// Time to N when every connection joined.
@@ -314,6 +318,7 @@ impl ConnectReport {
             failed: m.failed,
             failures: m.failures.clone(),
             retried: m.retried.clone(),
+            executor_stalls: m.executor_stalls.clone(),
             time_to_last_join_secs: ttl,
             time_to_n_secs: (m.joined == a.connections).then_some(ttl),
             achieved_rate: if ttl > 0.0 { m.joined as f64 / ttl } else { 0.0 },
@@ -363,6 +368,10 @@ pub fn print_connect(r: &ConnectReport) {
     println!("  failed         {}", r.failed);
     print_map("failures by kind", &r.failures);
     print_map("retried by kind", &r.retried);
+    print_map(
+        "executor stalls (controller silent 2 s or more, woken) by thread state",
+        &r.executor_stalls,
+    );
     match r.time_to_n_secs {
         Some(t) => println!("  time to N      {t:.3}s"),
         None => println!(

@@ -156,6 +156,11 @@ pub struct SliceReport {
     /// Failed attempts that were tried again (`--retries`), by kind.
     #[serde(default)]
     pub retried: BTreeMap<String, u64>,
+    /// Times an executor's controller stayed silent past [`STALL_AFTER`], by what its
+    /// thread was doing then ("asleep": in the kernel while its 20 ms timer was long
+    /// due). The monitor wakes it each time.
+    #[serde(default)]
+    pub executor_stalls: BTreeMap<String, u64>,
     /// Joined connections that the server (or the network) ended before release.
     pub ended_early: u64,
     pub ends: BTreeMap<String, u64>,
@@ -210,6 +215,7 @@ impl SliceReport {
         self.failed += o.failed;
         crate::report::add_counts(&mut self.failures, &o.failures);
         crate::report::add_counts(&mut self.retried, &o.retried);
+        crate::report::add_counts(&mut self.executor_stalls, &o.executor_stalls);
         self.ended_early += o.ended_early;
         crate::report::add_counts(&mut self.ends, &o.ends);
         self.first_attempt_nanos = min_nz(self.first_attempt_nanos, o.first_attempt_nanos);
@@ -282,6 +288,27 @@ pub struct Shared {
     /// times count from.
     pub go_nanos: AtomicU64,
     pub stop: AtomicBool,
+    /// Each executor's sign of life, watched by the slice's monitor.
+    pub beats: Mutex<Vec<Arc<Beat>>>,
+    /// What the monitor found when an executor went silent (see
+    /// [`SliceReport::executor_stalls`]).
+    pub stalls: Mutex<BTreeMap<String, u64>>,
+}
+
+/// How long an executor's controller (a 20 ms timer) may stay silent before the
+/// monitor reports it and wakes the executor.
+pub const STALL_AFTER: Duration = Duration::from_secs(2);
+
+/// An executor's sign of life: its controller counts a tick each round and leaves
+/// its waker, so that a thread outside the executor can tell that it stalled and
+/// wake it (a foreign wake goes through the executor's eventfd).
+#[derive(Debug, Default)]
+pub struct Beat {
+    pub tid: u32,
+    pub ticks: AtomicU64,
+    /// The controller has returned: silence is expected.
+    pub done: AtomicBool,
+    pub waker: Mutex<Option<Waker>>,
 }
 
 // ---------------------------------------------------------------------------------
@@ -290,6 +317,8 @@ pub struct Shared {
 struct Signal {
     gen: Cell<u64>,
     stopped: Cell<bool>,
+    /// Every connection task of the executor has ended: its controller returns.
+    finished: Cell<bool>,
     hb_epoch: Cell<u64>,
     /// When this executor saw the go flag.
     go_at: Cell<Option<Instant>>,
@@ -301,6 +330,7 @@ impl Signal {
         Signal {
             gen: Cell::new(0),
             stopped: Cell::new(false),
+            finished: Cell::new(false),
             hb_epoch: Cell::new(0),
             go_at: Cell::new(None),
             wakers: RefCell::new(Slab::new()),
@@ -361,10 +391,18 @@ async fn controller(
     stats: Rc<RefCell<ExecStats>>,
     heartbeat: Duration,
 ) {
+    let beat = Arc::new(Beat {
+        tid: sys::gettid(),
+        ..Beat::default()
+    });
+    let waker = futures_lite::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+    *beat.waker.lock().unwrap() = Some(waker);
+    shared.beats.lock().unwrap().push(beat.clone());
     let mut last_hb = Instant::now();
     let (mut deliveries, mut complete, mut sent, mut senders_done) = (0u64, 0u64, 0u64, 0u64);
     loop {
         glommio::timer::sleep(Duration::from_millis(20)).await;
+        beat.ticks.fetch_add(1, Relaxed);
         {
             let s = stats.borrow();
             shared.deliveries.fetch_add(s.deliveries - deliveries, Relaxed);
@@ -384,15 +422,87 @@ async fn controller(
             sig.go_at.set(Some(Instant::now()));
             sig.fire();
         }
-        if shared.stop.load(Relaxed) {
+        if sig.finished.get() {
+            beat.done.store(true, Relaxed);
+            return;
+        }
+        if shared.stop.load(Relaxed) && !sig.stopped.get() {
+            // Keep ticking while the connections close: a stall then is one too.
             sig.stopped.set(true);
             sig.fire();
-            return;
         }
         if last_hb.elapsed() >= heartbeat {
             last_hb = Instant::now();
             sig.hb_epoch.set(sig.hb_epoch.get() + 1);
             sig.fire();
+        }
+    }
+}
+
+/// Watches a slice's executors for silence (see [`Beat`]): one whose controller
+/// has not ticked for [`STALL_AFTER`] is counted by what its thread is doing,
+/// reported on stderr (the first few times, with its kernel state and its rings) and
+/// woken.
+#[derive(Default)]
+pub struct StallWatch {
+    /// Per executor: the ticks last seen, since when, and whether this silence was
+    /// already counted and reported.
+    seen: Vec<(u64, Instant, bool, bool)>,
+    reported: u32,
+}
+
+impl StallWatch {
+    const REPORTS: u32 = 3;
+
+    pub fn check(&mut self, shared: &Shared) {
+        let beats = shared.beats.lock().unwrap().clone();
+        let now = Instant::now();
+        self.seen.resize(beats.len(), (0, now, false, false));
+        for (b, (ticks, since, counted, reported)) in beats.iter().zip(&mut self.seen) {
+            let t = b.ticks.load(Relaxed);
+            if t != *ticks {
+                if *reported {
+                    eprintln!(
+                        "executor thread {} ticks again after {:.1}s of silence",
+                        b.tid,
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                (*ticks, *since, *counted, *reported) = (t, now, false, false);
+                continue;
+            }
+            if *counted || b.done.load(Relaxed) || now - *since < STALL_AFTER {
+                continue;
+            }
+            *counted = true;
+            let state = match sys::thread_state(b.tid) {
+                Some('R') => "runnable (starved of CPU)",
+                Some('S') => "asleep",
+                Some('D') => "in uninterruptible wait",
+                Some(_) => "other",
+                None => "gone",
+            };
+            *shared
+                .stalls
+                .lock()
+                .unwrap()
+                .entry(state.to_string())
+                .or_default() += 1;
+            if self.reported < Self::REPORTS {
+                self.reported += 1;
+                *reported = true;
+                eprintln!(
+                    "executor stall: its controller has not ticked for {:.1}s; {}",
+                    since.elapsed().as_secs_f64(),
+                    sys::thread_report(b.tid)
+                );
+                for l in sys::uring_report() {
+                    eprintln!("  {l}");
+                }
+            }
+            if let Some(w) = b.waker.lock().unwrap().as_ref() {
+                w.wake_by_ref();
+            }
         }
     }
 }
@@ -1084,6 +1194,7 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
     for t in tasks {
         t.await;
     }
+    sig.finished.set(true);
     ctl.await;
     let s = stats.borrow();
     let wire = crate::client::wire_tally();
@@ -1096,6 +1207,8 @@ async fn exec_main(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -
         failed: s.failures.values().sum(),
         failures: s.failures.clone(),
         retried: s.retried.clone(),
+        // The slice's monitor counts them (run_slice).
+        executor_stalls: BTreeMap::new(),
         ended_early: s.ends.values().sum(),
         ends: s.ends.clone(),
         first_attempt_nanos: s.first_attempt_nanos,
@@ -1160,6 +1273,7 @@ pub fn run_slice(job: Arc<Job>, shared: Arc<Shared>, start: u64, count: u64) -> 
     // Churn counts cycles, not connections: take both from the live counters.
     report.attempted = shared.attempted.load(Relaxed);
     report.joined = shared.joined.load(Relaxed);
+    report.executor_stalls = shared.stalls.lock().unwrap().clone();
     Ok(report)
 }
 
@@ -1409,6 +1523,46 @@ async fn publisher_main(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An executor whose thread sleeps outside its reactor (a task blocking in
+    /// `std::thread::sleep`) stops its controller: the watch counts it once, as asleep,
+    /// and counts nothing while the controller ticks, nor after it returned.
+    #[test]
+    fn stall_watch_counts_a_silent_executor_once() {
+        let shared = Arc::new(Shared::default());
+        let sh = shared.clone();
+        let h = executor()
+            .spawn(move || async move {
+                let sig = Rc::new(Signal::new());
+                let stats = Rc::new(RefCell::new(ExecStats::new(0)));
+                let ctl = glommio::spawn_local(controller(sh, sig.clone(), stats, Duration::from_secs(30)));
+                glommio::timer::sleep(Duration::from_millis(600)).await;
+                std::thread::sleep(STALL_AFTER + Duration::from_millis(800));
+                glommio::timer::sleep(Duration::from_millis(600)).await;
+                sig.finished.set(true);
+                ctl.await;
+            })
+            .unwrap();
+        let mut watch = StallWatch::default();
+        let t0 = Instant::now();
+        let mut before_block = None;
+        while t0.elapsed() < STALL_AFTER + Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(50));
+            watch.check(&shared);
+            if t0.elapsed() > Duration::from_millis(500) && before_block.is_none() {
+                before_block = Some(shared.stalls.lock().unwrap().clone());
+            }
+        }
+        h.join().unwrap();
+        assert_eq!(
+            before_block,
+            Some(BTreeMap::new()),
+            "nothing counted while it ticked"
+        );
+        let stalls = shared.stalls.lock().unwrap().clone();
+        assert_eq!(stalls, BTreeMap::from([("asleep".to_string(), 1)]));
+        assert!(shared.beats.lock().unwrap()[0].done.load(Relaxed));
+    }
 
     #[test]
     fn reconnects_wait_as_phoenix_js_does() {

@@ -125,6 +125,11 @@ pub struct ClusterArgs {
     /// reader a node's write wakes never preempts the node in the middle of its fanout.
     #[arg(long)]
     pub loadgen_batch: bool,
+    /// Profile the whole box around the broadcast: `perf record -a -g` at 199 Hz from
+    /// just before the send until the CPU sampler stops, into `perf.data` beside the
+    /// size's results, with the hottest symbols in `perf-top.txt`.
+    #[arg(long)]
+    pub perf: bool,
     /// Times each loadgen connection is tried again after a failed connect, upgrade or
     /// join (`ringcast-loadgen --retries`, phoenix.js's reconnect delays).
     #[arg(long, default_value_t = 8)]
@@ -323,13 +328,14 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
     }
     log.line(&format!(
         "ringcast-bench cluster: workload {:?}, sizes {sizes:?}, --per-node {}, --rate {}/s, --loadgen-cpu {:?}, \
-         --loadgen-nice {}, --loadgen-batch {}, --time-limit {}s, results in {}",
+         --loadgen-nice {}, --loadgen-batch {}, --perf {}, --time-limit {}s, results in {}",
         a.workload,
         a.per_node,
         a.rate,
         a.loadgen_cpu,
         a.loadgen_nice,
         a.loadgen_batch,
+        a.perf,
         a.time_limit,
         out.display()
     ));
@@ -361,6 +367,7 @@ pub fn main(a: &ClusterArgs) -> anyhow::Result<ExitCode> {
         loadgen_cpu: a.loadgen_cpu,
         loadgen_nice: a.loadgen_nice,
         loadgen_batch: a.loadgen_batch,
+        perf: a.perf,
         retries: a.retries,
         sources: a.sources,
         min_free_bytes,

@@ -119,6 +119,13 @@ fn section(o: &mut String, s: &SizeSummary) {
             s.started, s.loadavg_start, s.loadavg_end
         );
     }
+    if !s.loadgen_executor_stalls.is_empty() {
+        let _ = writeln!(
+            o,
+            "- loadgen executors silent for 2 s or more (each woken by its monitor), by thread state: {:?}",
+            s.loadgen_executor_stalls
+        );
+    }
     if !s.connection_retries.is_empty() {
         let _ = writeln!(o, "- connection attempts tried again: {:?}", s.connection_retries);
     }

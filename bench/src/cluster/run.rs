@@ -33,6 +33,7 @@ pub struct Ctx {
     pub loadgen_cpu: super::LoadgenCpu,
     pub loadgen_nice: i32,
     pub loadgen_batch: bool,
+    pub perf: bool,
     pub retries: u32,
     pub sources: u32,
     pub min_free_bytes: u64,
@@ -518,6 +519,11 @@ fn attempt(
         loadgens: procs.loadgen_pids(),
         redis: procs.redis.as_ref().map(Server::pid),
     });
+    let perf = if ctx.perf {
+        Profile::start(dir, &ctx.log)
+    } else {
+        None
+    };
     // A sample before the send.
     std::thread::sleep(Duration::from_millis(150));
     let send = sys::unix_nanos();
@@ -556,6 +562,9 @@ fn attempt(
     // The last receipts come after the last frames were queued.
     std::thread::sleep(Duration::from_secs(5));
     let samples = sampler.stop();
+    if let Some(p) = perf {
+        p.finish(dir, &ctx.log);
+    }
     write_json(&dir.join("cpu.json"), &samples);
     rec.cpu = samples;
 
@@ -592,6 +601,69 @@ fn attempt(
     write_json(&dir.join("samples/after.json"), &after);
     rec.samples.after = Some(after);
     Ok(())
+}
+
+/// `perf record -a -g` of the whole box (`--perf`).
+struct Profile(std::process::Child);
+
+impl Profile {
+    /// Starts recording; `None` (and a log line) when perf cannot start.
+    fn start(dir: &Path, log: &super::RunLog) -> Option<Profile> {
+        let out = dir.join("perf.data");
+        let child = std::process::Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "199", "-q", "-o"])
+            .arg(&out)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("perf.log")).ok()?)
+            .spawn();
+        match child {
+            Ok(c) => {
+                // perf needs a moment to open its events on every CPU.
+                std::thread::sleep(Duration::from_millis(500));
+                log.line(&format!("  perf record -a -g -F 199 into {}", out.display()));
+                Some(Profile(c))
+            }
+            Err(e) => {
+                log.line(&format!("  --perf: cannot start perf: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Stops the recording (SIGINT, as perf expects) and writes the hottest symbols.
+    fn finish(mut self, dir: &Path, log: &super::RunLog) {
+        // SAFETY: kill with a pid we spawned and still own (not yet waited for).
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+        let report = std::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "-g",
+                "none",
+                "--percent-limit",
+                "0.3",
+            ])
+            .args(["--sort", "sym", "-i"])
+            .arg(dir.join("perf.data"))
+            .output();
+        match report {
+            Ok(o) if o.status.success() => {
+                let _ = std::fs::write(dir.join("perf-top.txt"), &o.stdout);
+                log.line(&format!(
+                    "  perf: hottest symbols in {}",
+                    dir.join("perf-top.txt").display()
+                ));
+            }
+            Ok(o) => log.line(&format!(
+                "  perf report failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => log.line(&format!("  perf report: {e}")),
+        }
+    }
 }
 
 /// Waits until every loadgen says its connections are up, watching memory, the

@@ -413,6 +413,9 @@ pub struct SizeSummary {
     /// Failed attempts the loadgens tried again (`--retries`), by kind.
     #[serde(default)]
     pub connection_retries: BTreeMap<String, u64>,
+    /// Loadgen executors found silent for 2 s or more (and woken), by thread state.
+    #[serde(default)]
+    pub loadgen_executor_stalls: BTreeMap<String, u64>,
     pub loadgen_reports_missing_for_nodes: Vec<usize>,
     /// From starting the loadgens until every one said all its connections joined.
     pub time_to_connect_s: Option<f64>,
@@ -473,6 +476,7 @@ pub fn summarize(r: &Record, reports: &[(usize, ConnectReport)], missing: Vec<us
         s.ended_early += rep.ended_early;
         add_counts(&mut s.connection_failures, &rep.failures);
         add_counts(&mut s.connection_retries, &rep.retried);
+        add_counts(&mut s.loadgen_executor_stalls, &rep.executor_stalls);
         add_counts(&mut s.ends, &rep.ends);
     }
     if let (Some(t0), Some(t1)) = (r.t_loadgen_start, r.t_all_joined) {
